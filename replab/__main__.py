@@ -1,0 +1,3 @@
+from replab.cli import main
+
+main()

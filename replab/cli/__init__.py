@@ -1,0 +1,49 @@
+"""The ``replab`` command line: a thin layer over the library.
+
+Every command's work is a documented Python call; the modules here only parse
+options, call the library, and print (tables for people, ``--json`` for scripts).
+User errors (:class:`replab.ReplabError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from replab.cli import datasets, store
+from replab.cli._common import examples
+from replab.cli.harvest import HARVEST_EPILOG, harvest_cmd
+
+app = typer.Typer(
+    name="replab",
+    help="replab: representation probing and feature analysis for transformer LMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    epilog=examples("replab datasets check next_day",
+                    "replab harvest --dataset superset --positions entity_last --out runs/superset",
+                    "replab store info runs/superset"),
+)
+app.add_typer(datasets.app, name="datasets")
+app.add_typer(store.app, name="store")
+app.command("harvest", epilog=HARVEST_EPILOG)(harvest_cmd)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from replab.errors import ReplabError
+
+    try:
+        app()
+    except ReplabError as exc:
+        message = str(exc).splitlines()[0] if str(exc) else "failed"
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)

@@ -1,0 +1,54 @@
+"""Shared CLI plumbing: JSON output, one-line errors, examples in --help."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import typer
+
+from replab.errors import ReplabError
+
+JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+MODEL_OPT = typer.Option(None, "--model", "-m",
+                         help="Model: default SmolLM2-135M-Instruct, 'tiny', or a local HF dir.")
+
+
+def examples(*lines: str) -> str:
+    """A help epilog listing example invocations."""
+    return "Examples:\n\n" + "\n\n".join(f"  $ {line}" for line in lines)
+
+
+def _clean(value):
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            return _clean(value.item())
+        except (ValueError, AttributeError):
+            pass
+    return value
+
+
+def print_json(data) -> None:
+    """Print ``data`` as JSON (NaN -> null, numpy scalars -> Python)."""
+    sys.stdout.write(json.dumps(_clean(data), indent=1, default=str) + "\n")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error on stderr and exit non-zero."""
+    sys.stderr.write(f"error: {message.splitlines()[0] if message else 'failed'}\n")
+    raise typer.Exit(code)
+
+
+def run_guarded(func, *args, **kwargs):
+    """Call ``func``; turn a :class:`ReplabError` into a one-line error and exit 2."""
+    try:
+        return func(*args, **kwargs)
+    except ReplabError as exc:
+        fail(str(exc))

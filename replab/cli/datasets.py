@@ -1,0 +1,96 @@
+"""``replab datasets ...``: list, check and export prompt sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+
+app = typer.Typer(help="List, check and export prompt sets.", no_args_is_help=True)
+
+
+@app.command("list", epilog=examples("replab datasets list", "replab datasets list --json"))
+def list_cmd(json_out: bool = JSON_OPT):
+    """List the builtin prompt sets."""
+    from replab.prompts import list_datasets
+
+    table = list_datasets()
+    if json_out:
+        print_json(table.to_dict(orient="records"))
+        return
+    _print_table(table, "builtin prompt sets")
+
+
+@app.command("check", epilog=examples(
+    "replab datasets check next_day",
+    "replab datasets check superset --known-only --out runs/superset_known.jsonl",
+    "replab datasets check all --json",
+))
+def check_cmd(
+    name: str = typer.Argument(..., help="Builtin set name, JSONL/CSV path, or 'all'."),
+    model: str = MODEL_OPT,
+    scoring: str = typer.Option("first_token", "--scoring",
+                                help="first_token (default) or sum_logprob for multi-token answers."),
+    known_only: bool = typer.Option(False, "--known-only",
+                                    help="Keep only the items the model knows (see --out)."),
+    out: Path = typer.Option(None, "--out", help="Write the (filtered) set as JSONL here."),
+    per_prompt: Path = typer.Option(None, "--per-prompt",
+                                    help="Write the per-prompt scores here (.csv or .parquet)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    json_out: bool = JSON_OPT,
+):
+    """Score a prompt set on the model: accuracy, median answer rank, known items."""
+    from replab.cli._checks import check_sets
+
+    summaries = check_sets(name, model, scoring, known_only, out, per_prompt, batch_size,
+                           progress=not json_out)
+    if json_out:
+        print_json(summaries if name == "all" else summaries[0])
+        return
+    import pandas as pd
+
+    cols = ["name", "n_prompts", "n_with_answer", "accuracy", "candidate_accuracy",
+            "known_fraction", "median_rank", "n_multi_token_answers"]
+    _print_table(pd.DataFrame(summaries)[cols], f"dataset check ({scoring} scoring)")
+    for s in summaries:
+        for warning in s.get("warnings", []):
+            typer.secho(f"warning [{s['name']}]: {warning}", fg="yellow", err=True)
+        if s.get("written"):
+            typer.echo(f"wrote {s['written']}")
+
+
+@app.command("export", epilog=examples("replab datasets export next_day --out next_day.jsonl"))
+def export_cmd(
+    name: str = typer.Argument(..., help="Builtin set name or path."),
+    out: Path = typer.Option(..., "--out", help="JSONL file to write."),
+    model: str = MODEL_OPT,
+):
+    """Expand a builtin set (with the model's tokenizer) and write it as JSONL."""
+    from replab.models import load_tokenizer
+    from replab.prompts import load_prompts
+
+    ps = load_prompts(name, tokenizer=load_tokenizer(model))
+    ps.to_jsonl(out)
+    typer.echo(f"wrote {len(ps)} prompts to {out}")
+
+
+def _print_table(df, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in df.columns:
+        table.add_column(str(col))
+    for _, row in df.iterrows():
+        table.add_row(*[_fmt(v) for v in row])
+    Console().print(table)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return "-" if value is None else str(value)

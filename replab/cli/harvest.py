@@ -1,0 +1,46 @@
+"""``replab harvest``: stream activations to an activation store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+
+
+def harvest_cmd(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Builtin set name or JSONL/CSV path."),
+    out: Path = typer.Option(..., "--out", "-o", help="Store directory (resumes if interrupted)."),
+    model: str = MODEL_OPT,
+    hooks: str = typer.Option("resid_post", "--hooks",
+                              help="Comma list: resid_pre,resid_mid,resid_post,attn_out,mlp_out,"
+                                   "mlp_pre,mlp_post,z,q,k,v or raw hook names."),
+    layers: str = typer.Option("all", "--layers", help="all | 5 | -1 | 0-9 | 10- | 0,5,10"),
+    positions: str = typer.Option("last", "--positions",
+                                  help="last | all | 0,-1 | SPAN_last (e.g. entity_last)"),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 or float16."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Prompts per forward pass."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
+    json_out: bool = JSON_OPT,
+):
+    """Harvest a model's activations on a prompt set into an on-disk store."""
+    from replab.harvest import harvest
+    from replab.models import load_model
+
+    loaded = load_model(model, device=device)
+    store = harvest(loaded, dataset=dataset, hooks=hooks, layers=layers, positions=positions,
+                    dtype=dtype, batch_size=batch_size, out=out, progress=not json_out)
+    summary = store.summary()
+    if json_out:
+        print_json(summary)
+    else:
+        typer.echo(f"wrote {summary['n_rows']:,} rows x {summary['hooks']} hooks "
+                   f"({summary['bytes'] / 1e6:.1f} MB) to {out}")
+
+
+HARVEST_EPILOG = examples(
+    "replab harvest --dataset superset --hooks resid_post --layers all --positions entity_last --out runs/superset",
+    "replab harvest --dataset sequence_types --hooks resid_post,mlp_out --layers 0-9 --out runs/seq",
+    "replab harvest --dataset my_prompts.jsonl --hooks blocks.3.hook_resid_pre --positions all --out runs/mine",
+)

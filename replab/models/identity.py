@@ -1,0 +1,76 @@
+"""Model identity: what every artifact records about the model that made it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from replab._version import __version__
+from replab.models.cache import cache_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    """Identity of a loaded model, written into the metadata of every artifact.
+
+    ``weights_sha256`` is the sha256 of the weights file(s) the model came from
+    (the GGUF for the embedded model; the concatenated per-file hashes for a
+    multi-file checkpoint; a hash of the seed and config for the tiny model).
+    """
+
+    name: str
+    source: str
+    weights_sha256: str
+    dtype: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_vocab: int
+    prepend_bos: bool
+    processing: dict
+    replab_version: str = __version__
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def same_model(self, other: dict) -> bool:
+        """True when ``other`` (a dict from an artifact) names the same weights and processing."""
+        keys = ("name", "weights_sha256", "dtype", "processing", "prepend_bos")
+        return all(other.get(k) == getattr(self, k) for k in keys)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) in the replab cache."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo = cache_dir() / "hashes.json"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    table: dict = {}
+    if memo.exists():
+        try:
+            table = json.loads(memo.read_text())
+        except (OSError, json.JSONDecodeError):
+            table = {}
+    if key in table:
+        return table[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    table[key] = h.hexdigest()
+    tmp = memo.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=0))
+    os.replace(tmp, memo)
+    return table[key]
+
+
+def sha256_files(paths) -> str:
+    """One hash for a set of weight files: sha256 over 'name:sha256' lines, sorted by name."""
+    lines = sorted(f"{Path(p).name}:{sha256_file(p)}" for p in paths)
+    if len(lines) == 1:
+        return lines[0].split(":", 1)[1]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The demo behind `make demo`: the main job on the embedded SmolLM2 model.
+# Idempotent: dataset checks are cached per (model, dataset, scoring) and a
+# finished store is not recomputed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=.venv/bin/replab
+OUT=${REPLAB_DEMO_DIR:-runs/demo}
+mkdir -p "$OUT"
+
+echo "== 1. Does the model know the builtin prompt sets? =="
+$R datasets check all
+
+echo "== 2. Keep the superset items the model knows =="
+$R datasets check superset --known-only --out "$OUT/superset_known.jsonl"
+
+echo "== 3. Harvest the residual stream at each person's last name token, all 30 layers =="
+$R harvest --dataset "$OUT/superset_known.jsonl" --hooks resid_post --layers all \
+  --positions entity_last --out "$OUT/superset_known"
+$R store info "$OUT/superset_known"
