@@ -6,11 +6,12 @@ from pathlib import Path
 
 
 def check_sets(name: str, model_name, scoring: str, known: bool, out: Path | None,
-               per_prompt: Path | None, batch_size: int, progress: bool = True) -> list[dict]:
+               per_prompt: Path | None, batch_size: int, cache: bool = True) -> list[dict]:
     """Check one set (or ``all`` builtin sets); optionally write the known-only JSONL."""
     from replab.errors import ReplabError
     from replab.models import load_model
     from replab.prompts import check_dataset, known_only, list_datasets, load_prompts
+    from replab.prompts.check_cache import check_dataset_cached
 
     if scoring not in ("first_token", "sum_logprob"):
         raise ReplabError(f"unknown scoring {scoring!r}; use first_token or sum_logprob")
@@ -22,7 +23,8 @@ def check_sets(name: str, model_name, scoring: str, known: bool, out: Path | Non
     for set_name in names:
         ps = load_prompts(set_name, tokenizer=model.tokenizer,
                           prepend_bos=bool(model.cfg.default_prepend_bos))
-        scores, summary = check_dataset(model, ps, scoring=scoring, batch_size=batch_size)
+        run = check_dataset_cached if cache else check_dataset
+        scores, summary = run(model, ps, scoring=scoring, batch_size=batch_size)
         if per_prompt:
             if str(per_prompt).endswith(".parquet"):
                 scores.to_parquet(per_prompt, index=False)
@@ -34,5 +36,5 @@ def check_sets(name: str, model_name, scoring: str, known: bool, out: Path | Non
                 raise ReplabError(f"no item of {set_name} is known to the model; nothing written")
             kept.to_jsonl(out)
             summary["written"] = f"{out} ({len(kept)} prompts)"
-        summaries.append(summary)
+        summaries.append({**summary, "model": model.replab_identity.name})
     return summaries

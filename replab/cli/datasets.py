@@ -39,21 +39,25 @@ def check_cmd(
     per_prompt: Path = typer.Option(None, "--per-prompt",
                                     help="Write the per-prompt scores here (.csv or .parquet)."),
     batch_size: int = typer.Option(32, "--batch-size"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute even if cached."),
     json_out: bool = JSON_OPT,
 ):
     """Score a prompt set on the model: accuracy, median answer rank, known items."""
     from replab.cli._checks import check_sets
 
     summaries = check_sets(name, model, scoring, known_only, out, per_prompt, batch_size,
-                           progress=not json_out)
+                           cache=not no_cache)
     if json_out:
         print_json(summaries if name == "all" else summaries[0])
         return
     import pandas as pd
 
-    cols = ["name", "n_prompts", "n_with_answer", "accuracy", "candidate_accuracy",
-            "known_fraction", "median_rank", "n_multi_token_answers"]
-    _print_table(pd.DataFrame(summaries)[cols], f"dataset check ({scoring} scoring)")
+    cols = {"name": "set", "n_prompts": "prompts", "n_with_answer": "answered",
+            "accuracy": "top-1", "candidate_accuracy": "beats foils", "known_fraction": "known",
+            "median_rank": "median rank", "n_multi_token_answers": "multi-token"}
+    table = pd.DataFrame(summaries)[list(cols)].rename(columns=cols)
+    _print_table(table, f"dataset check on {summaries[0].get('model', 'the model')} "
+                        f"({scoring} scoring)")
     for s in summaries:
         for warning in s.get("warnings", []):
             typer.secho(f"warning [{s['name']}]: {warning}", fg="yellow", err=True)
@@ -81,8 +85,8 @@ def _print_table(df, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in df.columns:
-        table.add_column(str(col))
+    for i, col in enumerate(df.columns):
+        table.add_column(str(col), no_wrap=(i == 0))
     for _, row in df.iterrows():
         table.add_row(*[_fmt(v) for v in row])
     Console().print(table)

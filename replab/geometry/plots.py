@@ -1,0 +1,142 @@
+"""Figures (matplotlib Agg + seaborn): projections per layer, probe accuracy vs layer,
+class-mean cosine matrices. Each writes ``<base>.png`` and ``<base>.svg`` and returns
+the PNG path. Colours are fixed per class (sorted class names -> palette order), so the
+same class has the same colour in every panel and every figure of a run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    return plt, sns
+
+
+def class_palette(classes) -> dict:
+    """``{class: colour}``: fixed order (sorted), tab10 up to 10 classes, else husl."""
+    import seaborn as sns
+
+    classes = sorted(map(str, classes))
+    colours = sns.color_palette("tab10" if len(classes) <= 10 else "husl", len(classes))
+    return dict(zip(classes, colours))
+
+
+def _save(fig, base: Path) -> Path:
+    base = Path(base).with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(base) + ".png", dpi=130, bbox_inches="tight")
+    fig.savefig(str(base) + ".svg", bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return Path(str(base) + ".png")
+
+
+def plot_projection(coords: pd.DataFrame, color: str, base, title: str = "",
+                    method: str = "pca", ncols: int | None = None) -> Path:
+    """One panel per layer of a :func:`~replab.geometry.project.project_layers` table."""
+    plt, sns = _plt()
+    layers = sorted(coords["layer"].unique())
+    ncols = ncols or min(6, len(layers))
+    nrows = math.ceil(len(layers) / ncols)
+    palette = class_palette(coords[color].unique())
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.5 * nrows + 0.6),
+                             squeeze=False)
+    label = {"pca": ("PC1", "PC2"), "umap": ("UMAP-1", "UMAP-2")}.get(method, ("x", "y"))
+    for ax, layer in zip(axes.flat, layers):
+        d = coords[coords["layer"] == layer]
+        sns.scatterplot(data=d, x="x", y="y", hue=color, palette=palette, s=9, linewidth=0,
+                        alpha=0.8, ax=ax, legend=False, hue_order=list(palette))
+        sub = f"layer {layer}"
+        if "explained_1" in d:
+            sub += f"  ({d['explained_1'].iloc[0]:.0%}, {d['explained_2'].iloc[0]:.0%})"
+        ax.set_title(sub, fontsize=9)
+        ax.set_xlabel(label[0], fontsize=7)
+        ax.set_ylabel(label[1], fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in palette.items()]
+    fig.legend(handles=handles, title=color, loc="upper center", ncol=min(len(handles), 8),
+               bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize=9)
+    fig.suptitle(title or f"{method.upper()} by layer, coloured by {color}", y=1.0 + 0.35 / nrows,
+                 fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.5 * nrows + 0.6)))
+    return _save(fig, base)
+
+
+def plot_probe_curves(records: pd.DataFrame, base, title: str = "",
+                      metric: str = "balanced_accuracy") -> Path:
+    """Probe accuracy vs layer for every kind (and rank) in one figure, with 95% CIs.
+
+    Solid lines: ``metric`` with the bootstrap CI band; dotted: held-out-template balanced
+    accuracy; dashed: control-task accuracy; grey: majority baseline.
+    """
+    plt, sns = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    recs = records.copy()
+    recs["probe"] = [k if k != "lowrank" else f"rank-{int(r)}" for k, r in
+                     zip(recs["kind"], recs["rank"])]
+    palette = dict(zip(sorted(recs["probe"].unique()),
+                       sns.color_palette("deep", recs["probe"].nunique())))
+    for name, d in recs.groupby("probe"):
+        d = d.sort_values("layer")
+        c = palette[name]
+        ax.plot(d["layer"], d[metric], "-o", ms=3, color=c, label=f"{name}")
+        if d["ci_low"].notna().any():
+            ax.fill_between(d["layer"], d["ci_low"], d["ci_high"], color=c, alpha=0.18, lw=0)
+        if d["heldout_balanced_accuracy"].notna().any():
+            ax.plot(d["layer"], d["heldout_balanced_accuracy"], ":", color=c,
+                    label=f"{name}, held-out template")
+        if d["control_accuracy"].notna().any():
+            ax.plot(d["layer"], d["control_accuracy"], "--", color=c, alpha=0.7,
+                    label=f"{name}, control task")
+    maj = recs.groupby("layer")["majority_accuracy"].first()
+    ax.plot(maj.index, maj.values, color="grey", lw=1, label="majority baseline")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(metric.replace("_", " ") + " (95% CI)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or "probe accuracy by layer")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, base)
+
+
+def plot_cosines(cos: pd.DataFrame, base, title: str = "", ncols: int | None = None) -> Path:
+    """Heatmap of class-mean cosines, one panel per layer (from ``cosine_layers``)."""
+    plt, sns = _plt()
+    layers = sorted(cos["layer"].unique())
+    ncols = ncols or min(6, len(layers))
+    nrows = math.ceil(len(layers) / ncols)
+    classes = sorted(cos["class_a"].unique())
+    side = 1.0 + 0.28 * len(classes)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols, side * nrows + 0.5), squeeze=False)
+    for ax, layer in zip(axes.flat, layers):
+        m = cos[cos["layer"] == layer].pivot(index="class_a", columns="class_b", values="cosine")
+        m = m.loc[classes, classes]
+        sns.heatmap(m, vmin=-1, vmax=1, cmap="RdBu_r", square=True, cbar=False, ax=ax,
+                    xticklabels=True, yticklabels=True)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    sm = plt.cm.ScalarMappable(cmap="RdBu_r", norm=plt.Normalize(-1, 1))
+    fig.colorbar(sm, ax=axes, shrink=0.6, label="cosine of class-mean directions")
+    fig.suptitle(title or "cosine similarity between class-mean directions", fontsize=12)
+    return _save(fig, base)
+
+
+__all__ = ["class_palette", "plot_projection", "plot_probe_curves", "plot_cosines"]

@@ -1,0 +1,220 @@
+"""Probe estimators with scikit-learn's API: ``fit`` / ``predict`` / ``predict_proba`` / ``score``.
+
+All three share one linear read-out ``decision_function(X) = X @ coef_.T + intercept_``
+(``X [n, d]`` raw activations, ``coef_ [K, d]``, ``intercept_ [K]``), so they work with
+``cross_val_score``, ``GroupKFold`` and pipelines unchanged, and their rows are
+directions in the model's own activation space.
+
+* :class:`LogisticProbe` - multinomial L2 logistic regression; the L2 strength is chosen
+  by (grouped) inner cross-validation when ``lam=None``.
+* :class:`MeanDiffProbe` - difference of means (mass-mean probe), closed form.
+* :class:`LowRankProbe` - multinomial logistic regression whose weight matrix has rank
+  ``<= rank`` (``coef_ = (A @ B).T``), for "one direction or several?".
+
+Features are centred and divided by one scalar (the RMS of the centred training
+activations) before the penalty applies; one scalar keeps the geometry, so the learned
+rows are directions in the original space. ``lam`` is per-sample: the objective is
+``mean CE + lam / 2 * ||W||^2``, i.e. scikit-learn's ``C = 1 / (lam * n_train)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import GroupKFold, StratifiedKFold
+
+from replab.errors import ReplabError
+from replab.probes._solver import eigenbasis, fit_logistic
+
+DEFAULT_LAMS = (1e-1, 1e-2, 1e-3)
+
+
+def _xy(X, y):
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2 or len(X) == 0:
+        raise ReplabError(f"probe input must be a non-empty [rows, d] array, got shape {X.shape}")
+    y = np.asarray(y)
+    if len(y) != len(X):
+        raise ReplabError(f"{len(X)} rows of activations but {len(y)} labels")
+    classes, codes = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ReplabError("a probe needs at least two classes in its training labels")
+    return X, classes, codes
+
+
+class _LinearProbe(ClassifierMixin, BaseEstimator):
+    """Shared read-out; subclasses set ``classes_``, ``coef_ [K, d]``, ``intercept_ [K]``."""
+
+    def decision_function(self, X) -> np.ndarray:
+        """``X [n, d]`` -> scores ``[n, K]``."""
+        X = np.asarray(X, dtype=np.float32)
+        return X @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X) -> np.ndarray:
+        """``X [n, d]`` -> class probabilities ``[n, K]`` (softmax of the scores)."""
+        s = self.decision_function(X) / getattr(self, "temperature_", 1.0)
+        s = s - s.max(1, keepdims=True)
+        p = np.exp(s)
+        return p / p.sum(1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        """``X [n, d]`` -> labels ``[n]``."""
+        return self.classes_[self.decision_function(X).argmax(1)]
+
+    def directions(self) -> np.ndarray:
+        """Unit vectors ``[K, d]``, one per class (rows of ``coef_`` centred over classes)."""
+        w = self.coef_ - self.coef_.mean(0, keepdims=True)
+        return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+
+
+def _to_raw(basis, w: torch.Tensor, b: torch.Tensor):
+    """Rotated-basis weights ``w [d, K]``, ``b [K]`` -> raw ``coef_ [K, d]``, ``intercept_ [K]``."""
+    coef = (basis.rot @ w / basis.scale).T
+    intercept = b - basis.mean @ coef.T
+    return coef.numpy().astype(np.float32), intercept.numpy().astype(np.float32)
+
+
+class LogisticProbe(_LinearProbe):
+    """Multinomial L2 logistic probe.
+
+    Args:
+        lam: per-sample L2 strength; ``None`` chooses it from ``lams`` by inner CV.
+        lams: candidate strengths for the inner CV.
+        inner_folds: inner folds (grouped when ``fit`` gets ``groups``).
+        max_iter, tol: solver settings (see :func:`replab.probes._solver.fit_logistic`).
+
+    Learned: ``classes_``, ``coef_ [K, d]``, ``intercept_ [K]``, ``lam_``, ``C_``
+    (scikit-learn's equivalent), ``cv_scores_`` (``{lam: inner accuracy}``), ``n_iter_``.
+    """
+
+    def __init__(self, lam=None, lams=DEFAULT_LAMS, inner_folds=3, max_iter=300, tol=1e-5):
+        self.lam = lam
+        self.lams = lams
+        self.inner_folds = inner_folds
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def fit(self, X, y, groups=None):
+        """Fit on ``X [n, d]``, labels ``y [n]``; ``groups [n]`` keeps groups together in inner CV."""
+        X, self.classes_, codes = _xy(X, y)
+        xt = torch.from_numpy(X)
+        basis = eigenbasis(xt)
+        z = basis.transform(xt)
+        K, n = len(self.classes_), len(X)
+        yt = torch.from_numpy(codes)
+        self.cv_scores_ = {}
+        lam = self.lam
+        if lam is None:
+            masks = inner_masks(n, codes, groups, self.inner_folds)
+            lams = sorted(self.lams, reverse=True)
+            P = len(masks)
+            tr = torch.stack([torch.from_numpy(m) for m in masks])
+            init = None
+            for cand in lams:
+                w, b, _ = fit_logistic(z, yt.expand(P, n), tr, torch.full((P,), float(cand)), K,
+                                       basis.eig, init=init, max_iter=self.max_iter, tol=self.tol)
+                init = (w, b)
+                accs = []
+                for p in range(P):
+                    te = ~tr[p]
+                    pred = (z[te] @ w[p] + b[p]).argmax(1)
+                    accs.append(float((pred == yt[te]).float().mean()))
+                self.cv_scores_[float(cand)] = float(np.mean(accs))
+            lam = max(self.cv_scores_, key=lambda c: (round(self.cv_scores_[c], 6), c))
+        self.lam_ = float(lam)
+        self.C_ = 1.0 / (self.lam_ * n)
+        w, b, self.n_iter_ = fit_logistic(z, yt[None], torch.ones(1, n, dtype=torch.bool),
+                                          torch.tensor([self.lam_]), K, basis.eig,
+                                          max_iter=self.max_iter, tol=self.tol)
+        self.coef_, self.intercept_ = _to_raw(basis, w[0], b[0])
+        return self
+
+
+def inner_masks(n: int, codes, groups, folds: int) -> list[np.ndarray]:
+    """Training masks ``[n]`` of the inner folds (grouped if ``groups`` is given)."""
+    if groups is not None:
+        groups = np.asarray(groups)
+        k = min(folds, len(np.unique(groups)))
+        if k < 2:
+            raise ReplabError("inner cross-validation needs at least two groups")
+        splits = GroupKFold(n_splits=k).split(np.zeros(n), codes, groups)
+    else:
+        k = max(2, min(folds, int(np.bincount(codes).min())))
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=0).split(np.zeros(n), codes)
+    out = []
+    for train, _ in splits:
+        m = np.zeros(n, dtype=bool)
+        m[train] = True
+        out.append(m)
+    return out
+
+
+def mean_diff(X: np.ndarray, codes: np.ndarray, K: int):
+    """One-vs-rest difference of means.
+
+    Returns ``coef [K, d]`` with ``coef[c] = mean(X[y == c]) - mean(X[y != c])`` and
+    ``intercept [K]`` placing each class's threshold at the midpoint of the two means.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    onehot = np.eye(K)[codes]                                   # [n, K]
+    counts = onehot.sum(0)
+    sums = onehot.T @ X                                         # [K, d]
+    mu_in = sums / np.maximum(counts, 1)[:, None]
+    mu_out = (X.sum(0)[None] - sums) / np.maximum(len(X) - counts, 1)[:, None]
+    coef = mu_in - mu_out
+    intercept = -(coef * (mu_in + mu_out) / 2).sum(1)
+    return coef.astype(np.float32), intercept.astype(np.float32)
+
+
+class MeanDiffProbe(_LinearProbe):
+    """Difference-of-means (mass-mean) probe: ``coef_[c] = mu_c - mu_rest``, midpoint threshold.
+
+    Learned: ``classes_``, ``coef_ [K, d]``, ``intercept_ [K]``, ``temperature_`` (the
+    score scale used by ``predict_proba``).
+    """
+
+    def fit(self, X, y, groups=None):
+        """Fit on ``X [n, d]`` and labels ``y [n]`` (``groups`` is accepted and unused)."""
+        X, self.classes_, codes = _xy(X, y)
+        self.coef_, self.intercept_ = mean_diff(X, codes, len(self.classes_))
+        self.temperature_ = float(np.std(self.decision_function(X)) or 1.0)
+        return self
+
+
+class LowRankProbe(_LinearProbe):
+    """Multinomial logistic probe with a rank-``rank`` weight matrix ``W = A @ B``.
+
+    Args:
+        rank: ``k``, the number of directions (``A [d, k]``, ``B [k, K]``).
+        lam: per-sample L2 strength on ``W`` (same units as :class:`LogisticProbe`).
+        max_iter: L-BFGS iterations.
+
+    Learned: ``classes_``, ``coef_ [K, d]``, ``intercept_ [K]``, ``components_ [k, d]``
+    (orthonormal basis of the probe's subspace in activation space).
+    """
+
+    def __init__(self, rank=1, lam=1e-2, max_iter=200):
+        self.rank = rank
+        self.lam = lam
+        self.max_iter = max_iter
+
+    def fit(self, X, y, groups=None):
+        """Fit on ``X [n, d]`` and labels ``y [n]``."""
+        from replab.probes.rank import fit_lowrank
+
+        X, self.classes_, codes = _xy(X, y)
+        xt = torch.from_numpy(X)
+        basis = eigenbasis(xt)
+        z = basis.transform(xt)
+        n, K = len(X), len(self.classes_)
+        yt = torch.from_numpy(codes)
+        full, fb, _ = fit_logistic(z, yt[None], torch.ones(1, n, dtype=torch.bool),
+                                   torch.tensor([float(self.lam)]), K, basis.eig)
+        w, b = fit_lowrank(z, yt[None], torch.ones(1, n, dtype=torch.bool),
+                           torch.tensor([float(self.lam)]), self.rank, (full, fb),
+                           max_iter=self.max_iter)
+        self.coef_, self.intercept_ = _to_raw(basis, w[0], b[0])
+        _, s, vt = np.linalg.svd(self.coef_ - self.coef_.mean(0), full_matrices=False)
+        self.components_ = vt[: min(self.rank, int((s > 1e-6 * s.max()).sum()))]
+        return self

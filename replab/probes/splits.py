@@ -1,0 +1,142 @@
+"""Rows, labels, grouped folds and control labels for a probe sweep.
+
+* :func:`select_rows` - which index rows a probe sees (default: drop control people and
+  odd-one-out rows, see ``docs/probes.md``), plus ``--where`` queries.
+* :func:`grouped_folds` - fold id per row; a group (entity, template or any column)
+  never straddles train and test.
+* :func:`heldout_folds` - doubly held-out folds: test rows share neither template nor
+  group with the training rows.
+* :func:`control_labels` - Hewitt & Liang control task: each *type* gets a random label,
+  drawn so the class distribution over types is unchanged, fixed per type.
+* :func:`shuffled_labels` - labels permuted across rows (the shuffled-label baseline).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+from replab.errors import ReplabError
+
+SPLIT_ALIASES = {"entity": "group", "template": "template", "token": "token_id"}
+
+
+def _truthy(values: pd.Series) -> np.ndarray:
+    v = values.astype("object")
+    return np.array([bool(x) and str(x).lower() not in ("false", "none", "nan", "0", "")
+                     for x in v], dtype=bool)
+
+
+def select_rows(index: pd.DataFrame, label: str, where: str | None = None,
+                default_filter: bool = True) -> tuple[np.ndarray, list[str]]:
+    """Rows of ``index`` a probe for ``label`` uses, and a list of what was dropped.
+
+    Default filter: rows with a missing label; rows whose ``control`` column is set
+    (invented or ambiguous people); rows of the ``odd_one_out`` template (their label
+    columns describe the pair, not the person at the position). ``where`` is a pandas
+    query applied after it (e.g. ``"template != 'famous'"``).
+
+    Returns:
+        ``(rows [m] int array of index positions, notes)``.
+    """
+    if label not in index.columns:
+        raise ReplabError(f"label column {label!r} is not in the store; "
+                          f"it has: {', '.join(map(str, index.columns))}")
+    keep = index[label].notna().to_numpy() & (index[label].astype(str) != "").to_numpy()
+    notes = []
+    if default_filter:
+        if "control" in index.columns:
+            ctl = _truthy(index["control"])
+            if ctl.any():
+                notes.append(f"dropped {int((ctl & keep).sum())} control rows (control set)")
+            keep &= ~ctl
+        if "template" in index.columns:
+            odd = (index["template"].astype(str) == "odd_one_out").to_numpy()
+            if (odd & keep).any():
+                notes.append(f"dropped {int((odd & keep).sum())} odd_one_out rows")
+            keep &= ~odd
+    if where:
+        try:
+            hit = index.eval(where)
+        except Exception as exc:  # noqa: BLE001 - any query error is the user's
+            raise ReplabError(f"bad --where query {where!r}: {exc}") from None
+        keep &= np.asarray(hit, dtype=bool)
+        notes.append(f"where {where!r}")
+    rows = np.flatnonzero(keep)
+    if len(rows) == 0:
+        raise ReplabError(f"no rows left to probe {label!r} after filtering")
+    return rows, notes
+
+
+def split_column(index: pd.DataFrame, split_by: str) -> str:
+    """Column behind ``--split-by`` (``entity`` -> ``group``, ``token`` -> ``token_id``)."""
+    col = SPLIT_ALIASES.get(split_by, split_by)
+    if col not in index.columns:
+        raise ReplabError(f"--split-by {split_by!r}: no column {col!r} in the store index")
+    return col
+
+
+def grouped_folds(groups, codes, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold id ``[n]`` per row: stratified by class where possible, groups never split."""
+    groups = np.asarray(groups).astype(str)
+    n_groups = len(np.unique(groups))
+    k = min(folds, n_groups)
+    if k < 2:
+        raise ReplabError(f"cross-validation needs at least 2 groups; the split column has {n_groups}")
+    fold = np.full(len(groups), -1)
+    try:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        splits = list(splitter.split(np.zeros(len(groups)), codes, groups))
+    except ValueError:
+        splits = list(GroupKFold(n_splits=k).split(np.zeros(len(groups)), codes, groups))
+    for f, (_, test) in enumerate(splits):
+        fold[test] = f
+    if (np.bincount(fold, minlength=k) == 0).any():
+        splits = list(GroupKFold(n_splits=k).split(np.zeros(len(groups)), codes, groups))
+        for f, (_, test) in enumerate(splits):
+            fold[test] = f
+    return fold
+
+
+def heldout_folds(fold: np.ndarray, templates) -> tuple[np.ndarray, np.ndarray] | None:
+    """Doubly held-out evaluation: template *and* group unseen in training.
+
+    Outer fold ``k`` is paired with template ``t_k`` (cycling through the templates).
+    Its test rows are ``fold == k & template == t_k``; its training rows are
+    ``fold != k & template != t_k``.
+
+    Returns:
+        ``(train [F, n] bool, test [F, n] bool)``, or ``None`` with fewer than 2 templates.
+    """
+    templates = np.asarray(templates).astype(str)
+    names = sorted(np.unique(templates))
+    if len(names) < 2:
+        return None
+    F = int(fold.max()) + 1
+    train = np.zeros((F, len(fold)), dtype=bool)
+    test = np.zeros((F, len(fold)), dtype=bool)
+    for k in range(F):
+        t = names[k % len(names)]
+        test[k] = (fold == k) & (templates == t)
+        train[k] = (fold != k) & (templates != t)
+    return train, test
+
+
+def control_labels(types, codes, seed: int = 0) -> np.ndarray:
+    """Control-task labels ``[n]``: one random label per type, same class distribution.
+
+    Each type (entity, token, ...) takes the majority true label of its rows; those
+    per-type labels are permuted across types, so the class distribution over types is
+    exactly preserved, and every row of a type gets its type's control label.
+    """
+    types = np.asarray(types).astype(str)
+    uniq, inv = np.unique(types, return_inverse=True)
+    per_type = np.array([np.bincount(codes[inv == i]).argmax() for i in range(len(uniq))])
+    rng = np.random.default_rng(seed)
+    return rng.permutation(per_type)[inv]
+
+
+def shuffled_labels(codes, seed: int = 0) -> np.ndarray:
+    """Labels permuted across rows (breaks every link between activation and label)."""
+    return np.random.default_rng(seed + 1).permutation(codes)

@@ -1,0 +1,273 @@
+"""``train_probes``: sweep probes over layers of a store and write a run directory.
+
+Run directory (``out``)::
+
+    records.parquet / records.csv   tidy table, one row per (layer, kind, rank)
+    summary.json                    best layer, best record, rank answer, config, model, version
+    probes/<kind>.safetensors+json  all-rows probes for every layer (no pickle)
+    directions/<kind>_L<layer>_<class>.safetensors+json   unit Direction artifacts (best layer)
+    figures/accuracy_vs_layer.png/.svg                     every kind, 95% CIs
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from replab._progress import progress_bar
+from replab._version import __version__
+from replab.errors import ReplabError
+from replab.probes import splits as S
+from replab.probes.data import pick_layers
+from replab.probes.sweep import LayerData, sweep_layer
+
+KINDS = ("logistic", "meandiff", "lowrank")
+RECORD_KEYS = ["layer", "kind", "rank", "accuracy", "balanced_accuracy", "auroc",
+               "heldout_accuracy", "heldout_balanced_accuracy", "control_accuracy", "selectivity",
+               "shuffled_accuracy", "erased_accuracy", "majority_accuracy", "ci_low", "ci_high",
+               "fold_std", "lam", "n_rows", "n_classes"]
+
+
+@dataclass
+class ProbeConfig:
+    """Settings of a probe sweep (validated in ``__post_init__``).
+
+    Attributes:
+        label: index column to predict.
+        site: hook alias (``resid_post``) or one full hook name.
+        layers: ``"all"``, ``"0-9"``, ``"3,7"``...
+        kinds: subset of ``logistic``, ``meandiff`` (``lowrank`` comes from ``ranks``).
+        ranks: ranks for the rank-``k`` probe (e.g. ``(1, 2, 3, 4)``); empty: none.
+        split_by: ``entity`` (the ``group`` column), ``template``, ``token`` or any column.
+        folds: outer folds.
+        lams: candidate per-sample L2 strengths for the nested CV.
+        controls: run the control task and the shuffled-label baseline.
+        erase: LEACE necessity check (logistic accuracy after erasure).
+        where: pandas query on the index; default_filter: drop control/odd-one-out rows.
+        epsilon: rank tolerance (accuracy units); seed; n_boot: bootstrap resamples.
+    """
+
+    label: str
+    site: str = "resid_post"
+    layers: str | list = "all"
+    kinds: tuple = ("logistic", "meandiff")
+    ranks: tuple = ()
+    split_by: str = "entity"
+    folds: int = 5
+    lams: tuple = (1e-1, 1e-2, 1e-3)
+    controls: bool = True
+    erase: bool = True
+    where: str | None = None
+    default_filter: bool = True
+    epsilon: float = 0.02
+    seed: int = 0
+    n_boot: int = 1000
+    max_iter: int = 150
+
+    def __post_init__(self):
+        self.kinds = tuple(k for k in self.kinds if k != "lowrank")
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad:
+            raise ReplabError(f"unknown probe kind {bad[0]!r}; use logistic, meandiff, lowrank")
+        self.ranks = tuple(sorted({int(r) for r in self.ranks}))
+        if any(r < 1 for r in self.ranks):
+            raise ReplabError("--rank values must be >= 1")
+        if not self.kinds and not self.ranks:
+            raise ReplabError("nothing to train: give at least one kind or a rank")
+        if self.folds < 2:
+            raise ReplabError("--folds must be at least 2")
+        if not self.lams or any(lam <= 0 for lam in self.lams):
+            raise ReplabError("L2 strengths must be positive")
+
+
+def parse_ranks(spec: str | None) -> tuple:
+    """``"1..4"`` / ``"1-4"`` -> (1, 2, 3, 4); ``"2"`` -> (1, 2); ``"1,3"`` -> (1, 3); None -> ()."""
+    if spec is None or str(spec).strip() == "":
+        return ()
+    text = str(spec).strip().replace("..", "-")
+    try:
+        if "," in text:
+            return tuple(int(t) for t in text.split(","))
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-", 1))
+            return tuple(range(lo, hi + 1))
+        return tuple(range(1, int(text) + 1))
+    except ValueError:
+        raise ReplabError(f"bad --rank {spec!r}; use K, 1..K or 1,2,4") from None
+
+
+@dataclass
+class ProbeRun:
+    """Result of :func:`train_probes`: tidy ``records``, ``best_layer`` and the run dir."""
+
+    records: pd.DataFrame
+    best_layer: int
+    summary: dict
+    out: Path | None = None
+    probes: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """``{"best_layer": int, "records": [...]}`` plus the summary's rank answer."""
+        recs = self.records[[c for c in RECORD_KEYS if c in self.records]].to_dict("records")
+        return {"best_layer": int(self.best_layer), "records": recs,
+                "rank": self.summary.get("rank"), "out": str(self.out) if self.out else None}
+
+
+def prepare(store, cfg: ProbeConfig):
+    """Selected rows, classes and :class:`LayerData` (folds, controls, held-out masks)."""
+    index = store.index
+    rows, notes = S.select_rows(index, cfg.label, cfg.where, cfg.default_filter)
+    ix = index.iloc[rows]
+    labels = ix[cfg.label].astype(str).to_numpy()
+    classes, codes = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise ReplabError(f"label {cfg.label!r} has a single class after filtering: {classes[0]}")
+    split_col = S.split_column(index, cfg.split_by)
+    fold = S.grouped_folds(ix[split_col].to_numpy(), codes, cfg.folds, cfg.seed)
+    type_col = "group" if "group" in ix.columns and ix["group"].nunique() < len(ix) else "token_id"
+    heldout = None
+    if "template" in ix.columns and split_col != "template":
+        heldout = S.heldout_folds(fold, ix["template"].to_numpy())
+    boot = ix["group"].to_numpy() if "group" in ix.columns else ix[split_col].to_numpy()
+    D = LayerData(codes=codes.astype(np.int64), K=len(classes), fold=fold,
+                  control=S.control_labels(ix[type_col].to_numpy(), codes, cfg.seed),
+                  shuffled=S.shuffled_labels(codes, cfg.seed), heldout=heldout,
+                  boot_groups=boot, lams=tuple(cfg.lams), max_iter=cfg.max_iter,
+                  n_boot=cfg.n_boot, controls=cfg.controls, erase=cfg.erase,
+                  ranks=cfg.ranks, kinds=cfg.kinds)
+    info = {"rows": int(len(rows)), "filter": notes, "classes": classes.tolist(),
+            "class_counts": {str(c): int((codes == i).sum()) for i, c in enumerate(classes)},
+            "split_column": split_col, "folds": int(fold.max()) + 1, "control_types": type_col,
+            "heldout_templates": heldout is not None}
+    return rows, classes, D, info
+
+
+def train_probes(store, label: str | None = None, out=None, progress: bool = True,
+                 config: ProbeConfig | None = None, **kwargs) -> ProbeRun:
+    """Sweep probes over the layers of a store.
+
+    Args:
+        store: an :class:`~replab.store.ActivationStore` or its directory.
+        label: the label column (or pass ``config``).
+        out: run directory to write (None: nothing written).
+        progress: progress bar (stderr) with layers/s.
+        config: a :class:`ProbeConfig`; ``**kwargs`` build one otherwise.
+
+    Returns:
+        :class:`ProbeRun`. ``records`` has one row per (layer, kind, rank) with the
+        columns in ``RECORD_KEYS`` (see ``docs/probes.md``); the best layer maximises the
+        logistic (else first kind's) CV balanced accuracy.
+    """
+    from replab.store import open_store
+
+    from replab.probes.data import as_store
+    store = as_store(store)
+    cfg = config or ProbeConfig(label=label, **kwargs)
+    layers = pick_layers(store, cfg.site, cfg.layers)
+    rows, classes, D, info = prepare(store, cfg)
+    t0 = time.perf_counter()
+    records, probes = [], {}
+    with progress_bar(len(layers), f"probe {cfg.label}", unit="layer", enabled=progress) as bar:
+        for layer, hook in layers.items():
+            x = np.asarray(store.acts(hook)[rows], dtype=np.float32)
+            res = sweep_layer(x, D)
+            for rec in res.records:
+                records.append({"layer": layer, "hook": hook, **rec})
+            probes[layer] = res.probes
+            bar.advance(1)
+    df = pd.DataFrame(records)
+    df = df[[c for c in RECORD_KEYS if c in df] + [c for c in df if c not in RECORD_KEYS]]
+    main = "logistic" if "logistic" in cfg.kinds else (cfg.kinds[0] if cfg.kinds else "lowrank")
+    sel = df[df["kind"] == main]
+    best = int(sel.loc[sel["balanced_accuracy"].idxmax(), "layer"])
+    summary = {"best_layer": best, "best_kind": main, "seconds": time.perf_counter() - t0,
+               "label": cfg.label, "site": cfg.site, "data": info, "config": asdict(cfg),
+               "model": store.model, "store": str(store.path), "replab_version": __version__,
+               "position": store.manifest.get("config", {}).get("positions")}
+    summary["best"] = {k: _py(v) for k, v in sel[sel["layer"] == best].iloc[0].items()}
+    if cfg.ranks:
+        summary["rank"] = _rank_answer(df, cfg, probes, classes)
+    run = ProbeRun(records=df, best_layer=best, summary=summary, probes=probes)
+    if out is not None:
+        write_run(run, Path(out), store, cfg, classes, layers)
+    return run
+
+
+def _py(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def _rank_answer(df, cfg, probes, classes) -> dict:
+    from replab.probes.rank import cluster_directions, smallest_rank
+
+    table = smallest_rank(df, cfg.epsilon)
+    per_layer = {}
+    for r in table.to_dict("records"):
+        layer, k = r["layer"], r["smallest_rank"]
+        entry = {"smallest_rank": None if pd.isna(k) else int(k), "full": r["full"],
+                 "accuracy_by_rank": {int(a): float(b) for a, b in r["rank_accuracy"].items()}}
+        full_rank = len(classes) - 1
+        if (entry["smallest_rank"] is None or entry["smallest_rank"] > 1) and "logistic" in probes[layer]:
+            coef = probes[layer]["logistic"][0]
+            w = coef - coef.mean(0)
+            n_cl = entry["smallest_rank"] or full_rank
+            entry["clusters"] = cluster_directions(w, classes, n_cl)
+        per_layer[int(layer)] = entry
+    return {"epsilon": cfg.epsilon, "layers": per_layer}
+
+
+def write_run(run: ProbeRun, out: Path, store, cfg: ProbeConfig, classes, layers) -> None:
+    """Write tables, probes, best-layer Directions and the accuracy figure to ``out``."""
+    from replab.geometry.plots import plot_probe_curves
+    from replab.probes.directions import Direction, save_probe
+
+    out.mkdir(parents=True, exist_ok=True)
+    run.out = out
+    run.records.to_parquet(out / "records.parquet", index=False)
+    run.records.to_csv(out / "records.csv", index=False)
+    meta = {"label": cfg.label, "site": cfg.site, "classes": [str(c) for c in classes],
+            "best_layer": run.best_layer, "model": store.model, "config": asdict(cfg),
+            "position": run.summary["position"], "store": str(store.path),
+            "hooks": {int(k): v for k, v in layers.items()}}
+    kinds = sorted({k for p in run.probes.values() for k in p})
+    for kind in kinds:
+        save_probe(out / "probes", kind, {lay: p[kind] for lay, p in run.probes.items() if kind in p},
+                   meta)
+    best = run.probes[run.best_layer]
+    metrics = run.records[run.records["layer"] == run.best_layer]
+    for kind, (coef, _) in best.items():
+        w = coef - coef.mean(0) if len(classes) > 2 else coef
+        m = metrics[metrics["kind"] == kind].iloc[0].to_dict()
+        for j, c in enumerate(classes):
+            if len(classes) == 2 and j == 0:
+                continue
+            Direction(vector=w[j], hook=layers[run.best_layer], layer=run.best_layer,
+                      position=str(run.summary["position"]), label=cfg.label,
+                      positive_class=str(c), classes=[str(x) for x in classes], kind=kind,
+                      model=store.model, config=asdict(cfg),
+                      metrics={k: _py(v) for k, v in m.items() if k != "hook"},
+                      ).save(out / "directions" / f"{kind}_L{run.best_layer}_{_safe(c)}")
+    plot_probe_curves(run.records, out / "figures" / "accuracy_vs_layer",
+                      title=f"probe {cfg.label} on {Path(str(store.path)).name}")
+    (out / "summary.json").write_text(json.dumps(_clean(run.summary), indent=1, default=str) + "\n")
+
+
+def _safe(c) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(c))
+
+
+def _clean(v):
+    """JSON-safe: NaN -> None, numpy scalars -> Python."""
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    v = _py(v)
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
