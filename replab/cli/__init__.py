@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from replab.cli import datasets, store
+from replab.cli import datasets, plot, probe, store
 from replab.cli._common import examples
 from replab.cli.harvest import HARVEST_EPILOG, harvest_cmd
 
@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 app.add_typer(datasets.app, name="datasets")
 app.add_typer(store.app, name="store")
+app.add_typer(probe.app, name="probe")
+app.add_typer(plot.app, name="plot")
 app.command("harvest", epilog=HARVEST_EPILOG)(harvest_cmd)
 
 

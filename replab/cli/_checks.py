@@ -6,8 +6,10 @@ from pathlib import Path
 
 
 def check_sets(name: str, model_name, scoring: str, known: bool, out: Path | None,
-               per_prompt: Path | None, batch_size: int, cache: bool = True) -> list[dict]:
+               per_prompt: Path | None, batch_size: int, cache: bool = True,
+               progress: bool = True) -> list[dict]:
     """Check one set (or ``all`` builtin sets); optionally write the known-only JSONL."""
+    from replab._progress import progress_bar
     from replab.errors import ReplabError
     from replab.models import load_model
     from replab.prompts import check_dataset, known_only, list_datasets, load_prompts
@@ -24,7 +26,14 @@ def check_sets(name: str, model_name, scoring: str, known: bool, out: Path | Non
         ps = load_prompts(set_name, tokenizer=model.tokenizer,
                           prepend_bos=bool(model.cfg.default_prepend_bos))
         run = check_dataset_cached if cache else check_dataset
-        scores, summary = run(model, ps, scoring=scoring, batch_size=batch_size)
+        with progress_bar(len(ps), f"check {set_name}", unit="prompt", enabled=progress) as bar:
+            seen = [0]
+
+            def tick(done, total):
+                bar.advance(done - seen[0])
+                seen[0] = done
+
+            scores, summary = run(model, ps, scoring=scoring, batch_size=batch_size, progress=tick)
         if per_prompt:
             if str(per_prompt).endswith(".parquet"):
                 scores.to_parquet(per_prompt, index=False)

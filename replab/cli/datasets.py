@@ -12,15 +12,19 @@ app = typer.Typer(help="List, check and export prompt sets.", no_args_is_help=Tr
 
 
 @app.command("list", epilog=examples("replab datasets list", "replab datasets list --json"))
-def list_cmd(json_out: bool = JSON_OPT):
-    """List the builtin prompt sets."""
+def list_cmd(model: str = MODEL_OPT, json_out: bool = JSON_OPT):
+    """List the builtin prompt sets (counts use the model's tokenizer)."""
+    from replab.models import load_tokenizer
     from replab.prompts import list_datasets
 
-    table = list_datasets()
+    table = list_datasets(tokenizer=load_tokenizer(model))
     if json_out:
         print_json(table.to_dict(orient="records"))
         return
-    _print_table(table, "builtin prompt sets")
+    short = table["description"].str.split(r"(?<=[.:(])\s", regex=True).str[0].str.rstrip(":(")
+    table = table.assign(description=short.str.slice(0, 60))
+    _print_table(table[["name", "n_prompts", "n_pairs", "labels", "description"]],
+                 f"builtin prompt sets (in {table['path'].iloc[0].rsplit('/', 1)[0]})")
 
 
 @app.command("check", epilog=examples(
@@ -46,7 +50,7 @@ def check_cmd(
     from replab.cli._checks import check_sets
 
     summaries = check_sets(name, model, scoring, known_only, out, per_prompt, batch_size,
-                           cache=not no_cache)
+                           cache=not no_cache, progress=not json_out)
     if json_out:
         print_json(summaries if name == "all" else summaries[0])
         return

@@ -81,7 +81,7 @@ def plot_probe_curves(records: pd.DataFrame, base, title: str = "",
     """Probe accuracy vs layer for every kind (and rank) in one figure, with 95% CIs.
 
     Solid lines: ``metric`` with the bootstrap CI band; dotted: held-out-template balanced
-    accuracy; dashed: control-task accuracy; grey: majority baseline.
+    accuracy; dashed: control-task accuracy (full-rank kinds only); grey: chance.
     """
     plt, sns = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.6))
@@ -94,21 +94,27 @@ def plot_probe_curves(records: pd.DataFrame, base, title: str = "",
         d = d.sort_values("layer")
         c = palette[name]
         ax.plot(d["layer"], d[metric], "-o", ms=3, color=c, label=f"{name}")
-        if d["ci_low"].notna().any():
+        if metric == "balanced_accuracy" and d["ci_low"].notna().any():
             ax.fill_between(d["layer"], d["ci_low"], d["ci_high"], color=c, alpha=0.18, lw=0)
+        if name.startswith("rank-"):
+            continue          # rank curves: main metric only, keeps the figure readable
         if d["heldout_balanced_accuracy"].notna().any():
             ax.plot(d["layer"], d["heldout_balanced_accuracy"], ":", color=c,
                     label=f"{name}, held-out template")
         if d["control_accuracy"].notna().any():
             ax.plot(d["layer"], d["control_accuracy"], "--", color=c, alpha=0.7,
                     label=f"{name}, control task")
-    maj = recs.groupby("layer")["majority_accuracy"].first()
-    ax.plot(maj.index, maj.values, color="grey", lw=1, label="majority baseline")
+    if metric == "balanced_accuracy":
+        chance = 1.0 / recs["n_classes"].max()
+        ax.axhline(chance, color="grey", lw=1, label=f"chance (1/K = {chance:.2f})")
+    else:
+        maj = recs.groupby("layer")["majority_accuracy"].first()
+        ax.plot(maj.index, maj.values, color="grey", lw=1, label="majority baseline")
     ax.set_xlabel("layer")
     ax.set_ylabel(metric.replace("_", " ") + " (95% CI)")
     ax.set_ylim(0, 1.02)
     ax.set_title(title or "probe accuracy by layer")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return _save(fig, base)
 

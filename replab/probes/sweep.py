@@ -44,6 +44,7 @@ class LayerData:
     boot_groups: np.ndarray
     lams: tuple = (1e-1, 1e-2, 1e-3)
     max_iter: int = 150
+    tol: float = 1e-4
     n_boot: int = 1000
     controls: bool = True
     erase: bool = False
@@ -126,7 +127,7 @@ def sweep_layer(x: np.ndarray, D: LayerData) -> LayerResult:
     init = None
     for li, lam in enumerate(lams):
         w, b, _ = fit_logistic(z, y.expand(P, n), masks, torch.full((P,), float(lam)), D.K,
-                               basis.eig, init=init, max_iter=D.max_iter)
+                               basis.eig, init=init, max_iter=D.max_iter, tol=D.tol)
         init = (w, b)
         path.append((w, b))
         for pi, (j, k) in enumerate(pairs):
@@ -162,7 +163,7 @@ def sweep_layer(x: np.ndarray, D: LayerData) -> LayerResult:
     W0 = torch.stack([i[0] if i else torch.zeros(d, D.K) for i in inits])
     B0 = torch.stack([i[1] if i else torch.zeros(D.K) for i in inits])
     ew, eb, _ = fit_logistic(z, torch.stack(ys), torch.stack(ms), torch.stack(ls).float(), D.K,
-                             basis.eig, init=(W0, B0), max_iter=D.max_iter)
+                             basis.eig, init=(W0, B0), max_iter=D.max_iter, tol=D.tol)
     extra = {t: (ew[i], eb[i]) for i, t in enumerate(tags)}
     preds = _extra_preds(z, D, extra, F)
     out.lam = lam_all

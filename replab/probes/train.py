@@ -23,7 +23,7 @@ from replab._progress import progress_bar
 from replab._version import __version__
 from replab.errors import ReplabError
 from replab.probes import splits as S
-from replab.probes.data import pick_layers
+from replab.probes.data import limit_threads, pick_layers
 from replab.probes.sweep import LayerData, sweep_layer
 
 KINDS = ("logistic", "meandiff", "lowrank")
@@ -50,6 +50,7 @@ class ProbeConfig:
         erase: LEACE necessity check (logistic accuracy after erasure).
         where: pandas query on the index; default_filter: drop control/odd-one-out rows.
         epsilon: rank tolerance (accuracy units); seed; n_boot: bootstrap resamples.
+        max_iter: solver iteration cap; threads: torch threads during the sweep.
     """
 
     label: str
@@ -68,6 +69,7 @@ class ProbeConfig:
     seed: int = 0
     n_boot: int = 1000
     max_iter: int = 150
+    threads: int = 1
 
     def __post_init__(self):
         self.kinds = tuple(k for k in self.kinds if k != "lowrank")
@@ -172,7 +174,8 @@ def train_probes(store, label: str | None = None, out=None, progress: bool = Tru
     rows, classes, D, info = prepare(store, cfg)
     t0 = time.perf_counter()
     records, probes = [], {}
-    with progress_bar(len(layers), f"probe {cfg.label}", unit="layer", enabled=progress) as bar:
+    with limit_threads(cfg.threads), \
+            progress_bar(len(layers), f"probe {cfg.label}", unit="layer", enabled=progress) as bar:
         for layer, hook in layers.items():
             x = np.asarray(store.acts(hook)[rows], dtype=np.float32)
             res = sweep_layer(x, D)

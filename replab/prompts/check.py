@@ -85,9 +85,9 @@ def score_prompts(model, ps: PromptSet, scoring: str = "first_token", batch_size
             batch = torch.full((len(idx), width), pad, dtype=torch.long)
             for r, i in enumerate(idx):
                 batch[r, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-            logits = model(batch.to(device)).float().cpu()
+            logits = _needed_logits(model, batch.to(device), idx, last, ans_ids, scoring)
             for r, i in enumerate(idx):
-                lg = logits[r, last[i]]
+                lg = logits[(r, last[i])]
                 top1[i] = tok.decode([int(lg.argmax())])
                 a = ans_ids[i]
                 if a is None:
@@ -99,7 +99,7 @@ def score_prompts(model, ps: PromptSet, scoring: str = "first_token", batch_size
                 logprob = float(lp[a0])
                 if scoring == "sum_logprob":
                     for j in range(1, len(a)):
-                        logprob += float(torch.log_softmax(logits[r, last[i] + j], -1)[a[j]])
+                        logprob += float(torch.log_softmax(logits[(r, last[i] + j)], -1)[a[j]])
                 res["answer_logprob"][i] = logprob
                 res["answer_prob"][i] = math.exp(logprob)
                 fids = foil_ids[i]
@@ -134,15 +134,33 @@ def score_prompts(model, ps: PromptSet, scoring: str = "first_token", batch_size
     return out
 
 
+def _needed_logits(model, tokens, idx, last, ans_ids, scoring) -> dict:
+    """Logits only at the positions scoring reads: ``{(batch_row, position): [d_vocab]}``.
+
+    Runs the blocks (``stop_at_layer=n_layers`` skips the final norm and unembedding),
+    then applies the model's own final norm and unembedding to the needed rows only.
+    """
+    resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+    keys = []
+    for r, i in enumerate(idx):
+        n_extra = len(ans_ids[i]) - 1 if scoring == "sum_logprob" and ans_ids[i] else 0
+        keys.extend((r, last[i] + j) for j in range(n_extra + 1))
+    rr = [k[0] for k in keys]
+    pp = [k[1] for k in keys]
+    picked = resid[rr, pp][:, None, :]
+    logits = model.unembed(model.ln_final(picked))[:, 0].float().cpu()
+    return dict(zip(keys, logits))
+
+
 def check_dataset(model, ps: PromptSet, scoring: str = "first_token",
-                  batch_size: int = 32) -> tuple[pd.DataFrame, dict]:
+                  batch_size: int = 32, progress=None) -> tuple[pd.DataFrame, dict]:
     """Score every prompt and summarise: ``(scores, summary)``.
 
     summary keys: name, n_prompts, n_with_answer, accuracy (top-1 over the vocab),
     candidate_accuracy (answer beats all foils, over rows with foils), known_fraction,
     median_rank, n_multi_token_answers, scoring, warnings (list of one-line strings).
     """
-    scores = score_prompts(model, ps, scoring=scoring, batch_size=batch_size)
+    scores = score_prompts(model, ps, scoring=scoring, batch_size=batch_size, progress=progress)
     has = scores["answer"].notna()
     sub = scores[has]
     with_foils = sub[sub["margin"].notna()]

@@ -21,7 +21,7 @@ from replab.prompts.schema import PromptSet
 
 
 def check_dataset_cached(model, ps: PromptSet, scoring: str = "first_token",
-                         batch_size: int = 32) -> tuple[pd.DataFrame, dict]:
+                         batch_size: int = 32, progress=None) -> tuple[pd.DataFrame, dict]:
     """Like :func:`check_dataset`, reusing an earlier identical check when there is one.
 
     The summary gains ``"cached": True`` when it was read from the cache.
@@ -40,7 +40,8 @@ def check_dataset_cached(model, ps: PromptSet, scoring: str = "first_token",
             return scores, {**summary, "cached": True}
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
             shutil.rmtree(folder, ignore_errors=True)
-    scores, summary = check_dataset(model, ps, scoring=scoring, batch_size=batch_size)
+    scores, summary = check_dataset(model, ps, scoring=scoring, batch_size=batch_size,
+                                    progress=progress)
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)

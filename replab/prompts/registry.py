@@ -46,9 +46,12 @@ def _needs_tokenizer(spec: dict) -> bool:
     return b in BUILDERS and BUILDERS[b][1]
 
 
-def list_datasets() -> pd.DataFrame:
-    """One row per builtin set: name, description, n_prompts (None when expanding it needs
-    a tokenizer), labels (label columns, from the spec's ``labels`` card), path."""
+def list_datasets(tokenizer=None) -> pd.DataFrame:
+    """One row per builtin set: name, description, n_prompts, n_pairs, labels, path.
+
+    Sets whose expansion pairs prompts by token length need a tokenizer: pass one to
+    count them (otherwise their ``n_prompts`` / ``n_pairs`` are None).
+    """
     out = []
     for name, path in _builtin_specs().items():
         try:
@@ -57,15 +60,18 @@ def list_datasets() -> pd.DataFrame:
             out.append({"name": name, "description": f"(unreadable: {e})", "n_prompts": None,
                         "labels": [], "path": str(path)})
             continue
-        n = None
-        if not _needs_tokenizer(spec):
+        n = pairs = None
+        if tokenizer is not None or not _needs_tokenizer(spec):
             try:
-                n = len(_expand_spec(spec, path, None, False))
+                ps = _expand_spec(spec, path, tokenizer, False)
+                n, pairs = len(ps), sum(bool(r.get("corrupt_prompt")) for r in ps)
             except ReplabError:
-                n = None
+                n = pairs = None
         out.append({"name": spec.get("name", name), "description": spec.get("description", ""),
-                    "n_prompts": n, "labels": list(spec.get("labels", [])), "path": str(path)})
-    return pd.DataFrame(out, columns=["name", "description", "n_prompts", "labels", "path"])
+                    "n_prompts": n, "n_pairs": pairs, "labels": list(spec.get("labels", [])),
+                    "path": str(path)})
+    return pd.DataFrame(out, columns=["name", "description", "n_prompts", "n_pairs", "labels",
+                                      "path"])
 
 
 def _read_spec(path: Path) -> dict:

@@ -1,0 +1,194 @@
+"""Probes: estimators vs scikit-learn and hand computations, LEACE, planted rank, splits,
+controls, artifacts and the CLI, on synthetic stores (fast)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold, cross_val_score
+
+from replab.errors import ReplabError
+from replab.probes import (Direction, LogisticProbe, LowRankProbe, MeanDiffProbe, apply_probe,
+                           train_probes)
+from replab.probes import splits as S
+from replab.store.synthetic import write_synthetic_store
+
+
+def blobs(n=400, d=24, K=4, sep=1.2, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, K, n)
+    means = rng.normal(size=(K, d)) * sep
+    scale = np.exp(rng.normal(size=d))            # anisotropic, like a residual stream
+    X = (means[y] + rng.normal(size=(n, d))) * scale + 5.0
+    groups = rng.integers(0, 40, n)
+    return X.astype(np.float32), np.array([f"c{v}" for v in y]), groups
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_synthetic_store(tmp_path_factory.mktemp("syn") / "s", n_rows=450, d=32,
+                                 n_layers=3, n_classes=5, rank=2, signal=3.0, seed=1)
+
+
+def _scaled(X, tr):
+    """The probe's feature scaling (centre, one RMS scalar) fitted on the training rows."""
+    mu = X[tr].mean(0)
+    rms = np.sqrt(((X[tr] - mu) ** 2).mean())
+    return (X - mu) / rms
+
+
+def test_logistic_matches_sklearn_on_same_splits():
+    X, y, groups = blobs()
+    for lam in (1e-1, 1e-2):
+        ours, theirs = [], []
+        for tr, te in GroupKFold(n_splits=5).split(X, y, groups):
+            p = LogisticProbe(lam=lam, max_iter=2000, tol=1e-8).fit(X[tr], y[tr])
+            ours.append(p.score(X[te], y[te]))
+            Xs = _scaled(X, tr)
+            sk = LogisticRegression(C=1 / (lam * len(tr)), max_iter=5000, tol=1e-8).fit(Xs[tr], y[tr])
+            theirs.append(sk.score(Xs[te], y[te]))
+            assert p.C_ == pytest.approx(1 / (lam * len(tr)))
+            agree = (p.predict(X[te]) == sk.predict(Xs[te])).mean()
+            assert agree >= 0.97
+        assert abs(np.mean(ours) - np.mean(theirs)) <= 0.01, (ours, theirs)
+
+
+def test_logistic_nested_cv_and_sklearn_api():
+    X, y, groups = blobs(seed=3)
+    p = LogisticProbe(lams=(1.0, 1e-2)).fit(X, y, groups=groups)
+    assert p.lam_ in (1.0, 1e-2) and set(p.cv_scores_) == {1.0, 1e-2}
+    assert p.coef_.shape == (4, X.shape[1]) and p.intercept_.shape == (4,)
+    proba = p.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
+    assert (p.classes_[proba.argmax(1)] == p.predict(X)).all()
+    for est in (LogisticProbe(lam=1e-2), MeanDiffProbe(), LowRankProbe(rank=2)):
+        scores = cross_val_score(clone(est), X, y, groups=groups, cv=GroupKFold(n_splits=3))
+        assert scores.mean() > 0.6
+    with pytest.raises(ReplabError):
+        LogisticProbe().fit(X, np.zeros(len(X)))
+
+
+def test_meandiff_matches_hand_computation():
+    X = np.array([[0, 0], [2, 0], [0, 4], [2, 4], [10, 10]], dtype=np.float32)
+    y = np.array(["a", "a", "b", "b", "c"])
+    p = MeanDiffProbe().fit(X, y)
+    mu = {c: X[y == c].mean(0) for c in "abc"}
+    rest = {c: X[y != c].mean(0) for c in "abc"}
+    for i, c in enumerate("abc"):
+        np.testing.assert_allclose(p.coef_[i], mu[c] - rest[c], rtol=1e-6)
+        mid = (mu[c] + rest[c]) / 2
+        np.testing.assert_allclose(p.intercept_[i], -(mu[c] - rest[c]) @ mid, rtol=1e-5)
+    want = np.array(["abc"[i] for i in (X @ p.coef_.T + p.intercept_).argmax(1)])
+    assert (p.predict(X) == want).all()
+    d = p.directions()
+    np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1, rtol=1e-6)
+
+
+def test_leace_matches_concept_erasure_and_kills_the_probe():
+    from concept_erasure import LeaceEraser
+
+    from replab.probes.erasure import erase, erased_fold, fit_eraser
+
+    X, y, groups = blobs(n=600, d=16, K=3, sep=2.0, seed=5)
+    codes = np.unique(y, return_inverse=True)[1]
+    ours = erase(fit_eraser(X, codes, 3), X)
+    z = torch.nn.functional.one_hot(torch.tensor(codes), 3).double()
+    ref = LeaceEraser.fit(torch.tensor(X).double(), z)(torch.tensor(X).double()).float().numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    fold = GroupKFold(n_splits=5).split(X, y, groups)
+    accs, majority = [], []
+    for tr_idx, te_idx in fold:
+        tr, te = np.zeros(len(X), bool), np.zeros(len(X), bool)
+        tr[tr_idx], te[te_idx] = True, True
+        before = LogisticProbe(lam=1e-2).fit(X[tr], y[tr]).score(X[te], y[te])
+        assert before > 0.9
+        pred = erased_fold(X, codes, 3, tr, te, lam=1e-2)
+        accs.append((pred == codes[te]).mean())
+        majority.append((codes[te] == np.bincount(codes[tr]).argmax()).mean())
+    assert abs(np.mean(accs) - np.mean(majority)) <= 0.02, (accs, majority)
+
+
+def test_planted_rank_two_is_found(tmp_path):
+    s = write_synthetic_store(tmp_path / "r2", n_rows=600, d=32, n_layers=2, rank=2,
+                              signal=3.0, entity_scale=0.5, seed=0)
+    run = train_probes(s, "label", layers="1", ranks=(1, 2, 3, 4), controls=False,
+                       erase=False, progress=False)
+    answer = run.summary["rank"]["layers"][1]
+    assert answer["smallest_rank"] == 2, answer
+    acc = answer["accuracy_by_rank"]
+    assert acc[2] > acc[1] + 0.1
+    assert set(answer["clusters"]) == {f"class{i}" for i in range(5)}
+
+
+def test_folds_never_leak_and_controls_are_per_type():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(60), 3)
+    templates = np.tile(["t0", "t1", "t2"], 60)
+    codes = np.repeat(rng.integers(0, 4, 60), 3)
+    fold = S.grouped_folds(groups, codes, 5)
+    for k in range(5):
+        assert not set(groups[fold == k]) & set(groups[fold != k])
+    train, test = S.heldout_folds(fold, templates)
+    for k in range(5):
+        assert test[k].any() and train[k].any()
+        assert not set(groups[test[k]]) & set(groups[train[k]])
+        assert not set(templates[test[k]]) & set(templates[train[k]])
+    ctrl = S.control_labels(groups, codes, seed=0)
+    for g in np.unique(groups):
+        assert len(set(ctrl[groups == g])) == 1              # fixed per type
+    per_type = lambda lab: np.bincount(lab[::3], minlength=4)   # noqa: E731
+    assert (per_type(ctrl) == per_type(codes)).all()      # same class distribution over types
+    assert (ctrl != codes).any()
+
+
+def test_sweep_records_artifacts_and_controls(store, tmp_path):
+    run = train_probes(store, "label", out=tmp_path / "run", progress=False)
+    rec = run.records
+    assert set(rec["kind"]) == {"logistic", "meandiff"} and sorted(rec["layer"].unique()) == [0, 1, 2]
+    last = rec[(rec["layer"] == 2) & (rec["kind"] == "logistic")].iloc[0]
+    first = rec[(rec["layer"] == 0) & (rec["kind"] == "logistic")].iloc[0]
+    assert last["balanced_accuracy"] > 0.8 and first["balanced_accuracy"] < 0.45   # signal grows
+    assert last["ci_low"] <= last["balanced_accuracy"] <= last["ci_high"]
+    assert last["selectivity"] == pytest.approx(last["accuracy"] - last["control_accuracy"])
+    assert last["control_accuracy"] < 0.45 and last["shuffled_accuracy"] < 0.45
+    assert last["heldout_balanced_accuracy"] > 0.7
+    assert abs(last["erased_accuracy"] - last["majority_accuracy"]) < 0.1
+    assert run.best_layer == 2
+    out = tmp_path / "run"
+    files = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert files <= {".json", ".safetensors", ".parquet", ".csv", ".png", ".svg"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["name"] == "synthetic" and summary["replab_version"]
+    d = Direction.load(out / "directions" / "logistic_L2_class0.json")
+    assert d.layer == 2 and d.hook == "blocks.2.hook_resid_post" and d.kind == "logistic"
+    assert np.linalg.norm(d.vector) == pytest.approx(1, abs=1e-5)
+    assert d.model["synthetic"] is True and d.replab_version and d.config["label"] == "label"
+    preds, info = apply_probe(out / "probes" / "logistic.json", store)
+    assert len(preds) == store.n_rows and info["layer"] == 2 and info["accuracy"] > 0.8
+
+
+def test_cli_train_json_apply_and_errors(store, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "replab", *args], capture_output=True, text=True)
+
+    r = cli("probe", "train", "--store", str(store.path), "--label", "label", "--layers", "1-2",
+            "--split-by", "template", "--no-erase", "--out", str(tmp_path / "run"), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert isinstance(data["best_layer"], int)
+    keys = {"layer", "kind", "rank", "accuracy", "balanced_accuracy", "heldout_balanced_accuracy",
+            "control_accuracy", "selectivity", "ci_low", "ci_high"}
+    assert data["records"] and all(keys <= set(x) for x in data["records"])
+    r = cli("probe", "apply", "--probe", str(tmp_path / "run"), "--store", str(store.path), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rows"] == store.n_rows
+    for bad in (["--label", "nope"], ["--label", "label", "--layers", "7"],
+                ["--label", "label", "--split-by", "nope"], ["--label", "label", "--kind", "svm"]):
+        r = cli("probe", "train", "--store", str(store.path), *bad, "--out", str(tmp_path / "x"))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (bad, r.stderr)
+    assert "Examples" in cli("probe", "train", "--help").stdout
