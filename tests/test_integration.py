@@ -75,7 +75,7 @@ def test_batched_harvest_matches_direct_forward(smol, tmp_path):
 
 
 def test_kill_and_resume_on_default_model(tmp_path):
-    args = ["--dataset", "next_day", "--hooks", "resid_post", "--layers", "0-29",
+    args = ["--dataset", "next_day", "--hooks", "resid_post,mlp_out", "--layers", "0-7",
             "--positions", "all", "--batch-size", "6"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(harvest_cmd(ref, *args), check=True, capture_output=True)

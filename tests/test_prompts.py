@@ -71,11 +71,19 @@ def _write_jsonl(path, rows):
 def test_list_datasets_lists_builtins():
     df = list_datasets()
     assert set(BUILTINS) <= set(df["name"])
-    assert list(df.columns) == ["name", "description", "n_prompts", "labels", "path"]
+    assert list(df.columns) == ["name", "description", "n_prompts", "n_pairs", "labels", "path"]
     row = df.set_index("name").loc["next_day"]
     assert row["n_prompts"] == 56  # no tokenizer needed to expand next_day
     assert pd.isna(df.set_index("name").loc["superset", "n_prompts"])
     assert (datasets_dir() / "next_day.yaml").is_file()
+
+
+def test_list_datasets_counts_with_a_tokenizer(tokenizer):
+    df = list_datasets(tokenizer=tokenizer).set_index("name")
+    for name in BUILTINS:
+        ps = load_prompts(name, tokenizer=tokenizer)
+        assert df.loc[name, "n_prompts"] == len(ps)
+        assert df.loc[name, "n_pairs"] == int(ps.rows["corrupt_prompt"].notna().sum())
 
 
 @pytest.mark.parametrize("name", BUILTINS)

@@ -131,3 +131,14 @@ def test_empty_and_missing_inputs(tiny, tmp_path):
     ps = load_prompts("next_day", tokenizer=tiny.tokenizer)
     with pytest.raises(ReplabError):
         harvest(tiny, ps, out=None, progress=False)
+
+
+def test_head_hooks_are_flattened_with_gqa_widths(tiny, people_jsonl, tmp_path):
+    store = harvest(tiny, people_jsonl, hooks="z,q,k,v", layers="1", out=tmp_path / "h",
+                    progress=False)
+    cfg = tiny.cfg
+    assert cfg.n_key_value_heads < cfg.n_heads  # the tiny model has grouped-query attention
+    widths = {hook.split(".")[-1]: store.acts(hook).shape[1] for hook in store.hooks}
+    assert widths == {"hook_z": cfg.n_heads * cfg.d_head, "hook_q": cfg.n_heads * cfg.d_head,
+                      "hook_k": cfg.n_key_value_heads * cfg.d_head,
+                      "hook_v": cfg.n_key_value_heads * cfg.d_head}
