@@ -51,20 +51,22 @@ def main() -> None:
         runs.append(("full", dict(kinds=("logistic", "meandiff"), controls=True, erase=True)))
     for name, kw in runs:
         cfg = ProbeConfig(label="label", folds=5, threads=args.threads, **kw)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         run = train_probes(store, config=cfg, progress=False)
-        secs = time.perf_counter() - t
+        secs, cpu = time.perf_counter() - t, time.process_time() - cpu
         best = run.records[(run.records["kind"] == "logistic")
                            & (run.records["layer"] == run.best_layer)].iloc[0]
-        results[name] = {"seconds": round(secs, 2), "best_layer": run.best_layer,
-                         "best_balanced_accuracy": round(float(best["balanced_accuracy"]), 4)}
+        results[name] = {"seconds": round(secs, 2), "cpu_seconds": round(cpu, 2), "best_layer": run.best_layer,
+                         "best_balanced_accuracy": round(float(best["balanced_accuracy"]), 4),
+                         "load_average_after": os.getloadavg()[0]}
+        print(f"[{name}] {secs:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     print(f"probe sweep benchmark: {args.layers} layers, {args.rows} rows x {args.dim} dims, "
           f"5-fold grouped CV, {args.threads} torch thread(s), load avg {results['load_average_at_start']:.1f}")
     for name in ("core", "full"):
         if name in results:
             r = results[name]
             target = "  (target <= 60 s)" if name == "core" else ""
-            print(f"  {name:5s} {r['seconds']:8.1f} s   best layer {r['best_layer']}, "
+            print(f"  {name:5s} {r['seconds']:8.1f} s wall ({r['cpu_seconds']:.1f} s CPU)   best layer {r['best_layer']}, "
                   f"logistic balanced acc {r['best_balanced_accuracy']:.3f}{target}")
     (OUT / "probes.json").write_text(json.dumps(results, indent=1) + "\n")
 

@@ -18,3 +18,15 @@ echo "== 3. Harvest the residual stream at each person's last name token, all 30
 $R harvest --dataset "$OUT/superset_known.jsonl" --hooks resid_post --layers all \
   --positions entity_last --out "$OUT/superset_known"
 $R store info "$OUT/superset_known"
+
+echo "== 4. Probe the super-class at every layer (controls, held-out templates, LEACE) =="
+if [ ! -f "$OUT/probe_superclass/summary.json" ]; then
+  $R probe train --store "$OUT/superset_known" --label superclass --out "$OUT/probe_superclass"
+else
+  echo "(cached: $OUT/probe_superclass; delete it to rerun)"
+fi
+
+echo "== 5. Sequence types: PCA at the last shown item (\"3\" vs \"three\") at every layer =="
+$R harvest --dataset sequence_types --hooks resid_post --layers all --positions last_item_last \
+  --out "$OUT/sequence_types"
+$R plot pca --store "$OUT/sequence_types" --color seq_type --out "$OUT/geometry"

@@ -13,6 +13,7 @@ import sys
 import typer
 
 from replab.cli import datasets, plot, probe, store
+from replab.cli import lens
 from replab.cli._common import examples
 from replab.cli.harvest import HARVEST_EPILOG, harvest_cmd
 
@@ -30,6 +31,7 @@ app.add_typer(datasets.app, name="datasets")
 app.add_typer(store.app, name="store")
 app.add_typer(probe.app, name="probe")
 app.add_typer(plot.app, name="plot")
+app.add_typer(lens.app, name="lens")
 app.command("harvest", epilog=HARVEST_EPILOG)(harvest_cmd)
 
 

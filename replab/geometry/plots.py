@@ -128,11 +128,12 @@ def plot_cosines(cos: pd.DataFrame, base, title: str = "", ncols: int | None = N
     classes = sorted(cos["class_a"].unique())
     side = 1.0 + 0.28 * len(classes)
     fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols, side * nrows + 0.5), squeeze=False)
-    for ax, layer in zip(axes.flat, layers):
+    for i, (ax, layer) in enumerate(zip(axes.flat, layers)):
         m = cos[cos["layer"] == layer].pivot(index="class_a", columns="class_b", values="cosine")
         m = m.loc[classes, classes]
+        last_row = i + ncols >= len(layers)
         sns.heatmap(m, vmin=-1, vmax=1, cmap="RdBu_r", square=True, cbar=False, ax=ax,
-                    xticklabels=True, yticklabels=True)
+                    xticklabels=last_row, yticklabels=i % ncols == 0)
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("")
         ax.set_ylabel("")
@@ -141,7 +142,8 @@ def plot_cosines(cos: pd.DataFrame, base, title: str = "", ncols: int | None = N
         ax.axis("off")
     sm = plt.cm.ScalarMappable(cmap="RdBu_r", norm=plt.Normalize(-1, 1))
     fig.colorbar(sm, ax=axes, shrink=0.6, label="cosine of class-mean directions")
-    fig.suptitle(title or "cosine similarity between class-mean directions", fontsize=12)
+    fig.suptitle(title or "cosine similarity between class-mean directions", fontsize=12,
+                 y=0.93 if nrows > 2 else 1.0)
     return _save(fig, base)
 
 

@@ -55,7 +55,7 @@ def eigenbasis(x: torch.Tensor) -> Basis:
 
 def fit_logistic(z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lam: torch.Tensor,
                  n_classes: int, eig: torch.Tensor, init=None, max_iter: int = 200,
-                 tol: float = 1e-5):
+                 tol: float = 1e-5, step0: float = 1.0):
     """Fit ``P`` multinomial logistic problems sharing ``z``.
 
     Args:
@@ -89,7 +89,7 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lam: torc
     pre_w = 1.0 / (0.5 * eig.view(1, d, 1) + lam.view(P, 1, 1))   # [P, d, 1]
     pre_b = 2.0
     maskf_k = maskf.unsqueeze(-1)
-    step = torch.ones(P)
+    step = torch.full((P,), float(step0))
 
     def loss_grad(w, b, need_loss=False, need_grad=True):
         logits = (z @ w.permute(1, 0, 2).reshape(d, P * K)).view(n, P, K)

@@ -97,6 +97,12 @@ class LogisticProbe(_LinearProbe):
 
     def fit(self, X, y, groups=None):
         """Fit on ``X [n, d]``, labels ``y [n]``; ``groups [n]`` keeps groups together in inner CV."""
+        from replab.probes.data import limit_threads
+
+        with limit_threads(1):
+            return self._fit(X, y, groups)
+
+    def _fit(self, X, y, groups):
         X, self.classes_, codes = _xy(X, y)
         xt = torch.from_numpy(X)
         basis = eigenbasis(xt)
@@ -201,6 +207,12 @@ class LowRankProbe(_LinearProbe):
 
     def fit(self, X, y, groups=None):
         """Fit on ``X [n, d]`` and labels ``y [n]``."""
+        from replab.probes.data import limit_threads
+
+        with limit_threads(1):
+            return self._fit(X, y)
+
+    def _fit(self, X, y):
         from replab.probes.rank import fit_lowrank
 
         X, self.classes_, codes = _xy(X, y)

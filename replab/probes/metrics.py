@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 
-def balanced_accuracy(y: np.ndarray, pred: np.ndarray, K: int | None = None) -> float:
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     """Mean per-class recall over the classes present in ``y``."""
     classes = np.unique(y)
     return float(np.mean([(pred[y == c] == c).mean() for c in classes])) if len(y) else np.nan

@@ -123,6 +123,17 @@ def heldout_folds(fold: np.ndarray, templates) -> tuple[np.ndarray, np.ndarray] 
     return train, test
 
 
+def type_column(index: pd.DataFrame, min_types: int = 20) -> str:
+    """The column that defines a control-task *type*: the entity (``group``) when it has
+    several values, else the token (``token_id``) when it has at least ``min_types``
+    values, else each example on its own (``example_id``)."""
+    if "group" in index.columns and index["group"].astype(str).nunique() > 1:
+        return "group"
+    if "token_id" in index.columns and index["token_id"].nunique() >= min_types:
+        return "token_id"
+    return "example_id"
+
+
 def control_labels(types, codes, seed: int = 0) -> np.ndarray:
     """Control-task labels ``[n]``: one random label per type, same class distribution.
 

@@ -131,10 +131,14 @@ def prepare(store, cfg: ProbeConfig):
         raise ReplabError(f"label {cfg.label!r} has a single class after filtering: {classes[0]}")
     split_col = S.split_column(index, cfg.split_by)
     fold = S.grouped_folds(ix[split_col].to_numpy(), codes, cfg.folds, cfg.seed)
-    type_col = "group" if "group" in ix.columns and ix["group"].nunique() < len(ix) else "token_id"
+    type_col = S.type_column(ix)
     heldout = None
     if "template" in ix.columns and split_col != "template":
-        heldout = S.heldout_folds(fold, ix["template"].to_numpy())
+        per_class = ix.groupby(labels)["template"].nunique()
+        if per_class.min() >= 2:        # else a held-out template would hold out a whole class
+            heldout = S.heldout_folds(fold, ix["template"].to_numpy())
+        else:
+            notes.append("no held-out-template score: some class occurs in a single template")
     boot = ix["group"].to_numpy() if "group" in ix.columns else ix[split_col].to_numpy()
     D = LayerData(codes=codes.astype(np.int64), K=len(classes), fold=fold,
                   control=S.control_labels(ix[type_col].to_numpy(), codes, cfg.seed),
@@ -175,15 +179,19 @@ def train_probes(store, label: str | None = None, out=None, progress: bool = Tru
     t0 = time.perf_counter()
     records, probes = [], {}
     with limit_threads(cfg.threads), \
-            progress_bar(len(layers), f"probe {cfg.label}", unit="layer", enabled=progress) as bar:
+            progress_bar(len(layers) * len(rows), f"probe {cfg.label}", unit="row",
+                         enabled=progress) as bar:
         for layer, hook in layers.items():
             x = np.asarray(store.acts(hook)[rows], dtype=np.float32)
             res = sweep_layer(x, D)
             for rec in res.records:
                 records.append({"layer": layer, "hook": hook, **rec})
             probes[layer] = res.probes
-            bar.advance(1)
+            bar.advance(len(rows))
     df = pd.DataFrame(records)
+    if info["split_column"] == "template":   # the folds themselves hold templates out
+        df["heldout_accuracy"] = df["accuracy"]
+        df["heldout_balanced_accuracy"] = df["balanced_accuracy"]
     df = df[[c for c in RECORD_KEYS if c in df] + [c for c in df if c not in RECORD_KEYS]]
     main = "logistic" if "logistic" in cfg.kinds else (cfg.kinds[0] if cfg.kinds else "lowrank")
     sel = df[df["kind"] == main]

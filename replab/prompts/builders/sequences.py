@@ -37,7 +37,10 @@ def _sample(items: list, k: int, rng) -> list:
 def build_sequences(params: dict, tokenizer=None, prepend_bos: bool = False) -> list[dict]:
     """Rows for each sequence type and the random-word control.
 
-    Labels: ``seq_type``, ``n_items``, ``start`` (the first shown item).
+    Labels: ``seq_type``, ``n_items``, ``start`` (the first shown item), ``last_item`` (the
+    last shown item: ``--positions last_item_last`` harvests every type at the token of its
+    last item, so digit prompts, which end in a bare space token under SmolLM2, and word
+    prompts, which end in ",", are compared at the same kind of position).
     """
     types = require(params, "types", "sequences")
     n_items_list = [int(n) for n in require(params, "n_items", "sequences")]
@@ -86,6 +89,7 @@ def build_sequences(params: dict, tokenizer=None, prepend_bos: bool = False) -> 
                 "seq_type": name,
                 "n_items": n,
                 "start": shown[0],
+                "last_item": shown[-1],
             })
     ctrl = params.get("control")
     if ctrl:
@@ -106,5 +110,6 @@ def build_sequences(params: dict, tokenizer=None, prepend_bos: bool = False) -> 
                 "seq_type": name,
                 "n_items": n,
                 "start": shown[0],
+                "last_item": shown[-1],
             })
     return rows

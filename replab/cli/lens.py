@@ -1,0 +1,192 @@
+"""``replab lens ...``: logit lens, tuned lens (train / apply / eval), builtin corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+
+app = typer.Typer(help="Logit lens and tuned lens: decode every layer; train, apply, evaluate.",
+                  no_args_is_help=True)
+
+_PROMPT = typer.Option(None, "--prompt", "-p", help="One prompt to decode.")
+_DATASET = typer.Option(None, "--dataset", "-d", help="Prompt set (builtin name or JSONL/CSV path).")
+_TARGET = typer.Option(None, "--target", "-t",
+                       help="Token to track, with its leading space (' Tuesday'). "
+                            "Default for a prompt set: each row's answer.")
+_TOPK = typer.Option(5, "--top-k", "-k", help="Top-k tokens per cell in the table.")
+_OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/lens-<kind>-<set>).")
+_INDEX = typer.Option(0, "--index", help="Prompt (0-based) drawn in the trajectory heatmap.")
+_LIMIT = typer.Option(None, "--limit", help="Use only the first N prompts of the set.")
+_LENS = typer.Option(None, "--lens", help="Tuned-lens directory (default: the cached lens).")
+
+
+def _apply(kind, model, prompt, dataset, target, mid, top_k, out, index, limit, lens, json_out):
+    from replab.lenses.run import apply_lens
+
+    summary = apply_lens(kind, model, prompt, dataset, target, mid, top_k, out, index, limit,
+                         lens, progress=not json_out)
+    if json_out:
+        print_json(summary)
+        return
+    _print_apply(summary)
+
+
+def _print_apply(summary: dict) -> None:
+    import pandas as pd
+    from rich.console import Console
+
+    out = Path(summary["out"])
+    console = Console()
+    table = pd.read_parquet(out / "table.parquet")
+    if summary["n_prompts"] == 1:
+        last = table[table["position"] == table["position"].max()].sort_values("depth")
+        cols = ["point", "top1", "top1_prob", "entropy", "kl_to_final"]
+        if last["target_rank"].notna().any():
+            cols += ["target_prob", "target_rank"]
+        _rich(console, last[cols], f"{summary['kind']} at the last position")
+    ft = summary.get("first_top1")
+    if ft:
+        console.print(f"target top-1 at the final layer: {ft['n_final_top1']}/{ft['n_prompts']}; "
+                      f"first becomes top-1 at layer (median) {ft['median_first_top1_layer']}, "
+                      f"stays top-1 from layer (median) {ft['median_stable_top1_layer']}")
+        if summary["n_prompts"] > 1:
+            console.print(f"first top-1 layer -> prompts: {ft['first_top1_layer_counts']}")
+    if "logit_diff_final_mean" in summary:
+        console.print(f"mean final logit difference (answer − foil): "
+                      f"{summary['logit_diff_final_mean']:.3f}")
+    console.print(f"wrote {out}/ (table.parquet, table.csv, summary.json, "
+                  + ", ".join(Path(f).name for f in summary["figures"]) + ")")
+
+
+def _rich(console, df, title: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in df.columns:
+        t.add_column(str(c))
+    for _, row in df.iterrows():
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else repr(v) if isinstance(v, str)
+                    else str(v) for v in row])
+    console.print(t)
+
+
+@app.command("logit", epilog=examples(
+    "replab lens logit --prompt 'Today it is Monday so tomorrow it is' --target ' Tuesday'",
+    "replab lens logit --dataset next_day --mid --out runs/lens-next_day",
+    "replab lens logit --dataset fact_recall --json",
+))
+def logit_cmd(prompt: str = _PROMPT, dataset: str = _DATASET, target: str = _TARGET,
+              mid: bool = typer.Option(False, "--mid", help="Also decode resid_mid (after attention)."),
+              model: str = MODEL_OPT, top_k: int = _TOPK, out: Path = _OUT, index: int = _INDEX,
+              limit: int = _LIMIT, json_out: bool = JSON_OPT):
+    """Logit lens: decode every layer and position with the model's own final norm + unembedding."""
+    _apply("logit", model, prompt, dataset, target, mid, top_k, out, index, limit, None, json_out)
+
+
+@app.command("tuned", epilog=examples(
+    "replab lens tuned --prompt 'The capital of France is' --target ' Paris'",
+    "replab lens tuned --dataset next_day --out runs/tuned-next_day",
+    "replab lens tuned --dataset fact_recall --lens runs/my-lens --json",
+))
+def tuned_cmd(prompt: str = _PROMPT, dataset: str = _DATASET, target: str = _TARGET,
+              model: str = MODEL_OPT, top_k: int = _TOPK, out: Path = _OUT, index: int = _INDEX,
+              limit: int = _LIMIT, lens: Path = _LENS, json_out: bool = JSON_OPT):
+    """Tuned lens (cached per model; train with `replab lens train`): same outputs as `lens logit`."""
+    _apply("tuned", model, prompt, dataset, target, False, top_k, out, index, limit, lens, json_out)
+
+
+@app.command("train", epilog=examples(
+    "replab lens train",
+    "replab lens train --model tiny --tokens 2048 --steps 5",
+    "replab lens train --corpus my_texts/ --tokens 32768 --steps 60 --out runs/my-lens",
+))
+def train_cmd(model: str = MODEL_OPT,
+              corpus: str = typer.Option("builtin", "--corpus",
+                                         help="'builtin', a .txt/.jsonl file, or a directory."),
+              tokens: int = typer.Option(16384, "--tokens",
+                                         help="Tokens for the least-squares phase."),
+              steps: int = typer.Option(30, "--steps", help="Adam steps of the KL phase (0 = none)."),
+              batch_positions: int = typer.Option(32, "--batch-positions",
+                                                  help="Positions per KL step."),
+              lr: float = typer.Option(1e-4, "--lr"),
+              seq_len: int = typer.Option(128, "--seq-len"),
+              seed: int = typer.Option(0, "--seed"),
+              out: Path = typer.Option(None, "--out", "-o",
+                                       help="Write here instead of the per-model cache."),
+              json_out: bool = JSON_OPT):
+    """Train a tuned lens (least-squares init + KL to the final layer); cache it for this model."""
+    from replab.lenses.tiny_hf import resolve
+    from replab.lenses.train import TrainConfig
+    from replab.lenses.tuned import train_lens
+
+    cfg = TrainConfig(corpus=corpus, seq_len=seq_len, fit_tokens=tokens, steps=steps,
+                      batch_positions=batch_positions, lr=lr, seed=seed)
+    path, stats = train_lens(resolve(model), cfg, out, progress=not json_out)
+    result = {"path": str(path), "config": cfg.to_dict(),
+              **{k: v for k, v in stats.items() if k != "kl_losses"}}
+    if json_out:
+        print_json(result)
+        return
+    typer.echo(f"trained in {stats['seconds_total']} s on {stats['fit_tokens']} tokens "
+               f"(+{stats['kl_positions_seen']} KL positions); saved {path}")
+    typer.echo("validation KL per layer (logit -> tuned): " + ", ".join(
+        f"{i}: {a:.2f}->{b:.2f}" for i, (a, b) in
+        enumerate(zip(stats["val_kl_logit"], stats["val_kl_tuned"]))))
+
+
+@app.command("eval", epilog=examples(
+    "replab lens eval",
+    "replab lens eval --tokens 4096 --out runs/lens-eval --json",
+    "replab lens eval --corpus heldout.jsonl --lens runs/my-lens",
+))
+def eval_cmd(model: str = MODEL_OPT,
+             corpus: str = typer.Option("builtin-heldout", "--corpus",
+                                        help="Held-out text: 'builtin-heldout', a file or a directory."),
+             tokens: int = typer.Option(1024, "--tokens", help="Held-out tokens to score."),
+             seq_len: int = typer.Option(128, "--seq-len"),
+             lens: Path = _LENS,
+             out: Path = typer.Option(None, "--out", "-o", help="Run directory (default runs/lens-eval)."),
+             json_out: bool = JSON_OPT):
+    """Per layer KL(final ‖ lens) and cross-entropy, logit vs tuned lens, on held-out text.
+
+    --json prints a list of {"layer": int, "lens": "logit"|"tuned", "kl": float, "ce": float}.
+    """
+    from replab.lenses.evaluate import run_eval, wide
+
+    df, summary = run_eval(model, corpus, tokens, seq_len, lens, out, progress=not json_out)
+    if json_out:
+        print_json(df.to_dict(orient="records"))
+        return
+    from rich.console import Console
+
+    console = Console()
+    _rich(console, wide(df), f"lens quality on {corpus} ({summary['config']['tokens']} tokens), nats")
+    verdict = "lower" if summary["tuned_better_every_layer"] else "NOT lower"
+    console.print(f"tuned-lens KL is {verdict} than the logit lens at every layer; "
+                  f"wrote {summary['out']}/ (eval.csv, eval.png, summary.json)")
+
+
+@app.command("corpus", epilog=examples("replab lens corpus", "replab lens corpus --write --json"))
+def corpus_cmd(write: bool = typer.Option(False, "--write",
+                                          help="Regenerate datasets/corpus/{train,heldout}.txt."),
+               model: str = MODEL_OPT, json_out: bool = JSON_OPT):
+    """Show (or regenerate) the builtin lens corpus: documents and token counts per split."""
+    from replab.lenses.corpus import BUILTIN, BUILTIN_HELDOUT, count_tokens, read_corpus, write_builtin
+    from replab.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    if write:
+        stats = write_builtin(tok)
+    else:
+        stats = {}
+        for split, name in (("train", BUILTIN), ("heldout", BUILTIN_HELDOUT)):
+            docs = read_corpus(name)
+            stats[split] = {"docs": len(docs), "tokens": count_tokens(docs, tok)}
+    if json_out:
+        print_json(stats)
+        return
+    for split, s in stats.items():
+        typer.echo(f"{split}: {s['docs']} documents, {s['tokens']} tokens")

@@ -1,0 +1,99 @@
+"""Lens correctness and acceptance checks on the default model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from replab.lenses.decoders import LogitLens, TunedLensDecoder
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "Today it is Monday so tomorrow it is"
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from replab.lenses.tuned import quiet_hf_model
+
+    return quiet_hf_model(None)
+
+
+@pytest.fixture(scope="module")
+def tokens(smol):
+    from replab.prompts import token_ids
+
+    return torch.tensor([token_ids(smol.tokenizer, "The capital of France is Paris, and " + PROMPT)])
+
+
+@pytest.fixture(scope="module")
+def ours(smol, tokens):
+    return LogitLens(smol).logits(tokens).log_softmax(-1)  # [31, 1, pos, vocab]
+
+
+def test_logit_lens_equals_tuned_lens_logit_lens(ours, hf, tokens):
+    from tuned_lens.nn.lenses import LogitLens as TLLogitLens
+
+    hs = hf(input_ids=tokens, output_hidden_states=True).hidden_states
+    theirs = TLLogitLens.from_model(hf)
+    for layer in range(hf.config.num_hidden_layers):
+        ref = theirs(hs[layer], idx=layer).log_softmax(-1)
+        torch.testing.assert_close(ours[layer], ref, atol=1e-4, rtol=0, msg=f"layer {layer}")
+
+
+def test_logit_lens_equals_transformer_lens_accumulated_resid(smol, ours, tokens):
+    _, cache = smol.run_with_cache(tokens, names_filter=lambda n: "resid" in n)
+    stack = cache.accumulated_resid(apply_ln=True)  # [31, 1, pos, d_model]
+    ref = smol.unembed(stack.flatten(0, 1)).view(*stack.shape[:3], -1).log_softmax(-1)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_last_layer_equals_model_logits(smol, ours, tokens):
+    torch.testing.assert_close(ours[-1], smol(tokens).log_softmax(-1), atol=1e-4, rtol=0)
+
+
+def test_untrained_tuned_lens_equals_logit_lens(hf, ours, tokens):
+    from tuned_lens.nn.lenses import TunedLens
+
+    got = TunedLensDecoder(hf, TunedLens.from_model(hf)).logits(tokens).log_softmax(-1)
+    torch.testing.assert_close(got, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dataset", ["next_day", "fact_recall"])
+def test_first_top1_layer_is_reported(dataset, tmp_path):
+    from replab.lenses.run import apply_lens
+
+    s = apply_lens("logit", None, dataset=dataset, limit=4, out=tmp_path, progress=False)
+    ft = s["first_top1"]
+    assert ft["n_prompts"] == 4 and ft["n_final_top1"] >= 1
+    # every prompt whose answer is top-1 at the output has a first top-1 layer within range
+    import pandas as pd
+
+    rows = pd.read_csv(tmp_path / "first_top1.csv")
+    right = rows[rows["final_rank"] == 0]
+    assert right["first_top1_layer"].between(0, 30).all()
+    assert (right["stable_top1_layer"] >= right["first_top1_layer"]).all()
+    assert 0 <= ft["median_first_top1_layer"] <= 30
+    if dataset == "next_day":
+        curve = pd.read_csv(tmp_path / "logit_diff.csv")
+        assert curve["depth"].nunique() == 61 and s["logit_diff_final_mean"] > 0
+
+
+def test_short_tuned_lens_beats_logit_lens_on_heldout(smol, hf):
+    """A least-squares-only lens on 512 tokens already beats the logit lens at every layer."""
+    from replab.lenses.corpus import read_corpus, token_chunks
+    from replab.lenses.evaluate import evaluate_lenses, wide
+    from replab.lenses.train import TrainConfig, train_tuned_lens
+
+    cfg = TrainConfig(fit_tokens=512, steps=0, val_positions=32)
+    lens, _ = train_tuned_lens(hf, smol.tokenizer, cfg, progress=False)
+    chunks = token_chunks(read_corpus("builtin-heldout"), smol.tokenizer, 64, 64)
+    w = wide(evaluate_lenses([LogitLens(smol), TunedLensDecoder(hf, lens)], chunks))
+    inner = w[w["layer"] < 30]
+    assert len(inner) == 30
+    assert (inner["kl_tuned"] < inner["kl_logit"]).all(), inner.to_string()
+    final = w[w["layer"] == 30].iloc[0]
+    assert final["kl_logit"] < 1e-4 and final["kl_tuned"] < 1e-4
+    assert math.isclose(final["ce_logit"], final["ce_tuned"], rel_tol=1e-4)
