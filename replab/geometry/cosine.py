@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
+from replab.probes.splits import where_mask
 
 
 def class_mean_directions(x: np.ndarray, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -42,12 +43,7 @@ def cosine_layers(store, color: str, site: str = "resid_post", layers="all",
     index = store.index
     if color not in index.columns:
         raise ReplabError(f"column {color!r} is not in the store")
-    keep = index[color].notna().to_numpy()
-    if where:
-        try:
-            keep &= np.asarray(index.eval(where), dtype=bool)
-        except Exception as exc:  # noqa: BLE001
-            raise ReplabError(f"bad --where query {where!r}: {exc}") from None
+    keep = index[color].notna().to_numpy() & where_mask(index, where)
     rows = np.flatnonzero(keep)
     labels = index[color].astype(str).to_numpy()[rows]
     if len(np.unique(labels)) < 2:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
+from replab.probes.splits import where_mask
 
 METHODS = ("pca", "umap")
 
@@ -74,12 +75,7 @@ def project_layers(store, color: str, method: str = "pca", site: str = "resid_po
     if color not in index.columns:
         raise ReplabError(f"colour column {color!r} is not in the store; "
                           f"it has: {', '.join(map(str, index.columns))}")
-    keep = np.ones(len(index), dtype=bool)
-    if where:
-        try:
-            keep &= np.asarray(index.eval(where), dtype=bool)
-        except Exception as exc:  # noqa: BLE001
-            raise ReplabError(f"bad --where query {where!r}: {exc}") from None
+    keep = where_mask(index, where)
     rows = np.flatnonzero(keep)
     if len(rows) < 3:
         raise ReplabError("a projection needs at least 3 rows")

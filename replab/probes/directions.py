@@ -74,12 +74,9 @@ class Direction:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ReplabError(f"{path}: no such file") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReplabError(f"{path}: unreadable JSON ({exc.__class__.__name__})") from None
+    from replab.store.format import read_json
+
+    return read_json(path, "artifact metadata")
 
 
 def save_probe(out: Path, kind: str, layers: dict, meta: dict) -> Path:

@@ -28,6 +28,16 @@ def _truthy(values: pd.Series) -> np.ndarray:
                      for x in v], dtype=bool)
 
 
+def where_mask(index: pd.DataFrame, where: str | None) -> np.ndarray:
+    """Boolean mask of the rows a pandas query keeps (all rows when ``where`` is empty)."""
+    if not where:
+        return np.ones(len(index), dtype=bool)
+    try:
+        return np.asarray(index.eval(where), dtype=bool)
+    except Exception as exc:  # noqa: BLE001 - any query error is the user's
+        raise ReplabError(f"bad --where query {where!r}: {exc}") from None
+
+
 def select_rows(index: pd.DataFrame, label: str, where: str | None = None,
                 default_filter: bool = True) -> tuple[np.ndarray, list[str]]:
     """Rows of ``index`` a probe for ``label`` uses, and a list of what was dropped.
@@ -57,11 +67,7 @@ def select_rows(index: pd.DataFrame, label: str, where: str | None = None,
                 notes.append(f"dropped {int((odd & keep).sum())} odd_one_out rows")
             keep &= ~odd
     if where:
-        try:
-            hit = index.eval(where)
-        except Exception as exc:  # noqa: BLE001 - any query error is the user's
-            raise ReplabError(f"bad --where query {where!r}: {exc}") from None
-        keep &= np.asarray(hit, dtype=bool)
+        keep &= where_mask(index, where)
         notes.append(f"where {where!r}")
     rows = np.flatnonzero(keep)
     if len(rows) == 0:
