@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.replab-setup
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit test-integration bench clean
+.PHONY: setup demo test test-unit test-integration bench lens clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ test-integration: setup
 
 bench: setup
 	$(PY) bench/bench_harvest.py
+	$(PY) bench/bench_probes.py --skip-full
+
+# Train (once, about 10 CPU minutes) and evaluate the default model's tuned lens.
+lens: setup
+	nice -n 10 $(PY) -m replab lens train
+	$(PY) bench/bench_lens.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

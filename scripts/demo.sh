@@ -30,3 +30,8 @@ echo "== 5. Sequence types: PCA at the last shown item (\"3\" vs \"three\") at e
 $R harvest --dataset sequence_types --hooks resid_post --layers all --positions last_item_last \
   --out "$OUT/sequence_types"
 $R plot pca --store "$OUT/sequence_types" --color seq_type --out "$OUT/geometry"
+
+echo "== 6. Logit lens on next_day (tuned lens too, if one is cached: make lens) =="
+$R lens logit --prompt "Today it is Monday so tomorrow it is" --target " Tuesday" --out "$OUT/lens-prompt"
+$R lens tuned --prompt "Today it is Monday so tomorrow it is" --target " Tuesday" --out "$OUT/tuned-prompt" \
+  || echo "(no tuned lens cached: run 'make lens', about 10 CPU minutes)"

@@ -34,6 +34,7 @@ def check_sets(name: str, model_name, scoring: str, known: bool, out: Path | Non
                 seen[0] = done
 
             scores, summary = run(model, ps, scoring=scoring, batch_size=batch_size, progress=tick)
+            bar.advance(len(ps) - seen[0])  # a cached result arrives without ticks
         if per_prompt:
             if str(per_prompt).endswith(".parquet"):
                 scores.to_parquet(per_prompt, index=False)
