@@ -47,3 +47,20 @@ def kill_mid_run(cmd: list[str], out: Path, min_batches: int, delay: float,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def run_cli(args, capsys):
+    """Run ``replab ARGS`` in-process; return ``(exit code, stdout, stderr)``."""
+    import pytest
+
+    from replab.cli import main
+
+    old = sys.argv
+    sys.argv = ["replab", *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return (exc.value.code or 0), out.out, out.err

@@ -4,20 +4,9 @@ import json
 import sys
 
 import pytest
+from replab_testutil import run_cli
 
 from replab.cli import app, main
-
-
-def run_cli(args, capsys):
-    old = sys.argv
-    sys.argv = ["replab", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main()
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return (exc.value.code or 0), out.out, out.err
 
 
 def _pairs_of_different_length(tmp_path):

@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
+from replab_testutil import run_cli
 import torch
 
 from replab.errors import ReplabError
@@ -211,20 +212,6 @@ def test_builtin_corpus_is_reproducible(tiny, tmp_path):
     assert (tmp_path / "train.txt").read_text() == (
         read_corpus.__globals__["corpus_dir"]() / "train.txt").read_text()
     assert stats["train"]["tokens"] > 100_000 and stats["heldout"]["tokens"] > 20_000
-
-
-def run_cli(args, capsys):
-    from replab.cli import main
-
-    old = sys.argv
-    sys.argv = ["replab", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main()
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return (exc.value.code or 0), out.out, out.err
 
 
 def test_cli_logit_json_and_files(tmp_path, capsys):
