@@ -26,22 +26,29 @@ class _Bar:
     def __init__(self, progress: Progress | None, task):
         self._progress, self._task = progress, task
 
-    def advance(self, n: float = 1) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task, n)
+    def advance(self, n: float = 1, loss: float | None = None) -> None:
+        if self._progress is None:
+            return
+        if loss is not None:
+            self._progress.update(self._task, loss=f"loss {loss:.4f}")
+        self._progress.advance(self._task, n)
 
 
 @contextmanager
-def progress_bar(total: float, description: str, unit: str = "it", enabled: bool = True):
-    """Context manager yielding an object with ``.advance(n)``; a no-op when disabled."""
+def progress_bar(total: float, description: str, unit: str = "it", enabled: bool = True,
+                 show_loss: bool = False):
+    """Context manager yielding ``bar`` with ``bar.advance(n, loss=None)``; a no-op when disabled.
+
+    ``show_loss`` adds a column with the last ``loss`` passed to ``advance``.
+    """
     if not enabled:
         yield _Bar(None, None)
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        RateColumn(unit), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=False,
+        RateColumn(unit), *([TextColumn("[magenta]{task.fields[loss]}")] if show_loss else []),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False,
     )
     with progress:
-        task = progress.add_task(description, total=total)
+        task = progress.add_task(description, total=total, loss="")
         yield _Bar(progress, task)

@@ -32,7 +32,7 @@ import time
 import torch
 
 from replab.errors import ReplabError
-from replab.lenses._bar import loss_bar
+from replab._progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -94,7 +94,8 @@ def fit_phase(hf_model, chunks: torch.Tensor, cfg: TrainConfig, progress: bool =
     xtx = torch.zeros(n_layers, d + 1, d + 1, dtype=torch.float64)
     xty = torch.zeros(n_layers, d + 1, d, dtype=torch.float64)
     pool, val, n_tok = [], [], 0
-    with loss_bar(chunks.numel(), "fit (least squares)", "tok", enabled=progress) as bar:
+    with progress_bar(chunks.numel(), "fit (least squares)", "tok", enabled=progress,
+                      show_loss=True) as bar:
         starts = [0] if n_val_chunks else []
         starts += list(range(n_val_chunks, len(chunks), cfg.batch_size))
         for start in starts:
@@ -181,7 +182,8 @@ def kl_phase(lens, train_pool: torch.Tensor, cfg: TrainConfig, progress: bool = 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     n_layers, losses = len(lens), []
-    with loss_bar(cfg.steps, "kl (tuned-lens objective)", "step", enabled=progress) as bar:
+    with progress_bar(cfg.steps, "kl (tuned-lens objective)", "step", enabled=progress,
+                      show_loss=True) as bar:
         for _ in range(cfg.steps):
             idx = torch.randint(len(train_pool), (cfg.batch_positions,), generator=gen)
             part = train_pool[idx]
