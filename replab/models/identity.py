@@ -44,7 +44,7 @@ class ModelIdentity:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, memoised on (path, size, mtime) in the replab cache."""
+    """sha256 of a (large weights) file, memoised on (path, size, mtime) in the replab cache."""
     path = Path(path).resolve()
     st = path.stat()
     memo = cache_dir() / "hashes.json"
@@ -57,11 +57,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
             table = {}
     if key in table:
         return table[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    table[key] = h.hexdigest()
+    from replab.store.format import sha256_file as plain_sha256
+
+    table[key] = plain_sha256(path, chunk)
     tmp = memo.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(table, indent=0))
     os.replace(tmp, memo)
