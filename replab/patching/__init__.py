@@ -1,0 +1,23 @@
+"""Activation patching, attribution patching and direct logit attribution (W1, W2, W5).
+
+>>> from replab.patching import load_task, sweep, Intervention
+>>> task = load_task("next_day", model.tokenizer)                    # doctest: +SKIP
+>>> res = sweep(model, task, site="resid_pre", by="layer,position")  # doctest: +SKIP
+>>> res.table.head()                                                 # doctest: +SKIP
+
+* :mod:`~replab.patching.task`: clean/corrupt token pairs with answer, foil and candidates;
+* :mod:`~replab.patching.interventions`: interventions as serialisable data;
+* :mod:`~replab.patching.engine`: many patched runs in a few batched, cached forwards;
+* :mod:`~replab.patching.metrics`: logit diff, margin, log-prob, prob, KL; normalisation;
+* :mod:`~replab.patching.sweep`: layer × position / head sweeps with built-in sanity checks;
+* :mod:`~replab.patching.dla` and :mod:`~replab.patching.atp`: DLA and attribution patching;
+* :mod:`~replab.patching.runs`: one call per workflow step, writing a run directory.
+"""
+
+from replab.patching.engine import Variant, run_variants
+from replab.patching.interventions import Intervention
+from replab.patching.sweep import SweepResult, sweep
+from replab.patching.task import PatchTask, load_task, task_from_rows
+
+__all__ = ["Intervention", "PatchTask", "SweepResult", "Variant", "load_task", "run_variants",
+           "sweep", "task_from_rows"]

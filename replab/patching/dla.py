@@ -1,0 +1,107 @@
+"""Direct logit attribution (DLA) of the logit difference, at the last position.
+
+The final residual is a sum of components: the embedding, every attention layer's output
+(itself the sum of its heads' outputs plus the output bias) and every MLP's output. With the
+final norm's scale **frozen** at the value of the actual forward pass (the cached
+``ln_final.hook_scale``), the final norm is linear, so each component's direct effect on
+``logit(answer) − logit(foil)`` is ``(component / scale) · (W_U[:, answer] − W_U[:, foil])``
+and the effects sum exactly to the model's logit difference minus the unembedding-bias term.
+The approximation is the frozen scale: a component's effect on the norm's scale (and
+everything it does through later layers) is not counted.
+
+Three views, each a tidy DataFrame with one row per prompt:
+
+* ``accumulated``: the accumulated residual at every ``resid_pre`` and ``resid_mid`` point
+  and the final residual, projected the same way (with the bias term, so the last point is the
+  model's logit difference), for the clean and the corrupt prompts;
+* ``layers``: the embedding, each layer's attention and MLP output, and the bias term;
+* ``heads``: each head's output ``z_h W_O[h]`` (attention output biases are in ``layers``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from replab.errors import ReplabError
+
+
+def _cache(model, tokens):
+    L = model.cfg.n_layers
+    want = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
+    for layer in range(L):
+        want |= {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",
+                 f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out",
+                 f"blocks.{layer}.attn.hook_z"}
+    want.add(f"blocks.{L - 1}.hook_resid_post")
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in want)
+    return cache
+
+
+def _direction(model, task):
+    u = model.W_U[:, task.answer] - model.W_U[:, task.foil]        # [d, N]
+    bias = model.b_U[task.answer] - model.b_U[task.foil]           # [N]
+    return u.T, bias
+
+
+def dla(model, task) -> dict[str, pd.DataFrame]:
+    """``{"accumulated", "layers", "heads", "check"}`` DataFrames; see the module docstring.
+
+    ``check`` has, per prompt, the model's logit difference, the sum of the ``layers``
+    components plus the bias term, and their absolute difference (float rounding only).
+    """
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    u, bias = _direction(model, task)
+    out_acc, out_layers, out_heads, checks = [], [], [], []
+    with torch.inference_mode():
+        for run, tokens in (("clean", task.clean), ("corrupt", task.corrupt)):
+            cache = _cache(model, tokens)
+            scale = cache["ln_final.hook_scale"][:, -1]                  # [N, 1]
+            proj = lambda x: ((x[:, -1] / scale) * u).sum(-1)         # noqa: E731  [N]
+            for layer in range(L):
+                for site, depth in (("pre", layer), ("mid", layer + 0.5)):
+                    v = proj(cache[f"blocks.{layer}.hook_resid_{site}"]) + bias
+                    out_acc += _rows(v, run, point=f"{layer}_{site}", depth=depth)
+            final = proj(cache[f"blocks.{L - 1}.hook_resid_post"]) + bias
+            out_acc += _rows(final, run, point="final_post", depth=float(L))
+            if run != "clean":
+                continue
+            embed = cache["hook_embed"] + (cache["hook_pos_embed"] if "hook_pos_embed" in cache.cache_dict else 0)
+            total = proj(embed)
+            out_layers += _rows(proj(embed), run, layer=-1, component="embed")
+            for layer in range(L):
+                a, m = proj(cache[f"blocks.{layer}.hook_attn_out"]), proj(cache[f"blocks.{layer}.hook_mlp_out"])
+                total = total + a + m
+                out_layers += _rows(a, run, layer=layer, component="attn")
+                out_layers += _rows(m, run, layer=layer, component="mlp")
+                z = cache[f"blocks.{layer}.attn.hook_z"][:, -1]              # [N, H, dh]
+                res = torch.einsum("nhe,hed->nhd", z, model.W_O[layer])      # [N, H, d]
+                hv = ((res / scale[:, :, None]) * u[:, None, :]).sum(-1)     # [N, H]
+                for h in range(H):
+                    out_heads += _rows(hv[:, h], run, layer=layer, head=h)
+            out_layers += _rows(bias, run, layer=L, component="unembed_bias")
+            actual = final
+            checks = pd.DataFrame({"prompt_id": np.arange(task.n_prompts),
+                                   "logit_diff": actual.numpy(),
+                                   "sum_of_components": (total + bias).numpy()})
+    checks["abs_error"] = (checks["logit_diff"] - checks["sum_of_components"]).abs()
+    worst = float(checks["abs_error"].max())
+    if worst > 1e-3 * max(1.0, float(checks["logit_diff"].abs().max())):
+        raise ReplabError(f"DLA components do not sum to the logit difference (error {worst:.3g}); "
+                          "this model's final norm is not supported")
+    return {"accumulated": pd.DataFrame(out_acc), "layers": pd.DataFrame(out_layers),
+            "heads": pd.DataFrame(out_heads), "check": checks}
+
+
+def _rows(values: torch.Tensor, run: str, **cols) -> list[dict]:
+    return [{"prompt_id": i, "run": run, **cols, "logit_diff": float(v)} for i, v in enumerate(values.tolist())]
+
+
+def top_heads(heads: pd.DataFrame, n: int = 6) -> pd.DataFrame:
+    """Mean DLA per head, the ``n`` most positive and ``n`` most negative."""
+    mean = heads.groupby(["layer", "head"], as_index=False)["logit_diff"].mean()
+    mean = mean.sort_values("logit_diff", ascending=False)
+    return pd.concat([mean.head(n).assign(sign="positive"),
+                      mean.tail(n).iloc[::-1].assign(sign="negative")], ignore_index=True)

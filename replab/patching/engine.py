@@ -1,0 +1,265 @@
+"""The batched patching engine: many patched runs in few forwards, nothing recomputed.
+
+A *variant* is one patched run of every prompt of a task: a tuple of
+:class:`~replab.patching.interventions.Intervention` applied on top of a *base* run (the
+corrupt run for denoising, the clean run for noising). :func:`run_variants` returns each
+variant's final residual at the last position, from which :mod:`replab.patching.metrics`
+reads logits. Three techniques make it fast and exact:
+
+1. **Start at the patched layer.** A variant whose first intervention is at layer ``l``
+   enters the network at ``blocks.l.hook_resid_pre`` with the base run's cached residual:
+   the layers before ``l`` are unchanged, so they are never recomputed.
+2. **Skip the unchanged prefix.** Causal attention means positions before the first patched
+   position ``p`` keep the base run's values at every layer. Such variants run only
+   positions ``p..T-1``, reading the base run's cached keys and values for the prefix (a
+   frozen TransformerLens KV-cache entry per block; rotary offsets and the causal mask are
+   TransformerLens's own). Used for rotary / learned-absolute-position models without
+   QK-norm or QKV clipping, where the cached ``hook_k``/``hook_v`` are exactly what the
+   attention reads; otherwise ``p`` is 0.
+3. **Pack variants into the batch, pipelined over layers.** Variants that share ``p`` run
+   together: at block ``k`` the batch holds every variant that entered at a layer ≤ ``k``
+   (prompts × variants rows), and the interventions at block ``k`` are applied to their own
+   rows by hooks on TransformerLens's hook points. One call of each block per group.
+
+Only the final position is read out, and only the candidate columns of ``W_U`` unless a
+full-vocabulary metric is asked for (see :mod:`replab.patching.metrics`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from replab.errors import ReplabError
+from replab.patching.interventions import Intervention, apply, validate
+
+RUN_SOURCES = ("clean", "corrupt")
+_PREFIX_UNSAFE_ARCH = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A patched run: interventions applied together. ``start`` forces the entry layer
+    (used by the empty-patch sanity check, which has no interventions)."""
+
+    interventions: tuple[Intervention, ...] = ()
+    start: int | None = None
+
+    def start_layer(self, n_layers: int) -> int:
+        layers = [iv.layer for iv in self.interventions]
+        if self.start is not None:
+            layers.append(self.start)
+        return min(layers) if layers else n_layers
+
+    def first_position(self, shared: int = 0) -> int:
+        """First position whose value can change. Clean/corrupt-sourced interventions are
+        no-ops on the ``shared`` leading positions where the two prompts have the same tokens
+        (causal attention: their activations are identical at every layer)."""
+        return min((max(iv.first_position(), shared) if iv.source in RUN_SOURCES
+                    else iv.first_position() for iv in self.interventions), default=0)
+
+    def is_noop(self, n_tokens: int, shared: int) -> bool:
+        """True when every intervention copies clean/corrupt values into the shared prefix,
+        where both runs agree: the result is the base run's, with nothing to compute."""
+        return bool(self.interventions) and all(
+            iv.source in RUN_SOURCES and iv.last_position(n_tokens) < shared
+            for iv in self.interventions)
+
+
+def prefix_ok(model) -> bool:
+    """Whether the cached-prefix shortcut is exact for this architecture (module docstring)."""
+    cfg = model.cfg
+    return (cfg.positional_embedding_type in ("rotary", "standard")
+            and not getattr(cfg, "use_qk_norm", False) and getattr(cfg, "clip_qkv", None) is None
+            and cfg.original_architecture not in _PREFIX_UNSAFE_ARCH
+            and (getattr(cfg, "attention_dir", "causal") == "causal")
+            and not getattr(cfg, "use_split_qkv_input", False) and not getattr(cfg, "use_attn_in", False))
+
+
+class RunCache:
+    """Activations of one run (clean or corrupt) at the hooks a set of variants needs."""
+
+    def __init__(self, model, tokens: torch.Tensor, names: set[str]):
+        names = set(names) | {f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"}
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names,
+                                        return_type=None)
+        self.acts = {k: v for k, v in cache.items()}
+        self.final = self.acts[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, -1]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.acts[name]
+
+
+def _derangement(n: int, seed: int) -> torch.Tensor:
+    if n < 2:
+        raise ReplabError("resample ablation needs at least 2 prompts")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        if bool((perm != torch.arange(n)).all()):
+            return perm
+
+
+def _source(iv: Intervention, runs: dict[str, RunCache], base: str) -> torch.Tensor | None:
+    """The source activation ``[N, ...]`` (absolute positions) of ``iv``, or None."""
+    if iv.source in ("clean", "corrupt"):
+        return runs[iv.source][iv.hook]
+    b = runs[base][iv.hook]
+    if iv.source == "zero":
+        return torch.zeros_like(b)
+    if iv.source == "mean":
+        return b.mean(0, keepdim=True).expand_as(b)
+    if iv.source == "resample":
+        return b[_derangement(b.shape[0], iv.seed)]
+    return None  # noise / steer modify the base activation itself
+
+
+def _noise(iv: Intervention, like: torch.Tensor) -> torch.Tensor | None:
+    if iv.source != "noise":
+        return None
+    g = torch.Generator().manual_seed(iv.seed)
+    return torch.randn(like.shape, generator=g, dtype=like.dtype)
+
+
+def _slice_positions(t: torch.Tensor, iv: Intervention, p: int) -> torch.Tensor:
+    if t is None or p == 0:
+        return t
+    return t[:, :, p:] if iv.kind == "pattern" else t[:, p:]
+
+
+def shared_prefix(clean: torch.Tensor, corrupt: torch.Tensor) -> int:
+    """Number of leading positions where every clean prompt equals its corrupt prompt."""
+    diff = (clean != corrupt).any(0).nonzero()
+    return int(diff[0]) if len(diff) else int(clean.shape[1])
+
+
+def needed_hooks(model, variants: list[Variant], base: str, use_prefix: bool) -> dict[str, set[str]]:
+    """Hook names each run must cache: the base run's entry residuals and prefix K/V, and
+    every intervention's source activation."""
+    need: dict[str, set[str]] = {"clean": set(), "corrupt": set()}
+    n_layers = model.cfg.n_layers
+    for v in variants:
+        s = v.start_layer(n_layers)
+        if s < n_layers:
+            need[base].add(f"blocks.{s}.hook_resid_pre")
+        for iv in v.interventions:
+            need[iv.source if iv.source in ("clean", "corrupt") else base].add(iv.hook)
+    if use_prefix:
+        lo = min(v.start_layer(n_layers) for v in variants)
+        for k in range(lo, n_layers):
+            need[base] |= {f"blocks.{k}.attn.hook_k", f"blocks.{k}.attn.hook_v"}
+    return need
+
+
+def make_runs(model, clean: torch.Tensor, corrupt: torch.Tensor, need: dict[str, set[str]]) -> dict:
+    return {"clean": RunCache(model, clean, need["clean"]),
+            "corrupt": RunCache(model, corrupt, need["corrupt"])}
+
+
+def _kv_entry(runs, base: str, layer: int, p: int, n_rep: int):
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    k = runs[base][f"blocks.{layer}.attn.hook_k"][:, :p]
+    v = runs[base][f"blocks.{layer}.attn.hook_v"][:, :p]
+    return TransformerLensKeyValueCacheEntry(k.repeat(n_rep, 1, 1, 1), v.repeat(n_rep, 1, 1, 1),
+                                             frozen=True)
+
+
+def _hook_fn(patches: list[tuple[int, int, Intervention, torch.Tensor, torch.Tensor]], p: int):
+    def fn(act, hook):
+        act = act.clone()
+        for r0, r1, iv, src, noise in patches:
+            apply(act[r0:r1], src, iv, p, noise)
+        return act
+    return fn
+
+
+def _run_group(model, group: list[tuple[int, Variant]], runs: dict, base: str, p: int,
+               n_prompts: int) -> dict[int, torch.Tensor]:
+    """Pipelined forward of variants sharing prefix length ``p``; {variant index: final [N, d]}."""
+    n_layers = model.cfg.n_layers
+    by_start = defaultdict(list)
+    for vi, v in group:
+        by_start[v.start_layer(n_layers)].append((vi, v))
+    rows: dict[int, int] = {}
+    x = None
+    first = min(by_start)
+    for k in range(first, n_layers):
+        entering = by_start.get(k, [])
+        if entering:
+            new = runs[base][f"blocks.{k}.hook_resid_pre"][:, p:].repeat(len(entering), 1, 1)
+            start_row = 0 if x is None else x.shape[0]
+            for j, (vi, _) in enumerate(entering):
+                rows[vi] = start_row + j * n_prompts
+            x = new if x is None else torch.cat([x, new])
+        if x is None:
+            continue
+        hooks = defaultdict(list)
+        for vi, v in group:
+            if vi not in rows:
+                continue
+            for iv in v.interventions:
+                if iv.layer == k:
+                    full_src = _source(iv, runs, base)
+                    like = runs[base][iv.hook] if iv.source == "noise" else None
+                    hooks[iv.hook].append((rows[vi], rows[vi] + n_prompts, iv,
+                                           _slice_positions(full_src, iv, p),
+                                           _slice_positions(_noise(iv, like) if like is not None else None, iv, p)))
+        n_rep = x.shape[0] // n_prompts
+        entry = _kv_entry(runs, base, k, p, n_rep) if p > 0 else None
+        with model.hooks(fwd_hooks=[(name, _hook_fn(pl, p)) for name, pl in hooks.items()]):
+            x = model.blocks[k](x, past_kv_cache_entry=entry)
+    out = {}
+    for vi, _ in group:
+        if vi in rows:
+            out[vi] = x[rows[vi]:rows[vi] + n_prompts, -1]
+    return out
+
+
+@torch.inference_mode()
+def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
+                 base: str = "corrupt", runs: dict | None = None, max_tokens: int = 65536,
+                 use_prefix: bool | None = None, progress=None) -> tuple[torch.Tensor, dict]:
+    """Final-position residuals of every variant: ``([V, N, d_model], runs)``.
+
+    Args:
+        clean, corrupt: token ids ``[N, T]`` (same shape).
+        variants: the patched runs (each applied to all N prompts).
+        base: ``"corrupt"`` (denoising: patch clean into corrupt) or ``"clean"`` (noising).
+        runs: cached :class:`RunCache` per run (made when None; pass them to reuse).
+        max_tokens: bound on rows × positions in one block call (memory); groups are split.
+        use_prefix: force the cached-prefix shortcut on/off (default: :func:`prefix_ok`).
+        progress: optional callable ``advance(n_variants)``.
+    """
+    if base not in ("clean", "corrupt"):
+        raise ReplabError(f"base must be 'clean' or 'corrupt', not {base!r}")
+    n, t = clean.shape
+    for v in variants:
+        for iv in v.interventions:
+            validate(model, iv, t)
+    use_prefix = prefix_ok(model) if use_prefix is None else (use_prefix and prefix_ok(model))
+    if runs is None:
+        runs = make_runs(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
+    n_layers = model.cfg.n_layers
+    shared = shared_prefix(clean, corrupt) if use_prefix else 0
+    finals: dict[int, torch.Tensor] = {}
+    groups = defaultdict(list)
+    for vi, v in enumerate(variants):
+        if v.start_layer(n_layers) >= n_layers or v.is_noop(t, shared):
+            finals[vi] = runs[base].final
+            continue
+        groups[min(v.first_position(shared), t - 1) if use_prefix else 0].append((vi, v))
+    for p, members in sorted(groups.items()):
+        members.sort(key=lambda m: m[1].start_layer(n_layers))
+        per_variant = n * (t - p)
+        chunk = max(1, max_tokens // per_variant)
+        for s in range(0, len(members), chunk):
+            part = members[s:s + chunk]
+            finals.update(_run_group(model, part, runs, base, p, n))
+            if progress is not None:
+                progress(len(part))
+    if not variants:
+        return torch.empty(0, n, model.cfg.d_model), runs
+    return torch.stack([finals[i] for i in range(len(variants))]), runs

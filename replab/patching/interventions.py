@@ -1,0 +1,250 @@
+"""Interventions as data: a serialisable spec of what to overwrite, where, and with what.
+
+An :class:`Intervention` names a *site* (an alias or a TransformerLens hook name), a layer,
+optionally a head, positions and MLP neurons, a *source*, and optionally a direction
+(subspace). It is plain data: ``to_dict()`` / ``Intervention.from_dict()`` round-trip through
+JSON, which is what lets a sweep pack hundreds of them into one batched forward and lets a
+run be replayed from its config.
+
+Sites and the shape of the activation they overwrite (``B`` batch, ``T`` positions):
+
+=================  ==========================  ======================================
+site               hook                        shape; ``head`` indexes
+=================  ==========================  ======================================
+resid_pre/mid/post blocks.L.hook_resid_*       [B, T, d_model]
+attn_out, mlp_out  blocks.L.hook_attn_out ...  [B, T, d_model]
+mlp_pre, mlp_post  blocks.L.mlp.hook_pre/post  [B, T, d_mlp]; ``neurons`` picks units
+z, q               blocks.L.attn.hook_z / _q   [B, T, n_heads, d_head]; a query head
+k, v               blocks.L.attn.hook_k / _v   [B, T, n_kv_heads, d_head]; a **KV head**
+pattern            blocks.L.attn.hook_pattern  [B, n_heads, T_dest, T_src]; positions = dest
+=================  ==========================  ======================================
+
+Grouped-query attention (SmolLM2: 9 query heads share 3 KV heads, 3 per group): ``k`` and
+``v`` exist once per KV head, so a k/v patch is indexed by KV head and changes the keys or
+values that *every* query head of its group reads. :func:`query_heads_of` lists them;
+sweep tables report them in ``query_heads``. This matches TransformerLens's
+``get_act_patch_attn_head_v_all_pos`` (which iterates over ``n_key_value_heads``).
+
+Sources (what the selected entries become):
+
+* ``clean`` / ``corrupt``: the same activation from the clean / corrupt run;
+* ``zero``; ``mean``: the mean over the task's prompts of the *source* run (per position);
+* ``resample``: the activation of another prompt of the source run (a fixed derangement,
+  seeded);
+* ``noise``: the base activation plus Gaussian noise with standard deviation ``scale``;
+* ``steer``: the base activation plus ``scale`` × direction (needs ``direction``).
+
+With a ``direction`` (a unit vector, or a ``[k, d]`` basis of a subspace, over the site's
+last axis) only the component in that subspace is replaced:
+``a + (s − a) Pᵀ P`` — the orthogonal complement keeps the base run's value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from replab.errors import ReplabError
+
+SITES: dict[str, tuple[str, str]] = {   # site -> (hook template, kind)
+    "resid_pre": ("blocks.{L}.hook_resid_pre", "vector"),
+    "resid_mid": ("blocks.{L}.hook_resid_mid", "vector"),
+    "resid_post": ("blocks.{L}.hook_resid_post", "vector"),
+    "attn_out": ("blocks.{L}.hook_attn_out", "vector"),
+    "mlp_out": ("blocks.{L}.hook_mlp_out", "vector"),
+    "mlp_pre": ("blocks.{L}.mlp.hook_pre", "vector"),
+    "mlp_post": ("blocks.{L}.mlp.hook_post", "vector"),
+    "z": ("blocks.{L}.attn.hook_z", "head"),
+    "q": ("blocks.{L}.attn.hook_q", "head"),
+    "k": ("blocks.{L}.attn.hook_k", "kv_head"),
+    "v": ("blocks.{L}.attn.hook_v", "kv_head"),
+    "pattern": ("blocks.{L}.attn.hook_pattern", "pattern"),
+}
+SITE_SYNONYMS = {"head_z": "z", "head_out": "z", "head_q": "q", "head_k": "k", "head_v": "v",
+                 "head_pattern": "pattern", "mlp_in": "mlp_pre", "neurons": "mlp_post",
+                 "resid": "resid_pre"}
+SOURCES = ("clean", "corrupt", "zero", "mean", "resample", "noise", "steer")
+_RAW = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def canonical_site(site: str, layer: int | None = None) -> tuple[str, int | None]:
+    """Alias, synonym or raw hook name -> ``(site, layer)``; ReplabError if unknown."""
+    s = SITE_SYNONYMS.get(site, site)
+    if s in SITES:
+        return s, layer
+    m = _RAW.match(site)
+    if m:
+        for name, (template, _) in SITES.items():
+            if template.format(L=m.group(1)) == site:
+                return name, int(m.group(1))
+    known = ", ".join(list(SITES) + list(SITE_SYNONYMS))
+    raise ReplabError(f"unknown patch site {site!r} (known: {known}, or a hook name such as "
+                      "blocks.3.hook_resid_pre)")
+
+
+def query_heads_of(kv_head: int, n_heads: int, n_kv_heads: int) -> list[int]:
+    """Query heads that read KV head ``kv_head`` (TransformerLens's repeat_interleave layout)."""
+    group = n_heads // n_kv_heads
+    return list(range(kv_head * group, (kv_head + 1) * group))
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One overwrite of part of one activation (see the module docstring)."""
+
+    site: str
+    layer: int
+    head: int | None = None
+    positions: tuple[int, ...] | None = None     # None: every position
+    neurons: tuple[int, ...] | None = None       # mlp_pre / mlp_post only
+    source: str = "clean"
+    scale: float | None = None                   # noise std, or steering coefficient
+    direction: tuple | None = field(default=None, compare=False)   # [d] or [k, d] as nested tuples
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        site, layer = canonical_site(self.site, self.layer)
+        object.__setattr__(self, "site", site)
+        object.__setattr__(self, "layer", int(layer))
+        if self.positions is not None:
+            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+        if self.neurons is not None:
+            object.__setattr__(self, "neurons", tuple(int(n) for n in self.neurons))
+            if site not in ("mlp_pre", "mlp_post"):
+                raise ReplabError(f"neurons= applies to mlp_pre/mlp_post, not {site}")
+        if self.source not in SOURCES:
+            raise ReplabError(f"unknown source {self.source!r} (known: {', '.join(SOURCES)})")
+        if self.source in ("noise", "steer") and self.scale is None:
+            raise ReplabError(f"source {self.source!r} needs a scale")
+        if self.source == "steer" and self.direction is None:
+            raise ReplabError("source 'steer' needs a direction")
+        kind = self.kind
+        if kind in ("head", "kv_head", "pattern") and self.head is None:
+            raise ReplabError(f"site {site} needs a head")
+        if kind == "vector" and self.head is not None:
+            raise ReplabError(f"site {site} has no heads")
+        if self.direction is not None:
+            if kind == "pattern":
+                raise ReplabError("a direction cannot apply to an attention pattern")
+            d = np.asarray(self.direction, dtype=np.float64)
+            object.__setattr__(self, "direction", _as_tuple(d))
+
+    @property
+    def kind(self) -> str:
+        return SITES[self.site][1]
+
+    @property
+    def hook(self) -> str:
+        return SITES[self.site][0].format(L=self.layer)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("positions", "neurons"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        d["direction"] = np.asarray(self.direction).tolist() if self.direction is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Intervention":
+        d = dict(d)
+        for k in ("positions", "neurons"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        if d.get("direction") is not None:
+            d["direction"] = _as_tuple(np.asarray(d["direction"], dtype=np.float64))
+        return cls(**d)
+
+    def first_position(self) -> int:
+        """Smallest patched (query/dest) position: everything before it is unchanged."""
+        return 0 if self.positions is None else min(self.positions)
+
+    def last_position(self, n_tokens: int) -> int:
+        return n_tokens - 1 if self.positions is None else max(self.positions)
+
+
+def _as_tuple(a: np.ndarray):
+    return tuple(_as_tuple(x) for x in a) if a.ndim > 1 else tuple(float(x) for x in a)
+
+
+def validate(model, iv: Intervention, n_tokens: int) -> None:
+    """ReplabError if ``iv`` does not fit ``model`` (layer, head, neuron, position, direction)."""
+    cfg = model.cfg
+    if not 0 <= iv.layer < cfg.n_layers:
+        raise ReplabError(f"layer {iv.layer} is out of range: this model has layers 0-{cfg.n_layers - 1}")
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    n_h = n_kv if iv.kind == "kv_head" else cfg.n_heads
+    if iv.head is not None and not 0 <= iv.head < n_h:
+        what = "KV heads" if iv.kind == "kv_head" else "heads"
+        raise ReplabError(f"head {iv.head} is out of range: {iv.site} has {n_h} {what}")
+    if iv.positions is not None:
+        bad = [p for p in iv.positions if not 0 <= p < n_tokens]
+        if bad or not iv.positions:
+            raise ReplabError(f"position {bad[0] if bad else '(none)'} is out of range 0-{n_tokens - 1}")
+    if iv.neurons is not None:
+        bad = [n for n in iv.neurons if not 0 <= n < cfg.d_mlp]
+        if bad:
+            raise ReplabError(f"neuron {bad[0]} is out of range 0-{cfg.d_mlp - 1}")
+    if iv.direction is not None:
+        width = {"vector": cfg.d_mlp if iv.site.startswith("mlp_") and iv.site != "mlp_out"
+                 else cfg.d_model}.get(iv.kind, cfg.d_head)
+        if np.asarray(iv.direction).shape[-1] != width:
+            raise ReplabError(f"direction has {np.asarray(iv.direction).shape[-1]} dims; {iv.site} "
+                              f"has {width}")
+
+
+def basis(direction, dtype=torch.float32) -> torch.Tensor:
+    """Orthonormal basis ``[k, d]`` of the span of ``direction`` (``[d]`` or ``[k, d]``)."""
+    d = torch.as_tensor(np.asarray(direction, dtype=np.float64))
+    d = d[None] if d.ndim == 1 else d
+    q, r = torch.linalg.qr(d.T)                      # [d, k]
+    keep = r.diagonal().abs() > 1e-10 * max(1.0, float(r.diagonal().abs().max()))
+    if not bool(keep.any()):
+        raise ReplabError("direction is zero")
+    return q[:, keep].T.to(dtype)
+
+
+def select(act: torch.Tensor, iv: Intervention, offset: int) -> tuple:
+    """Index tuple into ``act`` (rows of one variant) for ``iv``, with positions shifted by
+    ``offset`` (the engine may run only positions ``offset..T-1``)."""
+    if iv.positions is None:
+        pos = slice(None)
+    else:   # positions before ``offset`` are outside the computed window (no-ops by construction)
+        kept = [p - offset for p in iv.positions if p >= offset]
+        if not kept:
+            return None
+        pos = torch.tensor(kept)
+    if iv.kind == "pattern":
+        return (slice(None), iv.head, pos)
+    if iv.kind in ("head", "kv_head"):
+        return (slice(None), pos, iv.head)
+    if iv.neurons is not None:
+        return (slice(None), pos if iv.positions is None else pos[:, None], torch.tensor(iv.neurons))
+    return (slice(None), pos)
+
+
+def apply(act: torch.Tensor, src: torch.Tensor | None, iv: Intervention, offset: int,
+          noise: torch.Tensor | None = None) -> None:
+    """Overwrite the entries of ``act`` selected by ``iv`` in place.
+
+    ``act`` and ``src`` hold one variant's rows (all prompts), in the engine's coordinates
+    (positions ``offset..``). ``src`` is the source activation (None for ``noise``/``steer``,
+    which modify the base); ``noise`` is pre-drawn standard-normal noise shaped like ``act``.
+    """
+    idx = select(act, iv, offset)
+    if idx is None:
+        return
+    a = act[idx]
+    if iv.source == "noise":
+        new = a + iv.scale * noise[idx]
+    elif iv.source == "steer":
+        u = basis(iv.direction, act.dtype)
+        new = a + iv.scale * u[0]
+    else:
+        new = src[idx].to(act.dtype)
+        if iv.direction is not None:
+            u = basis(iv.direction, act.dtype)               # [k, d]
+            new = a + ((new - a) @ u.T) @ u
+    act[idx] = new

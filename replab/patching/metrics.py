@@ -1,0 +1,122 @@
+"""Patching metrics, computed per prompt from final-position logits.
+
+All metrics read the logits at the last position of each prompt:
+
+* ``logit_diff``: logit(answer) − logit(foil);
+* ``margin``: logit(answer) − max logit over the other candidates (the listed foils);
+* ``logprob`` / ``prob``: log-probability / probability of the answer (full vocabulary);
+* ``kl``: KL(clean ‖ patched) over the full vocabulary (0 on the clean run).
+
+A metric is computed from a :class:`Readout` (candidate logits, plus the log-softmax
+statistics that the full-vocabulary metrics need). ``normalized_effect`` is the ratio of
+prompt means, (patched − corrupt) / (clean − corrupt), as in TransformerLens's tutorials:
+0 = the corrupt run, 1 = the clean run, in either patching direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from replab.errors import ReplabError
+
+METRICS = ("logit_diff", "margin", "logprob", "prob", "kl")
+FULL_VOCAB = {"logprob", "prob", "kl"}
+
+
+@dataclass
+class Readout:
+    """What the metrics need from one batch of final-position logits.
+
+    ``cand``: candidate logits ``[R, C]`` (column 0 = answer, 1 = foil); ``lse``: log-sum-exp
+    over the vocabulary ``[R]`` (or None); ``logp``: full log-probabilities ``[R, V]`` kept only
+    for ``kl`` (or None).
+    """
+
+    cand: torch.Tensor
+    lse: torch.Tensor | None = None
+    logp: torch.Tensor | None = None
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ReplabError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
+    return metric
+
+
+def final_logits(model, resid_final: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits from the final residual ``[R, d]``: the model's own final norm, then ``W_U``.
+
+    ``cols`` ``[R, C]`` picks per-row vocabulary columns (cheap); None gives all ``[R, V]``.
+    """
+    x = model.ln_final(resid_final[:, None, :])[:, 0]
+    if cols is None:
+        return x @ model.W_U + model.b_U
+    w = model.W_U[:, cols]                      # [d, R, C]
+    return torch.einsum("rd,drc->rc", x, w) + model.b_U[cols]
+
+
+def readout(model, resid_final: torch.Tensor, candidates: torch.Tensor, need_full: bool,
+            need_logp: bool = False, chunk: int = 256) -> Readout:
+    """A :class:`Readout` for final residuals ``[R, d]`` and per-row candidates ``[R, C]``."""
+    cand = final_logits(model, resid_final, candidates)
+    if not need_full:
+        return Readout(cand)
+    lses, logps = [], []
+    for s in range(0, resid_final.shape[0], chunk):
+        full = final_logits(model, resid_final[s:s + chunk])
+        lse = torch.logsumexp(full, dim=-1)
+        lses.append(lse)
+        if need_logp:
+            logps.append(full - lse[:, None])
+    return Readout(cand, torch.cat(lses), torch.cat(logps) if need_logp else None)
+
+
+def metric_values(metric: str, r: Readout, clean_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row metric ``[R]``. ``clean_logp`` ``[R, V]`` (clean log-probs per row) for ``kl``."""
+    cand = r.cand
+    if metric == "logit_diff":
+        return cand[:, 0] - cand[:, 1]
+    if metric == "margin":
+        return cand[:, 0] - cand[:, 1:].max(dim=1).values
+    if metric in ("logprob", "prob"):
+        lp = cand[:, 0] - r.lse
+        return lp if metric == "logprob" else lp.exp()
+    if metric == "kl":
+        if clean_logp is None or r.logp is None:
+            raise ReplabError("kl needs the clean run's log-probabilities")
+        return (clean_logp.exp() * (clean_logp - r.logp)).sum(-1)
+    raise ReplabError(f"unknown metric {metric!r}")
+
+
+def normalized(patched, clean: float, corrupt: float):
+    """(patched − corrupt) / (clean − corrupt) on prompt means; raises if clean == corrupt."""
+    denom = clean - corrupt
+    if abs(denom) < 1e-8:
+        raise ReplabError(f"the clean and corrupt runs give the same metric ({clean:.4g}): "
+                          "the task does not separate them, so recovery is undefined")
+    return (np.asarray(patched) - corrupt) / denom
+
+
+def bootstrap_ci(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap CI over prompts of the normalised effect (ratio of prompt means).
+
+    ``patched`` ``[cells, n]``, ``clean``/``corrupt`` ``[n]`` per-prompt metrics; the same
+    resampled prompt sets are used for every cell. Returns ``(low, high)`` ``[cells]``.
+    """
+    patched = np.atleast_2d(np.asarray(patched, dtype=np.float64))
+    n = patched.shape[1]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    counts = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float64) / n  # [B, n]
+    c, x = counts @ clean, counts @ corrupt                     # [B]
+    p = counts @ patched.T                                       # [B, cells]
+    denom = c - x
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eff = (p - x[:, None]) / denom[:, None]
+    alpha = (1 - level) / 2
+    low, high = np.nanquantile(eff, [alpha, 1 - alpha], axis=0)
+    return low, high

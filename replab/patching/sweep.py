@@ -1,0 +1,203 @@
+"""Activation-patching sweeps: one site, every layer × position / head, one tidy table.
+
+>>> res = sweep(model, task, site="resid_pre", by="layer,position")     # doctest: +SKIP
+>>> res.table[["layer", "position", "token", "normalized_effect", "ci_low", "ci_high"]]
+
+``direction="denoise"`` patches clean activations into the corrupt run (sufficiency);
+``"noise"`` patches corrupt activations into the clean run (necessity). ``source`` swaps the
+patched-in values for an ablation (``zero``, ``mean``, ``resample``, ``noise``) applied to
+the base run. ``normalized_effect`` is always (patched − corrupt) / (clean − corrupt) on
+prompt means: 1 = clean behaviour, 0 = corrupt behaviour.
+
+Every sweep runs the sanity checks of :mod:`replab.patching.sanity` in the same batch and
+stops with a ReplabError if one fails.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from replab.errors import ReplabError
+from replab.harvest.hooks import parse_layers
+from replab.patching.engine import Variant, run_variants
+from replab.patching.interventions import Intervention, canonical_site, query_heads_of
+from replab.patching.metrics import FULL_VOCAB, bootstrap_ci, check_metric, metric_values, normalized, readout
+from replab.patching.task import PatchTask
+
+BY = {"layer": ("layer",), "layer,position": ("layer", "position"), "layer,head": ("layer", "head"),
+      "layer,head,position": ("layer", "head", "position")}
+BY_SYNONYMS = {"layer,pos": "layer,position", "layer,position,head": "layer,head,position",
+               "layer,pos,head": "layer,head,position", "layer,head,pos": "layer,head,position"}
+
+
+@dataclass
+class SweepResult:
+    """A sweep's tables and summary. ``table``: one row per cell; ``per_prompt``: one row per
+    cell × prompt with every candidate's logit; ``summary``: config, baselines, checks."""
+
+    table: pd.DataFrame
+    per_prompt: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+    def save(self, out, model=None) -> dict:
+        """Write the run directory (see :func:`replab.patching.report.save_sweep`)."""
+        from replab.patching.report import save_sweep
+
+        return save_sweep(self, out, model)
+
+
+def parse_by(by: str, site: str) -> tuple[str, ...]:
+    key = BY_SYNONYMS.get(by.replace(" ", ""), by.replace(" ", ""))
+    if key not in BY:
+        raise ReplabError(f"unknown --by {by!r} (known: {', '.join(BY)})")
+    axes = BY[key]
+    from replab.patching.interventions import SITES
+
+    kind = SITES[site][1]
+    if kind != "vector" and "head" not in axes:
+        raise ReplabError(f"site {site} is per head: use --by layer,head or layer,head,position")
+    if kind == "vector" and "head" in axes:
+        raise ReplabError(f"site {site} has no heads: use --by layer or layer,position")
+    return axes
+
+
+def _cells(model, task: PatchTask, site: str, axes, layers, heads, positions):
+    from replab.patching.interventions import SITES
+
+    cfg = model.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    n_heads = n_kv if SITES[site][1] == "kv_head" else cfg.n_heads
+    head_list = list(range(n_heads)) if heads is None else list(heads)
+    pos_list = list(range(task.n_tokens)) if positions is None else list(positions)
+    for h in head_list:
+        if not 0 <= h < n_heads:
+            raise ReplabError(f"head {h} is out of range: {site} has {n_heads} heads")
+    for p in pos_list:
+        if not 0 <= p < task.n_tokens:
+            raise ReplabError(f"position {p} is out of range 0-{task.n_tokens - 1}")
+    cells = []
+    for layer in layers:
+        for h in (head_list if "head" in axes else [None]):
+            for p in (pos_list if "position" in axes else [None]):
+                cells.append((layer, h, p))
+    return cells
+
+
+def sweep(model, task: PatchTask, site: str = "resid_pre", by: str = "layer,position",
+          direction: str = "denoise", metric: str = "logit_diff", layers="all", heads=None,
+          positions=None, source: str | None = None, scale: float | None = None,
+          n_boot: int = 1000, seed: int = 0, checks: bool = True, progress: bool = False,
+          max_tokens: int = 65536) -> SweepResult:
+    """Patch ``site`` at every cell of ``by`` and measure ``metric``; see the module docstring.
+
+    Args:
+        site: an alias (``resid_pre``, ``attn_out``, ``mlp_out``, ``z``, ``v``, ``pattern`` ...)
+            or its ``head_*`` synonym; k/v sites are indexed by KV head (GQA).
+        by: ``layer``, ``layer,position``, ``layer,head`` or ``layer,head,position``.
+        direction: ``denoise`` (clean → corrupt run) or ``noise`` (corrupt → clean run).
+        layers / heads / positions: restrict the cells (layer spec string or lists).
+        source: override what is patched in (default: the other run); e.g. ``zero``, ``mean``.
+    Returns:
+        :class:`SweepResult`.
+    """
+    from replab._progress import progress_bar
+    from replab.patching import sanity
+
+    site, _ = canonical_site(site)
+    check_metric(metric)
+    if direction not in ("denoise", "noise"):
+        raise ReplabError(f"unknown direction {direction!r} (denoise or noise)")
+    base = "corrupt" if direction == "denoise" else "clean"
+    src = source or ("clean" if direction == "denoise" else "corrupt")
+    axes = parse_by(by, site)
+    layer_list = parse_layers(layers, model.cfg.n_layers)
+    cells = _cells(model, task, site, axes, layer_list, heads, positions)
+    variants = [Variant((Intervention(site, layer, head=h, positions=None if p is None else (p,),
+                                      source=src, scale=scale, seed=seed),)) for layer, h, p in cells]
+    extra = sanity.variants_for(layer_list[0], base) if checks else []
+    t0 = time.time()
+    with progress_bar(len(variants) + len(extra), f"patch {site}", "patch", enabled=progress) as bar:
+        finals, runs = run_variants(model, task.clean, task.corrupt, variants + extra, base=base,
+                                    max_tokens=max_tokens, progress=bar.advance)
+    elapsed = time.time() - t0
+    values, cand = _metric_rows(model, task, metric, finals, runs)
+    clean_m, corrupt_m = values["clean"], values["corrupt"]
+    patched = values["patched"]
+    n_cells = len(cells)
+    effect = normalized(patched[:n_cells].mean(1), float(clean_m.mean()), float(corrupt_m.mean()))
+    summary = {"site": site, "by": ",".join(axes), "direction": direction, "base": base,
+               "source": src, "metric": metric, "task": task.describe(),
+               "clean_metric": float(clean_m.mean()), "corrupt_metric": float(corrupt_m.mean()),
+               "base_metric": float(values[base].mean()), "n_cells": n_cells,
+               "seconds": round(elapsed, 3)}
+    if checks:
+        summary["checks"] = sanity.evaluate(model, task, site, layer_list[0], base, metric,
+                                            patched[n_cells:], values, runs)
+    low, high = bootstrap_ci(patched[:n_cells], clean_m, corrupt_m, n_boot=n_boot, seed=seed)
+    table = _table(model, task, site, cells, patched[:n_cells], cand[:n_cells], effect, low, high,
+                   float(values[base].mean()), metric)
+    return SweepResult(table, _per_prompt(task, cells, patched[:n_cells], cand[:n_cells]), summary)
+
+
+def _metric_rows(model, task: PatchTask, metric: str, finals: torch.Tensor, runs: dict):
+    """Per-prompt metrics ``{clean, corrupt, patched [V, N]}`` and candidate logits ``[V, N, C]``."""
+    n_var, n, d = finals.shape
+    need_full = metric in FULL_VOCAB
+    need_logp = metric == "kl"
+    with torch.inference_mode():
+        base_r = {k: readout(model, runs[k].final, task.candidates, need_full, need_logp)
+                  for k in ("clean", "corrupt")}
+        clean_logp = base_r["clean"].logp
+        out = {k: metric_values(metric, r, clean_logp).numpy().astype(np.float64)
+               for k, r in base_r.items()}
+        if n_var:
+            r = readout(model, finals.reshape(n_var * n, d), task.candidates.repeat(n_var, 1),
+                        need_full, need_logp)
+            rep = clean_logp.repeat(n_var, 1) if clean_logp is not None else None
+            out["patched"] = metric_values(metric, r, rep).numpy().astype(np.float64).reshape(n_var, n)
+            cand = r.cand.numpy().reshape(n_var, n, -1)
+        else:
+            out["patched"], cand = np.zeros((0, n)), np.zeros((0, n, task.candidates.shape[1]))
+    return out, cand
+
+
+def _token_label(task: PatchTask, p) -> str:
+    if p is None:
+        return "all"
+    return f"{p}:{task.str_tokens[p]}" if task.str_tokens else str(p)
+
+
+def _table(model, task, site, cells, patched, cand, effect, low, high, base_metric, metric):
+    cfg = model.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    from replab.patching.interventions import SITES
+
+    kv = SITES[site][1] == "kv_head"
+    rows = []
+    for i, (layer, h, p) in enumerate(cells):
+        rows.append({
+            "site": site, "layer": layer, "component": f"L{layer}" + ("" if h is None else f"{'KV' if kv else 'H'}{h}"),
+            "head": h, "query_heads": ",".join(map(str, query_heads_of(h, cfg.n_heads, n_kv))) if kv and h is not None else None,
+            "position": p, "token": _token_label(task, p), "metric": metric,
+            "metric_before": base_metric, "metric_after": float(patched[i].mean()),
+            "normalized_effect": float(effect[i]), "ci_low": float(low[i]), "ci_high": float(high[i]),
+            "answer_logit": float(cand[i, :, 0].mean()), "foil_logit": float(cand[i, :, 1].mean()),
+            "max_other_logit": float(cand[i, :, 1:].max(-1).mean()),
+        })
+    return pd.DataFrame(rows)
+
+
+def _per_prompt(task: PatchTask, cells, patched, cand) -> pd.DataFrame:
+    rows = []
+    for i, (layer, h, p) in enumerate(cells):
+        for j in range(task.n_prompts):
+            rows.append({"layer": layer, "head": h, "position": p, "prompt_id": j,
+                         "metric_after": float(patched[i, j]),
+                         "candidate_ids": task.candidates[j].tolist(),
+                         "candidate_logits": cand[i, j].tolist()})
+    return pd.DataFrame(rows)
