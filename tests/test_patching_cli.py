@@ -1,0 +1,77 @@
+"""`replab patch / attribute / test-prompt` on the tiny model: JSON shapes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from replab_testutil import run_cli
+
+
+def _json(args, capsys):
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    return json.loads(stdout)
+
+
+def test_sweep_json_records(tmp_path, capsys):
+    out = _json(["patch", "sweep", "--model", "tiny", "--site", "mlp_out", "--by", "layer,position",
+                 "--limit", "3", "--out", tmp_path / "s", "--json"], capsys)
+    rec = out["records"]
+    assert len(rec) == 4 * 8
+    assert {"layer", "position", "head", "normalized_effect", "ci_low", "ci_high", "metric_before",
+            "metric_after", "answer_logit", "foil_logit"} <= set(rec[0])
+    assert all(c["ok"] for c in out["checks"].values())
+    assert (tmp_path / "s" / "summary.json").exists() and (tmp_path / "s" / "heatmap.svg").exists()
+
+
+def test_heads_patterns_dla_atp_baseline(tmp_path, capsys):
+    heads = _json(["patch", "heads", "--model", "tiny", "--limit", "3", "--out", tmp_path / "h", "--json"], capsys)
+    assert (tmp_path / "h" / "scatter_z_vs_v.png").exists() and (tmp_path / "h" / "pattern" / "sweep.parquet").exists()
+    assert heads["top_heads"]
+    pats = _json(["patch", "patterns", "--model", "tiny", "--from", tmp_path / "h", "--top", "2",
+                  "--out", tmp_path / "p", "--json"], capsys)
+    assert len(pats["heads"]) == 2 and (tmp_path / "p" / "patterns.png").exists()
+    dla = _json(["attribute", "dla", "--model", "tiny", "--limit", "3", "--out", tmp_path / "d", "--json"], capsys)
+    assert dla["max_abs_sum_error"] < 1e-4
+    atp = _json(["attribute", "atp", "--model", "tiny", "--limit", "3", "--top", "2", "--out", tmp_path / "a",
+                 "--json"], capsys)
+    assert atp["heads_compared"] == 16 and -1 <= atp["heads_spearman"] <= 1
+    base = _json(["patch", "baseline", "--model", "tiny", "--limit", "3", "--out", tmp_path / "b", "--json"], capsys)
+    assert set(base["mean"]) == {"clean", "corrupt"}
+
+
+def test_test_prompt_json(capsys):
+    res = _json(["test-prompt", "Today it is Monday so tomorrow it is", " Tuesday", "--model", "tiny",
+                 "--top-k", "3", "--json"], capsys)
+    assert len(res["top"]) == 3 and res["answer"]["rank"] >= 1
+
+
+def _bad_pairs(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text(json.dumps({"prompt": "The capital of France is", "answer": " Paris", "foils": [" Rome"],
+                             "corrupt_prompt": "The capital of the United Kingdom is"}) + "\n")
+    return p
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["patch", "sweep", "--site", "nope"], "unknown patch site"),
+    (["patch", "sweep", "--by", "diagonal"], "unknown --by"),
+    (["patch", "sweep", "--site", "z", "--by", "layer,position"], "per head"),
+    (["patch", "sweep", "--layers", "40"], "out of range"),
+    (["patch", "sweep", "--metric", "accuracy"], "unknown metric"),
+    (["patch", "sweep", "--task", "no_such_task"], "unknown dataset"),
+    (["patch", "sweep", "--dataset", "BAD"], "token length"),
+    (["patch", "sweep", "--model", "no-such/model"], "unknown model"),
+    (["patch", "patterns", "--heads", "99.1"], "does not exist"),
+    (["attribute", "dla", "--template", "nope"], "unknown template"),
+])
+def test_patch_user_errors(args, needle, tmp_path, capsys):
+    args = [str(_bad_pairs(tmp_path)) if a == "BAD" else a for a in args]
+    if "--model" not in args:
+        args += ["--model", "tiny"]
+    code, _, stderr = run_cli([*args, "--out", tmp_path / "x"], capsys)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert needle in lines[0], lines[0]
+    assert not (tmp_path / "x" / "summary.json").exists()
