@@ -283,3 +283,14 @@ def test_atp_estimate_is_the_gradient_product_and_ranks_heads(tiny, task):
     by_hand = ((cc[name] - store["z"].detach()) * store["z"].grad).sum(dim=(0, 1, 3))
     got = heads[heads.layer == 1].sort_values("head")["atp_delta"].to_numpy()
     np.testing.assert_allclose(got, by_hand.numpy(), atol=1e-4)
+
+
+def test_custom_source_values(tiny, task):
+    iv = Intervention("resid_mid", 2, positions=(5, 7))
+    _, cc = tiny.run_with_cache(task.clean, names_filter=iv.hook)
+    custom = Intervention("resid_mid", 2, positions=(5, 7), source="custom:mine")
+    a, _ = run_variants(tiny, task.clean, task.corrupt, [Variant((iv,)), Variant((custom,))],
+                        sources={"mine": cc[iv.hook]})
+    torch.testing.assert_close(a[0], a[1])
+    with pytest.raises(ReplabError, match="not passed"):
+        run_variants(tiny, task.clean, task.corrupt, [Variant((custom,))])

@@ -104,6 +104,11 @@ def _derangement(n: int, seed: int) -> torch.Tensor:
 
 def _source(iv: Intervention, runs: dict[str, RunCache], base: str) -> torch.Tensor | None:
     """The source activation ``[N, ...]`` (absolute positions) of ``iv``, or None."""
+    if iv.source.startswith("custom:"):
+        name = iv.source.split(":", 1)[1]
+        if name not in runs.get("custom", {}):
+            raise ReplabError(f"intervention source {iv.source!r} was not passed in sources=")
+        return runs["custom"][name]
     if iv.source in ("clean", "corrupt"):
         return runs[iv.source][iv.hook]
     b = runs[base][iv.hook]
@@ -221,7 +226,8 @@ def _run_group(model, group: list[tuple[int, Variant]], runs: dict, base: str, p
 @torch.inference_mode()
 def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
                  base: str = "corrupt", runs: dict | None = None, max_tokens: int = 65536,
-                 use_prefix: bool | None = None, progress=None) -> tuple[torch.Tensor, dict]:
+                 use_prefix: bool | None = None, progress=None,
+                 sources: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """Final-position residuals of every variant: ``([V, N, d_model], runs)``.
 
     Args:
@@ -232,6 +238,8 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
         max_tokens: bound on rows × positions in one block call (memory); groups are split.
         use_prefix: force the cached-prefix shortcut on/off (default: :func:`prefix_ok`).
         progress: optional callable ``advance(n_variants)``.
+        sources: values for ``custom:NAME`` interventions, ``{NAME: [N, ...]}`` shaped like the
+            activation at the intervention's hook.
     """
     if base not in ("clean", "corrupt"):
         raise ReplabError(f"base must be 'clean' or 'corrupt', not {base!r}")
@@ -242,6 +250,7 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
     use_prefix = prefix_ok(model) if use_prefix is None else (use_prefix and prefix_ok(model))
     if runs is None:
         runs = make_runs(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
+    runs = {**runs, "custom": dict(sources or {})}
     n_layers = model.cfg.n_layers
     shared = shared_prefix(clean, corrupt) if use_prefix else 0
     finals: dict[int, torch.Tensor] = {}

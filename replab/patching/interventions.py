@@ -32,7 +32,10 @@ Sources (what the selected entries become):
 * ``resample``: the activation of another prompt of the source run (a fixed derangement,
   seeded);
 * ``noise``: the base activation plus Gaussian noise with standard deviation ``scale``;
-* ``steer``: the base activation plus ``scale`` × direction (needs ``direction``).
+* ``steer``: the base activation plus ``scale`` × direction (needs ``direction``);
+* ``custom:NAME``: values computed by the caller (e.g. an SAE latent patch), passed to
+  :func:`~replab.patching.engine.run_variants` as ``sources={NAME: tensor}``, shaped like the
+  hook's activation on the task's prompts.
 
 With a ``direction`` (a unit vector, or a ``[k, d]`` basis of a subspace, over the site's
 last axis) only the component in that subspace is replaced:
@@ -115,8 +118,9 @@ class Intervention:
             object.__setattr__(self, "neurons", tuple(int(n) for n in self.neurons))
             if site not in ("mlp_pre", "mlp_post"):
                 raise ReplabError(f"neurons= applies to mlp_pre/mlp_post, not {site}")
-        if self.source not in SOURCES:
-            raise ReplabError(f"unknown source {self.source!r} (known: {', '.join(SOURCES)})")
+        if self.source not in SOURCES and not str(self.source).startswith("custom:"):
+            raise ReplabError(f"unknown source {self.source!r} (known: {', '.join(SOURCES)}, "
+                              "or custom:NAME for values passed to run_variants(sources=...))")
         if self.source in ("noise", "steer") and self.scale is None:
             raise ReplabError(f"source {self.source!r} needs a scale")
         if self.source == "steer" and self.direction is None:
