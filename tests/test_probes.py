@@ -58,6 +58,40 @@ def test_logistic_matches_sklearn_on_same_splits():
         assert abs(np.mean(ours) - np.mean(theirs)) <= 0.01, (ours, theirs)
 
 
+def test_solver_cells_masks_and_path_memory():
+    """Own-rows cells == one masked product; the L-BFGS memory carried along the L2 path
+    gives the same solutions as fresh fits."""
+    from replab.probes._solver import Memory, _Design, eigenbasis, fit_logistic
+    from replab.probes.data import limit_threads
+
+    X, y, _ = blobs(n=300, d=12, K=3, seed=2)
+    codes = torch.from_numpy(np.unique(y, return_inverse=True)[1])
+    basis = eigenbasis(torch.from_numpy(X))
+    z = basis.transform(torch.from_numpy(X))
+    fold = torch.arange(300) % 4
+    masks = torch.stack([fold != k for k in range(4)] + [(fold != 0) & (fold != 1)])
+    P = len(masks)
+    rng = torch.Generator().manual_seed(0)
+    W, b = torch.randn(P, 3, 12, generator=rng), torch.randn(P, 3, generator=rng)
+    idx, lam = torch.tensor([0, 2, 4]), torch.full((3,), 0.1)
+    cells = _Design(z, codes.expand(P, -1), masks, 3, overhead=0)
+    masked = _Design(z, codes.expand(P, -1), masks, 3, max_cells=0)
+    assert len(cells.cells) == 4 and len(masked.cells) == 1
+    for a, c in zip(cells.evaluate(W[idx], b[idx], idx, lam),
+                    masked.evaluate(W[idx], b[idx], idx, lam)):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+    memory, init = Memory(), None
+    for lam in (0.1, 0.01):
+        lams = torch.full((P,), lam)
+        with limit_threads(1):
+            w1, b1, _ = fit_logistic(z, codes.expand(P, -1), masks, lams, 3, basis.eig,
+                                     init=init, memory=memory, tol=1e-6)
+            w2, b2, _ = fit_logistic(z, codes.expand(P, -1), masks, lams, 3, basis.eig, tol=1e-6)
+        init = (w1, b1)
+        torch.testing.assert_close(w1, w2, rtol=1e-3, atol=2e-3)
+        assert memory.S is not None and int(memory.cnt.min()) > 0
+
+
 def test_logistic_nested_cv_and_sklearn_api():
     X, y, groups = blobs(seed=3)
     p = LogisticProbe(lams=(1.0, 1e-2)).fit(X, y, groups=groups)
@@ -87,6 +121,18 @@ def test_meandiff_matches_hand_computation():
     assert (p.predict(X) == want).all()
     d = p.directions()
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1, rtol=1e-6)
+
+
+def test_macro_auroc_matches_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from replab.probes.metrics import macro_auroc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    proba = np.round(rng.random((200, 3)) + 0.3 * np.eye(3)[y], 1)     # many ties
+    want = np.mean([roc_auc_score(y == c, proba[:, c]) for c in range(3)])
+    assert macro_auroc(y, proba) == pytest.approx(want, abs=1e-12)
 
 
 def test_leace_matches_concept_erasure_and_kills_the_probe():

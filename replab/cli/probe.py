@@ -15,6 +15,8 @@ TRAIN_EPILOG = examples(
     "replab probe train --store runs/superset --label superclass --out runs/probe_superclass",
     "replab probe train --store runs/superset --label superclass --split-by template --json",
     "replab probe train --store runs/superset --label superclass --layers 10-20 --rank 1..4",
+    "replab probe train --store runs/superset --label superclass --kind lowrank --rank 2 --json",
+    "replab probe train --store runs/superset --label superclass --threads 2 --no-erase",
     "replab probe train --store runs/sequence_types --label seq_type --split-by token "
     "--kind logistic,meandiff --no-erase",
 )
@@ -26,8 +28,13 @@ def train(
     label: str = typer.Option(..., "--label", help="Index column to predict."),
     hook: str = typer.Option("resid_post", "--hook", help="Hook alias (resid_post, ...) or one full hook name."),
     layers: str = typer.Option("all", "--layers", help="all, 5, 0-9, 10-, 0,5,10."),
-    kind: str = typer.Option("logistic,meandiff", "--kind", help="Comma list of logistic, meandiff, lowrank."),
-    rank: str = typer.Option(None, "--rank", help="Rank sweep for the low-rank probe: K, 1..K or 1,2,4."),
+    kind: str = typer.Option("logistic,meandiff", "--kind",
+                             help="Comma list of logistic, meandiff, lowrank "
+                                  "(lowrank without --rank: 1..4)."),
+    rank: str = typer.Option(None, "--rank",
+                             help="Low-rank probes: K (one rank-K probe), 1..K (a rank sweep) "
+                                  "or 1,2,4. The logistic probe is always fitted as the "
+                                  "full-rank reference."),
     split_by: str = typer.Option("entity", "--split-by", help="Grouped folds: entity, template, token, or any column."),
     folds: int = typer.Option(5, "--folds", help="Outer CV folds."),
     where: str = typer.Option(None, "--where", help="pandas query on the index, e.g. \"template != 'famous'\"."),
@@ -36,6 +43,7 @@ def train(
     erase: bool = typer.Option(True, "--erase/--no-erase", help="LEACE necessity check on the logistic probe."),
     epsilon: float = typer.Option(0.02, "--epsilon", help="Rank tolerance (accuracy units)."),
     seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(1, "--threads", help="Layers swept in parallel (one CPU core each)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default: <store>_probe_<label> next to the store)."),
     json_out: bool = JSON_OPT,
 ):
@@ -48,7 +56,7 @@ def train(
         ranks = parse_ranks("1..4")
     cfg = ProbeConfig(label=label, site=hook, layers=layers, kinds=tuple(kinds), ranks=ranks,
                       split_by=split_by, folds=folds, where=where, default_filter=not all_rows,
-                      controls=controls, erase=erase, epsilon=epsilon, seed=seed)
+                      controls=controls, erase=erase, epsilon=epsilon, seed=seed, threads=threads)
     out = out or Path(store).parent / f"{Path(store).name}_probe_{label}"
     run = train_probes(store, config=cfg, out=out, progress=True)
     if json_out:

@@ -51,11 +51,12 @@ def plot_projection(coords: pd.DataFrame, color: str, base, title: str = "",
     ncols = ncols or min(6, len(layers))
     nrows = math.ceil(len(layers) / ncols)
     palette = class_palette(coords[color].unique())
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.5 * nrows + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.4 * nrows + 1.0),
+                             squeeze=False, layout="constrained")
     label = {"pca": ("PC1", "PC2"), "umap": ("UMAP-1", "UMAP-2")}.get(method, ("x", "y"))
     for ax, layer in zip(axes.flat, layers):
-        d = coords[coords["layer"] == layer]
+        # shuffled draw order (fixed seed): a class plotted last would hide coincident ones
+        d = coords[coords["layer"] == layer].sample(frac=1.0, random_state=0)
         sns.scatterplot(data=d, x="x", y="y", hue=color, palette=palette, s=9, linewidth=0,
                         alpha=0.8, ax=ax, legend=False, hue_order=list(palette))
         sub = f"layer {layer}"
@@ -68,11 +69,10 @@ def plot_projection(coords: pd.DataFrame, color: str, base, title: str = "",
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in palette.items()]
-    fig.legend(handles=handles, title=color, loc="upper center", ncol=min(len(handles), 8),
-               bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize=9)
-    fig.suptitle(title or f"{method.upper()} by layer, coloured by {color}", y=1.0 + 0.35 / nrows,
-                 fontsize=12)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.5 * nrows + 0.6)))
+    # constrained layout: title above, legend below the panel grid, no overlaps or gaps
+    fig.legend(handles=handles, title=color, loc="outside lower center",
+               ncol=min(len(handles), 8), frameon=False, fontsize=9, title_fontsize=9)
+    fig.suptitle(title or f"{method.upper()} by layer, coloured by {color}", fontsize=12)
     return _save(fig, base)
 
 

@@ -25,7 +25,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import GroupKFold, StratifiedKFold
 
 from replab.errors import ReplabError
-from replab.probes._solver import eigenbasis, fit_logistic
+from replab.probes._solver import Memory, eigenbasis, fit_logistic
 
 DEFAULT_LAMS = (1e-1, 1e-2, 1e-3)
 
@@ -88,7 +88,7 @@ class LogisticProbe(_LinearProbe):
     (scikit-learn's equivalent), ``cv_scores_`` (``{lam: inner accuracy}``), ``n_iter_``.
     """
 
-    def __init__(self, lam=None, lams=DEFAULT_LAMS, inner_folds=3, max_iter=300, tol=1e-5):
+    def __init__(self, lam=None, lams=DEFAULT_LAMS, inner_folds=3, max_iter=300, tol=1e-4):
         self.lam = lam
         self.lams = lams
         self.inner_folds = inner_folds
@@ -116,10 +116,11 @@ class LogisticProbe(_LinearProbe):
             lams = sorted(self.lams, reverse=True)
             P = len(masks)
             tr = torch.stack([torch.from_numpy(m) for m in masks])
-            init = None
+            init, memory = None, Memory()
             for cand in lams:
                 w, b, _ = fit_logistic(z, yt.expand(P, n), tr, torch.full((P,), float(cand)), K,
-                                       basis.eig, init=init, max_iter=self.max_iter, tol=self.tol)
+                                       basis.eig, init=init, max_iter=self.max_iter, tol=self.tol,
+                                       memory=memory)
                 init = (w, b)
                 accs = []
                 for p in range(P):
@@ -156,18 +157,22 @@ def inner_masks(n: int, codes, groups, folds: int) -> list[np.ndarray]:
     return out
 
 
-def mean_diff(X: np.ndarray, codes: np.ndarray, K: int):
-    """One-vs-rest difference of means.
+def mean_diff(X: np.ndarray, codes: np.ndarray, K: int, mask: np.ndarray | None = None):
+    """One-vs-rest difference of means (on the rows ``mask [n]`` when given).
 
     Returns ``coef [K, d]`` with ``coef[c] = mean(X[y == c]) - mean(X[y != c])`` and
     ``intercept [K]`` placing each class's threshold at the midpoint of the two means.
+    Computed in float64 with one ``[K, n] @ [n, d]`` product (pass float64 ``X`` to
+    reuse one conversion across many masks).
     """
     X = np.asarray(X, dtype=np.float64)
     onehot = np.eye(K)[codes]                                   # [n, K]
+    if mask is not None:
+        onehot *= np.asarray(mask, dtype=bool)[:, None]
     counts = onehot.sum(0)
     sums = onehot.T @ X                                         # [K, d]
     mu_in = sums / np.maximum(counts, 1)[:, None]
-    mu_out = (X.sum(0)[None] - sums) / np.maximum(len(X) - counts, 1)[:, None]
+    mu_out = (sums.sum(0)[None] - sums) / np.maximum(counts.sum() - counts, 1)[:, None]
     coef = mu_in - mu_out
     intercept = -(coef * (mu_in + mu_out) / 2).sum(1)
     return coef.astype(np.float32), intercept.astype(np.float32)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from replab.probes import metrics as M
-from replab.probes._solver import eigenbasis, fit_logistic
-from replab.probes.estimators import mean_diff
+from replab.probes._solver import Memory, eigenbasis, fit_logistic
+from replab.probes.estimators import _to_raw, mean_diff
 
 
 @dataclass
@@ -124,17 +124,17 @@ def sweep_layer(x: np.ndarray, D: LayerData) -> LayerResult:
     P = len(sets)
     lams = sorted(D.lams, reverse=True)
     path, inner = [], np.zeros((len(lams), F))
-    init = None
+    init, memory = None, Memory()
     for li, lam in enumerate(lams):
         w, b, _ = fit_logistic(z, y.expand(P, n), masks, torch.full((P,), float(lam)), D.K,
-                               basis.eig, init=init, max_iter=D.max_iter, tol=D.tol)
+                               basis.eig, init=init, max_iter=D.max_iter, tol=D.tol,
+                               memory=memory)
         init = (w, b)
         path.append((w, b))
+        hit = (_logits(z, w[F:], b[F:]).argmax(2) == y[:, None]).float()      # [n, pairs]
         for pi, (j, k) in enumerate(pairs):
             for test, outer in ((j, k), (k, j)):
-                te = fold == test
-                pred = (z[te] @ w[F + pi] + b[F + pi]).argmax(1)
-                inner[li, outer] += float((pred == y[te]).float().mean()) / (F - 1)
+                inner[li, outer] += float(hit[fold == test, pi].mean()) / (F - 1)
     best = [int(np.flatnonzero(inner[:, k] >= inner[:, k].max() - 1e-9)[0]) for k in range(F)]
     lam_k = torch.tensor([lams[i] for i in best], dtype=torch.float32)
     logits = np.zeros((n, D.K), dtype=np.float32)
@@ -168,8 +168,6 @@ def sweep_layer(x: np.ndarray, D: LayerData) -> LayerResult:
     preds = _extra_preds(z, D, extra, F)
     out.lam = lam_all
     if "logistic" in D.kinds:
-        from replab.probes.estimators import _to_raw
-
         pred = logits.argmax(1)
         erased = _erased(x, D, lam_k.numpy()) if D.erase else None
         rec = _score(D, pred, _softmax(logits), preds.get("heldout"), preds.get("control"),
@@ -178,9 +176,16 @@ def sweep_layer(x: np.ndarray, D: LayerData) -> LayerResult:
                             "lam": lam_all})
         out.probes["logistic"] = _to_raw(basis, *extra[("all", 0)])
     for r in D.ranks:
-        out.records.append({"kind": "lowrank", "rank": int(r), **base,
-                            **_lowrank(z, D, r, path, best, extra, lam_k, F), "lam": lam_all})
+        rec, (w, b) = _lowrank(z, D, r, path, best, extra, lam_k, lam_all, F)
+        out.records.append({"kind": "lowrank", "rank": int(r), **base, **rec, "lam": lam_all})
+        out.probes[f"lowrank_r{int(r)}"] = _to_raw(basis, w, b)
     return out
+
+
+def _logits(z, w, b):
+    """``z [n, d]``, ``w [P, d, K]``, ``b [P, K]`` -> logits ``[n, P, K]`` in one matmul."""
+    P, d, K = w.shape
+    return (z @ w.permute(1, 0, 2).reshape(d, P * K)).view(-1, P, K) + b
 
 
 def _extra_preds(z, D, extra, F):
@@ -209,28 +214,29 @@ def _majority(D: LayerData) -> float:
 def _meandiff(x, D: LayerData):
     F = int(D.fold.max()) + 1
     n = len(x)
+    x64 = x.astype(np.float64)
     scores = np.zeros((n, D.K), dtype=np.float32)
     ho = np.full(n, -1)
     ctrl, shuf = np.full(n, -1), np.full(n, -1)
     for k in range(F):
         tr, te = D.fold != k, D.fold == k
-        coef, icpt = mean_diff(x[tr], D.codes[tr], D.K)
+        coef, icpt = mean_diff(x64, D.codes, D.K, tr)
         s_tr = x[tr] @ coef.T + icpt
         scores[te] = (x[te] @ coef.T + icpt) / (np.std(s_tr) or 1.0)
         if D.heldout is not None:
             htr, hte = D.heldout[0][k], D.heldout[1][k]
-            c2, i2 = mean_diff(x[htr], D.codes[htr], D.K)
+            c2, i2 = mean_diff(x64, D.codes, D.K, htr)
             ho[hte] = (x[hte] @ c2.T + i2).argmax(1)
         if D.controls:
-            c3, i3 = mean_diff(x[tr], D.control[tr], D.K)
+            c3, i3 = mean_diff(x64, D.control, D.K, tr)
             ctrl[te] = (x[te] @ c3.T + i3).argmax(1)
-            c4, i4 = mean_diff(x[tr], D.shuffled[tr], D.K)
+            c4, i4 = mean_diff(x64, D.shuffled, D.K, tr)
             shuf[te] = (x[te] @ c4.T + i4).argmax(1)
     pred = scores.argmax(1)
     rec = _score(D, pred, _softmax(scores), ho if D.heldout is not None else None,
                  ctrl if D.controls else None, shuf if D.controls else None, None,
                  _fold_acc(D, pred))
-    return rec, mean_diff(x, D.codes, D.K)
+    return rec, mean_diff(x64, D.codes, D.K, np.ones(n, dtype=bool))
 
 
 def _erased(x, D: LayerData, lam_k) -> np.ndarray:
@@ -243,7 +249,11 @@ def _erased(x, D: LayerData, lam_k) -> np.ndarray:
     return pred
 
 
-def _lowrank(z, D: LayerData, r, path, best, extra, lam_k, F) -> dict:
+def _lowrank(z, D: LayerData, r, path, best, extra, lam_k, lam_all, F):
+    """Rank-``r`` probes on the outer folds (+ held-out, control) and on all rows.
+
+    Returns ``(record, (W [d, K], b [K]))``, the latter the all-rows probe in ``z`` coordinates.
+    """
     from replab.probes.rank import fit_lowrank
 
     fold = torch.from_numpy(D.fold)
@@ -257,6 +267,9 @@ def _lowrank(z, D: LayerData, r, path, best, extra, lam_k, F) -> dict:
                 ys.append(torch.from_numpy(lab)); ms.append(mask); ls.append(lam_k[k])
                 W0.append(extra[(what, k)][0]); B0.append(extra[(what, k)][1])
                 tags.append((what, k))
+    ys.append(torch.from_numpy(D.codes)); ms.append(torch.ones(len(D.codes), dtype=torch.bool))
+    ls.append(torch.tensor(lam_all)); tags.append(("all", 0))
+    W0.append(extra[("all", 0)][0]); B0.append(extra[("all", 0)][1])
     w, b = fit_lowrank(z, torch.stack(ys), torch.stack(ms), torch.stack(ls).float(), r,
                        (torch.stack(W0), torch.stack(B0)), max_iter=D.max_iter)
     fitted = {t: (w[i], b[i]) for i, t in enumerate(tags)}
@@ -265,7 +278,8 @@ def _lowrank(z, D: LayerData, r, path, best, extra, lam_k, F) -> dict:
     for k in range(F):
         te = fold == k
         logits[te.numpy()] = (z[te] @ fitted[("main", k)][0] + fitted[("main", k)][1]).numpy()
-    preds = _extra_preds(z, D, {t: v for t, v in fitted.items() if t[0] != "main"}, F)
+    preds = _extra_preds(z, D, {t: v for t, v in fitted.items()
+                                if t[0] in ("heldout", "control")}, F)
     pred = logits.argmax(1)
     return _score(D, pred, _softmax(logits), preds.get("heldout"), preds.get("control"),
-                  None, None, _fold_acc(D, pred))
+                  None, None, _fold_acc(D, pred)), fitted[("all", 0)]

@@ -41,8 +41,9 @@ class ProbeConfig:
         label: index column to predict.
         site: hook alias (``resid_post``) or one full hook name.
         layers: ``"all"``, ``"0-9"``, ``"3,7"``...
-        kinds: subset of ``logistic``, ``meandiff`` (``lowrank`` comes from ``ranks``).
-        ranks: ranks for the rank-``k`` probe (e.g. ``(1, 2, 3, 4)``); empty: none.
+        kinds: subset of ``logistic``, ``meandiff``, ``lowrank`` (``lowrank`` needs ``ranks``).
+        ranks: ranks of the rank-``k`` probes (e.g. ``(2,)`` or ``(1, 2, 3, 4)``); empty:
+            none. With ranks, ``logistic`` is always fitted: it is the full-rank reference.
         split_by: ``entity`` (the ``group`` column), ``template``, ``token`` or any column.
         folds: outer folds.
         lams: candidate per-sample L2 strengths for the nested CV.
@@ -50,7 +51,8 @@ class ProbeConfig:
         erase: LEACE necessity check (logistic accuracy after erasure).
         where: pandas query on the index; default_filter: drop control/odd-one-out rows.
         epsilon: rank tolerance (accuracy units); seed; n_boot: bootstrap resamples.
-        max_iter: solver iteration cap; threads: torch threads during the sweep.
+        max_iter: solver iteration cap; threads: layers swept in parallel (one CPU
+            thread each; torch runs single-threaded inside a layer).
     """
 
     label: str
@@ -72,35 +74,47 @@ class ProbeConfig:
     threads: int = 1
 
     def __post_init__(self):
-        self.kinds = tuple(k for k in self.kinds if k != "lowrank")
         bad = [k for k in self.kinds if k not in KINDS]
         if bad:
             raise ReplabError(f"unknown probe kind {bad[0]!r}; use logistic, meandiff, lowrank")
+        if "lowrank" in self.kinds and not self.ranks:
+            raise ReplabError("the lowrank kind needs ranks, e.g. --rank 2 or --rank 1..4")
         self.ranks = tuple(sorted({int(r) for r in self.ranks}))
         if any(r < 1 for r in self.ranks):
             raise ReplabError("--rank values must be >= 1")
-        if not self.kinds and not self.ranks:
+        kinds = [k for k in self.kinds if k != "lowrank"]
+        if self.ranks and "logistic" not in kinds:
+            kinds.insert(0, "logistic")    # the full-rank reference of the rank answer
+        self.kinds = tuple(kinds)
+        if not self.kinds:
             raise ReplabError("nothing to train: give at least one kind or a rank")
         if self.folds < 2:
             raise ReplabError("--folds must be at least 2")
         if not self.lams or any(lam <= 0 for lam in self.lams):
             raise ReplabError("L2 strengths must be positive")
+        if int(self.threads) < 1:
+            raise ReplabError("--threads must be at least 1")
 
 
 def parse_ranks(spec: str | None) -> tuple:
-    """``"1..4"`` / ``"1-4"`` -> (1, 2, 3, 4); ``"2"`` -> (1, 2); ``"1,3"`` -> (1, 3); None -> ()."""
+    """``"2"`` -> (2,) (one rank-2 probe); ``"1..4"`` / ``"1-4"`` -> (1, 2, 3, 4) (a sweep);
+    ``"1,3"`` -> (1, 3); None -> ()."""
     if spec is None or str(spec).strip() == "":
         return ()
     text = str(spec).strip().replace("..", "-")
     try:
         if "," in text:
-            return tuple(int(t) for t in text.split(","))
-        if "-" in text:
+            out = tuple(int(t) for t in text.split(","))
+        elif "-" in text:
             lo, hi = (int(t) for t in text.split("-", 1))
-            return tuple(range(lo, hi + 1))
-        return tuple(range(1, int(text) + 1))
+            out = tuple(range(lo, hi + 1))
+        else:
+            out = (int(text),)
     except ValueError:
         raise ReplabError(f"bad --rank {spec!r}; use K, 1..K or 1,2,4") from None
+    if not out or min(out) < 1:
+        raise ReplabError(f"bad --rank {spec!r}: ranks are >= 1 (K, 1..K or 1,2,4)")
+    return out
 
 
 @dataclass
@@ -140,6 +154,7 @@ def prepare(store, cfg: ProbeConfig):
         else:
             notes.append("no held-out-template score: some class occurs in a single template")
     boot = ix["group"].to_numpy() if "group" in ix.columns else ix[split_col].to_numpy()
+    boot = np.unique(boot.astype(str), return_inverse=True)[1]      # int codes: cheap per layer
     D = LayerData(codes=codes.astype(np.int64), K=len(classes), fold=fold,
                   control=S.control_labels(ix[type_col].to_numpy(), codes, cfg.seed),
                   shuffled=S.shuffled_labels(codes, cfg.seed), heldout=heldout,
@@ -178,12 +193,10 @@ def train_probes(store, label: str | None = None, out=None, progress: bool = Tru
     rows, classes, D, info = prepare(store, cfg)
     t0 = time.perf_counter()
     records, probes = [], {}
-    with limit_threads(cfg.threads), \
+    with limit_threads(1), \
             progress_bar(len(layers) * len(rows), f"probe {cfg.label}", unit="row",
                          enabled=progress) as bar:
-        for layer, hook in layers.items():
-            x = np.asarray(store.acts(hook)[rows], dtype=np.float32)
-            res = sweep_layer(x, D)
+        for layer, hook, res in _sweep_layers(store, layers, rows, D, cfg.threads):
             for rec in res.records:
                 records.append({"layer": layer, "hook": hook, **rec})
             probes[layer] = res.probes
@@ -193,7 +206,7 @@ def train_probes(store, label: str | None = None, out=None, progress: bool = Tru
         df["heldout_accuracy"] = df["accuracy"]
         df["heldout_balanced_accuracy"] = df["balanced_accuracy"]
     df = df[[c for c in RECORD_KEYS if c in df] + [c for c in df if c not in RECORD_KEYS]]
-    main = "logistic" if "logistic" in cfg.kinds else (cfg.kinds[0] if cfg.kinds else "lowrank")
+    main = "logistic" if "logistic" in cfg.kinds else cfg.kinds[0]
     sel = df[df["kind"] == main]
     best = int(sel.loc[sel["balanced_accuracy"].idxmax(), "layer"])
     summary = {"best_layer": best, "best_kind": main, "seconds": time.perf_counter() - t0,
@@ -207,6 +220,37 @@ def train_probes(store, label: str | None = None, out=None, progress: bool = Tru
     if out is not None:
         write_run(run, Path(out), store, cfg, classes, layers)
     return run
+
+
+def _sweep_layers(store, layers: dict, rows, D: LayerData, threads: int = 1):
+    """Yield ``(layer, hook, LayerResult)`` in layer order.
+
+    With ``threads > 1`` layers are swept concurrently by that many Python threads, each
+    running torch with one intra-op thread (torch and numpy release the GIL in their
+    kernels). Parallel layers, not parallel matmuls: on a shared machine a 2-thread
+    torch pool stalls at every barrier when a core is busy elsewhere (>5x slower), while
+    independent layers just share the cores. Results are identical to a serial sweep.
+    """
+    def one(item):
+        layer, hook = item
+        return layer, hook, sweep_layer(np.asarray(store.acts(hook)[rows], dtype=np.float32), D)
+
+    items = list(layers.items())
+    if threads <= 1 or len(items) < 2:
+        yield from map(one, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=int(threads)) as pool:
+        todo = iter(items)
+        pending = deque(pool.submit(one, next(todo))                  # bounded memory
+                        for _ in range(min(2 * threads, len(items))))
+        while pending:
+            yield pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(one, nxt))
 
 
 def _py(v):
@@ -252,6 +296,8 @@ def write_run(run: ProbeRun, out: Path, store, cfg: ProbeConfig, classes, layers
     best = run.probes[run.best_layer]
     metrics = run.records[run.records["layer"] == run.best_layer]
     for kind, (coef, _) in best.items():
+        if kind not in ("logistic", "meandiff"):
+            continue                        # low-rank weights are saved; no Direction files
         w = coef - coef.mean(0) if len(classes) > 2 else coef
         m = metrics[metrics["kind"] == kind].iloc[0].to_dict()
         for j, c in enumerate(classes):
