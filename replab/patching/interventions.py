@@ -243,9 +243,10 @@ def apply(act: torch.Tensor, src: torch.Tensor | None, iv: Intervention, offset:
     a = act[idx]
     if iv.source == "noise":
         new = a + iv.scale * noise[idx]
-    elif iv.source == "steer":
-        u = basis(iv.direction, act.dtype)
-        new = a + iv.scale * u[0]
+    elif iv.source == "steer":   # along the given vector itself (first row), unit-normalised
+        d = torch.as_tensor(np.asarray(iv.direction, dtype=np.float64))
+        d = d[0] if d.ndim > 1 else d
+        new = a + (iv.scale * d / d.norm()).to(act.dtype)
     else:
         new = src[idx].to(act.dtype)
         if iv.direction is not None:

@@ -5,7 +5,11 @@ All metrics read the logits at the last position of each prompt:
 * ``logit_diff``: logit(answer) − logit(foil);
 * ``margin``: logit(answer) − max logit over the other candidates (the listed foils);
 * ``logprob`` / ``prob``: log-probability / probability of the answer (full vocabulary);
-* ``kl``: KL(clean ‖ patched) over the full vocabulary (0 on the clean run).
+* ``kl``: KL(clean ‖ patched) over the full vocabulary (0 on the clean run);
+* ``class_mass``: log Σ_{w∈A} p(w) − log Σ_{w∈B} p(w), the log-probability mass on class
+  A's words minus class B's, = logsumexp(candidate logits of A) − logsumexp(of B) (the
+  full-vocabulary normaliser cancels). Which candidate columns are class A is the task's
+  ``PatchTask.class_a`` mask (the super-class task of :mod:`replab.features.superclass`).
 
 A metric is computed from a :class:`Readout` (candidate logits, plus the log-softmax
 statistics that the full-vocabulary metrics need). ``normalized_effect`` is the ratio of
@@ -23,6 +27,8 @@ import torch
 from replab.errors import ReplabError
 
 METRICS = ("logit_diff", "margin", "logprob", "prob", "kl")
+TASK_METRICS = ("class_mass",)   # need task data beyond answer/foil (PatchTask.class_a)
+ALL_METRICS = METRICS + TASK_METRICS
 FULL_VOCAB = {"logprob", "prob", "kl"}
 
 
@@ -41,8 +47,8 @@ class Readout:
 
 
 def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise ReplabError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
+    if metric not in ALL_METRICS:
+        raise ReplabError(f"unknown metric {metric!r} (known: {', '.join(ALL_METRICS)})")
     return metric
 
 
@@ -74,9 +80,13 @@ def readout(model, resid_final: torch.Tensor, candidates: torch.Tensor, need_ful
     return Readout(cand, torch.cat(lses), torch.cat(logps) if need_logp else None)
 
 
-def metric_values(metric: str, r: Readout, clean_logp: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row metric ``[R]``. ``clean_logp`` ``[R, V]`` (clean log-probs per row) for ``kl``."""
+def metric_values(metric: str, r: Readout, clean_logp: torch.Tensor | None = None,
+                  class_a=None) -> torch.Tensor:
+    """Per-row metric ``[R]``. ``clean_logp`` ``[R, V]`` (clean log-probs per row) for ``kl``;
+    ``class_a`` ``[C]`` bools (candidate column in class A, else B) for ``class_mass``."""
     cand = r.cand
+    if metric == "class_mass":
+        return class_mass(cand, class_a)
     if metric == "logit_diff":
         return cand[:, 0] - cand[:, 1]
     if metric == "margin":
@@ -89,6 +99,18 @@ def metric_values(metric: str, r: Readout, clean_logp: torch.Tensor | None = Non
             raise ReplabError("kl needs the clean run's log-probabilities")
         return (clean_logp.exp() * (clean_logp - r.logp)).sum(-1)
     raise ReplabError(f"unknown metric {metric!r}")
+
+
+def class_mass(cand: torch.Tensor, class_a) -> torch.Tensor:
+    """logsumexp(cand[:, A]) − logsumexp(cand[:, B]) ``[R]`` for candidate logits ``[R, C]``."""
+    if class_a is None:
+        raise ReplabError("metric class_mass needs the task's class columns (PatchTask.class_a: "
+                          "the superclass task has them), passed as class_a=")
+    mask = torch.as_tensor(np.asarray(class_a, dtype=bool))
+    if mask.shape[0] != cand.shape[1] or bool(mask.all()) or not bool(mask.any()):
+        raise ReplabError(f"class_mass: class_a marks {mask.shape[0]} columns; the candidates have "
+                          f"{cand.shape[1]}, and both classes need at least one")
+    return torch.logsumexp(cand[:, mask], dim=1) - torch.logsumexp(cand[:, ~mask], dim=1)
 
 
 def normalized(patched, clean: float, corrupt: float):
@@ -120,3 +142,30 @@ def bootstrap_ci(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, n_
     alpha = (1 - level) / 2
     low, high = np.nanquantile(eff, [alpha, 1 - alpha], axis=0)
     return low, high
+
+
+def task_metrics(model, task, metric: str, finals: torch.Tensor, runs: dict):
+    """Per-prompt metrics of the clean and corrupt runs and of every patched variant.
+
+    ``finals`` ``[V, N, d]`` from :func:`replab.patching.engine.run_variants` (with its
+    ``runs``). Returns ``({"clean": [N], "corrupt": [N], "patched": [V, N]}, cand [V, N, C])``
+    as float64 numpy arrays (``cand``: candidate logits of each variant).
+    """
+    n_var, n, d = finals.shape
+    need_full, need_logp = metric in FULL_VOCAB, metric == "kl"
+    cls = getattr(task, "class_a", None)
+    with torch.inference_mode():
+        base = {k: readout(model, runs[k].final, task.candidates, need_full, need_logp)
+                for k in ("clean", "corrupt")}
+        clean_logp = base["clean"].logp
+        out = {k: metric_values(metric, r, clean_logp, cls).numpy().astype(np.float64)
+               for k, r in base.items()}
+        if n_var:
+            r = readout(model, finals.reshape(n_var * n, d), task.candidates.repeat(n_var, 1),
+                        need_full, need_logp)
+            rep = clean_logp.repeat(n_var, 1) if clean_logp is not None else None
+            out["patched"] = metric_values(metric, r, rep, cls).numpy().astype(np.float64).reshape(n_var, n)
+            cand = r.cand.numpy().reshape(n_var, n, -1)
+        else:
+            out["patched"], cand = np.zeros((0, n)), np.zeros((0, n, task.candidates.shape[1]))
+    return out, cand

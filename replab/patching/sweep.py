@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -26,7 +25,7 @@ from replab.errors import ReplabError
 from replab.harvest.hooks import parse_layers
 from replab.patching.engine import Variant, run_variants
 from replab.patching.interventions import Intervention, canonical_site, query_heads_of
-from replab.patching.metrics import FULL_VOCAB, bootstrap_ci, check_metric, metric_values, normalized, readout
+from replab.patching.metrics import bootstrap_ci, check_metric, normalized, task_metrics
 from replab.patching.task import PatchTask
 
 BY = {"layer": ("layer",), "layer,position": ("layer", "position"), "layer,head": ("layer", "head"),
@@ -146,24 +145,7 @@ def sweep(model, task: PatchTask, site: str = "resid_pre", by: str = "layer,posi
 
 def _metric_rows(model, task: PatchTask, metric: str, finals: torch.Tensor, runs: dict):
     """Per-prompt metrics ``{clean, corrupt, patched [V, N]}`` and candidate logits ``[V, N, C]``."""
-    n_var, n, d = finals.shape
-    need_full = metric in FULL_VOCAB
-    need_logp = metric == "kl"
-    with torch.inference_mode():
-        base_r = {k: readout(model, runs[k].final, task.candidates, need_full, need_logp)
-                  for k in ("clean", "corrupt")}
-        clean_logp = base_r["clean"].logp
-        out = {k: metric_values(metric, r, clean_logp).numpy().astype(np.float64)
-               for k, r in base_r.items()}
-        if n_var:
-            r = readout(model, finals.reshape(n_var * n, d), task.candidates.repeat(n_var, 1),
-                        need_full, need_logp)
-            rep = clean_logp.repeat(n_var, 1) if clean_logp is not None else None
-            out["patched"] = metric_values(metric, r, rep).numpy().astype(np.float64).reshape(n_var, n)
-            cand = r.cand.numpy().reshape(n_var, n, -1)
-        else:
-            out["patched"], cand = np.zeros((0, n)), np.zeros((0, n, task.candidates.shape[1]))
-    return out, cand
+    return task_metrics(model, task, metric, finals, runs)
 
 
 def _token_label(task: PatchTask, p) -> str:

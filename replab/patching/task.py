@@ -12,7 +12,11 @@ A :class:`PatchTask` is what every patching, attribution and feature experiment 
 
 Builtin task names select a same-length slice of a builtin prompt set (``next_day`` is the
 ``today_tomorrow`` template of the next_day set: "Today it is Monday so tomorrow it is"
-→ " Tuesday", with the day swapped by +3 in the corrupt prompt). Any prompt set or user
+→ " Tuesday", with the day swapped by +3 in the corrupt prompt). ``superclass`` (or
+``superclass:artist,writer``) is the super-class task of
+:func:`replab.features.superclass.build_superclass_task`: clean and corrupt prompts differ
+only in the person's name (class A vs class B); its candidates carry a class mask
+``class_a`` for the ``class_mass`` metric. Any prompt set or user
 file with ``corrupt_prompt`` works too, given ``template=`` when its templates differ in
 length.
 """
@@ -47,6 +51,7 @@ class PatchTask:
     corrupt_prompts: list[str] = field(default_factory=list)
     str_tokens: list[str] = field(default_factory=list)   # tokens of the first clean prompt
     meta: dict = field(default_factory=dict)
+    class_a: tuple[bool, ...] | None = None   # [C]: candidate column in class A (else B), class_mass
 
     def __post_init__(self) -> None:
         if self.clean.ndim != 2 or self.clean.shape != self.corrupt.shape:
@@ -57,6 +62,11 @@ class PatchTask:
         if bool((self.answer == self.foil).any()):
             i = int((self.answer == self.foil).nonzero()[0])
             raise ReplabError(f"task {self.name}: prompt {i + 1} has the same answer and foil token")
+        if self.class_a is not None:
+            self.class_a = tuple(bool(x) for x in self.class_a)
+            if len(self.class_a) != self.candidates.shape[1] or all(self.class_a) or not any(self.class_a):
+                raise ReplabError(f"task {self.name}: class_a must mark {self.candidates.shape[1]} "
+                                  "candidate columns, with at least one in each class")
 
     @property
     def n_prompts(self) -> int:
@@ -72,13 +82,13 @@ class PatchTask:
         pick = lambda xs: [xs[int(i)] for i in idx] if xs else []  # noqa: E731
         return PatchTask(self.name, self.clean[idx], self.corrupt[idx], self.answer[idx],
                          self.foil[idx], self.candidates[idx], pick(self.prompts),
-                         pick(self.corrupt_prompts), self.str_tokens, dict(self.meta))
+                         pick(self.corrupt_prompts), self.str_tokens, dict(self.meta), self.class_a)
 
     def swapped(self) -> "PatchTask":
         """The same task with clean and corrupt prompts exchanged (answers stay)."""
         return PatchTask(self.name, self.corrupt, self.clean, self.answer, self.foil,
                          self.candidates, self.corrupt_prompts, self.prompts, self.str_tokens,
-                         dict(self.meta))
+                         dict(self.meta), self.class_a)
 
     def describe(self) -> dict:
         return {"name": self.name, "n_prompts": self.n_prompts, "n_tokens": self.n_tokens,
@@ -137,12 +147,22 @@ def task_from_rows(rows, tokenizer, name: str = "task", prepend_bos: bool = Fals
 
 def load_task(name_or_path: str, tokenizer, template: str | None = None, limit: int | None = None,
               prepend_bos: bool = False) -> PatchTask:
-    """Load a builtin task (``next_day``, ``fact_recall``), a builtin prompt set, or a user file.
+    """Load a builtin task (``next_day``, ``fact_recall``, ``superclass[:A,B]``), a builtin
+    prompt set, or a user file.
 
     ``template`` keeps one template's rows (builtin tasks default to a same-length template);
     ``limit`` keeps the first N prompts. Rows without a clean/corrupt pair are dropped.
     """
     from replab.prompts import load_prompts
+
+    if str(name_or_path) == "superclass" or str(name_or_path).startswith("superclass:"):
+        from replab.features.superclass import build_superclass_task, parse_classes
+
+        a, b = parse_classes(str(name_or_path).partition(":")[2] or None)
+        if limit is not None and limit < 1:
+            raise ReplabError("--limit must be at least 1")
+        return build_superclass_task(tokenizer, a, b, templates=[template] if template else None,
+                                     max_pairs=limit or 64, prepend_bos=prepend_bos)
 
     dataset, default_template = TASKS.get(str(name_or_path), (str(name_or_path), None))
     ps = load_prompts(dataset, tokenizer, prepend_bos=prepend_bos)

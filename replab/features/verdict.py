@@ -1,0 +1,218 @@
+"""Direction-patching read-out: sanity checks, baseline tables, and the verdict in words.
+
+The verdict (sufficiency, from denoising) is decided by three numbers, all in the summary:
+
+* ``full_residual_effect``: the whole site patched at the same positions. Below
+  ``MIN_FULL`` (10% of the clean-vs-corrupt gap) the site cannot carry the effect, so no
+  direction there can: **uninformative**.
+* ``percentile`` / ``random_p95``: the direction against random subspaces of the same rank.
+  Distinguishable from random means CI low above the random p95.
+* ``of_full``: the direction's effect as a fraction of the full-residual effect, with CI.
+  ≥ ``SUFFICIENT`` (50%) at the CI's low end → **sufficient**; a point estimate ≥
+  ``PARTIAL`` (20%) → **partly sufficient**; otherwise **weak**. Not above random →
+  **not sufficient**.
+
+Necessity clauses follow (projection ablation, noising, LEACE), with the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from replab.errors import ReplabError
+
+MIN_FULL = 0.10
+SUFFICIENT = 0.50
+PARTIAL = 0.20
+RANDOM_MEAN_TOL = 0.05   # |random mean| above this (in units of the full effect) is flagged
+
+
+def _row(table: pd.DataFrame, name: str) -> pd.Series | None:
+    hit = table[table["name"] == name]
+    return None if hit.empty else hit.iloc[0]
+
+
+def sanity_checks(table: pd.DataFrame, engine_rows: np.ndarray, clean: float, corrupt: float,
+                  tol: float) -> dict:
+    """Engine-consistency checks; ReplabError on a failure (see the module docstrings).
+
+    ``engine_rows`` ``[2, N]``: the patching engine's own full-resid_pre and empty variants.
+    """
+    full = float(_row(table, "full")["normalized_effect"])
+    norm = lambda x: float((np.mean(x) - corrupt) / (clean - corrupt))  # noqa: E731
+    checks = {
+        "identity_subspace": (float(_row(table, "identity")["normalized_effect"]), full,
+                              "the identity basis through the direction tool = the full-residual patch"),
+        "direction_plus_complement": (float(_row(table, "split")["normalized_effect"]), full,
+                                      "the direction then its complement = the full-residual patch"),
+        "clean_run": (float(_row(table, "clean_run")["normalized_effect"]), 1.0,
+                      "the clean residual at resid_pre reproduces the clean run"),
+        "engine_full": (norm(engine_rows[0]), 1.0, "full resid_pre patch (every position) = clean"),
+        "engine_empty": (norm(engine_rows[1]), 0.0, "empty patch = corrupt"),
+    }
+    zero = table[(table["mode"] == "steer") & (table["alpha"] == 0) & (table["group"] == "direction")]
+    if not zero.empty:
+        checks["steer_zero"] = (float(zero.iloc[0]["normalized_effect"]), 0.0, "steering with α = 0 = corrupt")
+    out = {}
+    for name, (value, expected, what) in checks.items():
+        ok = abs(value - expected) <= tol
+        out[name] = {"value": value, "expected": expected, "ok": ok, "what": what}
+        if not ok:
+            raise ReplabError(f"sanity check '{name}' failed: {value:.6f}, expected {expected:.6f} ± {tol} "
+                              f"({what}); the patching engine is inconsistent")
+    return out
+
+
+def random_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per random direction: its denoising effect (and ablation effect where run)."""
+    den = table[(table["group"] == "random") & (table["mode"] == "denoise")]
+    abl = table[(table["group"] == "random") & (table["mode"] == "ablate")]
+    out = pd.DataFrame({"random": den["name"].str.removeprefix("random_").astype(int).to_numpy(),
+                        "normalized_effect": den["normalized_effect"].to_numpy(),
+                        "of_full": den["of_full"].to_numpy()})
+    ab = dict(zip(abl["name"].str.removeprefix("ablate_random_").astype(int), abl["normalized_effect"]))
+    out["ablate_effect"] = out["random"].map(ab)
+    return out
+
+
+def steering_table(table: pd.DataFrame, patched: np.ndarray, clean: float, corrupt: float,
+                   n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Dose–response: per α, the direction's metric (bootstrap CI of the prompt mean) and
+    normalised effect, and the random vectors' mean and 5–95% band."""
+    rows = []
+    steer = table[table["mode"] == "steer"]
+    rng = np.random.default_rng(seed)
+    for a, sub in steer.groupby("alpha", sort=True):
+        d = sub[sub["group"] == "direction"].iloc[0]
+        vals = patched[d.name]
+        boots = vals[rng.integers(0, len(vals), size=(n_boot, len(vals)))].mean(1)
+        rnd = sub[sub["group"] == "random"]["normalized_effect"].to_numpy()
+        rows.append({"alpha": float(a), "metric_after": float(vals.mean()),
+                     "metric_low": float(np.quantile(boots, 0.025)), "metric_high": float(np.quantile(boots, 0.975)),
+                     "normalized_effect": float(d["normalized_effect"]), "ci_low": float(d["ci_low"]),
+                     "ci_high": float(d["ci_high"]),
+                     "random_mean": float(rnd.mean()) if len(rnd) else None,
+                     "random_p05": float(np.quantile(rnd, 0.05)) if len(rnd) else None,
+                     "random_p95": float(np.quantile(rnd, 0.95)) if len(rnd) else None})
+    return pd.DataFrame(rows)
+
+
+def projection_stats(acts: dict, vector: np.ndarray, pos) -> dict:
+    """Projections of the clean / corrupt activations at ``pos`` onto ``vector`` (the scale in
+    which steering's α is meaningful), and the activation norm there."""
+    import torch
+
+    v = torch.as_tensor(np.asarray(vector), dtype=acts["clean"].dtype)
+    sel = slice(None) if pos is None else list(pos)
+    proj = {k: (a[:, sel] @ v).mean(1).numpy() for k, a in acts.items()}
+    norm = float(acts["clean"][:, sel].norm(dim=-1).mean())
+    return {"clean_mean": float(proj["clean"].mean()), "corrupt_mean": float(proj["corrupt"].mean()),
+            "gap": float((proj["clean"] - proj["corrupt"]).mean()),
+            "sd": float(np.concatenate([proj["clean"], proj["corrupt"]]).std()), "act_norm": norm}
+
+
+def _num(x) -> str:
+    v = round(100 * float(x))
+    return str(v if v != 0 else 0)   # no "-0"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{_num(x)}%"
+
+
+def _ci(lo, hi) -> str:
+    return f"[{_num(lo)}, {_num(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "[n/a]"
+
+
+def verdict(s: dict) -> tuple[str, list[str]]:
+    """``(verdict, detail sentences)`` from a summary's numbers (see the module docstring)."""
+    full, n = s["full_residual_effect"], s["n_random"]
+    if not np.isfinite(full) or abs(full) < MIN_FULL:
+        v = (f"uninformative: the full-residual patch at {s['site']} L{s['layer']} (positions "
+             f"{s['position_label']}) restores only {_pct(full)} of the clean-vs-corrupt gap, so no "
+             f"direction there can carry the effect (the direction: {_pct(s['effect'])}); try an earlier "
+             "layer, or a position the output still reads")
+        return v, [v]
+    above = s["ci_low"] > s["random_p95"]
+    n_below = int(round(s["percentile"] / 100 * n))
+    rank = f"above all {n} random directions" if n_below >= n else f"above {n_below} of {n} random directions"
+    ratio = f"{_pct(s['of_full'])} {_ci(s['of_full_low'], s['of_full_high'])} of the full-residual effect"
+    if above and s["of_full_low"] >= SUFFICIENT:
+        v = f"sufficient: restores {ratio}; {rank}"
+    elif above and s["of_full"] >= PARTIAL:
+        v = f"partly sufficient: restores {ratio}; {rank}"
+    elif above:
+        v = f"weak: restores only {ratio}, though {rank}"
+    else:
+        v = (f"not sufficient: restores {ratio}; {rank} (percentile {s['percentile']:.0f}, random p95 "
+             f"{_pct(s['random_p95'] / full if full else np.nan)} of the full effect)")
+    sh = s.get("shuffled_of_full")
+    if sh is not None and np.isfinite(sh) and s["of_full"] <= sh and not v.startswith("not"):
+        v += f"; but not above the shuffled-label direction ({_pct(sh)})"
+    detail = [v, f"full-residual patch: {_pct(full)} {_ci(s['full_ci_low'], s['full_ci_high'])} of the "
+                 f"clean-vs-corrupt gap; random directions: mean {_pct(s['random_mean'])}, p95 "
+                 f"{_pct(s['random_p95'])}"]
+    detail.append(f"complement (everything but the direction) restores {_pct(s['complement_of_full'])} of "
+                  "the full-residual effect")
+    if s.get("shuffled_of_full") is not None:
+        detail.append(f"shuffled-label direction restores {_pct(s['shuffled_of_full'])} of the full-residual "
+                      f"effect (above {s['shuffled_percentile']:.0f}% of the random directions)")
+    a = s["ablation"]
+    detail.append(f"necessity: projection ablation on the clean run removes {_pct(a['drop'])} "
+                  f"{_ci(a['drop_low'], a['drop_high'])} of the clean-vs-corrupt gap (random: "
+                  f"{_pct(a['random_mean_drop'])}); noising the direction removes {_pct(s['noising']['drop'])} "
+                  f"(the full noising patch: {_pct(s['noising']['full_drop'])})")
+    if s.get("leace"):
+        detail.append(f"LEACE erasure on the clean run removes {_pct(s['leace']['drop'])} "
+                      f"{_ci(s['leace']['drop_low'], s['leace']['drop_high'])}")
+    return v, detail
+
+
+def summarize(table, random_tbl, steering, direction, task, site, layer, pos, pos_rule, metric,
+              clean, corrupt, checks, projection, seconds, n_variants) -> dict:
+    """The summary dict (JSON-safe), verdict included."""
+    d, f = _row(table, "direction"), _row(table, "full")
+    rnd = random_tbl["normalized_effect"].to_numpy()
+    e = float(d["normalized_effect"])
+    pct = float(100 * ((rnd < e).sum() + 0.5 * (rnd == e).sum()) / len(rnd))
+    pos_label = "all" if pos is None else ",".join(
+        f"{p}:{task.str_tokens[p]!r}" if task.str_tokens else str(p) for p in pos)
+    s = {"effect": e, "ci_low": float(d["ci_low"]), "ci_high": float(d["ci_high"]),
+         "of_full": float(d["of_full"]), "of_full_low": float(d["of_full_low"]),
+         "of_full_high": float(d["of_full_high"]), "full_residual_effect": float(f["normalized_effect"]),
+         "full_ci_low": float(f["ci_low"]), "full_ci_high": float(f["ci_high"]),
+         "random_mean": float(rnd.mean()), "random_sd": float(rnd.std()), "random_p95": float(np.quantile(rnd, 0.95)),
+         "random_max": float(rnd.max()), "n_random": int(len(rnd)), "percentile": pct,
+         "complement_effect": float(_row(table, "complement")["normalized_effect"]),
+         "complement_of_full": float(_row(table, "complement")["of_full"])}
+    sh = _row(table, "shuffled")
+    s["shuffled_effect"] = None if sh is None else float(sh["normalized_effect"])
+    s["shuffled_of_full"] = None if sh is None else float(sh["of_full"])
+    s["shuffled_percentile"] = (None if sh is None else float(100 * (rnd < sh["normalized_effect"]).mean()))
+    ab, dn, fn = _row(table, "ablate_direction"), _row(table, "direction_noise"), _row(table, "full_noise")
+    ab_rnd = random_tbl["ablate_effect"].dropna().to_numpy()
+    s["ablation"] = {"effect": float(ab["normalized_effect"]), "drop": 1 - float(ab["normalized_effect"]),
+                     "drop_low": 1 - float(ab["ci_high"]), "drop_high": 1 - float(ab["ci_low"]),
+                     "random_mean_drop": float(1 - ab_rnd.mean()) if len(ab_rnd) else None,
+                     "random_p95_drop": float(np.quantile(1 - ab_rnd, 0.95)) if len(ab_rnd) else None}
+    s["noising"] = {"effect": float(dn["normalized_effect"]), "drop": 1 - float(dn["normalized_effect"]),
+                    "drop_low": 1 - float(dn["ci_high"]), "drop_high": 1 - float(dn["ci_low"]),
+                    "of_full": float(dn["of_full"]), "full_drop": 1 - float(fn["normalized_effect"])}
+    le = _row(table, "leace")
+    s["leace"] = None if le is None else {"effect": float(le["normalized_effect"]),
+                                          "drop": 1 - float(le["normalized_effect"]),
+                                          "drop_low": 1 - float(le["ci_high"]), "drop_high": 1 - float(le["ci_low"])}
+    s.update({"site": site, "layer": int(layer), "hook": None, "positions": None if pos is None else list(pos),
+              "position_rule": pos_rule, "position_label": pos_label, "metric": metric,
+              "clean_metric": clean, "corrupt_metric": corrupt, "steering": steering.to_dict("records"),
+              "projection": projection, "checks": checks,
+              "random_mean_ok": bool(abs(s["random_mean"]) <= RANDOM_MEAN_TOL * max(abs(s["full_residual_effect"]), 1e-9)
+                                     or abs(s["random_mean"]) <= 0.01),
+              "task": task.describe(), "direction": direction.describe(), "n_variants": int(n_variants),
+              "seconds": round(float(seconds), 3)})
+    from replab.patching.interventions import SITES
+
+    s["hook"] = SITES[site][0].format(L=layer)
+    s["verdict"], s["verdict_detail"] = verdict(s)
+    return s
