@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.replab-setup
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit test-integration bench lens clean
+.PHONY: setup demo test test-unit test-integration bench lens sae clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -42,11 +42,17 @@ test-integration: setup
 bench: setup
 	$(PY) bench/bench_harvest.py
 	$(PY) bench/bench_probes.py --skip-full
+	$(PY) bench/bench_patching.py --json runs/bench/patching.json
 
 # Train (once, about 10 CPU minutes) and evaluate the default model's tuned lens.
 lens: setup
 	nice -n 10 $(PY) -m replab lens train
 	$(PY) bench/bench_lens.py
+
+# Train (once, cached per model) and evaluate the default layer-15 SAE used by the demo's W3 step.
+sae: setup
+	nice -n 10 $(PY) -m replab sae train --layer 15
+	$(PY) -m replab sae eval --layer 15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,6 +3,8 @@
     python bench/bench_lens.py                # use the cached default lens (train if missing)
     python bench/bench_lens.py --retrain      # train the default lens now (~15-20 CPU min)
     python bench/bench_lens.py --tokens 2048  # held-out tokens to score
+    python bench/bench_lens.py --table next_day   # time `lens logit|tuned --dataset next_day`
+    python bench/bench_lens.py --compare-init     # KL phase from the identity vs from least squares
 
 Prints the training record (wall time, CPU time, tokens, config) and a per-layer table
 of KL(final || lens) and cross-entropy for both lenses, and says whether the tuned lens
@@ -28,7 +30,14 @@ def main(argv=None) -> int:
     ap.add_argument("--retrain", action="store_true", help="train even if a lens is cached")
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens to score")
     ap.add_argument("--out", default="runs/bench-lens")
+    ap.add_argument("--table", metavar="DATASET", help="time the lens table on a prompt set, then exit")
+    ap.add_argument("--compare-init", action="store_true",
+                    help="KL phase from the identity vs from the least-squares fit, then exit")
     args = ap.parse_args(argv)
+    if args.table:
+        return bench_table(args.model, args.table, args.out)
+    if args.compare_init:
+        return compare_init(args.model)
 
     from replab.lenses.evaluate import run_eval, wide
     from replab.lenses.store import cached_lens_dir, read_meta
@@ -63,6 +72,67 @@ def main(argv=None) -> int:
     print(f"\ntuned lens KL < logit lens KL at every layer 0..{identity['n_layers'] - 1}: {ok}")
     print(f"wrote {args.out}/eval.csv and eval.png")
     return 0 if ok else 1
+
+
+def bench_table(model, dataset: str, out: str) -> int:
+    """Wall time of `replab lens logit|tuned --dataset DATASET` (model load vs table)."""
+    from replab.lenses.run import apply_lens
+
+    for kind in ("logit", "tuned"):
+        t0, c0 = time.perf_counter(), _cpu()
+        s = apply_lens(kind, model, dataset=dataset, out=f"{out}/{kind}-{dataset}", progress=False)
+        ft = s["first_top1"]
+        print(f"{kind:>5} lens on {dataset} ({s['n_prompts']} prompts): load {s['seconds_load']} s, "
+              f"table {s['seconds_table']} s, total {time.perf_counter() - t0:.1f} s wall, "
+              f"{_cpu() - c0:.0f} CPU-s; ever top-1 {ft['n_ever_top1']}/{ft['n_prompts']}, "
+              f"median first top-1 layer {ft['median_first_top1_layer']}")
+    return 0
+
+
+def compare_init(model, fit_tokens: int = 1024) -> int:
+    """Validation KL per layer: logit lens, KL phase from the identity, least squares, least
+    squares + KL phase (the default config's steps, lr and batch, on a smaller pool)."""
+    from replab.lenses.cells import torch_threads
+    from replab.lenses.tiny_hf import resolve
+    from replab.lenses.tuned import quiet_hf_model
+    from replab.models import load_tokenizer
+
+    name = resolve(model)
+    hf, tok = quiet_hf_model(name), load_tokenizer(name)
+    hf.requires_grad_(False)
+    with torch_threads(1):
+        return _compare_init(hf, tok, fit_tokens)
+
+
+def _compare_init(hf, tok, fit_tokens: int) -> int:
+    import torch
+    from tuned_lens.nn.lenses import TunedLens
+
+    from replab.lenses.corpus import read_corpus, token_chunks
+    from replab.lenses.train import TrainConfig, fit_phase, kl_phase, per_layer_kl, solve_translators
+
+    cfg = TrainConfig(fit_tokens=fit_tokens, pool_fraction=1.0)
+    chunks = token_chunks(read_corpus(cfg.corpus), tok, cfg.seq_len, fit_tokens + 2 * cfg.seq_len, cfg.seed)
+    t0 = time.perf_counter()
+    xtx, xty, pool, val, _ = fit_phase(hf, chunks, cfg, progress=False, n_val_chunks=2)
+    val = val[torch.randperm(len(val), generator=torch.Generator().manual_seed(2))[:cfg.val_positions]]
+    identity = TunedLens.from_model(hf)
+    curves = {"logit": per_layer_kl(identity, val)}
+    kl_phase(identity, pool, cfg, progress=False)
+    curves["identity+kl"] = per_layer_kl(identity, val)
+    ls = TunedLens.from_model(hf)
+    solve_translators(ls, xtx, xty, cfg.ridge)
+    curves["least_squares"] = per_layer_kl(ls, val)
+    kl_phase(ls, pool, cfg, progress=False)
+    curves["least_squares+kl"] = per_layer_kl(ls, val)
+    print(f"{fit_tokens} fit tokens, {len(pool)} pool / {len(val)} validation positions, "
+          f"{cfg.steps} KL steps x {cfg.batch_positions} positions, lr {cfg.lr}; "
+          f"{time.perf_counter() - t0:.0f} s. Validation KL(final || lens), nats:")
+    print("layer " + " ".join(f"{k:>17}" for k in curves))
+    for layer in range(len(ls)):
+        print(f"{layer:>5} " + " ".join(f"{v[layer].item():>17.3f}" for v in curves.values()))
+    print("mean  " + " ".join(f"{v.mean().item():>17.3f}" for v in curves.values()))
+    return 0
 
 
 def _cpu() -> float:

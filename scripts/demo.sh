@@ -51,3 +51,16 @@ done
 run_once "$W2/heads" $R patch heads --task next_day
 run_once "$W2/patterns" $R patch patterns --task next_day --from "$W2/heads" --top 9
 run_once "$W2/atp" $R attribute atp --task next_day --top 20
+
+echo "== 8. W3: is the artist-vs-scientist direction causally sufficient? (layer 15, name token) =="
+W3="$OUT/w3"
+run_once "$W3/direction_L15" $R features patch --direction "$OUT/superset_known" --class artist-scientist \
+  --layer 15 --task superclass --classes artist,scientist --random 100
+echo "-- SAE decomposition and latent patching (needs the cached layer-15 SAE: make sae) --"
+if run_once "$W3/decompose" $R sae decompose --direction "$W3/direction_L15/direction.json" \
+     --store "$OUT/superset_known" --label superclass --class artist; then
+  run_once "$W3/latents" $R sae patch --layer 15 --from "$W3/decompose" --top 5 \
+    --task superclass --classes artist,scientist
+else
+  echo "(no layer-15 SAE cached: run 'make sae', about 30 CPU minutes)"
+fi

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from replab_testutil import run_cli
@@ -21,6 +22,16 @@ def _ids(model, text=PROMPT):
     from replab.prompts import token_ids
 
     return torch.tensor([token_ids(model.tokenizer, text)])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread, as the lens CLI uses: on a busy 2-core machine two threads made
+    these tests ~10x slower (threads waiting for each other at every small op)."""
+    from replab.lenses.cells import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +166,88 @@ def test_lens_table_and_first_top1(tiny):
     assert ((df["target_rank"] == 0) == (df["top1"] == df["target"])).all()
     ft = first_top1(df)
     assert list(ft["prompt_id"]) == [0, 1]
+
+
+def _reference_rows(model, tokenizer, prompts, targets, k):
+    """Hand computation, one prompt and one cell at a time: accumulated resid -> unembed."""
+    from replab.lenses.table import target_id
+    from replab.prompts import token_ids
+
+    rows = []
+    for j, (prompt, tgt) in enumerate(zip(prompts, targets)):
+        ids = token_ids(tokenizer, prompt)
+        _, cache = model.run_with_cache(torch.tensor([ids]))
+        stack = cache.accumulated_resid(apply_ln=True)[:, 0]        # [n_points, pos, d]
+        logits = model.unembed(stack)                                 # [n_points, pos, vocab]
+        t = target_id(tokenizer, tgt)
+        for layer in range(stack.shape[0]):
+            for pos in range(len(ids)):
+                logp = logits[layer, pos].log_softmax(-1)
+                final = logits[-1, pos].log_softmax(-1)
+                order = logp.argsort(descending=True)
+                rows.append({
+                    "prompt_id": j, "layer": layer, "position": pos,
+                    "token": tokenizer.decode([ids[pos]]),
+                    "top_tokens": [tokenizer.decode([int(i)]) for i in order[:k]],
+                    "top_probs": logp[order[:k]].exp().tolist(),
+                    "target_prob": math.nan if t is None else logp[t].exp().item(),
+                    "target_rank": None if t is None else int((logits[layer, pos] > logits[layer, pos, t]).sum()),
+                    "entropy": -(logp.exp() * logp).sum().item(),
+                    "kl_to_final": (final.exp() * (final - logp)).sum().clamp_min(0).item(),
+                })
+    return pd.DataFrame(rows)
+
+
+def test_vectorised_table_equals_per_cell_hand_computation(tiny):
+    """Batched by length (several batches: max_rows=8), one prompt without target."""
+    from replab.lenses.table import lens_table
+
+    # shared prefixes, a prompt that is a prefix of another (never run), one without target
+    prompts = [PROMPT, "One, two,", "Today it is Friday so tomorrow it is", "The capital of France is",
+               "Today it is"]
+    targets = [" Tuesday", " three", " Saturday", None, " Monday"]
+    got = lens_table(LogitLens(tiny), tiny.tokenizer, prompts, targets, k=3, max_rows=8)
+    ref = _reference_rows(tiny, tiny.tokenizer, prompts, targets, k=3)
+    assert len(got) == len(ref)
+    for col in ("prompt_id", "layer", "position", "token"):
+        assert got[col].tolist() == ref[col].tolist(), col
+    for col in ("target_prob", "entropy", "kl_to_final"):
+        assert got[col].to_numpy(float) == pytest.approx(ref[col].to_numpy(float), abs=1e-4, nan_ok=True)
+    assert got["target_rank"].isna().tolist() == ref["target_rank"].isna().tolist()
+    has = ref["target_rank"].notna()
+    g_rank = got["target_rank"][has].to_numpy(int)
+    r_rank = ref["target_rank"][has].to_numpy(int)
+    # a random tiny model has near-ties in its logits: ranks agree up to float noise
+    assert (g_rank == r_rank).mean() > 0.98 and abs(g_rank - r_rank).max() <= 2
+    assert ((g_rank == 0) == (r_rank == 0)).all()
+    probs = [p for ps in got["top_probs"] for p in ps]
+    assert probs == pytest.approx([p for ps in ref["top_probs"] for p in ps], abs=1e-5)
+    # tokens may swap only where two top probabilities tie
+    same = got["top_tokens"].map(tuple) == ref["top_tokens"].map(tuple)
+    assert same.mean() > 0.99
+    assert (got["top1"] == got["top_tokens"].str[0]).all()
+    assert got.loc[got["prompt_id"] == 3, "target"].isna().all()
+
+
+def test_lens_arrays_prefix_sharing_and_grouping(tiny):
+    """Prefix dedup and prompt grouping change nothing; the prefix index is right."""
+    from replab.lenses.cells import lens_arrays, length_batches, prefix_index
+
+    ids = [[5, 6, 7], [5, 6, 8, 9], [5, 6], [10], [5, 6, 7]]
+    cell_u, first = prefix_index(ids)
+    assert [u.tolist() for u in cell_u] == [[0, 1, 2], [0, 1, 3, 4], [0, 1], [5], [0, 1, 2]]
+    assert first == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3), (3, 0)]
+    assert length_batches([3, 4, 2, 1, 3], max_rows=3) == [[3], [2], [0], [4], [1]]
+    assert length_batches([3, 3, 3], max_rows=None, max_batch=2) == [[0, 1], [2]]
+    dec = LogitLens(tiny)
+    a = lens_arrays(dec, ids, [7, None, 8, 9, 7], k=4)
+    b = lens_arrays(dec, ids, [7, None, 8, 9, 7], k=4, max_rows=2, max_cells=3)
+    assert a.keys() == b.keys() and len(a["prompt_id"]) == len(dec.points) * (3 + 4 + 2 + 1 + 3)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
+    # prompts 0 and 4 are the same text: identical rows
+    np.testing.assert_array_equal(a["entropy"][a["prompt_id"] == 0], a["entropy"][a["prompt_id"] == 4])
+    assert (a["target_rank"][a["prompt_id"] == 1] == -1).all()
 
 
 def test_first_top1_logic_on_synthetic_table():

@@ -14,6 +14,16 @@ pytestmark = pytest.mark.integration
 PROMPT = "Today it is Monday so tomorrow it is"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread, as the lens CLI uses: on a busy 2-core machine two threads made
+    these tests ~10x slower (threads waiting for each other at every small op)."""
+    from replab.lenses.cells import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def hf():
     from replab.lenses.tuned import quiet_hf_model
@@ -63,22 +73,66 @@ def test_untrained_tuned_lens_equals_logit_lens(hf, ours, tokens):
 
 @pytest.mark.parametrize("dataset", ["next_day", "fact_recall"])
 def test_first_top1_layer_is_reported(dataset, tmp_path):
-    from replab.lenses.run import apply_lens
-
-    s = apply_lens("logit", None, dataset=dataset, limit=4, out=tmp_path, progress=False)
-    ft = s["first_top1"]
-    assert ft["n_prompts"] == 4 and ft["n_final_top1"] >= 1
-    # every prompt whose answer is top-1 at the output has a first top-1 layer within range
     import pandas as pd
 
+    from replab.lenses.run import apply_lens
+
+    s = apply_lens("logit", None, dataset=dataset, limit=8, out=tmp_path, progress=False)
+    ft = s["first_top1"]
+    assert ft["n_prompts"] == 8 and ft["n_final_top1"] >= 1
+    assert ft["frac_ever_top1"] == ft["n_ever_top1"] / 8 and len(ft["per_prompt"]) == 8
+    # every prompt whose answer is top-1 at the output has a first top-1 layer within range
     rows = pd.read_csv(tmp_path / "first_top1.csv")
+    assert {"prompt", "answer", "template", "ever_top1"} <= set(rows.columns)
     right = rows[rows["final_rank"] == 0]
     assert right["first_top1_layer"].between(0, 30).all()
     assert (right["stable_top1_layer"] >= right["first_top1_layer"]).all()
     assert 0 <= ft["median_first_top1_layer"] <= 30
+    # the table's final point is the model: its target probability is the model's
+    table = pd.read_parquet(tmp_path / "table.parquet")
+    last = table[(table["point"] == "final")
+                 & (table["position"] == table.groupby("prompt_id")["position"].transform("max"))]
+    assert last["target_prob"].to_numpy() == pytest.approx(rows["final_prob"].to_numpy(), abs=1e-6)
     if dataset == "next_day":
         curve = pd.read_csv(tmp_path / "logit_diff.csv")
         assert curve["depth"].nunique() == 61 and s["logit_diff_final_mean"] > 0
+
+
+def test_lens_table_matches_direct_decoding(smol):
+    """The vectorised table (prefix sharing, batching) equals decoding each prompt alone."""
+    from replab.lenses.table import lens_table
+    from replab.prompts import token_ids
+
+    prompts = [PROMPT, "Today it is Friday so tomorrow it is", "The capital of France is"]
+    df = lens_table(LogitLens(smol), smol.tokenizer, prompts, [" Tuesday", " Saturday", " Paris"])
+    for j, prompt in enumerate(prompts):
+        ids = torch.tensor([token_ids(smol.tokenizer, prompt)])
+        logp = LogitLens(smol).logits(ids).log_softmax(-1)[:, 0]      # [31, pos, vocab]
+        got = df[df["prompt_id"] == j].sort_values(["layer", "position"])
+        ent = -(logp.exp() * logp).sum(-1).flatten()
+        torch.testing.assert_close(torch.tensor(got["entropy"].to_numpy()).float(), ent,
+                                   atol=1e-3, rtol=1e-5)
+        top = logp.argmax(-1).flatten()
+        assert [smol.tokenizer.decode([int(i)]) for i in top] == got["top1"].tolist()
+
+
+def test_default_tuned_lens_loads_with_tuned_lens_loader(hf):
+    """The cached default lens (if trained) is a valid tuned-lens artifact."""
+    from tuned_lens.nn.lenses import TunedLens
+
+    from replab.lenses.store import cached_lens_dir, load_lens, read_meta
+    from replab.lenses.tuned import model_identity
+
+    identity = model_identity(None)
+    path = cached_lens_dir(identity)
+    if not path.exists():
+        pytest.skip("no cached default tuned lens (run `replab lens train`)")
+    theirs = TunedLens.from_model_and_pretrained(hf, lens_resource_id=str(path))
+    ours = load_lens(path, hf, identity)
+    h = torch.randn(1, 3, hf.config.hidden_size)
+    for layer in (0, 15, 29):
+        torch.testing.assert_close(theirs(h, idx=layer), ours(h, idx=layer))
+    assert read_meta(path)["stats"]["fit_tokens"] > 0
 
 
 def test_short_tuned_lens_beats_logit_lens_on_heldout(smol, hf):

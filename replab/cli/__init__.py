@@ -13,7 +13,7 @@ import sys
 import typer
 
 from replab.cli import datasets, plot, probe, store
-from replab.cli import features, lens, patch
+from replab.cli import features, lens, patch, sae, sae_patch  # noqa: F401 (sae_patch adds `sae patch`)
 from replab.cli._common import examples
 from replab.cli.harvest import HARVEST_EPILOG, harvest_cmd
 
@@ -35,6 +35,7 @@ app.add_typer(lens.app, name="lens")
 app.add_typer(patch.app, name="patch")
 app.add_typer(patch.attribute_app, name="attribute")
 app.add_typer(features.app, name="features")
+app.add_typer(sae.app, name="sae")
 app.command("test-prompt", epilog=patch.TEST_PROMPT_EPILOG)(patch.test_prompt_cmd)
 app.command("harvest", epilog=HARVEST_EPILOG)(harvest_cmd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -21,13 +22,16 @@ _OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/lens-
 _INDEX = typer.Option(0, "--index", help="Prompt (0-based) drawn in the trajectory heatmap.")
 _LIMIT = typer.Option(None, "--limit", help="Use only the first N prompts of the set.")
 _LENS = typer.Option(None, "--lens", help="Tuned-lens directory (default: the cached lens).")
+_THREADS = typer.Option(1, "--threads", min=0,
+                        help="Torch threads (default 1: fastest on a busy CPU; 0 = torch's default).")
 
 
-def _apply(kind, model, prompt, dataset, target, mid, top_k, out, index, limit, lens, json_out):
+def _apply(kind, model, prompt, dataset, target, mid, top_k, out, index, limit, lens, threads,
+           json_out):
     from replab.lenses.run import apply_lens
 
     summary = apply_lens(kind, model, prompt, dataset, target, mid, top_k, out, index, limit,
-                         lens, progress=not json_out)
+                         lens, progress=not json_out, threads=threads or None)
     if json_out:
         print_json(summary)
         return
@@ -39,7 +43,7 @@ def _print_apply(summary: dict) -> None:
     from rich.console import Console
 
     out = Path(summary["out"])
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     table = pd.read_parquet(out / "table.parquet")
     if summary["n_prompts"] == 1:
         last = table[table["position"] == table["position"].max()].sort_values("depth")
@@ -49,9 +53,15 @@ def _print_apply(summary: dict) -> None:
         _rich(console, last[cols], f"{summary['kind']} at the last position")
     ft = summary.get("first_top1")
     if ft:
-        console.print(f"target top-1 at the final layer: {ft['n_final_top1']}/{ft['n_prompts']}; "
-                      f"first becomes top-1 at layer (median) {ft['median_first_top1_layer']}, "
-                      f"stays top-1 from layer (median) {ft['median_stable_top1_layer']}")
+        if summary["n_prompts"] > 1:
+            _print_first_top1(console, ft, summary["kind"])
+        console.print(
+            f"target ever top-1: {ft['n_ever_top1']}/{ft['n_prompts']} prompts "
+            f"({ft['frac_ever_top1']:.0%}), first at layer (median) "
+            f"{ft['median_first_top1_layer']}; top-1 at the output: {ft['n_final_top1']}/"
+            f"{ft['n_prompts']} ({ft['frac_final_top1']:.0%}), for those first at layer (median) "
+            f"{ft['median_first_top1_layer_final_top1']}, stays top-1 from (median) "
+            f"{ft['median_stable_top1_layer']}")
         if summary["n_prompts"] > 1:
             console.print(f"first top-1 layer -> prompts: {ft['first_top1_layer_counts']}")
     if "logit_diff_final_mean" in summary:
@@ -61,6 +71,29 @@ def _print_apply(summary: dict) -> None:
                   + ", ".join(Path(f).name for f in summary["figures"]) + ")")
 
 
+def _print_first_top1(console, ft: dict, kind: str) -> None:
+    """Per-prompt first-top-1 table (and per template), compact column names."""
+    import pandas as pd
+
+    per = pd.DataFrame(ft["per_prompt"])
+    if "prompt" in per:
+        per["prompt"] = per["prompt"].map(lambda p: p if len(p) <= 44 else p[:43] + "…")
+    names = {"prompt_id": "id", "prompt": "prompt", "target": "target",
+             "first_top1_layer": "first top-1", "stable_top1_layer": "stable from",
+             "final_rank": "final rank", "final_prob": "final p"}
+    per = per[[c for c in names if c in per]].rename(columns=names)
+    _rich(console, per, f"{kind}: layer where the target first becomes top-1 (last position; "
+                        "None = never)")
+    if "by_template" in ft:
+        cols = {"n_prompts": "n", "n_final_top1": "top-1 at output", "n_ever_top1": "ever top-1",
+                "median_first_top1_layer": "first (median)",
+                "median_first_top1_layer_final_top1": "first, if top-1 at output",
+                "median_stable_top1_layer": "stable from"}
+        rows = pd.DataFrame([{"template": t, **{v: g[k] for k, v in cols.items()}}
+                             for t, g in ft["by_template"].items()])
+        _rich(console, rows, "per template (medians over prompts that reach top-1)")
+
+
 def _rich(console, df, title: str) -> None:
     from rich.table import Table
 
@@ -68,8 +101,8 @@ def _rich(console, df, title: str) -> None:
     for c in df.columns:
         t.add_column(str(c))
     for _, row in df.iterrows():
-        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else repr(v) if isinstance(v, str)
-                    else str(v) for v in row])
+        t.add_row(*[("None" if v != v else f"{v:.4g}") if isinstance(v, float)
+                    else repr(v) if isinstance(v, str) else str(v) for v in row])
     console.print(t)
 
 
@@ -81,9 +114,14 @@ def _rich(console, df, title: str) -> None:
 def logit_cmd(prompt: str = _PROMPT, dataset: str = _DATASET, target: str = _TARGET,
               mid: bool = typer.Option(False, "--mid", help="Also decode resid_mid (after attention)."),
               model: str = MODEL_OPT, top_k: int = _TOPK, out: Path = _OUT, index: int = _INDEX,
-              limit: int = _LIMIT, json_out: bool = JSON_OPT):
-    """Logit lens: decode every layer and position with the model's own final norm + unembedding."""
-    _apply("logit", model, prompt, dataset, target, mid, top_k, out, index, limit, None, json_out)
+              limit: int = _LIMIT, threads: int = _THREADS, json_out: bool = JSON_OPT):
+    """Logit lens: decode every layer and position with the model's own final norm + unembedding.
+
+    Writes a per-cell table, per-prompt first-top-1 layers (first_top1.csv; printed, and in
+    --json under first_top1.per_prompt) and figures; see docs/lenses.md.
+    """
+    _apply("logit", model, prompt, dataset, target, mid, top_k, out, index, limit, None, threads,
+           json_out)
 
 
 @app.command("tuned", epilog=examples(
@@ -93,9 +131,11 @@ def logit_cmd(prompt: str = _PROMPT, dataset: str = _DATASET, target: str = _TAR
 ))
 def tuned_cmd(prompt: str = _PROMPT, dataset: str = _DATASET, target: str = _TARGET,
               model: str = MODEL_OPT, top_k: int = _TOPK, out: Path = _OUT, index: int = _INDEX,
-              limit: int = _LIMIT, lens: Path = _LENS, json_out: bool = JSON_OPT):
+              limit: int = _LIMIT, lens: Path = _LENS, threads: int = _THREADS,
+              json_out: bool = JSON_OPT):
     """Tuned lens (cached per model; train with `replab lens train`): same outputs as `lens logit`."""
-    _apply("tuned", model, prompt, dataset, target, False, top_k, out, index, limit, lens, json_out)
+    _apply("tuned", model, prompt, dataset, target, False, top_k, out, index, limit, lens, threads,
+           json_out)
 
 
 @app.command("train", epilog=examples(
@@ -116,6 +156,7 @@ def train_cmd(model: str = MODEL_OPT,
               seed: int = typer.Option(0, "--seed"),
               out: Path = typer.Option(None, "--out", "-o",
                                        help="Write here instead of the per-model cache."),
+              threads: int = _THREADS,
               json_out: bool = JSON_OPT):
     """Train a tuned lens (least-squares init + KL to the final layer); cache it for this model."""
     from replab.lenses.tiny_hf import resolve
@@ -124,7 +165,7 @@ def train_cmd(model: str = MODEL_OPT,
 
     cfg = TrainConfig(corpus=corpus, seq_len=seq_len, fit_tokens=tokens, steps=steps,
                       batch_positions=batch_positions, lr=lr, seed=seed)
-    path, stats = train_lens(resolve(model), cfg, out, progress=not json_out)
+    path, stats = train_lens(resolve(model), cfg, out, progress=not json_out, threads=threads or None)
     result = {"path": str(path), "config": cfg.to_dict(),
               **{k: v for k, v in stats.items() if k != "kl_losses"}}
     if json_out:
@@ -132,9 +173,9 @@ def train_cmd(model: str = MODEL_OPT,
         return
     typer.echo(f"trained in {stats['seconds_total']} s on {stats['fit_tokens']} tokens "
                f"(+{stats['kl_positions_seen']} KL positions); saved {path}")
-    typer.echo("validation KL per layer (logit -> tuned): " + ", ".join(
-        f"{i}: {a:.2f}->{b:.2f}" for i, (a, b) in
-        enumerate(zip(stats["val_kl_logit"], stats["val_kl_tuned"]))))
+    typer.echo("validation KL per layer (logit lens -> least-squares init -> after KL training): "
+               + ", ".join(f"{i}: {a:.2f}->{b:.2f}->{c:.2f}" for i, (a, b, c) in enumerate(zip(
+                   stats["val_kl_logit"], stats["val_kl_least_squares"], stats["val_kl_tuned"]))))
 
 
 @app.command("eval", epilog=examples(
@@ -149,6 +190,7 @@ def eval_cmd(model: str = MODEL_OPT,
              seq_len: int = typer.Option(128, "--seq-len"),
              lens: Path = _LENS,
              out: Path = typer.Option(None, "--out", "-o", help="Run directory (default runs/lens-eval)."),
+             threads: int = _THREADS,
              json_out: bool = JSON_OPT):
     """Per layer KL(final ‖ lens) and cross-entropy, logit vs tuned lens, on held-out text.
 
@@ -156,7 +198,8 @@ def eval_cmd(model: str = MODEL_OPT,
     """
     from replab.lenses.evaluate import run_eval, wide
 
-    df, summary = run_eval(model, corpus, tokens, seq_len, lens, out, progress=not json_out)
+    df, summary = run_eval(model, corpus, tokens, seq_len, lens, out, progress=not json_out,
+                           threads=threads or None)
     if json_out:
         print_json(df.to_dict(orient="records"))
         return

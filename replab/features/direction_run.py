@@ -122,6 +122,13 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
     title = (f"{d.cls or 'direction'} ({d.kind}) at {s['hook']} pos {s['position_label']}, task {t.name}")
     files += save_figure(dose_response(res.steering, title, s["metric"], alpha_unit), out / "dose_response")
     files += save_figure(random_histogram(res.random, s, title), out / "random_baseline")
+    if d.k == 1:   # the direction actually patched, as a Direction artifact (for `sae decompose`)
+        from replab.probes.directions import Direction
+
+        Direction(d.vector, s["hook"], int(s["layer"]), str(s.get("position_label") or d.position),
+                  d.label or label, d.cls or "", [], d.kind, m.replab_identity.to_dict(),
+                  config={"source": d.source}).save(out / "direction.json")
+        files += [str(out / "direction.json"), str(out / "direction.safetensors")]
     config = {"direction": str(direction), "class": cls, "label": label, "layer": layer, "site": site,
               "positions": positions, "metric": metric, "n_random": n_random, "alphas": alphas,
               "alpha_unit": alpha_unit,

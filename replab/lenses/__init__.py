@@ -3,18 +3,20 @@
 * :class:`LogitLens` (TransformerLens model; the model's own final norm + unembedding)
   and :class:`TunedLensDecoder` (a tuned-lens ``TunedLens`` on the HF model's hidden
   states) share the point convention of :mod:`replab.lenses.decoders`.
-* :func:`lens_table` / :func:`first_top1`: tidy per (prompt, layer, position) tables.
+* :func:`lens_table` / :func:`first_top1`: tidy per (prompt, layer, position) tables,
+  computed by :func:`lens_arrays` (vectorised; shared prefixes decoded once).
 * :func:`apply_lens`: CLI-level entry point that writes a run directory with figures.
 * :func:`train_lens` / :func:`load_tuned_lens`: train (cached per model identity) and load.
 * :func:`evaluate_lenses` / :func:`run_eval`: KL and CE per layer on held-out text.
 * :func:`logit_diff_curve`: WORKFLOWS W2 step 3 from the accumulated residual stream.
 """
 
+from replab.lenses.cells import lens_arrays
 from replab.lenses.corpus import read_corpus, token_chunks
 from replab.lenses.decoders import LogitLens, Point, TunedLensDecoder, lens_points
 from replab.lenses.evaluate import evaluate_lenses, run_eval
 from replab.lenses.logit_diff import logit_diff_curve
-from replab.lenses.run import apply_lens
+from replab.lenses.run import apply_lens, first_top1_summary
 from replab.lenses.store import cached_lens_dir, load_lens, save_lens
 from replab.lenses.table import first_top1, lens_table
 from replab.lenses.train import TrainConfig, train_tuned_lens
@@ -22,7 +24,7 @@ from replab.lenses.tuned import load_tuned_lens, train_lens
 
 __all__ = [
     "LogitLens", "Point", "TrainConfig", "TunedLensDecoder", "apply_lens", "cached_lens_dir",
-    "evaluate_lenses", "first_top1", "lens_points", "lens_table", "load_lens", "load_tuned_lens",
-    "logit_diff_curve", "read_corpus", "run_eval", "save_lens", "token_chunks", "train_lens",
-    "train_tuned_lens",
+    "evaluate_lenses", "first_top1", "first_top1_summary", "lens_arrays", "lens_points",
+    "lens_table", "load_lens", "load_tuned_lens", "logit_diff_curve", "read_corpus", "run_eval",
+    "save_lens", "token_chunks", "train_lens", "train_tuned_lens",
 ]

@@ -19,13 +19,14 @@ from replab.lenses.decoders import Decoder
 @torch.no_grad()
 def lens_losses(decoder: Decoder, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``tokens [batch, pos]`` -> ``(kl_sum [n_points], ce_sum [n_points])`` over positions 0..pos-2."""
-    per = list(decoder.iter_logits(tokens))
-    final = per[-1][:, :-1].float().log_softmax(-1)
+    resid = decoder.residuals(tokens)[:, :, :-1]
+    n_points = len(decoder.points)
+    final = decoder.decode_point(resid[-1], n_points - 1).float().log_softmax(-1)
     pf = final.exp()
     nxt = tokens[:, 1:]
     kl, ce = [], []
-    for logits in per:
-        logq = logits[:, :-1].float().log_softmax(-1)
+    for i in range(n_points):  # one point's logits at a time: bounded memory
+        logq = decoder.decode_point(resid[i], i).float().log_softmax(-1)
         kl.append((pf * (final - logq)).sum(-1).clamp_min(0).sum())
         ce.append(-logq.gather(-1, nxt.unsqueeze(-1)).sum())
     return torch.stack(kl), torch.stack(ce)
@@ -60,11 +61,12 @@ def wide(df: pd.DataFrame) -> pd.DataFrame:
 
 def run_eval(model: str | None = None, corpus: str = "builtin-heldout", tokens: int = 1024,
              seq_len: int = 128, lens_path=None, out=None, batch_size: int = 4,
-             progress: bool = True) -> tuple[pd.DataFrame, dict]:
+             progress: bool = True, threads: int | None = 1) -> tuple[pd.DataFrame, dict]:
     """Evaluate the logit lens and the (cached or given) tuned lens on held-out text.
 
     Writes ``eval.csv``, ``eval.png`` and ``summary.json`` to ``out`` (default
-    ``runs/lens-eval``). Returns ``(records DataFrame, summary)``.
+    ``runs/lens-eval``). ``threads``: torch threads (default 1, fastest on a shared CPU;
+    ``None`` leaves torch's setting). Returns ``(records DataFrame, summary)``.
     """
     import json
     import time
@@ -72,6 +74,7 @@ def run_eval(model: str | None = None, corpus: str = "builtin-heldout", tokens: 
 
     from replab._version import __version__
     from replab.lenses import plots
+    from replab.lenses.cells import torch_threads
     from replab.lenses.corpus import read_corpus, token_chunks
     from replab.lenses.run import make_decoder
     from replab.lenses.tiny_hf import resolve
@@ -81,7 +84,8 @@ def run_eval(model: str | None = None, corpus: str = "builtin-heldout", tokens: 
     tuned, tl_model, identity = make_decoder("tuned", name, False, lens_path)
     logit, _, _ = make_decoder("logit", name, False)
     chunks = token_chunks(read_corpus(corpus), tl_model.tokenizer, seq_len, tokens, seed=0)
-    df = evaluate_lenses([logit, tuned], chunks, batch_size, progress)
+    with torch_threads(threads):
+        df = evaluate_lenses([logit, tuned], chunks, batch_size, progress)
     out = Path(out or "runs/lens-eval")
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "eval.csv", index=False)

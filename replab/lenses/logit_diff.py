@@ -13,6 +13,7 @@ direction, so clean and corrupt curves end at opposite signs when the model is r
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -27,47 +28,61 @@ def _depth(label: str, n_layers: int) -> float:
 
 
 @torch.no_grad()
-def logit_diff_points(model, ids: list[int], answer: int, foil: int) -> tuple[list[str], torch.Tensor]:
-    """``(labels, logit_diff [n_points])`` for one prompt at its last position."""
-    tokens = torch.tensor([ids])
+def logit_diff_batch(model, tokens: torch.Tensor, answers: torch.Tensor,
+                     foils: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """``tokens [batch, pos]`` (equal lengths), ``answers, foils [batch]`` ->
+    ``(labels, logit_diff [n_points, batch])`` at the last position."""
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: "resid" in n)
     stack, labels = cache.accumulated_resid(incl_mid=True, apply_ln=True, pos_slice=-1,
-                                            return_labels=True)  # [n_points, 1, d_model]
-    direction = model.W_U[:, answer] - model.W_U[:, foil]
-    bias = model.b_U[answer] - model.b_U[foil]
-    return labels, stack[:, 0] @ direction + bias
+                                            return_labels=True)  # [n_points, batch, d_model]
+    direction = model.W_U[:, answers] - model.W_U[:, foils]      # [d_model, batch]
+    bias = model.b_U[answers] - model.b_U[foils]                 # [batch]
+    return labels, torch.einsum("nbd,db->nb", stack, direction) + bias
 
 
 def logit_diff_curve(model, tokenizer, rows: pd.DataFrame, prepend_bos: bool = False,
-                     progress: bool = False) -> pd.DataFrame:
-    """Logit-difference curves for a prompt set's ``rows`` (needs answer + foil per row)."""
+                     progress: bool = False, batch_size: int = 32) -> pd.DataFrame:
+    """Logit-difference curves for a prompt set's ``rows`` (needs answer + foil per row).
+
+    Prompts of equal token length run in one batched forward (no padding).
+    """
     from replab._progress import progress_bar
+    from replab.lenses.cells import length_batches
     from replab.prompts import answer_ids, token_ids
 
-    out = []
-    usable = 0
-    with progress_bar(len(rows), "logit-diff curve", "prompt", enabled=progress) as bar:
-        for pid, row in enumerate(rows.itertuples(index=False)):
-            bar.advance(1)
-            foil = row.corrupt_answer if isinstance(row.corrupt_answer, str) else (
-                row.foils[0] if row.foils is not None and len(row.foils) else None)
-            if not isinstance(row.answer, str) or not isinstance(foil, str):
-                continue
-            a, f = answer_ids(tokenizer, row.answer)[0], answer_ids(tokenizer, foil)[0]
-            if a == f:
-                continue
-            usable += 1
-            prompts = [("clean", row.prompt)]
-            if isinstance(row.corrupt_prompt, str):
-                prompts.append(("corrupt", row.corrupt_prompt))
-            for which, text in prompts:
-                labels, diff = logit_diff_points(model, token_ids(tokenizer, text, prepend_bos), a, f)
-                for label, v in zip(labels, diff.tolist()):
-                    out.append({"prompt_id": pid, "which": which, "point": label.replace("_post", ""),
-                                "depth": _depth(label, model.cfg.n_layers), "logit_diff": v})
-    if not usable:
+    items = []  # (prompt_id, which, ids, answer, foil)
+    for pid, row in enumerate(rows.itertuples(index=False)):
+        foil = row.corrupt_answer if isinstance(row.corrupt_answer, str) else (
+            row.foils[0] if row.foils is not None and len(row.foils) else None)
+        if not isinstance(row.answer, str) or not isinstance(foil, str):
+            continue
+        a, f = answer_ids(tokenizer, row.answer)[0], answer_ids(tokenizer, foil)[0]
+        if a == f:
+            continue
+        items.append((pid, "clean", token_ids(tokenizer, row.prompt, prepend_bos), a, f))
+        if isinstance(row.corrupt_prompt, str):
+            items.append((pid, "corrupt", token_ids(tokenizer, row.corrupt_prompt, prepend_bos), a, f))
+    if not items:
         raise ReplabError("no prompt has both an answer and a foil (corrupt_answer or foils)")
-    return pd.DataFrame(out)
+    diffs: list = [None] * len(items)
+    lengths = [len(it[2]) for it in items]
+    with progress_bar(len(items), "logit-diff curve", "prompt", enabled=progress) as bar:
+        for batch in length_batches(lengths, max_rows=None, max_batch=batch_size):
+            tokens = torch.tensor([items[j][2] for j in batch])
+            labels, diff = logit_diff_batch(model, tokens, torch.tensor([items[j][3] for j in batch]),
+                                            torch.tensor([items[j][4] for j in batch]))
+            for col, j in enumerate(batch):
+                diffs[j] = diff[:, col].tolist()
+            bar.advance(len(batch))
+    points = [lab.replace("_post", "") for lab in labels]
+    depths = [_depth(lab, model.cfg.n_layers) for lab in labels]
+    n = len(points)
+    return pd.DataFrame({
+        "prompt_id": np.repeat([it[0] for it in items], n),
+        "which": np.repeat([it[1] for it in items], n),
+        "point": points * len(items), "depth": depths * len(items),
+        "logit_diff": np.concatenate(diffs),
+    })
 
 
 def summarize_curve(curve: pd.DataFrame) -> pd.DataFrame:

@@ -73,12 +73,17 @@ def make_decoder(kind: str, model_name: str | None, mid: bool = False, lens_path
 def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None = None,
                dataset: str | None = None, target: str | None = None, mid: bool = False,
                k: int = 5, out: str | Path | None = None, index: int = 0, limit: int | None = None,
-               lens_path: str | Path | None = None, progress: bool = True) -> dict:
+               lens_path: str | Path | None = None, progress: bool = True,
+               threads: int | None = 1) -> dict:
     """Decode ``prompt`` or every prompt of ``dataset`` at every layer and position.
 
-    Returns the summary dict (also written to ``out/summary.json``).
+    ``threads``: torch threads for the table and the logit-difference curve (default 1:
+    fastest on a shared CPU; ``None`` leaves torch's setting).
+    Returns the summary dict (also written to ``out/summary.json``); it holds
+    ``first_top1`` (:func:`first_top1_summary`) when there is a target.
     """
     from replab.lenses import plots
+    from replab.lenses.cells import torch_threads
     from replab.lenses.logit_diff import logit_diff_curve, summarize_curve
     from replab.lenses.table import first_top1, lens_table
     from replab.models import load_tokenizer
@@ -92,7 +97,10 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
     if not 0 <= index < len(prompts):
         raise ReplabError(f"--index {index} is out of range (0..{len(prompts) - 1})")
     bos = bool(identity["prepend_bos"])
-    table = lens_table(decoder, tokenizer, prompts, targets, k, bos, extra, progress)
+    t_load = time.perf_counter() - t0
+    with torch_threads(threads):
+        table = lens_table(decoder, tokenizer, prompts, targets, k, bos, extra, progress)
+    t_table = time.perf_counter() - t0 - t_load
     out = Path(out or f"runs/lens-{kind}-{dataset or 'prompt'}")
     out.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out / "table.parquet", index=False)
@@ -103,15 +111,23 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
     figures = [str(plots.trajectory_heatmap(table, out / "trajectory.png", index))]
     summary = {"kind": f"{kind}_lens", "model": identity, "replab_version": __version__,
                "config": {"prompt": prompt, "dataset": dataset, "target": target, "mid": mid,
-                          "top_k": k, "limit": limit, "lens_path": str(lens_path) if lens_path else None},
+                          "top_k": k, "limit": limit, "threads": threads,
+                          "lens_path": str(lens_path) if lens_path else None},
                "n_prompts": len(prompts), "n_points": len(decoder.points), "out": str(out)}
     if any(t is not None for t in targets):
         ft = first_top1(table)
+        if extra is not None:
+            cols = [c for c in ("prompt", "answer", "template") if c in extra.columns]
+            ft = ft.merge(extra[cols].assign(prompt_id=range(len(extra))), on="prompt_id",
+                          how="left")
+        else:
+            ft.insert(1, "prompt", [prompts[i] for i in ft["prompt_id"]])
         ft.to_csv(out / "first_top1.csv", index=False)
         figures.append(str(plots.target_curve(table, out / "target.png", ft)))
-        summary["first_top1"] = _first_top1_summary(ft)
+        summary["first_top1"] = first_top1_summary(ft)
     if kind == "logit" and rows is not None and _has_pairs(rows):
-        curve = logit_diff_curve(tl_model, tokenizer, rows, bos, progress)
+        with torch_threads(threads):
+            curve = logit_diff_curve(tl_model, tokenizer, rows, bos, progress)
         curve.to_csv(out / "logit_diff.csv", index=False)
         agg = summarize_curve(curve)
         figures.append(str(plots.logit_diff_plot(
@@ -120,8 +136,10 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
         clean = agg[agg["which"] == "clean"].sort_values("depth")
         summary["logit_diff_final_mean"] = float(clean["mean"].iloc[-1])
     summary["figures"] = figures
+    summary["seconds_load"] = round(t_load, 1)
+    summary["seconds_table"] = round(t_table, 1)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "summary.json").write_text(json.dumps(_no_nan(summary), indent=1, default=str))
     return summary
 
 
@@ -131,14 +149,54 @@ def _has_pairs(rows: pd.DataFrame) -> bool:
     return bool((rows["answer"].map(lambda v: isinstance(v, str)) & has_foil).any())
 
 
-def _first_top1_summary(ft: pd.DataFrame) -> dict:
+def first_top1_summary(ft: pd.DataFrame) -> dict:
+    """Summary of :func:`replab.lenses.table.first_top1` rows.
+
+    ``median_first_top1_layer`` is over the prompts whose target ever becomes top-1
+    (``n_ever_top1`` of ``n_prompts``; ``frac_ever_top1``);
+    ``median_first_top1_layer_final_top1`` only over those where the model itself
+    (the final point) ranks it top-1 (``n_final_top1``); ``median_stable_top1_layer``:
+    the point from which it stays top-1, over the latter. ``per_prompt`` lists every
+    prompt (``first_top1_layer`` None when never top-1); ``by_template`` repeats the
+    counts and medians per template when the prompt set has templates.
+    """
+    def median(values: pd.Series):
+        values = values.dropna()
+        return None if values.empty else float(values.median())
+
+    def agg(g: pd.DataFrame) -> dict:
+        right = g["final_rank"] == 0
+        return {
+            "n_prompts": int(len(g)),
+            "n_final_top1": int(right.sum()),
+            "n_ever_top1": int(g["first_top1_layer"].notna().sum()),
+            "frac_final_top1": round(float(right.mean()), 4),
+            "frac_ever_top1": round(float(g["first_top1_layer"].notna().mean()), 4),
+            "median_first_top1_layer": median(g["first_top1_layer"]),
+            "median_first_top1_layer_final_top1": median(g.loc[right, "first_top1_layer"]),
+            "median_stable_top1_layer": median(g["stable_top1_layer"]),
+        }
+
+    out = agg(ft)
     hit = ft["first_top1_layer"].dropna()
-    return {
-        "n_prompts": int(len(ft)),
-        "n_final_top1": int((ft["final_rank"] == 0).sum()),
-        "n_ever_top1": int(len(hit)),
-        "median_first_top1_layer": None if hit.empty else float(hit.median()),
-        "median_stable_top1_layer": None if ft["stable_top1_layer"].dropna().empty
-        else float(ft["stable_top1_layer"].dropna().median()),
-        "first_top1_layer_counts": {str(k): int(v) for k, v in hit.value_counts().sort_index().items()},
-    }
+    counts = hit.value_counts().sort_index()
+    out["first_top1_layer_counts"] = {f"{k:g}": int(v) for k, v in counts.items()}
+    if "template" in ft.columns and ft["template"].nunique() > 1:
+        out["by_template"] = {str(t): agg(g) for t, g in ft.groupby("template", sort=False)}
+    keep = [c for c in ("prompt_id", "prompt", "target", "first_top1_layer", "first_top1_point",
+                        "stable_top1_layer", "final_rank", "final_prob") if c in ft.columns]
+    out["per_prompt"] = _no_nan(ft[keep].to_dict(orient="records"))
+    return out
+
+
+def _no_nan(value):
+    """NaN -> None, numpy scalars -> Python, recursively (for JSON)."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from replab.errors import ReplabError
+from replab.lenses.cells import torch_threads
 from replab.lenses.store import cached_lens_dir, load_lens, save_lens
 from replab.lenses.train import TrainConfig, train_tuned_lens
 
@@ -23,12 +24,15 @@ def model_identity(model_name: str | None) -> dict:
 
 def train_lens(model_name: str | None = None, config: TrainConfig | None = None,
                out: str | os.PathLike | None = None, progress: bool = True,
-               identity: dict | None = None, hf_model=None) -> tuple[Path, dict]:
+               identity: dict | None = None, hf_model=None,
+               threads: int | None = 1) -> tuple[Path, dict]:
     """Train a tuned lens for ``model_name`` and save it.
 
     Args:
         out: directory to write; default the per-identity cache
             (:func:`replab.lenses.store.cached_lens_dir`), which ``replab lens tuned`` reads.
+        threads: torch threads while training (default 1, the fastest on a shared CPU;
+            ``None`` leaves torch's setting). Recorded as ``stats["torch_threads"]``.
 
     Returns:
         ``(path, stats)``.
@@ -39,7 +43,8 @@ def train_lens(model_name: str | None = None, config: TrainConfig | None = None,
     identity = identity or model_identity(model_name)
     hf_model = hf_model if hf_model is not None else quiet_hf_model(model_name)
     tokenizer = load_tokenizer(model_name)
-    lens, stats = train_tuned_lens(hf_model, tokenizer, config, progress=progress)
+    with torch_threads(threads):
+        lens, stats = train_tuned_lens(hf_model, tokenizer, config, progress=progress)
     path = Path(out) if out is not None else cached_lens_dir(identity)
     save_lens(lens, path, identity, config.to_dict(), stats)
     return path, stats

@@ -1,0 +1,57 @@
+"""``replab sae patch``: patch chosen SAE latents clean → corrupt (error term kept), with baselines.
+
+Registered on the ``replab sae`` group (see :mod:`replab.cli.sae`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+from replab.cli.sae import _HOOK, _LAYER, _SAE_DIR, app
+
+
+@app.command("patch", epilog=examples(
+    "replab sae patch --layer 15 --task superclass --classes artist,scientist --top 5",
+    "replab sae patch --layer 15 --from runs/sae-decompose-artist --top 5 --json",
+    "replab sae patch runs/sae-l15 --task next_day --latents 12,345 --positions all"))
+def patch_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
+              task: str = typer.Option("superclass", "--task", "-t",
+                                       help="superclass (with --classes), next_day, or a pairs file."),
+              classes: str = typer.Option(None, "--classes", help="Super-class task: CLEAN,CORRUPT classes."),
+              latents: str = typer.Option(None, "--latents", help="Latent ids, e.g. 12,345."),
+              from_dir: Path = typer.Option(None, "--from", help="A `sae decompose` run: its top latents."),
+              top: int = typer.Option(5, "--top", help="How many latents (from --from, or by attribution)."),
+              positions: str = typer.Option(None, "--positions",
+                                            help="entity_last (super-class default), last, all, or 3,4."),
+              metric: str = typer.Option(None, "--metric", help="Default class_mass (superclass) or logit_diff."),
+              n_random: int = typer.Option(100, "--random", help="Random same-size latent sets."),
+              pairs: int = typer.Option(64, "--pairs", help="At most this many prompt pairs."),
+              template: str = typer.Option(None, "--template", help="One template of the task."),
+              seed: int = typer.Option(0, "--seed"),
+              out: Path = typer.Option(None, "--out", "-o", help="Run directory (default runs/sae-patch)."),
+              model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
+    """Do a few SAE latents carry the effect? Patch them, compare to the full patch and random sets.
+
+    --json prints the summary: effect, ci_low, ci_high, full_activation_effect, all_latents_effect,
+    random_mean, random_p95, percentile, latents, verdict, ...
+    """
+    from replab.errors import ReplabError
+    from replab.features.latent_run import run_latent_patch
+
+    if top < 1 or n_random < 0:
+        raise ReplabError("--top must be at least 1 and --random at least 0")
+    s = run_latent_patch(sae_dir, layer, hook, task, classes, latents, from_dir, top, positions, metric,
+                         n_random, pairs, template, out, model, seed)
+    if json_out:
+        print_json(s)
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"latents {s['latents']} at {s['hook_name']} (positions {s['config']['positions']}), "
+                  f"task {s['task']['name']}, metric {s['metric']}")
+    console.print(s["verdict"])
+    console.print(f"wrote {s['out']}/")

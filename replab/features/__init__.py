@@ -1,0 +1,31 @@
+"""Features: is a direction or a set of features what the model actually uses?
+
+WORKFLOWS W3 step 6. Two halves:
+
+* :mod:`replab.features.sae` — sparse autoencoders with SAELens: train on a hook's
+  activations over a text corpus, evaluate (L0, FVU, CE loss recovered, KL, dead and
+  dense latents), decompose a probe direction onto latents, and splice an SAE into a
+  forward pass (reconstruction + error term) for latent patching.
+* direction patching (replace / steer / ablate along a Direction artifact, with random
+  and shuffled baselines) lives in sibling modules of this package.
+
+Submodules are imported lazily (``import replab.features`` stays cheap).
+"""
+
+# Direction patching and the super-class task (lazy: resolved on first attribute access).
+_DIRECTION_EXPORTS = {
+    "build_superclass_task": "superclass", "check_separation": "superclass",
+    "separation_table": "superclass", "task_positions": "superclass",
+    "DirectionInput": "direction_inputs", "load_direction": "direction_inputs",
+    "shuffled_direction": "direction_inputs", "fit_leace": "direction_inputs",
+    "DirectionPatchResult": "direction_patch", "direction_patch": "direction_patch",
+    "run_direction_patch": "direction_run",
+}
+
+
+def __getattr__(name):
+    if name in _DIRECTION_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"replab.features.{_DIRECTION_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'replab.features' has no attribute {name!r}")

@@ -1,0 +1,151 @@
+"""SAE artifacts on disk, and the per-model cache.
+
+An SAE directory holds:
+
+* ``cfg.json`` + ``sae_weights.safetensors`` — SAELens's own on-disk format (an inference
+  SAE: ``topk``, ``jumprelu`` for BatchTopK, or ``standard`` for ReLU+L1), so
+  ``sae_lens.SAE.load_from_disk(DIR)`` loads it. ``cfg.json["metadata"]`` carries
+  ``hook_name``, ``model_name``, ``context_size``, ``prepend_bos`` and ``seqpos_slice``.
+* ``replab.json`` — ``format: "replab.sae"``, the hook name and layer, the model identity
+  (``model.replab_identity``), the training config, the token budget and times
+  (``stats``), the creation time and the replab and sae_lens versions. Written last.
+
+Directories are written to a temporary sibling and renamed, so a crashed run never leaves
+a directory that looks complete. Cache: ``cache_dir()/saes/<model>-<sha16>/<hook name>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from replab._version import __version__
+from replab.errors import ReplabError
+
+CFG = "cfg.json"
+WEIGHTS = "sae_weights.safetensors"
+META = "replab.json"
+FORMAT = "replab.sae"
+
+
+def cached_sae_dir(identity: dict, hook_name: str) -> Path:
+    """``cache_dir()/saes/<model>-<sha16>/<hook_name>`` (may not exist yet)."""
+    from replab.lenses.store import identity_key
+    from replab.models.cache import cache_dir
+
+    return cache_dir() / "saes" / identity_key(identity) / hook_name
+
+
+def save_sae(sae, path: str | os.PathLike, identity: dict, hook_name: str, layer: int | None,
+             config: dict, stats: dict) -> Path:
+    """Write a trained SAELens ``TrainingSAE`` (inference form) + ``replab.json`` atomically."""
+    import sae_lens
+
+    path = Path(path)
+    check_replaceable(path, META, "an SAE directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    sae.save_inference_model(tmp)
+    arch = json.loads((tmp / CFG).read_text()).get("architecture")
+    meta = {"format": FORMAT, "hook_name": hook_name, "layer": layer, "architecture": arch,
+            "training_architecture": config.get("arch"), "d_in": int(sae.cfg.d_in),
+            "d_sae": int(sae.cfg.d_sae), "model": identity, "config": config, "stats": stats,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "replab_version": __version__, "sae_lens_version": sae_lens.__version__}
+    (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    replace_dir(tmp, path)
+    return path
+
+
+def check_replaceable(path: Path, marker: str, what: str) -> None:
+    """ReplabError unless ``path`` is absent, empty, or already holds ``marker`` (our output)."""
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).exists())):
+        raise ReplabError(f"{path} exists and is not {what}; choose another --out")
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` directory to ``path``, replacing an older one."""
+    old = path.parent / f".{path.name}.old{os.getpid()}"
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The ``replab.json`` of an SAE directory (ReplabError if missing or incomplete)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReplabError(f"{path}: no such SAE directory")
+    for name in (CFG, WEIGHTS, META):
+        if not (path / name).exists():
+            raise ReplabError(f"{path} is not a complete replab SAE directory ({name} is missing)")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReplabError(f"{path / META}: unreadable ({exc.__class__.__name__})") from None
+    if meta.get("format") != FORMAT:
+        raise ReplabError(f"{path / META}: not a replab SAE")
+    return meta
+
+
+def load_sae(path: str | os.PathLike, device: str = "cpu"):
+    """Load an SAE directory with SAELens. Returns ``(sae, meta)``.
+
+    ``sae`` is a ``sae_lens.SAE`` in eval mode with gradients off; ``meta`` is ``replab.json``.
+    """
+    import torch
+    from sae_lens import SAE
+
+    meta = read_meta(path)
+    try:
+        sae = SAE.load_from_disk(str(path), device=device)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a broken artifact
+        raise ReplabError(f"{path}: SAELens could not load this SAE ({exc.__class__.__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    sae.eval()
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    sae.to(torch.float32)
+    return sae, meta
+
+
+def resolve_sae_dir(path: str | os.PathLike | None, model=None, hook: str = "resid_post",
+                    layer: int | None = None) -> Path:
+    """``path`` if given, else the cached SAE of ``model`` at ``hook``/``layer``."""
+    if path is not None:
+        return Path(path)
+    if model is None:
+        raise ReplabError("give an SAE directory, or a model and --layer for the cached SAE")
+    from replab.features.sae.acts import sae_hook_name
+
+    hook_name = sae_hook_name(model, hook, layer)
+    cached = cached_sae_dir(model.replab_identity.to_dict(), hook_name)
+    if not (cached / META).exists():
+        raise ReplabError(f"no SAE cached for this model at {hook_name}; train one with "
+                          f"`replab sae train --layer {layer} --hook {hook}` (or pass a directory)")
+    return cached
+
+
+def model_for(meta: dict, model=None):
+    """The model an SAE was trained on (``model`` if given; checked against ``meta``)."""
+    from replab.models import load_model
+
+    ident = meta.get("model", {})
+    if model is None or isinstance(model, str):
+        name = model if isinstance(model, str) else ident.get("name")
+        model = load_model(name, device="cpu")
+    got = model.replab_identity.to_dict()
+    if got.get("weights_sha256") != ident.get("weights_sha256"):
+        raise ReplabError(f"this SAE was trained on model {ident.get('name')!r} "
+                          f"({str(ident.get('weights_sha256'))[:12]}), not {got.get('name')!r} "
+                          f"({str(got.get('weights_sha256'))[:12]})")
+    if meta["hook_name"] not in model.hook_dict:
+        raise ReplabError(f"hook {meta['hook_name']} does not exist on this model")
+    return model
