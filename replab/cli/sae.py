@@ -134,7 +134,7 @@ def decompose_cmd(sae_dir: Path = _SAE_DIR,
                   where: str = typer.Option(None, "--where", help="pandas query on the store index."),
                   top: int = typer.Option(10, "--top", help="Top latents to report."),
                   n_examples: int = typer.Option(5, "--examples", help="Top-activating rows per latent."),
-                  n_tokens: int = typer.Option(10, "--tokens", help="Logit-effect tokens per side."),
+                  n_tokens: int = typer.Option(10, "--logit-tokens", help="Logit-effect tokens per side."),
                   model: str = MODEL_OPT,
                   out: Path = typer.Option(None, "--out", "-o", help="Run directory (default runs/sae-decompose)."),
                   json_out: bool = JSON_OPT):
