@@ -34,7 +34,7 @@ $R plot pca --store "$OUT/sequence_types" --color seq_type --out "$OUT/geometry"
 echo "== 6. Logit lens on next_day (tuned lens too, if one is cached: make lens) =="
 $R lens logit --prompt "Today it is Monday so tomorrow it is" --target " Tuesday" --out "$OUT/lens-prompt"
 $R lens tuned --prompt "Today it is Monday so tomorrow it is" --target " Tuesday" --out "$OUT/tuned-prompt" \
-  || echo "(no tuned lens cached: run 'make lens', about 10 CPU minutes)"
+  || echo "(no tuned lens cached: run 'make lens', about 3 CPU minutes)"
 
 echo "== 7. W2 on next_day: test prompt, baseline, DLA, patching heatmaps, heads, patterns, AtP =="
 W2="$OUT/w2"
@@ -62,5 +62,5 @@ if run_once "$W3/decompose" $R sae decompose --direction "$W3/direction_L15/dire
   run_once "$W3/latents" $R sae patch --layer 15 --from "$W3/decompose" --top 5 \
     --task superclass --classes artist,scientist
 else
-  echo "(no layer-15 SAE cached: run 'make sae', about 30 CPU minutes)"
+  echo "(no layer-15 SAE cached: run 'make sae', about 11 CPU minutes, 20 minutes wall)"
 fi

@@ -33,14 +33,9 @@ def class_palette(classes) -> dict:
 
 
 def _save(fig, base: Path) -> Path:
-    base = Path(base).with_suffix("")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(base) + ".png", dpi=130, bbox_inches="tight")
-    fig.savefig(str(base) + ".svg", bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    from replab._figures import save
 
-    plt.close(fig)
-    return Path(str(base) + ".png")
+    return save(fig, Path(base).with_suffix(""), formats=("png", "svg"))[0]
 
 
 def plot_projection(coords: pd.DataFrame, color: str, base, title: str = "",

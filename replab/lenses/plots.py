@@ -131,9 +131,6 @@ def eval_plot(df: pd.DataFrame, path: str | Path, title: str | None = None) -> P
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    from replab._figures import save
+
+    return save(fig, path, tight_layout=True)[0]

@@ -12,25 +12,14 @@ import numpy as np
 import pandas as pd
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+from replab._figures import pyplot as _plt
 
 
 def save_figure(fig, path_stem: Path) -> list[str]:
     """Write ``<stem>.png`` and ``<stem>.svg``; returns the paths."""
-    path_stem = Path(path_stem)
-    out = []
-    for ext in ("png", "svg"):
-        p = path_stem.with_suffix(f".{ext}")
-        fig.savefig(p, dpi=130, bbox_inches="tight")
-        out.append(str(p))
-    _plt().close(fig)
-    return out
+    from replab._figures import save
+
+    return [str(p) for p in save(fig, Path(path_stem), formats=("png", "svg"))]
 
 
 def _heat(ax, grid: pd.DataFrame, title: str, xlabel: str, ylabel: str, value_label: str,

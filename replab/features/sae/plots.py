@@ -8,13 +8,7 @@ import numpy as np
 import pandas as pd
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+from replab._figures import pyplot as _plt
 
 
 def frequency_plot(latents: pd.DataFrame, path: str | Path, title: str = "",
@@ -73,11 +67,6 @@ def top_latents_plot(top: pd.DataFrame, path: str | Path, value: str = "contribu
 
 
 def _save(fig, path) -> Path:
-    import matplotlib.pyplot as plt
+    from replab._figures import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120, tight_layout=True)[0]
