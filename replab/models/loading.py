@@ -26,6 +26,7 @@ from replab.models import embedded
 from replab.models.cache import cache_dir
 from replab.models.convert import CONVERSION_VERSION, PROCESSING, convert_and_cache, load_cached
 from replab.models.identity import ModelIdentity, sha256_files
+from replab.models.layout import linear_layout
 
 TINY = "tiny"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -79,7 +80,8 @@ def load_model(name: str | None = None, device=None, dtype=None):
 
     Returns:
         ``HookedTransformer`` in eval mode with ``.replab_identity`` set.
-        Weights are processed once (norms folded; unembedding *not* centred, so
+        ``F.linear`` weights are stored transposed (:mod:`replab.models.layout`: no copy
+        per forward, identical results). Weights are processed once (norms folded; unembedding *not* centred, so
         logits equal the original model's raw logits) and cached, so a second
         load in a new process only reads safetensors.
     """
@@ -98,6 +100,7 @@ def load_model(name: str | None = None, device=None, dtype=None):
             model = model.to(torch_dtype)
     if torch_dtype != torch.float32:
         model.cfg.dtype = torch_dtype
+    linear_layout(model)
     model.eval()
     model.replab_identity = ModelIdentity(**{**identity, "dtype": str(torch_dtype).removeprefix("torch.")})
     return model

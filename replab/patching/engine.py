@@ -28,6 +28,7 @@ full-vocabulary metric is asked for (see :mod:`replab.patching.metrics`).
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +182,22 @@ def _hook_fn(patches: list[tuple[int, int, Intervention, torch.Tensor, torch.Ten
     return fn
 
 
+@contextmanager
+def _block_hooks(model, fns: dict):
+    """Forward hooks on just the named hook points, removed on exit. (TransformerLens's
+    ``model.hooks`` walks every hook point of the model on exit: about 1 s per head sweep.)"""
+    handles = []
+    try:
+        for name, fn in fns.items():
+            hp = model.hook_dict[name]
+            handles.append(hp.register_forward_hook(
+                lambda mod, args, out, fn=fn, hp=hp: fn(out, hook=hp)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _run_group(model, group: list[tuple[int, Variant]], runs: dict, base: str, p: int,
                n_prompts: int) -> dict[int, torch.Tensor]:
     """Pipelined forward of variants sharing prefix length ``p``; {variant index: final [N, d]}."""
@@ -214,7 +231,7 @@ def _run_group(model, group: list[tuple[int, Variant]], runs: dict, base: str, p
                                            _slice_positions(_noise(iv, like) if like is not None else None, iv, p)))
         n_rep = x.shape[0] // n_prompts
         entry = _kv_entry(runs, base, k, p, n_rep) if p > 0 else None
-        with model.hooks(fwd_hooks=[(name, _hook_fn(pl, p)) for name, pl in hooks.items()]):
+        with _block_hooks(model, {name: _hook_fn(pl, p) for name, pl in hooks.items()}):
             x = model.blocks[k](x, past_kv_cache_entry=entry)
     out = {}
     for vi, _ in group:
