@@ -1,14 +1,16 @@
 """Tuned-lens bench: training time and tokens, and KL curves (logit vs tuned) on held-out text.
 
     python bench/bench_lens.py                # use the cached default lens (train if missing)
-    python bench/bench_lens.py --retrain      # train the default lens now (~15-20 CPU min)
+    python bench/bench_lens.py --retrain      # retrain the default lens now (~3 CPU min, one thread)
     python bench/bench_lens.py --tokens 2048  # held-out tokens to score
+    python bench/bench_lens.py --figure docs/img/lens_kl.png   # also write the README figure
     python bench/bench_lens.py --table next_day   # time `lens logit|tuned --dataset next_day`
     python bench/bench_lens.py --compare-init     # KL phase from the identity vs from least squares
 
 Prints the training record (wall time, CPU time, tokens, config) and a per-layer table
-of KL(final || lens) and cross-entropy for both lenses, and says whether the tuned lens
-is below the logit lens at every layer. Writes runs/bench-lens/ (eval.csv, eval.png).
+of KL(final || lens) and cross-entropy for both lenses at every point 0..n_layers, and says
+whether the tuned lens is below the logit lens at every layer. Writes runs/bench-lens/
+(eval.csv, eval.png, summary.json) and, with --figure, the same plot to that path.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--retrain", action="store_true", help="train even if a lens is cached")
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens to score")
     ap.add_argument("--out", default="runs/bench-lens")
+    ap.add_argument("--figure", metavar="PNG", help="also write the KL/CE plot here "
+                    "(docs/img/lens_kl.png for the README)")
     ap.add_argument("--table", metavar="DATASET", help="time the lens table on a prompt set, then exit")
     ap.add_argument("--compare-init", action="store_true",
                     help="KL phase from the identity vs from the least-squares fit, then exit")
@@ -40,22 +44,23 @@ def main(argv=None) -> int:
         return compare_init(args.model)
 
     from replab.lenses.evaluate import run_eval, wide
-    from replab.lenses.store import cached_lens_dir, read_meta
+    from replab.lenses.store import read_meta
     from replab.lenses.tiny_hf import resolve
     from replab.lenses.train import TrainConfig
-    from replab.lenses.tuned import model_identity, train_lens
+    from replab.lenses.tuned import default_lens_dir, model_identity, train_lens
 
     name = resolve(args.model)
     identity = model_identity(name)
-    path = cached_lens_dir(identity)
+    path = default_lens_dir(identity)
     if args.retrain or not path.exists():
         t0, c0 = time.perf_counter(), _cpu()
-        path, _ = train_lens(name, TrainConfig(), identity=identity)
+        path, _ = train_lens(name, TrainConfig(), identity=identity, force=True)
         print(f"trained now: wall {time.perf_counter() - t0:.0f} s, process CPU {_cpu() - c0:.0f} s")
     meta = read_meta(path)
     st, cfg = meta["stats"], meta["config"]
     print(f"model: {identity['name']}  lens: {path}")
-    print(f"training (recorded {meta['created']}): {st['seconds_total']} s wall "
+    print(f"training (recorded {meta['created']}): {st['seconds_total']} s wall, "
+          f"{st.get('cpu_seconds')} CPU-s, {st.get('torch_threads')} torch thread(s) "
           f"(least squares {st['seconds_fit']} s, KL {st['seconds_kl']} s); "
           f"{st['fit_tokens']} tokens through the model, {st['kl_positions_seen']} KL positions x "
           f"{identity['n_layers']} layers; corpus {cfg['corpus']!r}")
@@ -71,6 +76,13 @@ def main(argv=None) -> int:
     ok = summary["tuned_better_every_layer"]
     print(f"\ntuned lens KL < logit lens KL at every layer 0..{identity['n_layers'] - 1}: {ok}")
     print(f"wrote {args.out}/eval.csv and eval.png")
+    if args.figure:
+        from replab.lenses import plots
+
+        fig = plots.eval_plot(df, args.figure, f"{identity['name'].split('/')[-1]}: logit vs tuned "
+                              f"lens on {summary['config']['tokens']} held-out tokens "
+                              f"(python bench/bench_lens.py)")
+        print(f"wrote {fig}")
     return 0 if ok else 1
 
 
@@ -109,12 +121,18 @@ def _compare_init(hf, tok, fit_tokens: int) -> int:
     from tuned_lens.nn.lenses import TunedLens
 
     from replab.lenses.corpus import read_corpus, token_chunks
-    from replab.lenses.train import TrainConfig, fit_phase, kl_phase, per_layer_kl, solve_translators
+    from replab.lenses.least_squares import fit_phase, solve_translators
+    from replab.lenses.norms import probe_norm
+    from replab.lenses.train import TrainConfig, kl_phase, per_layer_kl
 
     cfg = TrainConfig(fit_tokens=fit_tokens, pool_fraction=1.0)
     chunks = token_chunks(read_corpus(cfg.corpus), tok, cfg.seq_len, fit_tokens + 2 * cfg.seq_len, cfg.seed)
     t0 = time.perf_counter()
-    xtx, xty, pool, val, _ = fit_phase(hf, chunks, cfg, progress=False, n_val_chunks=2)
+    spec = probe_norm(TunedLens.from_model(hf).unembed.final_norm, hf.config.hidden_size)
+    if spec is None:
+        print("the final norm is not one the least-squares fit handles; nothing to compare")
+        return 1
+    xtx, xty, pool, val, _ = fit_phase(hf, chunks, cfg, progress=False, n_val_chunks=2, spec=spec)
     val = val[torch.randperm(len(val), generator=torch.Generator().manual_seed(2))[:cfg.val_positions]]
     identity = TunedLens.from_model(hf)
     curves = {"logit": per_layer_kl(identity, val)}

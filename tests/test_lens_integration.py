@@ -120,11 +120,11 @@ def test_default_tuned_lens_loads_with_tuned_lens_loader(hf):
     """The cached default lens (if trained) is a valid tuned-lens artifact."""
     from tuned_lens.nn.lenses import TunedLens
 
-    from replab.lenses.store import cached_lens_dir, load_lens, read_meta
-    from replab.lenses.tuned import model_identity
+    from replab.lenses.store import load_lens, read_meta
+    from replab.lenses.tuned import default_lens_dir, model_identity
 
     identity = model_identity(None)
-    path = cached_lens_dir(identity)
+    path = default_lens_dir(identity)
     if not path.exists():
         pytest.skip("no cached default tuned lens (run `replab lens train`)")
     theirs = TunedLens.from_model_and_pretrained(hf, lens_resource_id=str(path))
@@ -135,18 +135,23 @@ def test_default_tuned_lens_loads_with_tuned_lens_loader(hf):
     assert read_meta(path)["stats"]["fit_tokens"] > 0
 
 
-def test_short_tuned_lens_beats_logit_lens_on_heldout(smol, hf):
-    """A least-squares-only lens on 512 tokens already beats the logit lens at every layer."""
+def test_acceptance_tuned_lens_beats_logit_lens_on_heldout(smol, hf):
+    """Issue acceptance, small: the real training code (least squares on 1,024 tokens, then
+    4 steps of tuned-lens's KL objective) gives a lens whose KL to the final distribution on
+    held-out text is below the logit lens's at every layer 0-28 (and 29)."""
     from replab.lenses.corpus import read_corpus, token_chunks
     from replab.lenses.evaluate import evaluate_lenses, wide
     from replab.lenses.train import TrainConfig, train_tuned_lens
 
-    cfg = TrainConfig(fit_tokens=512, steps=0, val_positions=32)
-    lens, _ = train_tuned_lens(hf, smol.tokenizer, cfg, progress=False)
-    chunks = token_chunks(read_corpus("builtin-heldout"), smol.tokenizer, 64, 64)
+    cfg = TrainConfig(fit_tokens=1024, steps=4, batch_positions=8, val_positions=64)
+    lens, stats = train_tuned_lens(hf, smol.tokenizer, cfg, progress=False)
+    assert stats["init"] == "least_squares" and stats["final_norm"] == "rms"
+    assert stats["final_phase"] == "kl" and len(stats["kl_losses"]) == 4
+    chunks = token_chunks(read_corpus("builtin-heldout"), smol.tokenizer, 64, 128)
+    assert chunks.shape == (2, 64)
     w = wide(evaluate_lenses([LogitLens(smol), TunedLensDecoder(hf, lens)], chunks))
     inner = w[w["layer"] < 30]
-    assert len(inner) == 30
+    assert list(inner["layer"]) == list(range(30))
     assert (inner["kl_tuned"] < inner["kl_logit"]).all(), inner.to_string()
     final = w[w["layer"] == 30].iloc[0]
     assert final["kl_logit"] < 1e-4 and final["kl_tuned"] < 1e-4

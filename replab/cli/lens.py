@@ -130,16 +130,21 @@ def logit_cmd(prompt: str = _PROMPT, dataset: str = _DATASET, target: str = _TAR
     "replab lens tuned --dataset fact_recall --lens runs/my-lens --json",
 ))
 def tuned_cmd(prompt: str = _PROMPT, dataset: str = _DATASET, target: str = _TARGET,
+              mid: bool = typer.Option(False, "--mid", help="Not available for the tuned lens "
+                                       "(no translators after attention): an error."),
               model: str = MODEL_OPT, top_k: int = _TOPK, out: Path = _OUT, index: int = _INDEX,
               limit: int = _LIMIT, lens: Path = _LENS, threads: int = _THREADS,
               json_out: bool = JSON_OPT):
-    """Tuned lens (cached per model; train with `replab lens train`): same outputs as `lens logit`."""
-    _apply("tuned", model, prompt, dataset, target, False, top_k, out, index, limit, lens, threads,
+    """Tuned lens (the default lens of `replab lens train`, or --lens DIR): same outputs as
+    `lens logit`, incl. the logit-difference curve for clean/corrupt sets (from the translated
+    residual at each layer; see docs/lenses.md). There is no --mid equivalent."""
+    _apply("tuned", model, prompt, dataset, target, mid, top_k, out, index, limit, lens, threads,
            json_out)
 
 
 @app.command("train", epilog=examples(
-    "replab lens train",
+    "replab lens train                 # the default lens (cached: a second run returns at once)",
+    "replab lens train --force         # retrain the default lens",
     "replab lens train --model tiny --tokens 2048 --steps 5",
     "replab lens train --corpus my_texts/ --tokens 32768 --steps 60 --out runs/my-lens",
 ))
@@ -155,24 +160,40 @@ def train_cmd(model: str = MODEL_OPT,
               seq_len: int = typer.Option(128, "--seq-len"),
               seed: int = typer.Option(0, "--seed"),
               out: Path = typer.Option(None, "--out", "-o",
-                                       help="Write here instead of the per-model cache."),
+                                       help="Write here instead of the cache directory of this "
+                                            "model and config."),
+              force: bool = typer.Option(False, "--force",
+                                         help="Retrain even if this lens (same model, corpus "
+                                              "content and settings) is already saved there."),
               threads: int = _THREADS,
               json_out: bool = JSON_OPT):
-    """Train a tuned lens (least-squares init + KL to the final layer); cache it for this model."""
+    """Train a tuned lens (least-squares init + KL to the final layer), unless it is cached.
+
+    Lenses are cached per model and training config (corpus content and every setting): the
+    default settings give the default lens, which `lens tuned` and `lens eval` use; any other
+    corpus or setting is cached under its own key (or --out) and never replaces it.
+    """
     from replab.lenses.tiny_hf import resolve
     from replab.lenses.train import TrainConfig
     from replab.lenses.tuned import train_lens
 
     cfg = TrainConfig(corpus=corpus, seq_len=seq_len, fit_tokens=tokens, steps=steps,
                       batch_positions=batch_positions, lr=lr, seed=seed)
-    path, stats = train_lens(resolve(model), cfg, out, progress=not json_out, threads=threads or None)
+    path, stats = train_lens(resolve(model), cfg, out, progress=not json_out,
+                             threads=threads or None, force=force)
     result = {"path": str(path), "config": cfg.to_dict(),
               **{k: v for k, v in stats.items() if k != "kl_losses"}}
     if json_out:
         print_json(result)
         return
-    typer.echo(f"trained in {stats['seconds_total']} s on {stats['fit_tokens']} tokens "
-               f"(+{stats['kl_positions_seen']} KL positions); saved {path}")
+    if stats["cached"]:
+        typer.echo(f"an identical lens (same model, corpus and settings) is already at {path}; "
+                   f"not retraining (--force retrains). It was trained in "
+                   f"{stats['seconds_total']} s on {stats['fit_tokens']} tokens.")
+        return
+    typer.echo(f"trained in {stats['seconds_total']} s ({stats['cpu_seconds']} CPU-s) on "
+               f"{stats['fit_tokens']} tokens (+{stats['kl_positions_seen']} KL positions); "
+               f"saved {path}")
     typer.echo("validation KL per layer (logit lens -> least-squares init -> after KL training): "
                + ", ".join(f"{i}: {a:.2f}->{b:.2f}->{c:.2f}" for i, (a, b, c) in enumerate(zip(
                    stats["val_kl_logit"], stats["val_kl_least_squares"], stats["val_kl_tuned"]))))
@@ -217,7 +238,13 @@ def corpus_cmd(write: bool = typer.Option(False, "--write",
                                           help="Regenerate datasets/corpus/{train,heldout}.txt."),
                model: str = MODEL_OPT, json_out: bool = JSON_OPT):
     """Show (or regenerate) the builtin lens corpus: documents and token counts per split."""
-    from replab.lenses.corpus import BUILTIN, BUILTIN_HELDOUT, count_tokens, read_corpus, write_builtin
+    from replab.lenses.corpus import (
+        BUILTIN,
+        BUILTIN_HELDOUT,
+        count_tokens,
+        read_corpus,
+        write_builtin,
+    )
     from replab.models import load_tokenizer
 
     tok = load_tokenizer(model)

@@ -145,8 +145,8 @@ class TunedLensDecoder(Decoder):
 
     def __init__(self, hf_model, lens, mid: bool = False):
         if mid:
-            raise ReplabError("the tuned lens has translators only at resid_pre points; "
-                              "use `replab lens logit --mid` for mid-layer points")
+            raise ReplabError("--mid has no tuned-lens equivalent (tuned-lens trains translators "
+                              "only for the residual entering each block); use `replab lens logit --mid`")
         self.hf_model, self.lens = hf_model, lens
         n = hf_model.config.num_hidden_layers
         if len(lens) != n:

@@ -90,8 +90,10 @@ def target_curve(table: pd.DataFrame, path: str | Path, summary: pd.DataFrame | 
     return _save(fig, path)
 
 
-def logit_diff_plot(summary: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
-    """Mean (± std) logit difference answer − foil along the accumulated residual stream."""
+def logit_diff_plot(summary: pd.DataFrame, path: str | Path, title: str | None = None,
+                    lens: str = "logit") -> Path:
+    """Mean (± std) logit difference answer − foil by layer (logit lens: along the accumulated
+    residual stream, with mid points; tuned lens: at its translator points)."""
     fig, ax = plt.subplots(figsize=(10, 4))
     for which, color in (("clean", "tab:green"), ("corrupt", "tab:orange")):
         s = summary[summary["which"] == which].sort_values("depth")
@@ -101,9 +103,10 @@ def logit_diff_plot(summary: pd.DataFrame, path: str | Path, title: str | None =
         ax.fill_between(s["depth"], s["mean"] - s["std"].fillna(0), s["mean"] + s["std"].fillna(0),
                         color=color, alpha=0.15)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xlabel("layer (accumulated residual; x.5 = after attention, last = final)")
+    ax.set_xlabel("layer (accumulated residual; x.5 = after attention, last = final)"
+                  if lens == "logit" else "layer (residual entering block, translated; last = final)")
     ax.set_ylabel("logit difference (answer − foil)")
-    ax.set_title(title or "Logit lens: logit difference from the accumulated residual stream")
+    ax.set_title(title or f"{lens} lens: logit difference (answer − foil) by layer")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)

@@ -4,10 +4,12 @@ Run directory (``out``)::
 
     table.parquet / table.csv   tidy lens table (replab.lenses.table; CSV lists as JSON)
     first_top1.csv              per prompt: first layer where the target is top-1
-    logit_diff.csv              (logit lens, prompt sets with answer + foil) W2 step 3 curve
+    logit_diff.csv              (prompt sets with answer + foil) W2 step 3 curve: logit lens
+                                from the accumulated residual (incl. mid points), tuned lens
+                                from its translated residual (replab.lenses.logit_diff)
     trajectory.png              layer x position heatmap of prompt ``index``
     target.png                  target probability / rank by layer (when there is a target)
-    logit_diff.png              mean logit difference along the accumulated residual
+    logit_diff.png              mean (± std) logit difference by layer, clean and corrupt
     summary.json                config, model identity, replab version, key results
 """
 
@@ -50,6 +52,9 @@ def make_decoder(kind: str, model_name: str | None, mid: bool = False, lens_path
 
     if kind not in ("logit", "tuned"):
         raise ReplabError(f"unknown lens {kind!r}; use 'logit' or 'tuned'")
+    if kind == "tuned" and mid:
+        raise ReplabError("--mid has no tuned-lens equivalent (tuned-lens trains translators "
+                          "only for the residual entering each block); use `replab lens logit --mid`")
     if kind == "tuned":
         from replab.lenses.tiny_hf import resolve
 
@@ -58,9 +63,6 @@ def make_decoder(kind: str, model_name: str | None, mid: bool = False, lens_path
     identity = model.replab_identity.to_dict()
     if kind == "logit":
         return LogitLens(model, mid=mid), model, identity
-    if mid:
-        raise ReplabError("the tuned lens has translators only at resid_pre points; "
-                          "use `replab lens logit --mid` for mid-layer points")
     from replab.lenses.store import check_lens_dir, load_lens
     from replab.lenses.tuned import quiet_hf_model, tuned_lens_path
 
@@ -84,7 +86,7 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
     """
     from replab.lenses import plots
     from replab.lenses.cells import torch_threads
-    from replab.lenses.logit_diff import logit_diff_curve, summarize_curve
+    from replab.lenses.logit_diff import decoder_logit_diff_curve, logit_diff_curve, summarize_curve
     from replab.lenses.table import first_top1, lens_table
     from replab.models import load_tokenizer
 
@@ -125,14 +127,19 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
         ft.to_csv(out / "first_top1.csv", index=False)
         figures.append(str(plots.target_curve(table, out / "target.png", ft)))
         summary["first_top1"] = first_top1_summary(ft)
-    if kind == "logit" and rows is not None and _has_pairs(rows):
+    if rows is not None and _has_pairs(rows):
         with torch_threads(threads):
-            curve = logit_diff_curve(tl_model, tokenizer, rows, bos, progress)
+            if kind == "logit":
+                curve = logit_diff_curve(tl_model, tokenizer, rows, bos, progress)
+            else:
+                curve = decoder_logit_diff_curve(decoder, tokenizer, rows, bos, progress)
         curve.to_csv(out / "logit_diff.csv", index=False)
         agg = summarize_curve(curve)
+        what = ("from the accumulated residual" if kind == "logit"
+                else "of the tuned lens (translated residual)")
         figures.append(str(plots.logit_diff_plot(
-            agg, out / "logit_diff.png",
-            f"{dataset}: logit difference (answer − foil) from the accumulated residual")))
+            agg, out / "logit_diff.png", f"{dataset}: logit difference (answer − foil) {what}",
+            kind)))
         clean = agg[agg["which"] == "clean"].sort_values("depth")
         summary["logit_diff_final_mean"] = float(clean["mean"].iloc[-1])
     summary["figures"] = figures

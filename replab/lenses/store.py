@@ -8,13 +8,21 @@ A lens directory holds:
   reads it with ``torch.load(path)``, which in torch >= 2.6 defaults to
   ``weights_only=True`` (a restricted unpickler that executes no arbitrary code).
 * ``translators.safetensors``: the same tensors; replab itself loads only this file.
-* ``replab.json``: model identity, training config, replab version, training stats.
+* ``replab.json``: model identity, training config, its cache key and corpus hash,
+  replab version, training stats.
 
-Cache: ``cache_dir()/lenses/<name>-<weights_sha256[:16]>/`` (:func:`cached_lens_dir`).
+Cache: ``cache_dir()/lenses/<name>-<weights_sha256[:16]>/<corpus>-<config key>/``
+(:func:`cached_lens_dir`). The config key (:func:`config_key`) hashes every training
+setting, the corpus *content* and :data:`TRAINER`, so each configuration has its own
+directory: the *default lens* (the one ``replab lens tuned`` / ``lens eval`` use) is the
+one at the key of the default ``TrainConfig()``, and a lens trained with another corpus
+or other settings never replaces it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -29,6 +37,8 @@ PARAMS = "params.pt"
 CONFIG = "config.json"
 SAFETENSORS = "translators.safetensors"
 META = "replab.json"
+#: part of every cache key: bump when a training change alters the lens for the same config
+TRAINER = "replab-tuned-lens/2 (norm-probed least squares + KL)"
 
 
 def identity_key(identity: dict) -> str:
@@ -37,18 +47,59 @@ def identity_key(identity: dict) -> str:
     return f"{name}-{identity['weights_sha256'][:16]}"
 
 
-def cached_lens_dir(identity: dict) -> Path:
-    """Where the cached tuned lens of a model lives (may not exist yet)."""
+def config_key(config: dict) -> str:
+    """12 hex digits identifying a training config: sha256 of the config (the corpus replaced
+    by its content hash, :func:`replab.lenses.corpus.corpus_sha256`) and :data:`TRAINER`."""
+    from replab.lenses.corpus import corpus_sha256
+
+    blob = {k: v for k, v in config.items() if k != "corpus"}
+    blob["corpus_sha256"] = corpus_sha256(config["corpus"])
+    blob["trainer"] = TRAINER
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached_lens_dir(identity: dict, config: dict | None = None) -> Path:
+    """Where the lens of ``identity`` trained with ``config`` (a ``TrainConfig.to_dict()``;
+    default: the default config, i.e. the default lens) is cached (may not exist yet)."""
+    from replab.lenses.train import TrainConfig
     from replab.models.cache import cache_dir
 
-    return cache_dir() / "lenses" / identity_key(identity)
+    config = config if config is not None else TrainConfig().to_dict()
+    corpus = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(config["corpus"])).stem)[-40:] or "corpus"
+    return cache_dir() / "lenses" / identity_key(identity) / f"{corpus}-{config_key(config)}"
+
+
+def cached_lenses(identity: dict) -> list[Path]:
+    """Every cached lens directory of ``identity`` (any config), sorted."""
+    from replab.models.cache import cache_dir
+
+    root = cache_dir() / "lenses" / identity_key(identity)
+    return sorted(p.parent for p in root.glob(f"*/{META}")) if root.is_dir() else []
+
+
+def is_current(path: str | os.PathLike, identity: dict, key: str) -> bool:
+    """True when ``path`` holds a complete lens for ``identity`` trained with config ``key``."""
+    try:
+        meta = read_meta(check_lens_dir(path))
+    except (ReplabError, ValueError, OSError):
+        return False
+    return (meta.get("config_key") == key
+            and meta.get("model", {}).get("weights_sha256") == identity.get("weights_sha256"))
 
 
 def save_lens(lens, path: str | os.PathLike, identity: dict, config: dict, stats: dict) -> Path:
-    """Write ``lens`` (a ``TunedLens``) to ``path`` atomically (temp dir + rename)."""
+    """Write ``lens`` (a ``TunedLens``) to ``path`` atomically (temp dir + rename).
+
+    ``path`` must be absent, empty or an older lens directory (it is replaced); anything
+    else is refused with ReplabError, so ``--out`` never deletes unrelated files.
+    """
     from safetensors.torch import save_file
 
+    from replab.lenses.corpus import corpus_sha256
+
     path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / META).exists())):
+        raise ReplabError(f"{path} exists and is not a tuned-lens directory; choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
     if tmp.exists():
@@ -57,12 +108,17 @@ def save_lens(lens, path: str | os.PathLike, identity: dict, config: dict, stats
     state = {k: v.detach().contiguous().cpu() for k, v in lens.layer_translators.state_dict().items()}
     save_file(state, str(tmp / SAFETENSORS))
     meta = {"kind": "tuned_lens", "format": "tuned-lens 0.2 (config.json + params.pt) + safetensors",
-            "model": identity, "config": config, "stats": stats, "replab_version": __version__,
+            "model": identity, "config": config, "config_key": config_key(config),
+            "corpus_sha256": corpus_sha256(config["corpus"]), "trainer": TRAINER,
+            "stats": stats, "replab_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (tmp / META).write_text(json.dumps(meta, indent=1))
+    old = path.parent / f".{path.name}.old{os.getpid()}"
     if path.exists():
-        shutil.rmtree(path)
+        os.replace(path, old)  # readers never see a half-written lens
     os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
     return path
 
 
@@ -100,11 +156,12 @@ def load_lens(path: str | os.PathLike, hf_model, identity: dict | None = None):
         if got.get("weights_sha256") != identity.get("weights_sha256"):
             raise ReplabError(f"tuned lens at {path} was trained for model {got.get('name')!r} "
                               f"({str(got.get('weights_sha256'))[:12]}), not this one")
-    import logging
-
     cfg_dict = json.loads((path / CONFIG).read_text())
-    logging.getLogger().setLevel(logging.ERROR)  # tuned-lens warns on unknown keys
-    lens = TunedLens(Unembed(hf_model), TunedLensConfig.from_dict(cfg_dict))
+    # only the fields tuned-lens knows (its from_dict would log a root-logger warning per
+    # unknown key, e.g. from a newer tuned-lens); no logging state is touched
+    known = {f.name for f in dataclasses.fields(TunedLensConfig)}
+    lens = TunedLens(Unembed(hf_model), TunedLensConfig(**{k: v for k, v in cfg_dict.items()
+                                                          if k in known}))
     lens.layer_translators.load_state_dict(load_file(str(path / SAFETENSORS)))
     lens.requires_grad_(False)
     return lens.eval()

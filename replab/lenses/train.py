@@ -6,13 +6,13 @@ so plain KL training sees only a few thousand tokens in 20 CPU minutes. We there
 train in two phases, both on the HF model's hidden states (``hidden_states[l]`` = input
 of block ``l``, the tuned-lens convention; translator ``l`` reads it):
 
-1. **fit** (cheap, many tokens): for each layer, the ridge-regularised least-squares
-   affine map from the RMS-normalised hidden state ``[h_l / r_l, 1 / r_l]`` to the
-   normalised final residual ``hidden_states[-1] / g`` (``g`` = final-norm weight,
-   ``r`` = per-token RMS), i.e. a weighted affine regression whose output, after the
-   final norm, approximates the model's final residual direction. Ridge shrinks towards
-   the identity (the logit lens). It needs only normal equations (577 x 577 per layer)
-   and one model forward per token; no unembedding.
+1. **least squares** (cheap, many tokens; :mod:`replab.lenses.least_squares`): for each
+   layer, the ridge-regularised least-squares affine map from the normalised hidden state
+   to the input the model's *own* final norm must see to produce the model's final
+   residual (the norm is measured by :func:`replab.lenses.norms.probe_norm`: RMSNorm or
+   LayerNorm family, any gain and bias). Ridge shrinks towards the identity (the logit
+   lens). For a final norm it cannot invert, training warns and starts phase 2 from the
+   identity (tuned-lens's own start).
 2. **kl** (expensive, few positions): the objective of the tuned-lens paper and of
    tuned-lens's own training loop (``tuned_lens/scripts/train_loop.py``, ``--loss kl``:
    ``sum(p_final * (log p_final - log p_lens)).mean()`` per layer, summed over layers),
@@ -20,11 +20,10 @@ of block ``l``, the tuned-lens convention; translator ``l`` reads it):
    states were cached during phase 1 (no further model forwards). The saved lens is the
    result of this phase for every layer; phase 1 is only its initialisation.
 
-Why initialise with least squares: from the identity (the logit lens; tuned-lens's own
-start) the default 30 KL steps lower SmolLM2's mean validation KL only from 16.2 to 12.0
-nats, while the least-squares map starts at ~1.3 and the same steps lower it further
-(``bench/bench_lens.py --compare-init``). Per-layer validation KL after each phase is
-recorded in the artifact's ``replab.json``; numbers in ``docs/lenses.md``.
+Why initialise with least squares: from the identity (the logit lens) a few dozen KL
+steps barely move SmolLM2's validation KL, while the least-squares map starts more than
+ten times lower (``bench/bench_lens.py --compare-init``; numbers in ``docs/lenses.md``).
+Per-layer validation KL after each phase is recorded in the artifact's ``replab.json``.
 
 Shapes: ``hidden [n_pos, n_layers + 1, d_model]`` (pool), translators are
 ``nn.Linear(d_model, d_model)`` applied residually (``h + A h + b``).
@@ -38,8 +37,9 @@ import time
 
 import torch
 
-from replab.errors import ReplabError
 from replab._progress import progress_bar
+from replab.errors import ReplabError
+from replab.lenses.least_squares import fit_phase, solve_translators
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ class TrainConfig:
     seq_len: int = 128
     fit_tokens: int = 16384      # tokens through the model for the least-squares phase
     pool_fraction: float = 0.125  # fraction of fit positions cached for the KL phase
-    val_positions: int = 256     # cached positions held out for per-layer model selection
+    val_positions: int = 256     # held-out positions: per-layer validation KL after each phase
     steps: int = 30              # Adam steps of the KL phase (0: least squares only)
     batch_positions: int = 32    # positions per KL step (each goes through every layer)
     lr: float = 1e-4
@@ -76,83 +76,6 @@ def _cpu_seconds() -> float:
 
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def _rms(h: torch.Tensor) -> torch.Tensor:
-    return h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-
-
-@torch.no_grad()
-def fit_phase(hf_model, chunks: torch.Tensor, cfg: TrainConfig, progress: bool = True,
-              n_val_chunks: int = 0):
-    """Phase 1: accumulate normal equations, cache a pool of positions.
-
-    The first ``n_val_chunks`` chunks are held out: they add nothing to the normal
-    equations and all their positions go to the validation pool.
-
-    Returns ``(xtx [L, d+1, d+1], xty [L, d+1, d], pool [n, L + 1, d], val [m, L + 1, d],
-    n_fit_tokens)`` where ``L`` = n_layers and ``pool[:, L]`` is the final *post-norm*
-    residual (HF ``hidden_states[-1]``).
-    """
-    gen = torch.Generator().manual_seed(cfg.seed)
-    g = _final_norm_weight(hf_model)
-    n_layers = hf_model.config.num_hidden_layers
-    d = hf_model.config.hidden_size
-    xtx = torch.zeros(n_layers, d + 1, d + 1, dtype=torch.float64)
-    xty = torch.zeros(n_layers, d + 1, d, dtype=torch.float64)
-    pool, val, n_tok = [], [], 0
-    with progress_bar(chunks.numel(), "fit (least squares)", "tok", enabled=progress,
-                      show_loss=True) as bar:
-        starts = [0] if n_val_chunks else []
-        starts += list(range(n_val_chunks, len(chunks), cfg.batch_size))
-        for start in starts:
-            is_val = start == 0 and n_val_chunks > 0
-            ids = chunks[start:start + (n_val_chunks if is_val else cfg.batch_size)]
-            hs = hf_model.model(input_ids=ids, output_hidden_states=True).hidden_states
-            bar.advance(ids.numel())
-            if is_val:
-                val.append(torch.stack([h.reshape(-1, d) for h in hs], dim=1))
-                continue
-            final = hs[-1].reshape(-1, d)
-            target = (final / g) / _rms(final / g)
-            for layer in range(n_layers):
-                h = hs[layer].reshape(-1, d)
-                r = _rms(h)
-                x = torch.cat([h / r, 1.0 / r], dim=-1).double()
-                xtx[layer] += x.T @ x
-                xty[layer] += x.T @ target.double()
-            keep = torch.rand(final.shape[0], generator=gen) < cfg.pool_fraction
-            pool.append(torch.stack([h.reshape(-1, d)[keep] for h in hs], dim=1))
-            n_tok += ids.numel()
-    val = torch.cat(val) if val else torch.zeros(0, n_layers + 1, d)
-    return xtx, xty, torch.cat(pool), val, n_tok
-
-
-def solve_translators(lens, xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> None:
-    """Set each translator to the ridge least-squares affine map (ridge pulls towards identity)."""
-    d = xty.shape[-1]
-    prior = torch.zeros(d + 1, d, dtype=torch.float64)
-    prior[:d] = torch.eye(d, dtype=torch.float64)
-    for layer, translator in enumerate(lens):
-        a = xtx[layer]
-        lam = ridge * a.diagonal().mean()
-        w = torch.linalg.solve(a + lam * torch.eye(d + 1, dtype=torch.float64),
-                               xty[layer] + lam * prior)
-        # h' = h + A h + b  with  A = W[:d]^T - I,  b = W[d]
-        translator.weight.data.copy_((w[:d].T - torch.eye(d, dtype=torch.float64)).float())
-        translator.bias.data.copy_(w[d].float())
-
-
-def _final_norm_weight(hf_model) -> torch.Tensor:
-    from tuned_lens import model_surgery
-
-    norm = model_surgery.get_final_norm(hf_model)
-    w = getattr(norm, "weight", None)
-    if w is None:
-        return torch.ones(hf_model.config.hidden_size)
-    if (w.abs() < 1e-8).any():
-        raise ReplabError("the final norm has zero weights; the least-squares phase cannot invert it")
-    return w.detach().float()
 
 
 def lens_kl(lens, pool: torch.Tensor, layer: int, target_logp: torch.Tensor) -> torch.Tensor:
@@ -215,13 +138,19 @@ def train_tuned_lens(hf_model, tokenizer, cfg: TrainConfig | None = None, progre
 
     Returns:
         ``(lens, stats)``: a ``tuned_lens.nn.TunedLens`` and a dict with timings, token
-        counts, per-layer validation KL (``val_kl_logit``: the logit lens;
-        ``val_kl_least_squares``: after the initialisation; ``val_kl_tuned``: the saved
-        lens, after the KL phase) and the KL losses per step.
+        counts, ``init`` (``"least_squares"``, or ``"identity"`` when the final norm is not
+        one :func:`replab.lenses.norms.probe_norm` handles; then a warning is issued),
+        ``final_norm`` (``"rms"``/``"layer"``/None), per-layer validation KL
+        (``val_kl_logit``: the logit lens; ``val_kl_least_squares``: after the
+        initialisation; ``val_kl_tuned``: the saved lens, after the KL phase) and the KL
+        losses per step.
     """
+    import warnings
+
     from tuned_lens.nn.lenses import TunedLens
 
     from replab.lenses.corpus import read_corpus, token_chunks
+    from replab.lenses.norms import probe_norm
 
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
@@ -236,14 +165,22 @@ def train_tuned_lens(hf_model, tokenizer, cfg: TrainConfig | None = None, progre
     if len(chunks) <= n_val_chunks:
         raise ReplabError(f"the corpus has too few tokens ({chunks.numel()}) to train and validate")
     lens = TunedLens.from_model(hf_model)
-    xtx, xty, train_pool, val, n_tok = fit_phase(hf_model, chunks, cfg, progress, n_val_chunks)
+    spec = probe_norm(lens.unembed.final_norm, hf_model.config.hidden_size)
+    if spec is None:
+        warnings.warn(f"the final norm ({type(lens.unembed.final_norm).__name__}) is neither an "
+                      "RMSNorm- nor a LayerNorm-family norm replab can invert: skipping the "
+                      "least-squares initialisation; the KL phase starts from the identity "
+                      "(the logit lens), which needs far more --steps", stacklevel=2)
+    xtx, xty, train_pool, val, n_tok = fit_phase(hf_model, chunks, cfg, progress, n_val_chunks,
+                                                 spec)
     t_fit = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     val = val[torch.randperm(len(val), generator=gen)[:cfg.val_positions]]
     n_val = len(val)
     kl_logit = per_layer_kl(lens, val)  # translators are zero: this is the logit lens
-    solve_translators(lens, xtx, xty, cfg.ridge)
-    kl_fit = per_layer_kl(lens, val)    # after the least-squares initialisation
+    if spec is not None:
+        solve_translators(lens, xtx, xty, cfg.ridge)
+    kl_fit = per_layer_kl(lens, val) if spec is not None else kl_logit.clone()
     t1 = time.perf_counter()
     losses = kl_phase(lens, train_pool, cfg, progress)
     kl_final = per_layer_kl(lens, val) if losses else kl_fit.clone()
@@ -252,6 +189,8 @@ def train_tuned_lens(hf_model, tokenizer, cfg: TrainConfig | None = None, progre
         "kl_positions_seen": len(losses) * cfg.batch_positions,
         "pool_positions": len(train_pool),
         "val_positions": n_val,
+        "init": "least_squares" if spec is not None else "identity",
+        "final_norm": None if spec is None else spec.kind,
         "seconds_fit": round(t_fit, 1),
         "seconds_kl": round(time.perf_counter() - t1, 1),
         "seconds_total": round(time.perf_counter() - t0, 1),
@@ -260,7 +199,7 @@ def train_tuned_lens(hf_model, tokenizer, cfg: TrainConfig | None = None, progre
         "val_kl_logit": [round(v, 5) for v in kl_logit.tolist()],
         "val_kl_least_squares": [round(v, 5) for v in kl_fit.tolist()],
         "val_kl_tuned": [round(v, 5) for v in kl_final.tolist()],
-        "final_phase": "kl" if losses else "least_squares",
+        "final_phase": "kl" if losses else ("least_squares" if spec is not None else "identity"),
         "kl_losses": [round(v, 5) for v in losses],
     }
     return lens, stats

@@ -1,7 +1,12 @@
-"""Tuned lens: train once per model identity, cache, and reuse.
+"""Tuned lens: train once per (model, training config), cache, and reuse.
 
->>> path = train_lens(None, TrainConfig())          # doctest: +SKIP  (~15 CPU min)
->>> lens = load_tuned_lens(None, hf_model)          # doctest: +SKIP  (reads the cache)
+>>> path, stats = train_lens(None)          # doctest: +SKIP  (the default lens; ~3 CPU min)
+>>> path, stats = train_lens(None)          # doctest: +SKIP  (cached: returns at once)
+>>> lens = load_tuned_lens(None, hf_model)  # doctest: +SKIP  (reads the default lens)
+
+The cache directory of a lens is keyed by the model identity *and* the training config
+(:func:`replab.lenses.store.cached_lens_dir`); ``replab lens tuned`` / ``lens eval`` read
+the lens of the default ``TrainConfig()`` unless given ``--lens DIR``.
 """
 
 from __future__ import annotations
@@ -11,7 +16,15 @@ from pathlib import Path
 
 from replab.errors import ReplabError
 from replab.lenses.cells import torch_threads
-from replab.lenses.store import cached_lens_dir, load_lens, save_lens
+from replab.lenses.store import (
+    cached_lens_dir,
+    cached_lenses,
+    config_key,
+    is_current,
+    load_lens,
+    read_meta,
+    save_lens,
+)
 from replab.lenses.train import TrainConfig, train_tuned_lens
 
 
@@ -22,37 +35,48 @@ def model_identity(model_name: str | None) -> dict:
     return load_model(model_name, device="cpu").replab_identity.to_dict()
 
 
+def default_lens_dir(identity: dict) -> Path:
+    """Cache directory of the default lens (``TrainConfig()``) of ``identity``."""
+    return cached_lens_dir(identity, TrainConfig().to_dict())
+
+
 def train_lens(model_name: str | None = None, config: TrainConfig | None = None,
                out: str | os.PathLike | None = None, progress: bool = True,
                identity: dict | None = None, hf_model=None,
-               threads: int | None = 1) -> tuple[Path, dict]:
-    """Train a tuned lens for ``model_name`` and save it.
+               threads: int | None = 1, force: bool = False) -> tuple[Path, dict]:
+    """Train a tuned lens for ``model_name`` with ``config`` and save it, unless it exists.
 
     Args:
-        out: directory to write; default the per-identity cache
-            (:func:`replab.lenses.store.cached_lens_dir`), which ``replab lens tuned`` reads.
+        out: directory to write; default the cache directory of this model and config
+            (:func:`replab.lenses.store.cached_lens_dir`). The default config's directory is
+            the one ``replab lens tuned`` reads; other configs never overwrite it.
         threads: torch threads while training (default 1, the fastest on a shared CPU;
             ``None`` leaves torch's setting). Recorded as ``stats["torch_threads"]``.
+        force: retrain even when ``out`` (or the cache) already holds a lens of this model
+            trained with this config (same corpus content, same settings).
 
     Returns:
-        ``(path, stats)``.
+        ``(path, stats)``; ``stats["cached"]`` is True when nothing was trained (the stats
+        are then the recorded ones of that lens).
     """
     from replab.models import load_tokenizer
 
     config = config or TrainConfig()
     identity = identity or model_identity(model_name)
+    path = Path(out) if out is not None else cached_lens_dir(identity, config.to_dict())
+    if not force and is_current(path, identity, config_key(config.to_dict())):
+        return path, {**read_meta(path)["stats"], "cached": True}
     hf_model = hf_model if hf_model is not None else quiet_hf_model(model_name)
     tokenizer = load_tokenizer(model_name)
     with torch_threads(threads):
         lens, stats = train_tuned_lens(hf_model, tokenizer, config, progress=progress)
-    path = Path(out) if out is not None else cached_lens_dir(identity)
     save_lens(lens, path, identity, config.to_dict(), stats)
-    return path, stats
+    return path, {**stats, "cached": False}
 
 
 def load_tuned_lens(model_name: str | None = None, hf_model=None,
                     path: str | os.PathLike | None = None, identity: dict | None = None):
-    """The tuned lens at ``path`` or the cached one for ``model_name``.
+    """The tuned lens at ``path`` or the cached default lens of ``model_name``.
 
     Raises ReplabError (naming the command to run) when no lens has been trained.
     """
@@ -65,15 +89,19 @@ def load_tuned_lens(model_name: str | None = None, hf_model=None,
 
 
 def tuned_lens_path(model_name: str | None, path, identity: dict) -> Path:
-    """``path`` if given, else the cached lens of ``identity`` (ReplabError if none is cached)."""
+    """``path`` if given, else the default lens of ``identity`` (ReplabError if not cached;
+    the message lists this model's other cached lenses, which need ``--lens DIR``)."""
     if path is not None:
         return Path(path)
-    path = cached_lens_dir(identity)
+    path = default_lens_dir(identity)
     if not path.exists():
         flag = "" if model_name is None else " --model tiny" if "tiny-hf" in str(model_name) \
             else f" --model {model_name}"
-        raise ReplabError(f"no tuned lens cached for this model; train one with "
-                          f"`replab lens train{flag}` (or pass --lens DIR)")
+        others = cached_lenses(identity)
+        hint = f"; cached lenses with other settings (pass one with --lens): " \
+               f"{', '.join(map(str, others))}" if others else " (or pass --lens DIR)"
+        raise ReplabError(f"no default tuned lens cached for this model; train it with "
+                          f"`replab lens train{flag}`{hint}")
     return path
 
 
