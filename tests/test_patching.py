@@ -46,6 +46,8 @@ def test_agrees_with_transformer_lens(tiny, task, fn, site, by, axes):
     res = sweep(tiny, task, site=site, by=by, n_boot=10)
     mine = _grid(res.table, axes)
     assert ref.numel() == len(mine)
+    # the grid must vary far beyond the tolerance, or agreement within 1e-4 would say nothing
+    assert float(ref.max() - ref.min()) > 100 * 1e-4
     np.testing.assert_allclose(mine, ref.flatten().numpy(), atol=1e-4)
 
 
@@ -100,6 +102,56 @@ def test_ablation_sources_match_manual_hooks(tiny, task, source):
     want = _with_hook(tiny, task.corrupt, iv.hook, hook)
     got = _final_logits(tiny, task, Variant((iv,)))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("site, head, positions, neurons", [
+    ("resid_mid", None, (4, 6), None),
+    ("resid_post", None, None, None),
+    ("q", 3, (5, 7), None),
+    ("k", 1, None, None),            # a KV head: its whole query group reads it
+    ("v", 0, (6,), None),
+    ("z", 2, (5,), None),
+    ("pattern", 1, (7,), None),     # destination position 7
+    ("mlp_pre", None, (6, 7), (3, 17, 64)),
+    ("mlp_post", None, None, (0, 5, 127)),
+])
+def test_every_site_matches_a_manual_hook(tiny, task, site, head, positions, neurons):
+    """Clean → corrupt at each site (heads, positions, neuron subsets) equals copying the
+    same entries by hand with a TransformerLens hook."""
+    iv = Intervention(site, 2, head=head, positions=positions, neurons=neurons)
+    _, cache = tiny.run_with_cache(task.clean)
+    src = cache[iv.hook]
+    pos = slice(None) if positions is None else list(positions)
+
+    def hook(a, hook):
+        a = a.clone()
+        if site == "pattern":
+            a[:, head, pos] = src[:, head, pos]
+        elif head is not None:
+            a[:, pos, head] = src[:, pos, head]
+        elif neurons is not None:
+            for n in neurons:
+                a[:, pos, n] = src[:, pos, n]
+        else:
+            a[:, pos] = src[:, pos]
+        return a
+    want = _with_hook(tiny, task.corrupt, iv.hook, hook)
+    got = _final_logits(tiny, task, Variant((iv,)))
+    base = _with_hook(tiny, task.corrupt, iv.hook, lambda a, hook: a)
+    assert float((want - base).abs().max()) > 1e-3       # the patch does something
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_sweep_reuses_its_runs_for_the_identity_check(tiny, task, monkeypatch):
+    from replab.patching import engine
+
+    made = []
+    init = engine.RunCache.__init__
+    monkeypatch.setattr(engine.RunCache, "__init__",
+                        lambda self, *a, **k: (made.append(1), init(self, *a, **k))[1])
+    res = sweep(tiny, task, site="z", by="layer,head", n_boot=10)
+    assert res.summary["checks"]["identity"]["ok"]
+    assert len(made) == 2                                   # one clean and one corrupt forward
 
 
 def test_direction_patch_replaces_only_the_subspace(tiny, task):
@@ -259,6 +311,25 @@ def test_dla_sums_and_matches_transformer_lens(tiny, task):
     acc = res["accumulated"]
     last = acc[(acc.run == "clean") & (acc.point == "final_post")].sort_values("prompt_id")["logit_diff"]
     np.testing.assert_allclose(last, res["check"]["logit_diff"], atol=1e-4)
+
+
+def test_dla_uses_the_final_norm_weight_and_the_real_logits(tiny, task):
+    """With a non-trivial final-norm weight the components still sum to the logit difference
+    of the model's own forward pass (a DLA that ignored the weight would not)."""
+    import copy
+
+    from replab.patching.dla import dla
+
+    model = copy.deepcopy(tiny)
+    with torch.no_grad():
+        model.ln_final.w.copy_(torch.rand(model.cfg.d_model, generator=torch.Generator().manual_seed(1)) * 2)
+    res = dla(model, task)
+    with torch.inference_mode():
+        last = model(task.clean)[:, -1]
+    want = (last.gather(1, task.answer[:, None]) - last.gather(1, task.foil[:, None]))[:, 0]
+    np.testing.assert_allclose(res["check"]["logit_diff"], want.numpy(), atol=1e-4)
+    assert res["check"]["abs_error"].max() < 1e-4
+    assert float((want - dla(tiny, task)["check"]["logit_diff"].to_numpy()).abs().max()) > 1e-2
 
 
 def test_atp_estimate_is_the_gradient_product_and_ranks_heads(tiny, task):

@@ -34,11 +34,28 @@ def test_heads_patterns_dla_atp_baseline(tmp_path, capsys):
     assert len(pats["heads"]) == 2 and (tmp_path / "p" / "patterns.png").exists()
     dla = _json(["attribute", "dla", "--model", "tiny", "--limit", "3", "--out", tmp_path / "d", "--json"], capsys)
     assert dla["max_abs_sum_error"] < 1e-4
+    # W2 step 4: from a DLA run, the most positive and the most negative heads, each once
+    signed = _json(["patch", "patterns", "--model", "tiny", "--limit", "3", "--from", tmp_path / "d",
+                    "--top", "3", "--out", tmp_path / "p2", "--json"], capsys)
+    notes = [h["selected_by"] for h in signed["heads"]]
+    assert len(notes) == 6 and len({h["head"] for h in signed["heads"]}) == 6
+    assert sum("(positive)" in n for n in notes) == 3 and sum("(negative)" in n for n in notes) == 3
     atp = _json(["attribute", "atp", "--model", "tiny", "--limit", "3", "--top", "2", "--out", tmp_path / "a",
                  "--json"], capsys)
     assert atp["heads_compared"] == 16 and -1 <= atp["heads_spearman"] <= 1
     base = _json(["patch", "baseline", "--model", "tiny", "--limit", "3", "--out", tmp_path / "b", "--json"], capsys)
     assert set(base["mean"]) == {"clean", "corrupt"}
+
+
+def test_grid_is_step_5_in_one_command(tmp_path, capsys):
+    s = _json(["patch", "grid", "--model", "tiny", "--limit", "3", "--out", tmp_path / "g", "--json"], capsys)
+    for part in ("resid_pre", "attn_out", "mlp_out"):
+        assert (tmp_path / "g" / part / "heatmap.png").exists()
+        assert len(__import__("pandas").read_parquet(tmp_path / "g" / part / "sweep.parquet")) == 4 * 8
+    for f in ("z/heatmap.png", "v/heatmap.png", "pattern/heatmap.png", "scatter_z_vs_v.png",
+              "scatter_z_vs_pattern.png"):
+        assert (tmp_path / "g" / "heads" / f).exists(), f
+    assert set(s["parts"]) == {"resid_pre", "attn_out", "mlp_out", "heads"} and s["top_heads"]
 
 
 def test_test_prompt_json(capsys):

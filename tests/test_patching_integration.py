@@ -43,3 +43,12 @@ def test_sampled_cells_agree_with_transformer_lens(smol, task):
     # W2: the day's information sits at the day token early and at the last token late
     eff = res.table.set_index(["layer", "position"])["normalized_effect"]
     assert eff[(0, 3)] > 0.95 and eff[(29, 7)] > 0.95 and eff[(29, 3)] < 0.05
+
+
+def test_atp_ranks_heads_like_exact_patching(smol, task):
+    """Issue acceptance: AtP against exact head patching on next_day, Spearman >= 0.8."""
+    from replab.patching.atp import atp_with_exact
+
+    table, summary = atp_with_exact(smol, task, top=5)
+    assert summary["heads_compared"] == smol.cfg.n_layers * smol.cfg.n_heads
+    assert summary["heads_spearman"] >= 0.8, summary

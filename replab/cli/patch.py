@@ -98,6 +98,23 @@ def heads_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPL
     _done(summary, json_out, [f"top heads by |output-patch effect|: {top}"])
 
 
+@app.command("grid", epilog=examples("replab patch grid --task next_day --out runs/w2/grid",
+                                     "replab patch grid --task next_day --direction noise --json"))
+def grid_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPLATE,
+             limit: int = _LIMIT, out: str = _OUT,
+             direction: str = typer.Option("denoise", "--direction", help="denoise or noise"),
+             model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
+    """W2 step 5 in one command: resid_pre / attn_out / mlp_out layer × position heatmaps, and
+    head output / value / pattern heatmaps with the z-vs-v and z-vs-pattern scatters."""
+    from replab.patching.runs import run_grid
+
+    s = run_grid(_task(task, dataset), out=out, model=model, template=template, limit=limit,
+                 progress=not json_out, direction=direction)
+    top = ", ".join(f"L{r['layer']}H{r['head']} {r['normalized_effect']:+.2f}" for r in s["top_heads"][:6])
+    _done(s, json_out, [f"{k}: {v}/" for k, v in s["parts"].items()] +
+          [f"top heads by |output-patch effect|: {top}"])
+
+
 @app.command("baseline", epilog=examples("replab patch baseline --task next_day",
                                          "replab patch baseline --task fact_recall --json"))
 def baseline_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPLATE,

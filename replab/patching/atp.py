@@ -47,8 +47,8 @@ def atp(model, task) -> tuple[pd.DataFrame, dict]:
     """
     names = set(_names(model))
     with torch.inference_mode():
-        _, clean_cache = model.run_with_cache(task.clean, names_filter=lambda n: n in names)
-        clean_m = float(_metric(model, model(task.clean)[:, -1], task))
+        clean_logits, clean_cache = model.run_with_cache(task.clean, names_filter=lambda n: n in names)
+        clean_m = float(_metric(model, clean_logits[:, -1], task))
     acts: dict[str, torch.Tensor] = {}
 
     def leaf(act, hook):

@@ -7,7 +7,11 @@ final norm's scale **frozen** at the value of the actual forward pass (the cache
 ``logit(answer) − logit(foil)`` is ``(component / scale) · (W_U[:, answer] − W_U[:, foil])``
 and the effects sum exactly to the model's logit difference minus the unembedding-bias term.
 The approximation is the frozen scale: a component's effect on the norm's scale (and
-everything it does through later layers) is not counted.
+everything it does through later layers) is not counted. The final norm is the model's own,
+applied with the frozen scale: ``x / scale`` (RMSNormPre, norms folded into ``W_U``),
+``x / scale * w`` (RMSNorm), ``(x − mean x) / scale`` (LayerNormPre), ``(x − mean x) / scale * w``
+(LayerNorm, whose ``b`` joins the bias term). The ``check`` table compares the sum of the
+components with the logit difference of the model's real forward pass (its logits).
 
 Three views, each a tidy DataFrame with one row per prompt:
 
@@ -27,6 +31,19 @@ import torch
 from replab.errors import ReplabError
 
 
+def _frozen_norm(model, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The final norm's linear part with its scale frozen: ``x`` ``[..., d]``, ``scale``
+    broadcastable to ``x`` (see the module docstring)."""
+    kind = model.cfg.normalization_type
+    if kind in ("LN", "LNPre"):
+        x = x - x.mean(-1, keepdim=True)
+    elif kind not in ("RMS", "RMSPre"):
+        raise ReplabError(f"DLA does not support final norm type {kind!r}")
+    x = x / scale
+    w = getattr(model.ln_final, "w", None)
+    return x * w if w is not None else x
+
+
 def _cache(model, tokens):
     L = model.cfg.n_layers
     want = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
@@ -36,13 +53,16 @@ def _cache(model, tokens):
                  f"blocks.{layer}.attn.hook_z"}
     want.add(f"blocks.{L - 1}.hook_resid_post")
     with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in want)
-    return cache
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in want)
+    return logits[:, -1], cache
 
 
 def _direction(model, task):
     u = model.W_U[:, task.answer] - model.W_U[:, task.foil]        # [d, N]
     bias = model.b_U[task.answer] - model.b_U[task.foil]           # [N]
+    b_ln = getattr(model.ln_final, "b", None)
+    if b_ln is not None:                                           # LayerNorm's bias term
+        bias = bias + b_ln @ u
     return u.T, bias
 
 
@@ -57,9 +77,9 @@ def dla(model, task) -> dict[str, pd.DataFrame]:
     out_acc, out_layers, out_heads, checks = [], [], [], []
     with torch.inference_mode():
         for run, tokens in (("clean", task.clean), ("corrupt", task.corrupt)):
-            cache = _cache(model, tokens)
+            logits, cache = _cache(model, tokens)
             scale = cache["ln_final.hook_scale"][:, -1]                  # [N, 1]
-            proj = lambda x: ((x[:, -1] / scale) * u).sum(-1)         # noqa: E731  [N]
+            proj = lambda x: (_frozen_norm(model, x[:, -1], scale) * u).sum(-1)   # noqa: E731  [N]
             for layer in range(L):
                 for site, depth in (("pre", layer), ("mid", layer + 0.5)):
                     v = proj(cache[f"blocks.{layer}.hook_resid_{site}"]) + bias
@@ -78,11 +98,11 @@ def dla(model, task) -> dict[str, pd.DataFrame]:
                 out_layers += _rows(m, run, layer=layer, component="mlp")
                 z = cache[f"blocks.{layer}.attn.hook_z"][:, -1]              # [N, H, dh]
                 res = torch.einsum("nhe,hed->nhd", z, model.W_O[layer])      # [N, H, d]
-                hv = ((res / scale[:, :, None]) * u[:, None, :]).sum(-1)     # [N, H]
+                hv = (_frozen_norm(model, res, scale[:, :, None]) * u[:, None, :]).sum(-1)   # [N, H]
                 for h in range(H):
                     out_heads += _rows(hv[:, h], run, layer=layer, head=h)
             out_layers += _rows(bias, run, layer=L, component="unembed_bias")
-            actual = final
+            actual = logits.gather(1, task.answer[:, None])[:, 0] - logits.gather(1, task.foil[:, None])[:, 0]
             checks = pd.DataFrame({"prompt_id": np.arange(task.n_prompts),
                                    "logit_diff": actual.numpy(),
                                    "sum_of_components": (total + bias).numpy()})
@@ -103,5 +123,6 @@ def top_heads(heads: pd.DataFrame, n: int = 6) -> pd.DataFrame:
     """Mean DLA per head, the ``n`` most positive and ``n`` most negative."""
     mean = heads.groupby(["layer", "head"], as_index=False)["logit_diff"].mean()
     mean = mean.sort_values("logit_diff", ascending=False)
-    return pd.concat([mean.head(n).assign(sign="positive"),
-                      mean.tail(n).iloc[::-1].assign(sign="negative")], ignore_index=True)
+    pos = mean.head(n)
+    neg = mean.iloc[len(pos):].tail(n).iloc[::-1]          # never a head twice
+    return pd.concat([pos.assign(sign="positive"), neg.assign(sign="negative")], ignore_index=True)

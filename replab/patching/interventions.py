@@ -28,7 +28,8 @@ sweep tables report them in ``query_heads``. This matches TransformerLens's
 Sources (what the selected entries become):
 
 * ``clean`` / ``corrupt``: the same activation from the clean / corrupt run;
-* ``zero``; ``mean``: the mean over the task's prompts of the *source* run (per position);
+* ``zero``; ``mean``: the mean over the task's prompts (the dataset mean) of the *base* run, the
+  run being patched (per position);
 * ``resample``: the activation of another prompt of the source run (a fixed derangement,
   seeded);
 * ``noise``: the base activation plus Gaussian noise with standard deviation ``scale``;

@@ -105,25 +105,40 @@ def head_scatter(z: pd.DataFrame, other: pd.DataFrame, other_name: str, title: s
     return fig
 
 
-def attention_patterns(patterns: dict, tokens: list[str], title: str, groups: dict | None = None):
-    """One panel per head: its attention pattern (dest × src) averaged over prompts."""
+def attention_patterns(patterns: dict, tokens: list[str], title: str, groups: dict | None = None,
+                       labels: dict | None = None):
+    """One panel per head: its attention pattern (dest × src) averaged over prompts.
+
+    With ``groups`` (head -> ``early``/``middle``/``late``) the panels are laid out one row
+    per group, in layer order; ``labels`` adds a note to a head's panel title (e.g. its DLA).
+    """
     plt = _plt()
     import seaborn as sns
 
     names = list(patterns)
-    cols = min(3, len(names)) or 1
-    rows = int(np.ceil(len(names) / cols)) or 1
+    if groups:
+        order = [g for g in ("early", "middle", "late") if any(groups.get(n) == g for n in names)]
+        grid = [[n for n in names if groups.get(n) == g] for g in order]
+    else:
+        per = min(3, len(names)) or 1
+        grid = [names[i:i + per] for i in range(0, len(names), per)] or [[]]
+    rows, cols = len(grid), max(1, max(len(r) for r in grid))
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.6 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        sns.heatmap(patterns[name], ax=ax, cmap="Blues", vmin=0, vmax=1, xticklabels=tokens,
-                    yticklabels=tokens, cbar_kws={"label": "attention"})
-        g = f" ({groups[name]})" if groups and name in groups else ""
-        ax.set_title(f"{name}{g}", fontsize=9)
-        ax.set_xlabel("source token")
-        ax.set_ylabel("destination token")
-        ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
+    for r, row in enumerate(grid):
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            name = row[c]
+            sns.heatmap(patterns[name], ax=ax, cmap="Blues", vmin=0, vmax=1, xticklabels=tokens,
+                        yticklabels=tokens, cbar_kws={"label": "attention"})
+            g = f" ({groups[name]} layers)" if groups and name in groups else ""
+            note = f"\n{labels[name]}" if labels and name in labels else ""
+            ax.set_title(f"{name}{g}{note}", fontsize=9)
+            ax.set_xlabel("source token")
+            ax.set_ylabel("destination token")
+            ax.tick_params(labelsize=6)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -44,11 +44,15 @@ def run_heads(task: str = "next_day", out=None, model: str | None = None, templa
               limit=None, progress: bool = True, **kw) -> dict:
     """W2 step 5 for heads: output (z), value (v, per KV head) and pattern sweeps (layer × head),
     their heatmaps, and the z-vs-v and z-vs-pattern scatters."""
+    m, t = load(model, task, template, limit)
+    return _heads(m, t, Path(out or "runs/patch-heads"), progress, **kw)
+
+
+def _heads(m, t, out: Path, progress: bool, **kw) -> dict:
     from replab.patching.plots import head_scatter, save_figure
     from replab.patching.sweep import sweep
 
-    m, t = load(model, task, template, limit)
-    out = start_run(Path(out or "runs/patch-heads"))
+    out = start_run(out)
     tables, files, seconds = {}, [], {}
     for site in ("z", "v", "pattern"):
         res = sweep(m, t, site=site, by="layer,head", progress=progress, **kw)
@@ -65,6 +69,36 @@ def run_heads(task: str = "next_day", out=None, model: str | None = None, templa
     summary = {"kind": "patch_heads", "task": t.describe(), "sites": ["z", "v", "pattern"],
                "seconds": seconds, "files": files,
                "top_heads": z.head(10)[["layer", "head", "normalized_effect"]].to_dict("records")}
+    return {**finish_run(out, summary, m), "out": str(out)}
+
+
+GRID_SITES = ("resid_pre", "attn_out", "mlp_out")
+
+
+def run_grid(task: str = "next_day", out=None, model: str | None = None, template=None,
+             limit=None, progress: bool = True, **kw) -> dict:
+    """W2 step 5 in one call: the residual stream, attention-output and MLP-output
+    layer × position sweeps (``<out>/<site>/``) and the head output / value / pattern sweeps
+    with their scatters (``<out>/heads/``), on one loaded model. A finished part (its
+    ``summary.json`` exists) is reused, so an interrupted grid resumes."""
+    import json
+
+    from replab.patching.sweep import sweep
+
+    m, t = load(model, task, template, limit)
+    out = start_run(Path(out or "runs/patch-grid"))
+    parts = {}
+    for site in GRID_SITES:
+        done = out / site / "summary.json"
+        if not done.is_file():
+            sweep(m, t, site=site, by="layer,position", progress=progress, **kw).save(out / site, m)
+        parts[site] = json.loads(done.read_text())
+    done = out / "heads" / "summary.json"
+    parts["heads"] = json.loads(done.read_text()) if done.is_file() else _heads(m, t, out / "heads", progress, **kw)
+    summary = {"kind": "patch_grid", "task": t.describe(),
+               "parts": {k: str(out / k) for k in parts},
+               "seconds": {k: v.get("seconds") for k, v in parts.items()},
+               "top_heads": parts["heads"]["top_heads"]}
     return {**finish_run(out, summary, m), "out": str(out)}
 
 
@@ -184,7 +218,7 @@ def run_patterns(task: str = "next_day", heads: str | None = None, from_dir=None
     from replab.patching.plots import attention_patterns, save_figure
 
     m, t = load(model, task, template, limit)
-    chosen = parse_heads(heads) if heads else _top_from(from_dir, top)
+    chosen, notes = (parse_heads(heads), {}) if heads else _top_from(from_dir, top)
     L, H = m.cfg.n_layers, m.cfg.n_heads
     for layer, h in chosen:
         if not (0 <= layer < L and 0 <= h < H):
@@ -201,30 +235,42 @@ def run_patterns(task: str = "next_day", heads: str | None = None, from_dir=None
         last = p[-1]
         top_src = int(np.argmax(last))
         rows.append({"head": key, "layer": layer, "index": h, "group": third(layer),
+                     "selected_by": notes.get(key),
                      "last_attends_to": f"{top_src}:{t.str_tokens[top_src]}", "weight": float(last[top_src])})
     out = start_run(Path(out or "runs/patterns"))
     table = pd.DataFrame(rows)
     files = write_table(table, out, "heads")
     files += save_figure(attention_patterns(pats, t.str_tokens, f"attention patterns, {t.name} "
-                                            "(mean over clean prompts)", groups), out / "patterns")
+                                            "(mean over clean prompts)", groups, notes), out / "patterns")
     summary = {"kind": "attention_patterns", "task": t.describe(), "files": files,
                "heads": table.to_dict("records")}
     return {**finish_run(out, summary, m), "out": str(out)}
 
 
-def _top_from(from_dir, top: int) -> list[tuple[int, int]]:
+def _top_from(from_dir, top: int) -> tuple[list[tuple[int, int]], dict[str, str]]:
+    """Heads to show, and a note per head saying why. From a DLA run: the ``top`` most
+    positive *and* the ``top`` most negative heads by mean direct effect (W2 step 4); from a
+    head sweep: the ``top`` heads by |normalised effect| of output (z) patching."""
+    from replab.patching.dla import top_heads
+
     if from_dir is None:
         raise ReplabError("give --heads or --from (a `patch heads`, `patch sweep` or `attribute dla` run)")
     d = Path(from_dir)
-    for cand, col in ((d / "z" / "sweep.parquet", "normalized_effect"), (d / "sweep.parquet", "normalized_effect"),
-                      (d / "dla_heads.parquet", "logit_diff")):
+    dla_file = d / "dla_heads.parquet"
+    if dla_file.is_file():
+        tops = top_heads(pd.read_parquet(dla_file), top)
+        return ([(int(r.layer), int(r.head)) for r in tops.itertuples()],
+                {f"L{int(r.layer)}H{int(r.head)}": f"DLA {r.logit_diff:+.2f} ({r.sign})" for r in tops.itertuples()})
+    for cand in (d / "z" / "sweep.parquet", d / "heads" / "z" / "sweep.parquet", d / "sweep.parquet"):
         if cand.is_file():
             df = pd.read_parquet(cand)
             if "head" not in df or df["head"].isna().all():
                 continue
-            df = df.groupby(["layer", "head"], as_index=False)[col].mean()
-            df = df.reindex(df[col].abs().sort_values(ascending=False).index).head(top)
-            return [(int(r.layer), int(r.head)) for r in df.itertuples()]
+            df = df.groupby(["layer", "head"], as_index=False)["normalized_effect"].mean()
+            df = df.reindex(df["normalized_effect"].abs().sort_values(ascending=False).index).head(top)
+            return ([(int(r.layer), int(r.head)) for r in df.itertuples()],
+                    {f"L{int(r.layer)}H{int(r.head)}": f"patch effect {r.normalized_effect:+.2f}"
+                     for r in df.itertuples()})
     raise ReplabError(f"{from_dir} has no per-head results (sweep.parquet or dla_heads.parquet)")
 
 

@@ -32,14 +32,38 @@ def variants_for(layer: int, base: str) -> list[Variant]:
     return [Variant((Intervention("resid_pre", layer, source=_other(base)),)), Variant((), start=layer)]
 
 
-def _identity_variant(site: str, layer: int, run: str) -> Variant:
+def identity_variant(site: str, layer: int, base: str) -> Variant:
+    """The identity check's variant: ``site`` (head 0) patched from the *other* run into
+    itself; run it with ``base=_other(base)``."""
     head = 0 if SITES[site][1] != "vector" else None
-    return Variant((Intervention(site, layer, head=head, source=run),))
+    return Variant((Intervention(site, layer, head=head, source=_other(base)),))
+
+
+def runs_for(model, task, variants: list[Variant], base: str, site: str, layer: int) -> dict:
+    """One pair of cached runs for a sweep's ``variants`` *and* its identity check (so the
+    check needs no extra forwards)."""
+    from replab.patching.engine import make_runs, needed_hooks, prefix_ok
+
+    use_prefix = prefix_ok(model)
+    need = needed_hooks(model, variants, base, use_prefix)
+    for run, names in needed_hooks(model, [identity_variant(site, layer, base)], _other(base),
+                                   use_prefix).items():
+        need[run] |= names
+    return make_runs(model, task.clean, task.corrupt, need)
+
+
+def _reusable(runs: dict, model, site: str, layer: int, base: str) -> dict | None:
+    from replab.patching.engine import needed_hooks, prefix_ok
+
+    need = needed_hooks(model, [identity_variant(site, layer, base)], _other(base), prefix_ok(model))
+    ok = all(name in runs[run].acts for run, names in need.items() for name in names)
+    return {k: runs[k] for k in ("clean", "corrupt")} if ok else None
 
 
 def evaluate(model, task, site: str, layer: int, base: str, metric: str, patched: np.ndarray,
              values: dict, runs: dict) -> dict:
-    """Check the sanity rows ``patched`` ``[2, N]`` (full, empty) and run the identity check.
+    """Check the sanity rows ``patched`` ``[2, N]`` (full, empty) and run the identity check
+    (reusing ``runs`` when they hold its activations, see :func:`runs_for`).
 
     Returns ``{check: {"value", "expected", "ok"}}``; raises ReplabError on a failure.
     """
@@ -51,8 +75,8 @@ def evaluate(model, task, site: str, layer: int, base: str, metric: str, patched
     other = _other(base)
     expected = {"clean": 1.0, "corrupt": 0.0}
     out = {"full": (norm(patched[0]), expected[other]), "empty": (norm(patched[1]), expected[base])}
-    finals, runs2 = run_variants(model, task.clean, task.corrupt, [_identity_variant(site, layer, other)],
-                                 base=other)
+    finals, runs2 = run_variants(model, task.clean, task.corrupt, [identity_variant(site, layer, base)],
+                                 base=other, runs=_reusable(runs, model, site, layer, base))
     vals, _ = _metric_rows(model, task, metric, finals, runs2)
     out["identity"] = (norm(vals["patched"][0]), expected[other])
     report = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -120,9 +121,10 @@ def sweep(model, task: PatchTask, site: str = "resid_pre", by: str = "layer,posi
                                       source=src, scale=scale, seed=seed),)) for layer, h, p in cells]
     extra = sanity.variants_for(layer_list[0], base) if checks else []
     t0 = time.time()
+    runs = sanity.runs_for(model, task, variants + extra, base, site, layer_list[0]) if checks else None
     with progress_bar(len(variants) + len(extra), f"patch {site}", "patch", enabled=progress) as bar:
         finals, runs = run_variants(model, task.clean, task.corrupt, variants + extra, base=base,
-                                    max_tokens=max_tokens, progress=bar.advance)
+                                    runs=runs, max_tokens=max_tokens, progress=bar.advance)
     elapsed = time.time() - t0
     values, cand = _metric_rows(model, task, metric, finals, runs)
     clean_m, corrupt_m = values["clean"], values["corrupt"]
@@ -160,6 +162,7 @@ def _table(model, task, site, cells, patched, cand, effect, low, high, base_metr
     from replab.patching.interventions import SITES
 
     kv = SITES[site][1] == "kv_head"
+    cand_means = cand.mean(1).tolist()      # [cells, C]: every candidate slot's prompt-mean logit
     rows = []
     for i, (layer, h, p) in enumerate(cells):
         rows.append({
@@ -170,16 +173,18 @@ def _table(model, task, site, cells, patched, cand, effect, low, high, base_metr
             "normalized_effect": float(effect[i]), "ci_low": float(low[i]), "ci_high": float(high[i]),
             "answer_logit": float(cand[i, :, 0].mean()), "foil_logit": float(cand[i, :, 1].mean()),
             "max_other_logit": float(cand[i, :, 1:].max(-1).mean()),
+            "candidate_logits": cand_means[i],
         })
     return pd.DataFrame(rows)
 
 
 def _per_prompt(task: PatchTask, cells, patched, cand) -> pd.DataFrame:
-    rows = []
-    for i, (layer, h, p) in enumerate(cells):
-        for j in range(task.n_prompts):
-            rows.append({"layer": layer, "head": h, "position": p, "prompt_id": j,
-                         "metric_after": float(patched[i, j]),
-                         "candidate_ids": task.candidates[j].tolist(),
-                         "candidate_logits": cand[i, j].tolist()})
-    return pd.DataFrame(rows)
+    """One row per cell × prompt: the metric and every candidate's id and logit."""
+    n = task.n_prompts
+    layer, head, pos = ([c[k] for c in cells for _ in range(n)] for k in range(3))
+    ids = task.candidates.tolist()
+    return pd.DataFrame({"layer": layer, "head": head, "position": pos,
+                         "prompt_id": np.tile(np.arange(n), len(cells)),
+                         "metric_after": patched.reshape(-1).astype(float),
+                         "candidate_ids": ids * len(cells),
+                         "candidate_logits": list(cand.reshape(len(cells) * n, -1).tolist())})
