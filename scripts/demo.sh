@@ -36,7 +36,7 @@ $R lens logit --prompt "Today it is Monday so tomorrow it is" --target " Tuesday
 $R lens tuned --prompt "Today it is Monday so tomorrow it is" --target " Tuesday" --out "$OUT/tuned-prompt" \
   || echo "(no tuned lens cached: run 'make lens', about 3 CPU minutes)"
 
-echo "== 7. W2 on next_day: test prompt, baseline, DLA, patching heatmaps, heads, patterns, AtP =="
+echo "== 7. W2 on next_day: test prompt, baseline, DLA (+ its top heads), patching grid, head patterns, AtP =="
 W2="$OUT/w2"
 run_once() {  # run_once DIR CMD...: skip a step whose run directory is complete
   local dir=$1; shift
@@ -45,11 +45,9 @@ run_once() {  # run_once DIR CMD...: skip a step whose run directory is complete
 $R test-prompt "Today it is Monday so tomorrow it is" " Tuesday" --top-k 5
 run_once "$W2/baseline" $R patch baseline --task next_day
 run_once "$W2/dla" $R attribute dla --task next_day
-for site in resid_pre attn_out mlp_out; do
-  run_once "$W2/$site" $R patch sweep --task next_day --site "$site" --by layer,position
-done
-run_once "$W2/heads" $R patch heads --task next_day
-run_once "$W2/patterns" $R patch patterns --task next_day --from "$W2/heads" --top 9
+run_once "$W2/dla_patterns" $R patch patterns --task next_day --from "$W2/dla" --top 3
+run_once "$W2/grid" $R patch grid --task next_day
+run_once "$W2/patterns" $R patch patterns --task next_day --from "$W2/grid" --top 9
 run_once "$W2/atp" $R attribute atp --task next_day --top 20
 
 echo "== 8. W3: is the artist-vs-scientist direction causally sufficient? (layer 15, name token) =="
