@@ -277,6 +277,8 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
             finals[vi] = runs[base].final
             continue
         groups[min(v.first_position(shared), t - 1) if use_prefix else 0].append((vi, v))
+    if progress is not None and finals:
+        progress(len(finals))          # no-op variants: done without computing anything
     for p, members in sorted(groups.items()):
         members.sort(key=lambda m: m[1].start_layer(n_layers))
         per_variant = n * (t - p)
