@@ -93,18 +93,52 @@ def test_solver_cells_masks_and_path_memory():
 
 
 def test_logistic_nested_cv_and_sklearn_api():
+    from replab.probes.estimators import inner_masks
+
     X, y, groups = blobs(seed=3)
-    p = LogisticProbe(lams=(1.0, 1e-2)).fit(X, y, groups=groups)
-    assert p.lam_ in (1.0, 1e-2) and set(p.cv_scores_) == {1.0, 1e-2}
+    p = LogisticProbe(lams=(1.0, 1e-2), tol=1e-6).fit(X, y, groups=groups)
+    assert set(p.cv_scores_) == {1.0, 1e-2} and p.inner_cv_ == "grouped"
+    # the chosen strength is the best inner score (ties: the stronger one) ...
+    best = max(p.cv_scores_.values())
+    assert p.lam_ == max(c for c, v in p.cv_scores_.items() if v >= best - 1e-6)
+    # ... and the inner scores are what independent refits on the grouped inner folds give
+    codes = np.unique(y, return_inverse=True)[1]
+    for lam in (1.0, 1e-2):
+        accs = []
+        for tr in inner_masks(len(X), codes, groups, 3):
+            assert not set(groups[tr]) & set(groups[~tr])            # grouped inner folds
+            ref = LogisticProbe(lam=lam, tol=1e-6).fit(X[tr], y[tr])
+            accs.append(ref.score(X[~tr], y[~tr]))
+        assert p.cv_scores_[lam] == pytest.approx(np.mean(accs), abs=0.01)
     assert p.coef_.shape == (4, X.shape[1]) and p.intercept_.shape == (4,)
     proba = p.predict_proba(X)
     np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
     assert (p.classes_[proba.argmax(1)] == p.predict(X)).all()
+    assert LogisticProbe().fit(X, y).inner_cv_ == "stratified"
+    assert LogisticProbe(lam=0.1).fit(X, y).inner_cv_ is None
     for est in (LogisticProbe(lam=1e-2), MeanDiffProbe(), LowRankProbe(rank=2)):
         scores = cross_val_score(clone(est), X, y, groups=groups, cv=GroupKFold(n_splits=3))
         assert scores.mean() > 0.6
     with pytest.raises(ReplabError):
         LogisticProbe().fit(X, np.zeros(len(X)))
+
+
+def test_groups_reach_the_inner_cv_through_metadata_routing():
+    """cross_val_score(groups=g) gives groups only to the outer splitter (inner CV
+    stratified); with metadata routing and set_fit_request(groups=True) fit gets them."""
+    import sklearn
+    from sklearn.model_selection import cross_validate
+
+    X, y, groups = blobs(n=240, d=8, K=3, seed=4)
+    plain = cross_validate(LogisticProbe(lams=(0.1, 0.01)), X, y, groups=groups,
+                           cv=GroupKFold(n_splits=3), return_estimator=True)
+    assert {e.inner_cv_ for e in plain["estimator"]} == {"stratified"}
+    with sklearn.config_context(enable_metadata_routing=True):
+        probe = LogisticProbe(lams=(0.1, 0.01)).set_fit_request(groups=True)
+        routed = cross_validate(probe, X, y, cv=GroupKFold(n_splits=3),
+                                params={"groups": groups}, return_estimator=True)
+    assert {e.inner_cv_ for e in routed["estimator"]} == {"grouped"}
+    assert routed["test_score"].mean() > 0.6
 
 
 def test_meandiff_matches_hand_computation():
@@ -135,17 +169,38 @@ def test_macro_auroc_matches_sklearn_with_ties():
     assert macro_auroc(y, proba) == pytest.approx(want, abs=1e-12)
 
 
-def test_leace_matches_concept_erasure_and_kills_the_probe():
-    from concept_erasure import LeaceEraser
+def _leace_by_hand(X, codes, K):
+    """LEACE closed form (Belrose et al. 2023, Thm 3.1) in numpy, no shrinkage:
+    x' = x - W^+ P W (x - mu), W = Sigma^{-1/2}, P = projector onto colspace(W Sigma_xz)."""
+    X = X.astype(np.float64)
+    Z = np.eye(K)[codes]
+    mu = X.mean(0)
+    Xc, Zc = X - mu, Z - Z.mean(0)
+    sigma = Xc.T @ Xc / (len(X) - 1)
+    sigma_xz = Xc.T @ Zc / (len(X) - 1)
+    lam, V = np.linalg.eigh(sigma)
+    W = V @ np.diag(lam ** -0.5) @ V.T
+    W_pinv = V @ np.diag(lam ** 0.5) @ V.T
+    U, s, _ = np.linalg.svd(W @ sigma_xz, full_matrices=False)
+    U = U[:, s > 1e-8 * s.max()]                          # rank K - 1 (one-hot columns sum to 1)
+    P = U @ U.T
+    return X - (Xc @ W.T @ P.T @ W_pinv.T), sigma_xz
 
+
+def test_leace_matches_a_hand_implementation_and_kills_the_probe():
     from replab.probes.erasure import erase, erased_fold, fit_eraser
 
     X, y, groups = blobs(n=600, d=16, K=3, sep=2.0, seed=5)
     codes = np.unique(y, return_inverse=True)[1]
-    ours = erase(fit_eraser(X, codes, 3), X)
-    z = torch.nn.functional.one_hot(torch.tensor(codes), 3).double()
-    ref = LeaceEraser.fit(torch.tensor(X).double(), z)(torch.tensor(X).double()).float().numpy()
-    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    want, sigma_xz = _leace_by_hand(X, codes, 3)
+    ours = erase(fit_eraser(X, codes, 3, shrinkage=False), X)
+    assert np.abs(X - want).max() > 0.5                    # the erasure does something
+    np.testing.assert_allclose(ours, want, atol=2e-3 * np.abs(X).max())
+    # the default (shrunk covariance) eraser still removes every linear correlation with z
+    shrunk = erase(fit_eraser(X, codes, 3), X).astype(np.float64)
+    Zc = np.eye(3)[codes] - np.eye(3)[codes].mean(0)
+    cross = (shrunk - shrunk.mean(0)).T @ Zc / (len(X) - 1)
+    assert np.abs(cross).max() < 1e-4 * np.abs(sigma_xz).max() + 1e-5
     fold = GroupKFold(n_splits=5).split(X, y, groups)
     accs, majority = [], []
     for tr_idx, te_idx in fold:
@@ -190,9 +245,22 @@ def test_folds_never_leak_and_controls_are_per_type():
     per_type = lambda lab: np.bincount(lab[::3], minlength=4)   # noqa: E731
     assert (per_type(ctrl) == per_type(codes)).all()      # same class distribution over types
     assert (ctrl != codes).any()
+    # entity folds never show a test entity in training: a control task there is chance
+    assert S.type_coverage(groups, fold) == 0.0
+    # control folds: grouped by template, every entity recurs between train and test
+    cfold, scheme, cov = S.control_folds(groups, templates, codes, 5)
+    assert scheme == "template" and cov == 1.0 and cfold.max() == 2
+    for k in range(3):
+        assert len(set(templates[cfold == k])) == 1
+    # no templates: rows of each type dealt over the folds
+    cfold, scheme, cov = S.control_folds(groups, None, codes, 5)
+    assert scheme == "type-stratified" and cov == 1.0
+    assert S.control_folds(np.arange(20), None, np.zeros(20, int), 5) is None   # no type recurs
 
 
 def test_sweep_records_artifacts_and_controls(store, tmp_path):
+    from replab.probes import load_directions
+
     run = train_probes(store, "label", out=tmp_path / "run", progress=False)
     rec = run.records
     assert set(rec["kind"]) == {"logistic", "meandiff"} and sorted(rec["layer"].unique()) == [0, 1, 2]
@@ -200,22 +268,50 @@ def test_sweep_records_artifacts_and_controls(store, tmp_path):
     first = rec[(rec["layer"] == 0) & (rec["kind"] == "logistic")].iloc[0]
     assert last["balanced_accuracy"] > 0.7 and first["balanced_accuracy"] < 0.45   # signal grows
     assert last["ci_low"] <= last["balanced_accuracy"] <= last["ci_high"]
-    assert last["selectivity"] == pytest.approx(last["accuracy"] - last["control_accuracy"])
-    assert last["control_accuracy"] < 0.45 and last["shuffled_accuracy"] < 0.45
+    assert last["shuffled_accuracy"] < 0.45
     assert last["heldout_balanced_accuracy"] > 0.7
     assert abs(last["erased_accuracy"] - last["majority_accuracy"]) < 0.1
+    data = run.summary["data"]
+    assert data["control_types"] == "group" and data["control_split"] == "template"
+    assert data["control_coverage"] == 1.0
     assert run.best_layer == 2
     out = tmp_path / "run"
     files = {p.suffix for p in out.rglob("*") if p.is_file()}
     assert files <= {".json", ".safetensors", ".parquet", ".csv", ".png", ".svg"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"]["name"] == "synthetic" and summary["replab_version"]
+    # Directions for every layer, both kinds, and the shuffled-label probe of each kind
+    for layer in (0, 1, 2):
+        for kind in ("logistic", "meandiff"):
+            for prefix in ("", "shuffled_"):
+                for c in range(5):
+                    assert (out / "directions" / f"{prefix}{kind}_L{layer}_class{c}.json").exists()
     d = Direction.load(out / "directions" / "logistic_L2_class0.json")
     assert d.layer == 2 and d.hook == "blocks.2.hook_resid_post" and d.kind == "logistic"
+    assert d.label_source == "true" and d.metrics["layer"] == 2
     assert np.linalg.norm(d.vector) == pytest.approx(1, abs=1e-5)
     assert d.model["synthetic"] is True and d.replab_version and d.config["label"] == "label"
+    dirs = load_directions(out, "meandiff", layer=1)
+    assert sorted(dirs) == [f"class{c}" for c in range(5)] and dirs["class3"].layer == 1
+    shuf = load_directions(out, "logistic", shuffled=True)           # best layer
+    assert shuf["class0"].label_source == "shuffled" and shuf["class0"].layer == 2
+    # the shuffled-label direction is not the real one
+    assert abs(float(shuf["class0"].vector @ d.vector)) < 0.9
+    with pytest.raises(ReplabError):
+        load_directions(out, "logistic", layer=7)
     preds, info = apply_probe(out / "probes" / "logistic.json", store)
     assert len(preds) == store.n_rows and info["layer"] == 2 and info["accuracy"] > 0.7
+
+
+def test_apply_scores_the_rows_training_kept(store, tmp_path):
+    where = "template != 'template0'"
+    train_probes(store, "label", layers="2", where=where, controls=False, erase=False,
+                 out=tmp_path / "run", progress=False)
+    _, info = apply_probe(tmp_path / "run", store)
+    kept = int((store.index["template"] != "template0").sum())
+    assert info["scored_rows"] == kept < info["scored_rows_all"] == store.n_rows
+    assert "where" in info["row_filter"]
+    assert info["accuracy"] is not None and info["accuracy_all_rows"] is not None
 
 
 def test_cli_train_json_apply_and_errors(store, tmp_path):
@@ -258,7 +354,9 @@ def test_tiny_model_store_end_to_end(tiny, tmp_path):
     run = train_probes(s, "seq_type", split_by="start", erase=False, out=tmp_path / "run",
                        progress=False)
     assert sorted(run.records["layer"].unique()) == list(range(tiny.cfg.n_layers))
-    assert run.summary["data"]["control_types"] == "example_id"   # 1 group, 2 tokens
+    assert run.summary["data"]["control_types"] is None        # 1 group, 2 tokens: no types
+    assert run.records["selectivity"].isna().all()
+    assert any("no control task" in note for note in run.summary["data"]["filter"])
     meta = json.loads((tmp_path / "run" / "probes" / "logistic.json").read_text())
     assert meta["model"]["weights_sha256"] == tiny.replab_identity.weights_sha256
     assert meta["position"] == "last" and meta["replab_version"]

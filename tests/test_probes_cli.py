@@ -113,3 +113,23 @@ def test_threads_sweep_layers_in_parallel_with_identical_results(store, tmp_path
     ser = json.loads(json.dumps(ser).replace("NaN", "null"))      # as --json prints it
     assert [x["layer"] for x in par] == [0, 0, 1, 1]
     assert par == ser
+
+
+def test_cluster_directions_dendrogram_and_largest_gap_cut():
+    import numpy as np
+
+    from replab.probes.rank import cluster_directions
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=16), rng.normal(size=16)
+    dirs = np.stack([a, a + 0.05 * rng.normal(size=16), b, b + 0.05 * rng.normal(size=16),
+                     b + 0.06 * rng.normal(size=16)])
+    out = cluster_directions(dirs, ["p", "q", "r", "s", "t"])
+    assert out["n_clusters"] == 2
+    assert out["clusters"]["p"] == out["clusters"]["q"] != out["clusters"]["r"]
+    assert out["clusters"]["r"] == out["clusters"]["s"] == out["clusters"]["t"]
+    merges = out["dendrogram"]["merges"]
+    assert len(merges) == 4 and sorted(merges[-1]["a"] + merges[-1]["b"]) == list("pqrst")
+    assert [m["distance"] for m in merges] == sorted(m["distance"] for m in merges)
+    assert merges[-2]["distance"] < out["cut_distance"] < merges[-1]["distance"]
+    assert sorted(out["dendrogram"]["order"]) == list("pqrst")

@@ -17,8 +17,8 @@ TRAIN_EPILOG = examples(
     "replab probe train --store runs/superset --label superclass --layers 10-20 --rank 1..4",
     "replab probe train --store runs/superset --label superclass --kind lowrank --rank 2 --json",
     "replab probe train --store runs/superset --label superclass --threads 2 --no-erase",
-    "replab probe train --store runs/sequence_types --label seq_type --split-by token "
-    "--kind logistic,meandiff --no-erase",
+    "replab probe train --store runs/seq_item --label seq_type --split-by start "
+    "--control-type token_id --no-erase",
 )
 
 
@@ -40,6 +40,9 @@ def train(
     where: str = typer.Option(None, "--where", help="pandas query on the index, e.g. \"template != 'famous'\"."),
     all_rows: bool = typer.Option(False, "--all-rows", help="Keep control and odd_one_out rows (no default filter)."),
     controls: bool = typer.Option(True, "--controls/--no-controls", help="Control task + shuffled-label baseline."),
+    control_type: str = typer.Option(None, "--control-type",
+                                     help="Column whose values are the control task's types "
+                                          "(default: entity, else token_id)."),
     erase: bool = typer.Option(True, "--erase/--no-erase", help="LEACE necessity check on the logistic probe."),
     epsilon: float = typer.Option(0.02, "--epsilon", help="Rank tolerance (accuracy units)."),
     seed: int = typer.Option(0, "--seed"),
@@ -56,7 +59,8 @@ def train(
         ranks = parse_ranks("1..4")
     cfg = ProbeConfig(label=label, site=hook, layers=layers, kinds=tuple(kinds), ranks=ranks,
                       split_by=split_by, folds=folds, where=where, default_filter=not all_rows,
-                      controls=controls, erase=erase, epsilon=epsilon, seed=seed, threads=threads)
+                      controls=controls, control_type=control_type, erase=erase, epsilon=epsilon,
+                      seed=seed, threads=threads)
     out = out or Path(store).parent / f"{Path(store).name}_probe_{label}"
     run = train_probes(store, config=cfg, out=out, progress=True)
     if json_out:
@@ -69,11 +73,13 @@ def _print_table(run) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    cols = ["layer", "kind", "rank", "accuracy", "balanced_accuracy", "heldout_balanced_accuracy",
-            "control_accuracy", "selectivity", "erased_accuracy", "ci_low", "ci_high"]
+    cols = ["layer", "kind", "rank", "accuracy", "balanced_accuracy", "ci_low", "ci_high",
+            "heldout_balanced_accuracy", "matched_accuracy", "control_accuracy", "selectivity",
+            "shuffled_accuracy", "erased_accuracy"]
     table = Table(title=f"probe sweep: {run.summary['label']} (best layer {run.best_layer})")
     short = {"balanced_accuracy": "bal acc", "heldout_balanced_accuracy": "held-out bal",
-             "control_accuracy": "control", "erased_accuracy": "after LEACE"}
+             "matched_accuracy": "acc (ctl folds)", "control_accuracy": "control",
+             "shuffled_accuracy": "shuffled", "erased_accuracy": "after LEACE"}
     for c in cols:
         table.add_column(short.get(c, c), justify="right")
     for rec in run.records.to_dict("records"):
@@ -84,12 +90,21 @@ def _print_table(run) -> None:
     data = run.summary["data"]
     con.print(f"rows {data['rows']} ({'; '.join(data['filter']) or 'no filter'}), "
               f"classes {data['class_counts']}, folds by {data['split_column']}")
+    if data.get("control_types"):
+        con.print(f"control task: types = {data['control_types']}, {data['control_folds']} "
+                  f"{data['control_split']} folds ({data['control_coverage']:.0%} of rows' types "
+                  f"seen in training); selectivity = acc (ctl folds) - control, same folds")
     if run.summary.get("rank"):
         best = run.summary["rank"]["layers"].get(run.best_layer)
         if best:
             con.print(f"layer {run.best_layer}: smallest rank within "
-                      f"{run.summary['rank']['epsilon']:.2f} of full rank = {best['smallest_rank']}"
-                      + (f"; class clusters {best['clusters']}" if best.get("clusters") else ""))
+                      f"{run.summary['rank']['epsilon']:.2f} of full rank = {best['smallest_rank']}")
+            if best.get("clusters"):
+                merges = "; ".join(f"{'+'.join(m['a'])} | {'+'.join(m['b'])} @ {m['distance']:.2f}"
+                                   for m in best["dendrogram"]["merges"])
+                con.print(f"class directions, dendrogram (cosine distance; unrelated directions: "
+                          f"{best['chance_distance']:.2f}): {merges}; "
+                          f"largest-gap cut -> {best['n_clusters']} clusters {best['clusters']}")
     con.print(f"wrote {run.out}")
 
 

@@ -7,11 +7,14 @@ Library entry points (each CLI command is one of these)::
     apply_probe(probe_json, store)           # replab probe apply
     LogisticProbe / MeanDiffProbe / LowRankProbe   # sklearn-compatible estimators
     Direction.load(path)                     # a saved unit direction
+    load_directions(run, kind, layer, shuffled)   # {class: Direction} from a probe run
 """
 
-from replab.probes.directions import Direction, apply_probe, load_probe
+from replab.probes.directions import (Direction, apply_probe, direction_path,
+                                      load_directions, load_probe)
 from replab.probes.estimators import LogisticProbe, LowRankProbe, MeanDiffProbe, mean_diff
 from replab.probes.train import ProbeConfig, ProbeRun, parse_ranks, train_probes
 
 __all__ = ["Direction", "LogisticProbe", "LowRankProbe", "MeanDiffProbe", "ProbeConfig",
-           "ProbeRun", "apply_probe", "load_probe", "mean_diff", "parse_ranks", "train_probes"]
+           "ProbeRun", "apply_probe", "direction_path", "load_directions", "load_probe",
+           "mean_diff", "parse_ranks", "train_probes"]

@@ -17,7 +17,9 @@ L2 strength. Objective of problem ``p`` (identical to scikit-learn's
   of ``Z^T Z / n`` (Böhning's bound on the softmax Hessian), rescaled each iteration by
   the newest curvature pair. Callers rotate ``Z`` into that eigenbasis
   (:func:`eigenbasis`); the L2 penalty is rotation-invariant, so solutions rotate back
-  exactly.
+  exactly. The basis is label-free and shared by all problems of a layer;
+  :func:`train_scale` turns each problem's strength into the one that makes its fit
+  identical to preprocessing (centre, RMS scale) fitted on its own training rows only.
 * **Stopping.** Like scikit-learn's lbfgs: a problem stops when the largest absolute
   component of its gradient is ``<= tol`` (default ``1e-4``, scikit-learn's default),
   or when no step decreases its loss any more (float32 round-off). Stopped problems
@@ -59,6 +61,31 @@ def eigenbasis(x: torch.Tensor) -> Basis:
     gram = (xc.T @ xc) / x.shape[0]
     eig, rot = torch.linalg.eigh(gram.double())
     return Basis(mean, scale, rot.float(), eig.clamp_min(0).float())
+
+
+def train_scale(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-problem L2 factor that makes a shared basis equal train-only preprocessing.
+
+    Fitting on features centred and RMS-scaled with the *training rows' own* statistics
+    (``u = (x - m_p) / s_p``) with penalty ``lam / 2 ||W_u||^2`` is the same problem as
+    fitting in the shared coordinates ``z`` with penalty ``lam * (s_p / s)^2 / 2 ||W||^2``:
+    the centring is absorbed by the unpenalised intercept, the rotation leaves the
+    penalty unchanged, and ``W = (s / s_p) W_u``. Pass ``lam * train_scale(z, mask)``
+    to :func:`fit_logistic` and the fitted probes are exactly the train-only ones.
+
+    Args:
+        z: ``[n, d]`` shared coordinates (:func:`eigenbasis` of the same rows).
+        mask: ``[P, n]`` bool training rows.
+
+    Returns:
+        ``[P]`` float32 ``(s_p / s)^2`` = mean over train rows of ``||z - mean_p(z)||^2 / d``.
+    """
+    m = mask.float()
+    n_p = m.sum(1).clamp_min(1)
+    sq = (z.double() ** 2).sum(1)                                   # [n]
+    mean = (m.double() @ z.double()) / n_p[:, None].double()        # [P, d]
+    var = (m.double() @ sq) / n_p.double() - (mean ** 2).sum(1)
+    return (var / z.shape[1]).clamp_min(1e-12).float()
 
 
 @dataclass

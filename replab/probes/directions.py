@@ -8,6 +8,15 @@
 * A **Direction** is one unit vector in activation space with its provenance:
   hook, layer, position rule, label, class, kind, model identity, replab version, config.
   The features issue (direction patching) consumes these.
+
+A probe run writes Directions for **every swept layer** (stable names, see
+:func:`direction_path`)::
+
+    directions/<kind>_L<layer>_<class>.safetensors + .json            kind: logistic, meandiff
+    directions/shuffled_<kind>_L<layer>_<class>.safetensors + .json   same probe, shuffled labels
+    directions/index.json                                            one entry per file
+
+and :func:`load_directions` reads them back (``{class: Direction}`` for one kind/layer).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ class Direction:
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     replab_version: str = __version__
+    label_source: str = "true"          # "shuffled": fitted on row-shuffled labels (a baseline)
 
     def __post_init__(self):
         v = np.asarray(self.vector, dtype=np.float32).reshape(-1)
@@ -50,7 +60,7 @@ class Direction:
         """Write ``path.safetensors`` (``direction [d]``) and ``path.json``; returns the JSON path."""
         from safetensors.numpy import save_file
 
-        path = Path(path).with_suffix("")
+        path = _strip(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"direction": self.vector}, str(path) + ".safetensors")
         meta = {k: v for k, v in asdict(self).items() if k != "vector"}
@@ -64,13 +74,119 @@ class Direction:
         """Read a Direction from its ``.json`` or ``.safetensors`` path (either one)."""
         from safetensors.numpy import load_file
 
-        base = Path(path).with_suffix("")
+        base = _strip(path)
         meta = _read_json(Path(str(base) + ".json"))
         if meta.get("format") != "replab.direction":
             raise ReplabError(f"{base}.json: not a replab Direction")
         vec = load_file(str(base) + ".safetensors")["direction"]
         keep = {k: meta[k] for k in cls.__dataclass_fields__ if k in meta and k != "vector"}
         return cls(vector=vec, **keep)
+
+
+def _strip(path) -> Path:
+    """``path`` without a ``.json`` / ``.safetensors`` suffix (other dots are kept)."""
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+
+
+def safe_name(c) -> str:
+    """A class name as it appears in file names: alphanumerics, ``-`` and ``_`` kept,
+    every other character replaced by ``_``."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(c))
+
+
+def direction_path(folder, kind: str, layer: int, cls, shuffled: bool = False) -> Path:
+    """``<folder>/[shuffled_]<kind>_L<layer>_<class>.json`` (class via :func:`safe_name`)."""
+    prefix = "shuffled_" if shuffled else ""
+    return Path(folder) / f"{prefix}{kind}_L{int(layer)}_{safe_name(cls)}.json"
+
+
+def direction_vectors(coef: np.ndarray, classes) -> dict:
+    """Per-class unit-able vectors from a probe's ``coef [K, d]``: for ``K > 2`` row ``c``
+    minus the mean row (the class's one-vs-rest direction); for ``K = 2`` the positive
+    (second) class's row only. Returns ``{class: vector [d]}`` (not yet normalised)."""
+    classes = [str(c) for c in classes]
+    if len(classes) == 2:
+        return {classes[1]: np.asarray(coef[1])}
+    w = coef - coef.mean(0)
+    return {c: w[j] for j, c in enumerate(classes)}
+
+
+def write_directions(folder, probes: dict, records, layers: dict, classes, label: str,
+                     position: str, model: dict, config: dict, best_layer: int,
+                     kinds=("logistic", "meandiff")) -> Path:
+    """Save Direction artifacts for every layer of a sweep and ``index.json``.
+
+    Args:
+        folder: ``<run>/directions``.
+        probes: ``{layer: {kind: (coef [K, d], intercept [K])}}`` (``shuffled_<kind>`` too).
+        records: the sweep's records (their metrics go into each Direction).
+        layers: ``{layer: hook}``.
+
+    Returns:
+        The path of ``index.json``: ``{"best_layer", "label", "classes", "kinds",
+        "layers", "entries": [{"file", "kind", "layer", "class", "shuffled"}]}``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = [str(c) for c in classes]
+    entries = []
+    for layer, per_kind in sorted(probes.items()):
+        for kind in kinds:
+            for shuffled in (False, True):
+                key = f"shuffled_{kind}" if shuffled else kind
+                if key not in per_kind:
+                    continue
+                rec = records[(records["layer"] == layer) & (records["kind"] == kind)]
+                metrics = {k: _plain(v) for k, v in rec.iloc[0].items() if k != "hook"} if len(rec) else {}
+                if shuffled:
+                    metrics = {"shuffled_accuracy": metrics.get("shuffled_accuracy"),
+                               "n_rows": metrics.get("n_rows"), "lam": metrics.get("lam")}
+                for cls, vec in direction_vectors(per_kind[key][0], classes).items():
+                    if not np.isfinite(vec).all() or np.linalg.norm(vec) == 0:
+                        continue
+                    path = direction_path(folder, kind, layer, cls, shuffled)
+                    Direction(vector=vec, hook=layers[layer], layer=int(layer), position=position,
+                              label=label, positive_class=cls, classes=classes, kind=kind,
+                              model=model, config=config, metrics=metrics,
+                              label_source="shuffled" if shuffled else "true").save(path)
+                    entries.append({"file": path.name, "kind": kind, "layer": int(layer),
+                                    "class": cls, "shuffled": shuffled})
+    index = {"format": "replab.directions", "best_layer": int(best_layer), "label": label,
+             "classes": classes, "kinds": list(kinds), "layers": sorted(int(k) for k in probes),
+             "entries": entries, "replab_version": __version__}
+    (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return folder / "index.json"
+
+
+def load_directions(run, kind: str = "logistic", layer: int | None = None,
+                    shuffled: bool = False) -> dict:
+    """Directions of one kind and layer from a probe run: ``{class: Direction}``.
+
+    Args:
+        run: the probe run directory (or its ``directions`` folder).
+        kind: ``logistic`` or ``meandiff``.
+        layer: default: the run's best layer.
+        shuffled: the shuffled-label probe's directions instead.
+    """
+    folder = Path(run)
+    if (folder / "directions").is_dir():
+        folder = folder / "directions"
+    index = _read_json(folder / "index.json")
+    layer = index["best_layer"] if layer is None else int(layer)
+    if layer not in index["layers"]:
+        raise ReplabError(f"{folder}: no directions for layer {layer}; it has {index['layers']}")
+    out = {e["class"]: Direction.load(folder / e["file"]) for e in index["entries"]
+           if e["kind"] == kind and e["layer"] == layer and bool(e["shuffled"]) == bool(shuffled)}
+    if not out:
+        raise ReplabError(f"{folder}: no {'shuffled ' if shuffled else ''}{kind} directions "
+                          f"at layer {layer} (kinds: {index['kinds']})")
+    return out
+
+
+def _plain(v):
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and not np.isfinite(v) else v
 
 
 def _read_json(path: Path) -> dict:
@@ -135,13 +251,15 @@ def apply_probe(probe_path, store, layer: int | None = None, label: str | None =
 
     Returns:
         ``(predictions DataFrame [rows: row, prediction, p_<class>...], summary dict)``.
+        With a label column the summary has ``accuracy`` on the rows the probe's training
+        run kept (its default filter - control people, odd-one-out rows - and ``--where``)
+        and ``accuracy_all_rows`` on every row whose label is one of the probe's classes
+        (``scored_rows`` / ``scored_rows_all``).
     """
     import pandas as pd
 
-    from replab.probes.data import hook_for_layer
-    from replab.store import open_store
+    from replab.probes.data import as_store, hook_for_layer
 
-    from replab.probes.data import as_store
     store = as_store(store)
     probe, meta = load_probe(probe_path, layer)
     hook = hook_for_layer(store, meta["site"], meta["layer"])
@@ -164,6 +282,29 @@ def apply_probe(probe_path, store, layer: int | None = None, label: str | None =
         truth = store.index[col].astype(str).to_numpy()
         known = np.isin(truth, probe.classes_.astype(str))
         summary["label"] = col
-        summary["scored_rows"] = int(known.sum())
-        summary["accuracy"] = float((pred.astype(str)[known] == truth[known]).mean()) if known.any() else None
+        summary["accuracy_all_rows"] = _acc(pred, truth, known)
+        summary["scored_rows_all"] = int(known.sum())
+        cfg = meta.get("config") or {}
+        keep = known & _training_filter(store.index, col, cfg)
+        summary["accuracy"] = _acc(pred, truth, keep)
+        summary["scored_rows"] = int(keep.sum())
+        summary["row_filter"] = ("training filter" + (f" + where {cfg['where']!r}" if cfg.get("where") else "")
+                                 if cfg.get("default_filter", True) or cfg.get("where") else "none")
     return df, summary
+
+
+def _acc(pred, truth, mask) -> float | None:
+    return float((pred.astype(str)[mask] == truth[mask]).mean()) if mask.any() else None
+
+
+def _training_filter(index, label: str, cfg: dict) -> np.ndarray:
+    """Rows the probe's training run would have kept (its default filter and ``where``)."""
+    from replab.probes.splits import select_rows
+
+    keep = np.zeros(len(index), dtype=bool)
+    try:
+        rows, _ = select_rows(index, label, cfg.get("where"), cfg.get("default_filter", True))
+    except ReplabError:
+        return keep
+    keep[rows] = True
+    return keep

@@ -14,10 +14,16 @@ import torch
 from replab.errors import ReplabError
 
 
-def fit_eraser(x: np.ndarray | torch.Tensor, codes: np.ndarray, n_classes: int):
+def fit_eraser(x: np.ndarray | torch.Tensor, codes: np.ndarray, n_classes: int,
+               shrinkage: bool = True):
     """Fit a ``concept_erasure.LeaceEraser`` on ``x [n, d]`` and class codes ``[n]``.
 
     The label is one-hot encoded (``z [n, K]``), as in the package's own examples.
+    ``shrinkage`` (the package's default) shrinks the covariance of ``x`` towards a
+    multiple of the identity - needed when a fold has fewer rows than dimensions. The
+    eraser is the LEACE closed form ``x' = x - W^+ P W (x - mu)`` with ``W`` the
+    (pseudo-)inverse square root of that covariance and ``P`` the orthogonal projector
+    onto the column space of ``W Sigma_xz`` (tested against a hand implementation).
     Returns the eraser: ``eraser(x [m, d]) -> [m, d]``.
     """
     try:
@@ -26,7 +32,7 @@ def fit_eraser(x: np.ndarray | torch.Tensor, codes: np.ndarray, n_classes: int):
         raise ReplabError("LEACE needs the concept-erasure package: pip install 'replab[probes]'") from None
     x = torch.as_tensor(np.asarray(x, dtype=np.float32))
     z = torch.nn.functional.one_hot(torch.as_tensor(codes, dtype=torch.long), n_classes).float()
-    return LeaceEraser.fit(x.double(), z.double())
+    return LeaceEraser.fit(x.double(), z.double(), shrinkage=shrinkage)
 
 
 def erase(eraser, x) -> np.ndarray:

@@ -15,6 +15,17 @@ Features are centred and divided by one scalar (the RMS of the centred training
 activations) before the penalty applies; one scalar keeps the geometry, so the learned
 rows are directions in the original space. ``lam`` is per-sample: the objective is
 ``mean CE + lam / 2 * ||W||^2``, i.e. scikit-learn's ``C = 1 / (lam * n_train)``.
+
+**Grouped inner CV under scikit-learn.** ``LogisticProbe.fit(X, y, groups=g)`` makes the
+inner CV that picks ``lam`` grouped. ``cross_val_score(probe, X, y, groups=g)`` passes
+``groups`` only to the *outer* splitter; to route it to ``fit`` as well, use
+scikit-learn's metadata routing::
+
+    sklearn.set_config(enable_metadata_routing=True)
+    cross_val_score(LogisticProbe().set_fit_request(groups=True), X, y,
+                    cv=GroupKFold(5), params={"groups": g})
+
+``inner_cv_`` records which inner CV a fit used (``"grouped"`` / ``"stratified"``).
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import GroupKFold, StratifiedKFold
 
 from replab.errors import ReplabError
-from replab.probes._solver import Memory, eigenbasis, fit_logistic
+from replab.probes._solver import Memory, eigenbasis, fit_logistic, train_scale
 
 DEFAULT_LAMS = (1e-1, 1e-2, 1e-3)
 
@@ -85,7 +96,9 @@ class LogisticProbe(_LinearProbe):
         max_iter, tol: solver settings (see :func:`replab.probes._solver.fit_logistic`).
 
     Learned: ``classes_``, ``coef_ [K, d]``, ``intercept_ [K]``, ``lam_``, ``C_``
-    (scikit-learn's equivalent), ``cv_scores_`` (``{lam: inner accuracy}``), ``n_iter_``.
+    (scikit-learn's equivalent), ``cv_scores_`` (``{lam: inner accuracy}``), ``inner_cv_``
+    (``"grouped"``, ``"stratified"`` or ``None`` with a fixed ``lam``), ``n_iter_``.
+    Every inner fit is equivalent to scaling fitted on its own inner training rows.
     """
 
     def __init__(self, lam=None, lams=DEFAULT_LAMS, inner_folds=3, max_iter=300, tol=1e-4):
@@ -110,15 +123,18 @@ class LogisticProbe(_LinearProbe):
         K, n = len(self.classes_), len(X)
         yt = torch.from_numpy(codes)
         self.cv_scores_ = {}
+        self.inner_cv_ = None
         lam = self.lam
         if lam is None:
             masks = inner_masks(n, codes, groups, self.inner_folds)
+            self.inner_cv_ = "stratified" if groups is None else "grouped"
             lams = sorted(self.lams, reverse=True)
             P = len(masks)
             tr = torch.stack([torch.from_numpy(m) for m in masks])
+            scale = train_scale(z, tr)
             init, memory = None, Memory()
             for cand in lams:
-                w, b, _ = fit_logistic(z, yt.expand(P, n), tr, torch.full((P,), float(cand)), K,
+                w, b, _ = fit_logistic(z, yt.expand(P, n), tr, float(cand) * scale, K,
                                        basis.eig, init=init, max_iter=self.max_iter, tol=self.tol,
                                        memory=memory)
                 init = (w, b)

@@ -2,8 +2,9 @@
 
 * :func:`fit_lowrank` - batched reduced-rank multinomial logistic regression.
 * :func:`smallest_rank` - the smallest rank whose accuracy is within ``epsilon`` of full rank.
-* :func:`cluster_directions` - group class directions by cosine similarity (used when the
-  answer is high-rank: which classes share a feature?).
+* :func:`cluster_directions` - hierarchical clustering of class directions by cosine
+  distance, with the dendrogram and a largest-gap cut (used when the answer is high-rank:
+  which classes share a feature?).
 """
 
 from __future__ import annotations
@@ -94,17 +95,41 @@ def smallest_rank(records: pd.DataFrame, epsilon: float = 0.02,
     return pd.DataFrame(out)
 
 
-def cluster_directions(directions: np.ndarray, classes, n_clusters: int) -> dict:
-    """Agglomerative (average-link, cosine) clustering of class directions ``[K, d]``.
+def cluster_directions(directions: np.ndarray, classes) -> dict:
+    """Hierarchical clustering (average link, cosine distance) of class directions ``[K, d]``.
 
-    Returns ``{class: cluster id}`` with ``n_clusters`` clusters (ids ordered by first class).
+    The full dendrogram is reported, and one cut: between the two consecutive merges with
+    the largest gap in distance (the most pronounced level of grouping; a heuristic - read
+    the merge distances too).
+
+    Returns:
+        ``{"clusters": {class: id}, "n_clusters": int, "cut_distance": float | None,
+        "dendrogram": {"order": [class, ...] (leaf order), "merges": [{"a": [classes],
+        "b": [classes], "distance": cosine distance}, ...] (in merge order)}}``.
     """
-    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.cluster.hierarchy import leaves_list, linkage
 
-    n_clusters = max(1, min(int(n_clusters), len(classes)))
-    if len(classes) < 2 or n_clusters == len(classes):
-        return {str(c): i for i, c in enumerate(classes)}
-    ids = fcluster(linkage(directions, method="average", metric="cosine"),
-                   t=n_clusters, criterion="maxclust")
-    remap: dict[int, int] = {}
-    return {str(c): remap.setdefault(int(i), len(remap)) for c, i in zip(classes, ids)}
+    classes = [str(c) for c in classes]
+    K = len(classes)
+    if K < 3:
+        return {"clusters": {c: i for i, c in enumerate(classes)}, "n_clusters": K,
+                "cut_distance": None, "dendrogram": {"order": classes, "merges": []}}
+    Z = linkage(np.asarray(directions, dtype=np.float64), method="average", metric="cosine")
+    members = {i: [classes[i]] for i in range(K)}
+    merges = []
+    for i, (a, b, dist, _) in enumerate(Z):
+        merges.append({"a": members[int(a)], "b": members[int(b)], "distance": round(float(dist), 4)})
+        members[K + i] = members[int(a)] + members[int(b)]
+    heights = Z[:, 2]
+    gaps = np.diff(heights)                    # gap between merge i and merge i + 1
+    cut = int(np.argmax(gaps))                 # keep merges 0..cut
+    group = {c: c for c in classes}
+    for m in merges[:cut + 1]:
+        root = group[m["a"][0]]
+        for c in m["a"] + m["b"]:
+            group[c] = root
+    remap: dict[str, int] = {}
+    clusters = {c: remap.setdefault(group[c], len(remap)) for c in classes}
+    return {"clusters": clusters, "n_clusters": len(remap),
+            "cut_distance": round(float((heights[cut] + heights[cut + 1]) / 2), 4),
+            "dendrogram": {"order": [classes[i] for i in leaves_list(Z)], "merges": merges}}

@@ -8,6 +8,9 @@
   group with the training rows.
 * :func:`control_labels` - Hewitt & Liang control task: each *type* gets a random label,
   drawn so the class distribution over types is unchanged, fixed per type.
+* :func:`control_folds` - folds for the control task *and* the task accuracy it is
+  compared with: types recur between train and test (same people, other templates), so
+  a probe that memorises types can score on the control task.
 * :func:`shuffled_labels` - labels permuted across rows (the shuffled-label baseline).
 """
 
@@ -129,15 +132,87 @@ def heldout_folds(fold: np.ndarray, templates) -> tuple[np.ndarray, np.ndarray] 
     return train, test
 
 
-def type_column(index: pd.DataFrame, min_types: int = 20) -> str:
-    """The column that defines a control-task *type*: the entity (``group``) when it has
-    several values, else the token (``token_id``) when it has at least ``min_types``
-    values, else each example on its own (``example_id``)."""
+def type_column(index: pd.DataFrame, min_types: int = 20, column: str | None = None) -> str | None:
+    """The column that defines a control-task *type*.
+
+    ``column`` when given; else the entity (``group``) when it has several values, else the
+    token (``token_id``) when it has at least ``min_types`` values; else ``None`` (no
+    sensible type: the control task is skipped and the summary says why).
+    """
+    if column:
+        col = SPLIT_ALIASES.get(column, column)
+        if col not in index.columns:
+            raise ReplabError(f"--control-type {column!r}: no column {col!r} in the store index")
+        return col
     if "group" in index.columns and index["group"].astype(str).nunique() > 1:
         return "group"
     if "token_id" in index.columns and index["token_id"].nunique() >= min_types:
         return "token_id"
-    return "example_id"
+    return None
+
+
+def type_coverage(types, fold: np.ndarray) -> float:
+    """Share of rows whose type also occurs in the training part of their fold."""
+    types = np.asarray(types).astype(str)
+    seen = np.zeros(len(types), dtype=bool)
+    for k in np.unique(fold):
+        train_types = set(types[fold != k])
+        te = np.flatnonzero(fold == k)
+        seen[te] = [t in train_types for t in types[te]]
+    return float(seen.mean()) if len(types) else 0.0
+
+
+def control_folds(types, templates, codes, folds: int, seed: int = 0,
+                  min_coverage: float = 0.5) -> tuple[np.ndarray, str, float] | None:
+    """Folds ``[n]`` on which the control task is learnable: types recur between train and test.
+
+    Hewitt & Liang's control task gives each *type* a random label; a probe can only score
+    on it by memorising types, which needs the test types to occur in training. With
+    entity-grouped folds no test entity is ever seen, so control accuracy is chance by
+    construction. These folds are used for the control task **and** for the task accuracy
+    it is compared with (``matched_accuracy``), so selectivity compares like with like.
+
+    * ``template``: folds grouped by template (the same people, other templates), when
+      there are >= 2 templates, every class of each test fold also occurs in its training
+      folds, and at least ``min_coverage`` of the rows' types recur;
+    * ``type-stratified``: otherwise the rows of each type are dealt round-robin over the
+      folds (random start, fixed seed), so every type with >= 2 rows is on both sides.
+
+    Returns:
+        ``(fold [n], scheme, coverage)`` (coverage: share of rows whose type is seen in
+        training, :func:`type_coverage`), or ``None`` when no type recurs at all.
+    """
+    types = np.asarray(types).astype(str)
+    n = len(types)
+    if templates is not None:
+        templates = np.asarray(templates).astype(str)
+        n_t = len(np.unique(templates))
+        if n_t >= 2:
+            k = min(folds, n_t)
+            fold = np.full(n, -1)
+            for f, (_, test) in enumerate(GroupKFold(n_splits=k).split(np.zeros(n), codes,
+                                                                      templates)):
+                fold[test] = f
+            cov = type_coverage(types, fold)
+            codes = np.asarray(codes)
+            classes_ok = all(set(codes[fold == f]) <= set(codes[fold != f]) for f in range(k))
+            if cov >= min_coverage and classes_ok:
+                return fold, "template", cov
+    rng = np.random.default_rng(seed + 2)
+    uniq, inv = np.unique(types, return_inverse=True)
+    if np.bincount(inv).max() < 2:
+        return None
+    k = max(2, min(folds, n))
+    fold = np.full(n, -1)
+    start = rng.integers(0, k, len(uniq))
+    for t in range(len(uniq)):
+        rows = rng.permutation(np.flatnonzero(inv == t))
+        fold[rows] = (start[t] + np.arange(len(rows))) % k
+    used = np.unique(fold)
+    fold = np.searchsorted(used, fold)             # drop empty folds (tiny inputs)
+    if len(used) < 2:
+        return None
+    return fold, "type-stratified", type_coverage(types, fold)
 
 
 def control_labels(types, codes, seed: int = 0) -> np.ndarray:

@@ -5,7 +5,9 @@ Run directory (``out``)::
     records.parquet / records.csv   tidy table, one row per (layer, kind, rank)
     summary.json                    best layer, best record, rank answer, config, model, version
     probes/<kind>.safetensors+json  all-rows probes for every layer (no pickle)
-    directions/<kind>_L<layer>_<class>.safetensors+json   unit Direction artifacts (best layer)
+    directions/<kind>_L<layer>_<class>.safetensors+json           unit Direction artifacts,
+    directions/shuffled_<kind>_L<layer>_<class>.safetensors+json  every layer (logistic,
+    directions/index.json                                         meandiff; see directions.py)
     figures/accuracy_vs_layer.png/.svg                     every kind, 95% CIs
 """
 
@@ -28,7 +30,8 @@ from replab.probes.sweep import LayerData, sweep_layer
 
 KINDS = ("logistic", "meandiff", "lowrank")
 RECORD_KEYS = ["layer", "kind", "rank", "accuracy", "balanced_accuracy", "auroc",
-               "heldout_accuracy", "heldout_balanced_accuracy", "control_accuracy", "selectivity",
+               "heldout_accuracy", "heldout_balanced_accuracy", "matched_accuracy", "control_accuracy",
+               "selectivity",
                "shuffled_accuracy", "erased_accuracy", "majority_accuracy", "ci_low", "ci_high",
                "fold_std", "lam", "n_rows", "n_classes"]
 
@@ -48,6 +51,8 @@ class ProbeConfig:
         folds: outer folds.
         lams: candidate per-sample L2 strengths for the nested CV.
         controls: run the control task and the shuffled-label baseline.
+        control_type: column whose values are the control task's *types* (default: the
+            entity ``group``, else ``token_id`` with >= 20 values; see ``splits.type_column``).
         erase: LEACE necessity check (logistic accuracy after erasure).
         where: pandas query on the index; default_filter: drop control/odd-one-out rows.
         epsilon: rank tolerance (accuracy units); seed; n_boot: bootstrap resamples.
@@ -64,6 +69,7 @@ class ProbeConfig:
     folds: int = 5
     lams: tuple = (1e-1, 1e-2, 1e-3)
     controls: bool = True
+    control_type: str | None = None
     erase: bool = True
     where: str | None = None
     default_filter: bool = True
@@ -145,7 +151,6 @@ def prepare(store, cfg: ProbeConfig):
         raise ReplabError(f"label {cfg.label!r} has a single class after filtering: {classes[0]}")
     split_col = S.split_column(index, cfg.split_by)
     fold = S.grouped_folds(ix[split_col].to_numpy(), codes, cfg.folds, cfg.seed)
-    type_col = S.type_column(ix)
     heldout = None
     if "template" in ix.columns and split_col != "template":
         per_class = ix.groupby(labels)["template"].nunique()
@@ -153,17 +158,36 @@ def prepare(store, cfg: ProbeConfig):
             heldout = S.heldout_folds(fold, ix["template"].to_numpy())
         else:
             notes.append("no held-out-template score: some class occurs in a single template")
+    control = cfold = None
+    control_info = {"control_types": None, "control_split": None, "control_folds": None,
+                    "control_coverage": None}
+    if cfg.controls:
+        type_col = S.type_column(ix, column=cfg.control_type)
+        cf = None
+        if type_col is not None:
+            types = ix[type_col].to_numpy()
+            templates = ix["template"].to_numpy() if "template" in ix.columns else None
+            cf = S.control_folds(types, templates, codes, cfg.folds, cfg.seed)
+        if cf is None:
+            notes.append("no control task: no type column whose values recur "
+                         "(use --control-type COLUMN)")
+        else:
+            cfold, scheme, coverage = cf
+            control = S.control_labels(types, codes, cfg.seed)
+            control_info = {"control_types": type_col, "control_split": scheme,
+                            "control_folds": int(cfold.max()) + 1,
+                            "control_coverage": round(coverage, 4)}
     boot = ix["group"].to_numpy() if "group" in ix.columns else ix[split_col].to_numpy()
     boot = np.unique(boot.astype(str), return_inverse=True)[1]      # int codes: cheap per layer
     D = LayerData(codes=codes.astype(np.int64), K=len(classes), fold=fold,
-                  control=S.control_labels(ix[type_col].to_numpy(), codes, cfg.seed),
+                  control=control, cfold=cfold,
                   shuffled=S.shuffled_labels(codes, cfg.seed), heldout=heldout,
                   boot_groups=boot, lams=tuple(cfg.lams), max_iter=cfg.max_iter,
                   n_boot=cfg.n_boot, controls=cfg.controls, erase=cfg.erase,
                   ranks=cfg.ranks, kinds=cfg.kinds)
     info = {"rows": int(len(rows)), "filter": notes, "classes": classes.tolist(),
             "class_counts": {str(c): int((codes == i).sum()) for i, c in enumerate(classes)},
-            "split_column": split_col, "folds": int(fold.max()) + 1, "control_types": type_col,
+            "split_column": split_col, "folds": int(fold.max()) + 1, **control_info,
             "heldout_templates": heldout is not None}
     return rows, classes, D, info
 
@@ -182,11 +206,13 @@ def train_probes(store, label: str | None = None, out=None, progress: bool = Tru
     Returns:
         :class:`ProbeRun`. ``records`` has one row per (layer, kind, rank) with the
         columns in ``RECORD_KEYS`` (see ``docs/probes.md``); the best layer maximises the
-        logistic (else first kind's) CV balanced accuracy.
+        logistic (else first kind's) CV balanced accuracy. ``accuracy`` /
+        ``balanced_accuracy`` / ``heldout_*`` use the ``split_by`` folds (generalisation to
+        unseen groups); ``matched_accuracy`` / ``control_accuracy`` / ``selectivity`` use the
+        control folds, where control types recur (``summary["data"]["control_split"]``).
     """
-    from replab.store import open_store
-
     from replab.probes.data import as_store
+
     store = as_store(store)
     cfg = config or ProbeConfig(label=label, **kwargs)
     layers = pick_layers(store, cfg.site, cfg.layers)
@@ -253,10 +279,6 @@ def _sweep_layers(store, layers: dict, rows, D: LayerData, threads: int = 1):
                 pending.append(pool.submit(one, nxt))
 
 
-def _py(v):
-    return v.item() if hasattr(v, "item") else v
-
-
 def _rank_answer(df, cfg, probes, classes) -> dict:
     from replab.probes.rank import cluster_directions, smallest_rank
 
@@ -266,20 +288,20 @@ def _rank_answer(df, cfg, probes, classes) -> dict:
         layer, k = r["layer"], r["smallest_rank"]
         entry = {"smallest_rank": None if pd.isna(k) else int(k), "full": r["full"],
                  "accuracy_by_rank": {int(a): float(b) for a, b in r["rank_accuracy"].items()}}
-        full_rank = len(classes) - 1
         if (entry["smallest_rank"] is None or entry["smallest_rank"] > 1) and "logistic" in probes[layer]:
             coef = probes[layer]["logistic"][0]
-            w = coef - coef.mean(0)
-            n_cl = entry["smallest_rank"] or full_rank
-            entry["clusters"] = cluster_directions(w, classes, n_cl)
+            entry.update(cluster_directions(coef - coef.mean(0), classes))
+            # centred rows are biased apart like centred class means: unrelated directions
+            # sit at cosine -1/(K-1), i.e. cosine distance 1 + 1/(K-1)
+            entry["chance_distance"] = round(1 + 1 / (len(classes) - 1), 4)
         per_layer[int(layer)] = entry
     return {"epsilon": cfg.epsilon, "layers": per_layer}
 
 
 def write_run(run: ProbeRun, out: Path, store, cfg: ProbeConfig, classes, layers) -> None:
-    """Write tables, probes, best-layer Directions and the accuracy figure to ``out``."""
+    """Write tables, probes, every layer's Directions and the accuracy figure to ``out``."""
     from replab.geometry.plots import plot_probe_curves
-    from replab.probes.directions import Direction, save_probe
+    from replab.probes.directions import save_probe, write_directions
 
     out.mkdir(parents=True, exist_ok=True)
     run.out = out
@@ -293,29 +315,16 @@ def write_run(run: ProbeRun, out: Path, store, cfg: ProbeConfig, classes, layers
     for kind in kinds:
         save_probe(out / "probes", kind, {lay: p[kind] for lay, p in run.probes.items() if kind in p},
                    meta)
-    best = run.probes[run.best_layer]
-    metrics = run.records[run.records["layer"] == run.best_layer]
-    for kind, (coef, _) in best.items():
-        if kind not in ("logistic", "meandiff"):
-            continue                        # low-rank weights are saved; no Direction files
-        w = coef - coef.mean(0) if len(classes) > 2 else coef
-        m = metrics[metrics["kind"] == kind].iloc[0].to_dict()
-        for j, c in enumerate(classes):
-            if len(classes) == 2 and j == 0:
-                continue
-            Direction(vector=w[j], hook=layers[run.best_layer], layer=run.best_layer,
-                      position=str(run.summary["position"]), label=cfg.label,
-                      positive_class=str(c), classes=[str(x) for x in classes], kind=kind,
-                      model=store.model, config=asdict(cfg),
-                      metrics={k: _py(v) for k, v in m.items() if k != "hook"},
-                      ).save(out / "directions" / f"{kind}_L{run.best_layer}_{_safe(c)}")
+    write_directions(out / "directions", run.probes, run.records, layers, classes,
+                     label=cfg.label, position=str(run.summary["position"]), model=store.model,
+                     config=asdict(cfg), best_layer=run.best_layer)
     plot_probe_curves(run.records, out / "figures" / "accuracy_vs_layer",
                       title=f"probe {cfg.label} on {Path(str(store.path)).name}")
     (out / "summary.json").write_text(json.dumps(_clean(run.summary), indent=1, default=str) + "\n")
 
 
-def _safe(c) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(c))
+def _py(v):
+    return v.item() if hasattr(v, "item") else v
 
 
 def _clean(v):
