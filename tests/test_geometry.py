@@ -8,7 +8,8 @@ import pytest
 from sklearn.decomposition import PCA
 
 from replab.errors import ReplabError
-from replab.geometry import cosine_layers, cosine_matrix, pca_2d, plot_geometry, project_layers
+from replab.geometry import (cosine_baseline, cosine_layers, cosine_matrix, pca_2d, plot_geometry,
+                             project_layers)
 from replab.store.synthetic import write_synthetic_store
 
 
@@ -36,6 +37,31 @@ def test_cosine_matrix_by_hand():
     da, db = x[:2].mean(0) - grand, x[2:].mean(0) - grand
     want = da @ db / np.linalg.norm(da) / np.linalg.norm(db)
     assert m.loc["a", "b"] == pytest.approx(want) and m.loc["a", "a"] == pytest.approx(1)
+    assert want == pytest.approx(-1)                 # two classes: always exactly -1 apart
+    raw = cosine_matrix(x, labels, center="none")
+    assert raw.loc["a", "b"] == pytest.approx(0)     # raw means (2, 0) and (0, 2)
+
+
+def test_cosine_chance_baseline():
+    """Grand-mean centring biases cosines to -1/(K-1): the baseline says so, and unrelated
+    random class means land on it."""
+    for K in (2, 3, 8):
+        base = cosine_baseline(np.full(K, 10))
+        off = base[~np.eye(K, dtype=bool)]
+        np.testing.assert_allclose(off, -1 / (K - 1))
+        np.testing.assert_allclose(np.diag(base), 1)
+    rng = np.random.default_rng(0)
+    K, d, per = 6, 4000, 30
+    counts = np.array([10, 20, 30, 40, 50, 60])
+    means = rng.normal(size=(K, d))
+    labels = np.repeat(np.arange(K), counts)
+    x = means[labels] + 0.1 * rng.normal(size=(len(labels), d))
+    m = cosine_matrix(x, labels.astype(str)).to_numpy()
+    base = cosine_baseline(counts)
+    off = ~np.eye(K, dtype=bool)
+    assert np.abs(m[off] - base[off]).max() < 0.05          # unbalanced weights: still on it
+    assert np.abs(m[off] - (-1 / (K - 1))).max() > 0.05     # ... which -1/(K-1) alone misses
+    del per
 
 
 def test_projection_table_figure_and_cosines(store, tmp_path):
@@ -53,9 +79,15 @@ def test_projection_table_figure_and_cosines(store, tmp_path):
         return np.linalg.norm(centres - centres.mean(), axis=1).mean() / t[["x", "y"]].std().mean()
     assert spread(2) > 2 * spread(0)
     cos = cosine_layers(store, "label", layers="2")
-    assert set(cos.columns) == {"layer", "class_a", "class_b", "cosine"}
+    assert set(cos.columns) == {"layer", "class_a", "class_b", "cosine", "baseline", "excess"}
     diag = cos[cos["class_a"] == cos["class_b"]]["cosine"]
     np.testing.assert_allclose(diag, 1, atol=1e-6)
+    off = cos[cos["class_a"] != cos["class_b"]]
+    np.testing.assert_allclose(off["excess"], off["cosine"] - off["baseline"])
+    assert off["baseline"].between(-1 / 3 - 0.05, -1 / 3 + 0.05).all()     # K = 4, ~balanced
+    assert cosine_layers(store, "label", layers="2", center="none")["baseline"].isna().all()
+    with pytest.raises(ReplabError):
+        cosine_layers(store, "label", layers="2", center="rest")
     with pytest.raises(ReplabError):
         project_layers(store, "nope")
     with pytest.raises(ReplabError):
@@ -89,3 +121,36 @@ def test_plot_cli(store, tmp_path):
     assert "Examples" in runner.invoke(app, ["plot", "umap", "--help"]).stdout
     r = runner.invoke(app, ["plot", "pca", "--store", str(store.path), "--color", "nope"])
     assert isinstance(r.exception, ReplabError)
+    r = runner.invoke(app, ["plot", "cosine", "--store", str(store.path), "--color", "label",
+                            "--layers", "2", "--out", str(tmp_path), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["chance_baseline"] == pytest.approx(-1 / 3, abs=0.05)
+
+
+def test_colour_column_with_a_dot_and_fixed_palette(tmp_path, monkeypatch):
+    """A colour column named with a dot keeps matching file names; colours depend on the
+    store's full class set, not on the rows a --where keeps."""
+    import replab.geometry.plots as P
+
+    s = write_synthetic_store(tmp_path / "s", n_rows=60, d=8, n_layers=1, n_classes=3, seed=0)
+    index = s.index.copy()
+    index["label.v2"] = index["label"]
+    index.to_parquet(s.path / "index.parquet", index=False)
+    from replab.store import open_store
+
+    s2 = open_store(s.path)
+    res = plot_geometry(s2, "label.v2", "pca", out=tmp_path / "g")
+    for key, suffix in (("figure", ".png"), ("svg", ".svg"), ("table", ".parquet")):
+        assert res[key] == str(tmp_path / "g" / f"pca_label.v2{suffix}")
+        assert (tmp_path / "g" / f"pca_label.v2{suffix}").stat().st_size > 1000
+    seen = {}
+    real = P.plot_projection
+
+    def spy(coords, color, base, **kw):
+        seen["palette"] = P.projection_palette(coords[color], kw.get("classes"))
+        return real(coords, color, base, **kw)
+
+    monkeypatch.setattr(P, "plot_projection", spy)
+    plot_geometry(s2, "label", "pca", out=tmp_path / "h", where="label != 'class0'")
+    full = P.class_palette(["class0", "class1", "class2"])
+    assert set(seen["palette"]) == {"class1", "class2"}
+    assert seen["palette"]["class1"] == full["class1"] != P.class_palette(["class1", "class2"])["class1"]

@@ -36,7 +36,7 @@ def _projection(method, store, color, layers, hook, where, out, seed, json_out):
 
 
 @app.command("pca", epilog=examples(
-    "replab plot pca --store runs/sequence_types --color seq_type",
+    "replab plot pca --store runs/seq_item --color seq_type",
     "replab plot pca --store runs/superset --color superclass --layers 0-29 --where \"control == ''\""))
 def pca(store: Path = STORE, color: str = COLOR, layers: str = LAYERS, hook: str = HOOK,
         where: str = WHERE, out: Path = OUT, json_out: bool = JSON_OPT):
@@ -45,7 +45,7 @@ def pca(store: Path = STORE, color: str = COLOR, layers: str = LAYERS, hook: str
 
 
 @app.command("umap", epilog=examples(
-    "replab plot umap --store runs/sequence_types --color seq_type --layers 0,5,10,15,20,25,29",
+    "replab plot umap --store runs/seq_item --color seq_type --layers 0,5,10,15,20,25,29",
     "replab plot umap --store runs/superset --color superclass --seed 1 --json"))
 def umap(store: Path = STORE, color: str = COLOR, layers: str = LAYERS, hook: str = HOOK,
          where: str = WHERE, out: Path = OUT, seed: int = typer.Option(0, "--seed"),
@@ -55,15 +55,21 @@ def umap(store: Path = STORE, color: str = COLOR, layers: str = LAYERS, hook: st
 
 
 @app.command("cosine", epilog=examples(
-    "replab plot cosine --store runs/sequence_types --color seq_type",
+    "replab plot cosine --store runs/seq_item --color seq_type",
     "replab plot cosine --store runs/superset --color superclass --layers 10-20 --json"))
 def cosine(store: Path = STORE, color: str = COLOR, layers: str = LAYERS, hook: str = HOOK,
-           where: str = WHERE, out: Path = OUT, json_out: bool = JSON_OPT):
-    """Cosine similarity between class-mean directions, one heatmap per layer (+ Parquet)."""
+           where: str = WHERE, out: Path = OUT,
+           center: str = typer.Option("grand", "--center",
+                                      help="grand: class mean minus the grand mean (chance "
+                                           "baseline -1/(K-1), recorded per pair); none: raw "
+                                           "class means."),
+           json_out: bool = JSON_OPT):
+    """Cosine similarity between class-mean directions, one heatmap per layer (+ Parquet
+    with the chance baseline and the excess over it)."""
     from replab.geometry import cosine_layers
     from replab.geometry.plots import plot_cosines
 
-    cos = cosine_layers(store, color, hook, layers, where)
+    cos = cosine_layers(store, color, hook, layers, where, center=center)
     folder = _out(store, out)
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / f"cosine_{color}"
@@ -71,11 +77,16 @@ def cosine(store: Path = STORE, color: str = COLOR, layers: str = LAYERS, hook: 
     png = plot_cosines(cos, base, title=f"cosine of class-mean directions ({color}), "
                                         f"{Path(str(store)).name}")
     res = {"figure": str(png), "svg": str(base) + ".svg", "table": str(base) + ".parquet",
-           "layers": sorted(int(v) for v in cos["layer"].unique())}
+           "layers": sorted(int(v) for v in cos["layer"].unique()), "center": center}
+    off = cos[cos["class_a"] != cos["class_b"]]
+    if off["baseline"].notna().any():
+        res["chance_baseline"] = round(float(off["baseline"].mean()), 4)
     if json_out:
         print_json(res)
     else:
-        typer.echo(f"wrote {png}, {base}.svg, {base}.parquet")
+        extra = (f"; chance baseline {res['chance_baseline']:.3f} (-1/(K-1) for balanced classes)"
+                 if "chance_baseline" in res else "")
+        typer.echo(f"wrote {png}, {base}.svg, {base}.parquet{extra}")
 
 
 @app.command("probes", epilog=examples(

@@ -1,10 +1,11 @@
 """Representation geometry: 2-D projections per layer (PCA, UMAP), cosine similarity
 between class-mean directions, and the figures (:mod:`replab.geometry.plots`)."""
 
-from replab.geometry.cosine import class_mean_directions, cosine_layers, cosine_matrix
+from replab.geometry.cosine import (class_mean_directions, cosine_baseline, cosine_layers,
+                                    cosine_matrix)
 from replab.geometry.project import pca_2d, project_layers, umap_2d
 
-__all__ = ["class_mean_directions", "cosine_layers", "cosine_matrix", "pca_2d",
+__all__ = ["class_mean_directions", "cosine_baseline", "cosine_layers", "cosine_matrix", "pca_2d",
            "project_layers", "umap_2d", "plot_geometry"]
 
 
@@ -18,9 +19,8 @@ def plot_geometry(store, color: str, method: str = "pca", out=None, site: str = 
     from pathlib import Path
 
     from replab.geometry.plots import plot_projection
-    from replab.store import open_store
-
     from replab.probes.data import as_store
+
     store = as_store(store)
     coords = project_layers(store, color, method, site, layers, where, seed, progress)
     out = Path(out or Path(store.path) / "geometry")
@@ -28,7 +28,8 @@ def plot_geometry(store, color: str, method: str = "pca", out=None, site: str = 
     base = out / f"{method}_{color}"
     coords.to_parquet(str(base) + ".parquet", index=False)
     name = Path(str(store.path)).name
-    png = plot_projection(coords, color, base, method=method,
+    full = store.index[color].dropna().astype(str).unique()     # colours fixed per store
+    png = plot_projection(coords, color, base, method=method, classes=full,
                           title=f"{method.upper()} of {site} by layer: {name}, coloured by {color}")
     return {"figure": str(png), "svg": str(base) + ".svg", "table": str(base) + ".parquet",
             "layers": sorted(int(v) for v in coords["layer"].unique()),

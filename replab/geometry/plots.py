@@ -1,7 +1,8 @@
 """Figures (matplotlib Agg + seaborn): projections per layer, probe accuracy vs layer,
 class-mean cosine matrices. Each writes ``<base>.png`` and ``<base>.svg`` and returns
-the PNG path. Colours are fixed per class (sorted class names -> palette order), so the
-same class has the same colour in every panel and every figure of a run.
+the PNG path. Colours are fixed per class: the *full* sorted class set of the colour
+column (not the rows a ``--where`` keeps) maps to the palette in order, so a class has the
+same colour in every panel and in every figure made from the same store.
 """
 
 from __future__ import annotations
@@ -32,20 +33,33 @@ def class_palette(classes) -> dict:
     return dict(zip(classes, colours))
 
 
-def _save(fig, base: Path) -> Path:
+def projection_palette(values, classes=None) -> dict:
+    """``{class: colour}`` for the classes present in ``values``, with colours taken from
+    :func:`class_palette` of ``classes`` (the column's full class set) when given."""
+    present = set(pd.Series(values).astype(str).unique())
+    full = class_palette(classes if classes is not None else present)
+    return {k: v for k, v in full.items() if k in present}
+
+
+def _save(fig, base) -> Path:
+    """``<base>.png`` + ``<base>.svg`` (dots in ``base``, e.g. a ``--color`` name, are kept)."""
     from replab._figures import save
 
-    return save(fig, Path(base).with_suffix(""), formats=("png", "svg"))[0]
+    return save(fig, Path(base), formats=("png", "svg"))[0]
 
 
 def plot_projection(coords: pd.DataFrame, color: str, base, title: str = "",
-                    method: str = "pca", ncols: int | None = None) -> Path:
-    """One panel per layer of a :func:`~replab.geometry.project.project_layers` table."""
+                    method: str = "pca", ncols: int | None = None, classes=None) -> Path:
+    """One panel per layer of a :func:`~replab.geometry.project.project_layers` table.
+
+    ``classes``: the full class set of the colour column (fixes the colours; default:
+    the classes present in ``coords``). The legend lists the classes present.
+    """
     plt, sns = _plt()
     layers = sorted(coords["layer"].unique())
     ncols = ncols or min(6, len(layers))
     nrows = math.ceil(len(layers) / ncols)
-    palette = class_palette(coords[color].unique())
+    palette = projection_palette(coords[color], classes)
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.4 * nrows + 1.0),
                              squeeze=False, layout="constrained")
     label = {"pca": ("PC1", "PC2"), "umap": ("UMAP-1", "UMAP-2")}.get(method, ("x", "y"))
@@ -75,8 +89,9 @@ def plot_probe_curves(records: pd.DataFrame, base, title: str = "",
                       metric: str = "balanced_accuracy") -> Path:
     """Probe accuracy vs layer for every kind (and rank) in one figure, with 95% CIs.
 
-    Solid lines: ``metric`` with the bootstrap CI band; dotted: held-out-template balanced
-    accuracy; dashed: control-task accuracy (full-rank kinds only); grey: chance.
+    Solid lines: ``metric`` (with the entity-bootstrap CI band for balanced accuracy);
+    dotted: held-out-template balanced accuracy; dashed: control-task accuracy on the
+    control folds (full-rank kinds only); grey: chance.
     """
     plt, sns = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.6))
@@ -98,7 +113,7 @@ def plot_probe_curves(records: pd.DataFrame, base, title: str = "",
                     label=f"{name}, held-out template")
         if d["control_accuracy"].notna().any():
             ax.plot(d["layer"], d["control_accuracy"], "--", color=c, alpha=0.7,
-                    label=f"{name}, control task")
+                    label=f"{name}, control task (control folds)")
     if metric == "balanced_accuracy":
         chance = 1.0 / recs["n_classes"].max()
         ax.axhline(chance, color="grey", lw=1, label=f"chance (1/K = {chance:.2f})")
@@ -106,7 +121,8 @@ def plot_probe_curves(records: pd.DataFrame, base, title: str = "",
         maj = recs.groupby("layer")["majority_accuracy"].first()
         ax.plot(maj.index, maj.values, color="grey", lw=1, label="majority baseline")
     ax.set_xlabel("layer")
-    ax.set_ylabel(metric.replace("_", " ") + " (95% CI)")
+    band = metric == "balanced_accuracy" and recs["ci_low"].notna().any()
+    ax.set_ylabel(metric.replace("_", " ") + (" (band: 95% CI)" if band else ""))
     ax.set_ylim(0, 1.02)
     ax.set_title(title or "probe accuracy by layer")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -115,19 +131,31 @@ def plot_probe_curves(records: pd.DataFrame, base, title: str = "",
 
 
 def plot_cosines(cos: pd.DataFrame, base, title: str = "", ncols: int | None = None) -> Path:
-    """Heatmap of class-mean cosines, one panel per layer (from ``cosine_layers``)."""
+    """Heatmap of class-mean cosines, one panel per layer (from ``cosine_layers``).
+
+    With a ``baseline`` column (grand-mean centring) the colour scale is centred on the
+    mean off-diagonal chance baseline (about ``-1/(K-1)``): white means "as similar as
+    unrelated classes", red more similar, blue less.
+    """
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
     plt, sns = _plt()
     layers = sorted(cos["layer"].unique())
     ncols = ncols or min(6, len(layers))
     nrows = math.ceil(len(layers) / ncols)
     classes = sorted(cos["class_a"].unique())
+    off = cos[cos["class_a"] != cos["class_b"]]
+    centre = float(off["baseline"].mean()) if "baseline" in cos and off["baseline"].notna().any() else 0.0
+    centre = min(max(centre, -0.99), 0.99)
+    norm = TwoSlopeNorm(vmin=-1.0, vcenter=centre, vmax=1.0)
     side = 1.0 + 0.28 * len(classes)
     fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols, side * nrows + 0.5), squeeze=False)
     for i, (ax, layer) in enumerate(zip(axes.flat, layers)):
         m = cos[cos["layer"] == layer].pivot(index="class_a", columns="class_b", values="cosine")
         m = m.loc[classes, classes]
         last_row = i + ncols >= len(layers)
-        sns.heatmap(m, vmin=-1, vmax=1, cmap="RdBu_r", square=True, cbar=False, ax=ax,
+        sns.heatmap(m, norm=norm, cmap="RdBu_r", square=True, cbar=False, ax=ax,
                     xticklabels=last_row, yticklabels=i % ncols == 0)
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("")
@@ -135,11 +163,15 @@ def plot_cosines(cos: pd.DataFrame, base, title: str = "", ncols: int | None = N
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    sm = plt.cm.ScalarMappable(cmap="RdBu_r", norm=plt.Normalize(-1, 1))
-    fig.colorbar(sm, ax=axes, shrink=0.6, label="cosine of class-mean directions")
+    sm = plt.cm.ScalarMappable(cmap="RdBu_r", norm=norm)
+    label = "cosine of class-mean directions"
+    if centre != 0.0:
+        label += f"\n(white = chance baseline {centre:.2f} ≈ -1/(K-1), K = {len(classes)})"
+    fig.colorbar(sm, ax=axes, shrink=0.6, label=label, ticks=np.unique([-1, centre, 0, 1]))
     fig.suptitle(title or "cosine similarity between class-mean directions", fontsize=12,
                  y=0.93 if nrows > 2 else 1.0)
     return _save(fig, base)
 
 
-__all__ = ["class_palette", "plot_projection", "plot_probe_curves", "plot_cosines"]
+__all__ = ["class_palette", "projection_palette", "plot_projection", "plot_probe_curves",
+           "plot_cosines"]

@@ -64,12 +64,10 @@ def project_layers(store, color: str, method: str = "pca", site: str = "resid_po
         DataFrame ``layer, row, x, y, <color>`` (PCA adds ``explained_1``, ``explained_2``).
     """
     from replab._progress import progress_bar
-    from replab.probes.data import pick_layers
-    from replab.store import open_store
+    from replab.probes.data import as_store, pick_layers
 
     if method not in METHODS:
         raise ReplabError(f"unknown projection {method!r}; use pca or umap")
-    from replab.probes.data import as_store
     store = as_store(store)
     index = store.index
     if color not in index.columns:
