@@ -41,7 +41,7 @@ test-integration: setup
 
 bench: setup
 	$(PY) bench/bench_harvest.py
-	$(PY) bench/bench_probes.py --skip-full
+	$(PY) bench/bench_probes.py --skip-full --threads 2
 	$(PY) bench/bench_patching.py --json runs/bench/patching.json
 
 # Train (once: about 3 CPU minutes, 7-8 minutes wall) and evaluate the default model's tuned lens.
