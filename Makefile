@@ -49,11 +49,13 @@ lens: setup
 	nice -n 10 $(PY) -m replab lens train
 	$(PY) bench/bench_lens.py
 
-# Train (once, cached per model: about 11 CPU minutes, 20 minutes wall) and evaluate the
-# default layer-15 SAE used by the demo's W3 step.
+# Train (once, cached per model and config: about 11 CPU minutes, 15-20 minutes wall; --force
+# in `replab sae train` retrains) and evaluate the SAE the demo's W3 step uses: the layer its
+# scan chose (runs/demo/w3/scan), else SAE_LAYER (20: the scan's choice on SmolLM2).
+SAE_LAYER ?= $(shell $(PY) -c 'import json; print(json.load(open("runs/demo/w3/scan/summary.json"))["chosen_layer"] or 20)' 2>/dev/null || echo 20)
 sae: setup
-	nice -n 10 $(PY) -m replab sae train --layer 15 --threads 1
-	$(PY) -m replab sae eval --layer 15
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) -m replab sae train --layer $(SAE_LAYER) --threads 1
+	$(PY) -m replab sae eval --layer $(SAE_LAYER)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

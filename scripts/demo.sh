@@ -50,15 +50,26 @@ run_once "$W2/grid" $R patch grid --task next_day
 run_once "$W2/patterns" $R patch patterns --task next_day --from "$W2/grid" --top 9
 run_once "$W2/atp" $R attribute atp --task next_day --top 20
 
-echo "== 8. W3: is the artist-vs-scientist direction causally sufficient? (layer 15, name token) =="
+echo "== 8. W3: where is the artist probe's direction used, and is it causally sufficient there? =="
+# Every step is cached: a finished run directory (summary.json / eval.json) is not recomputed,
+# and `sae train` reuses an SAE trained with the same config. Delete $OUT/w3 to rerun.
 W3="$OUT/w3"
-run_once "$W3/direction_L15" $R features patch --direction "$OUT/superset_known" --class artist-scientist \
-  --layer 15 --task superclass --classes artist,scientist --random 100
-echo "-- SAE decomposition and latent patching (needs the cached layer-15 SAE: make sae) --"
-if run_once "$W3/decompose" $R sae decompose --direction "$W3/direction_L15/direction.json" \
-     --store "$OUT/superset_known" --label superclass --class artist; then
-  run_once "$W3/latents" $R sae patch --layer 15 --from "$W3/decompose" --top 5 \
-    --task superclass --classes artist,scientist
-else
-  echo "(no layer-15 SAE cached: run 'make sae', about 11 CPU minutes, 20 minutes wall)"
+PY=.venv/bin/python
+TASK=(--task superclass --classes artist,scientist --dataset "$OUT/superset_known.jsonl")
+echo "-- scan: per layer, the full-residual patch at the name, the probe direction's patch, probe accuracy --"
+run_once "$W3/scan" $R features scan --probe "$OUT/probe_superclass" --class artist "${TASK[@]}"
+L=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["chosen_layer"])' "$W3/scan/summary.json")
+if [ "$L" = "None" ]; then
+  echo "(the scan chose no layer: see $W3/scan/summary.json; skipping the rest of W3)"
+  exit 0
 fi
+echo "-- the probe's own artist Direction at layer $L (the scan's choice): patching verdict with baselines --"
+run_once "$W3/direction_L$L" $R features patch --direction "$OUT/probe_superclass" --class artist \
+  --layer "$W3/scan" "${TASK[@]}" --random 100
+echo "-- an SAE on layer $L (trained once and cached: about 11 CPU-min, 15-20 min wall the first time) --"
+OMP_NUM_THREADS=1 nice -n 10 $R sae train --layer "$L" --threads 1
+$R sae eval --layer "$L" --out "$W3/sae_eval_L$L"   # reused while the SAE weights and held-out text are unchanged
+echo "-- its top latents for the artist class, then latent patching --"
+run_once "$W3/decompose_L$L" $R sae decompose --direction "$W3/direction_L$L/direction.json" \
+  --store "$OUT/superset_known" --label superclass --class artist
+run_once "$W3/latents_L$L" $R sae patch --layer "$L" --from "$W3/decompose_L$L" --top 5 "${TASK[@]}"

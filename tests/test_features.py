@@ -122,11 +122,17 @@ def test_random_directions_average_about_zero(tiny, task):
     """Last layer, last position: the full patch restores everything; random 1-d patches ~0."""
     v = np.random.default_rng(3).normal(size=tiny.cfg.d_model)
     d = DirectionInput(v, site="resid_post", layer=tiny.cfg.n_layers - 1)
-    s = direction_patch(tiny, task, d, positions="last", metric="logit_diff",
-                        **{**FAST, "n_random": 100}).summary
+    res = direction_patch(tiny, task, d, positions="last", metric="logit_diff", **{**FAST, "n_random": 100})
+    s = res.summary
     assert s["full_residual_effect"] == pytest.approx(1.0, abs=1e-4)
     assert abs(s["random_mean"]) < 0.1 and s["n_random"] == 100
-    assert 0 <= s["percentile"] <= 100 and isinstance(s["verdict"], str)
+    assert s["checks"]["random_mean"]["ok"] and s["random_mean_ok"]
+    rnd = res.random["normalized_effect"].to_numpy()
+    hand = 100 * ((rnd < s["effect"]).sum() + 0.5 * (rnd == s["effect"]).sum()) / len(rnd)
+    assert s["percentile"] == pytest.approx(hand)
+    assert s["random_p95"] == pytest.approx(np.quantile(rnd, 0.95))
+    # a random direction is no better than the other random directions
+    assert s["verdict"].startswith("not sufficient") == (s["ci_low"] <= s["random_p95"])
 
 
 def test_geometry_helpers_and_steering_sign(tiny):
@@ -159,13 +165,31 @@ def test_direction_sources_shuffled_and_leace(tiny, task, tmp_path):
     with pytest.raises(ReplabError, match="unknown class"):
         load_direction(store.path, layer=2, cls="class9", label="label")
     shuf, how = shuffled_direction(None, d, seed=0)
-    assert shuf.shape == (tiny.cfg.d_model,) and "shuffled" in how
+    assert "shuffled" in how
+    # hand: the class0-vs-rest mean difference after permuting the labels with the same seed
+    from replab.probes.splits import select_rows
+
+    rows, _ = select_rows(store.index, "label")
+    y = np.random.default_rng(0).permutation(store.index["label"].astype(str).to_numpy()[rows])
+    x = np.asarray(store.acts("blocks.2.hook_resid_post"), dtype=np.float64)[rows]
+    np.testing.assert_allclose(shuf, x[y == "class0"].mean(0) - x[y != "class0"].mean(0), atol=1e-9)
     from replab.features.direction_inputs import fit_leace
 
     eraser, info = fit_leace(store.path, 2, "label")
-    res = direction_patch(tiny, task, d, metric="logit_diff", shuffled=shuf, leace=eraser, **FAST)
+    # LEACE leaves no linear class information: erased class means coincide
+    yt = store.index["label"].astype(str).to_numpy()[rows]
+    xe = eraser(torch.tensor(x)).numpy()
+    gaps = [np.abs(xe[yt == c].mean(0) - xe.mean(0)).max() for c in info["classes"]]
+    assert max(gaps) < 1e-6 * np.abs(x).max()
+    # the synthetic store's position rule means nothing to the task: an error, not a fallback
+    with pytest.raises(ReplabError, match="position rule 'synthetic'"):
+        direction_patch(tiny, task, d, metric="logit_diff", **FAST)
+    res = direction_patch(tiny, task, d, positions="last", metric="logit_diff", shuffled=shuf, leace=eraser,
+                          **FAST)
     s = res.summary
-    assert s["shuffled_effect"] is not None and s["leace"] is not None
+    eff = res.effects.set_index("name")
+    assert s["shuffled_effect"] == pytest.approx(eff.loc["shuffled", "normalized_effect"])
+    assert s["leace"]["drop"] == pytest.approx(1 - eff.loc["leace", "normalized_effect"])
     assert s["direction"]["kind"] == "store:class_mean_diff" and s["positions"] == [task.n_tokens - 1]
     # a Direction artifact, a raw .npy and a safetensors vector
     art = Direction(vector=d.vector, hook="blocks.2.hook_resid_post", layer=2, position="entity_last",
@@ -184,6 +208,12 @@ def test_direction_sources_shuffled_and_leace(tiny, task, tmp_path):
         direction_patch(tiny, task, DirectionInput(np.ones(7), site="resid_post", layer=1), **FAST)
     with pytest.raises(ReplabError, match="d_model sites"):
         direction_patch(tiny, task, DirectionInput(np.ones(64), site="z", layer=1), **FAST)
+    # a direction.json whose position is a label text (older runs) fails loudly
+    bad = Direction(vector=d.vector, hook="blocks.2.hook_resid_post", layer=2, position="5:' Picasso'",
+                    label="label", positive_class="class0", classes=[], kind="meandiff",
+                    model={}).save(tmp_path / "dirs" / "old")
+    with pytest.raises(ReplabError, match="position rule"):
+        direction_patch(tiny, task, load_direction(bad), metric="logit_diff", **FAST)
 
 
 def _cli():
@@ -212,6 +242,10 @@ def test_cli_json_keys_and_errors(tiny, tmp_path):
     for stem in ("effects", "random", "steering", "per_prompt", "separation"):
         assert (tmp_path / "run" / f"{stem}.parquet").is_file()
     assert (tmp_path / "run" / "dose_response.png").is_file()
+    saved = json.loads((tmp_path / "run" / "direction.json").read_text())
+    assert saved["position"] == "entity_last" and summary["position_rule"] == "entity_last"
+    again = load_direction(tmp_path / "run" / "direction.json")
+    assert again.position == "entity_last" and again.layer == 1
     bad = CliRunner().invoke(_cli(), [*args, "--alphas=1,x"])
     assert bad.exit_code != 0 and isinstance(bad.exception, (ReplabError, SystemExit))
     assert "bad --alphas" in str(bad.exception) or "bad --alphas" in bad.output

@@ -1,6 +1,9 @@
-"""SAE latent patching (replab sae patch) on the tiny model."""
+"""SAE latent patching (replab sae patch) on the tiny model: exactness against the SAE's own
+patch hook, in-run sanity checks, the shared verdict rule, every metric, and the CLI."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -30,8 +33,7 @@ def test_latent_patch_matches_the_sae_patch_hook(tiny, sae_and_task):
     table, s = latent_patch(tiny, sae, meta, task, top=3, positions=[3, 5], n_random=20, n_boot=50)
     t = table.set_index("name")
     # the engine's batched latent patches = plain forwards with the SAE's own patch hook
-    # (chosen latents; and every latent, which keeps the corrupt run's error term, so it is
-    # the full patch only up to the SAE's reconstruction error)
+    # (chosen latents; every latent, which keeps the corrupt run's error term)
     hook = meta["hook_name"]
     _, cc = tiny.run_with_cache(task.clean, names_filter=hook)
     src = sae_encode(sae, cc[hook][:, [3, 5]])
@@ -43,13 +45,87 @@ def test_latent_patch_matches_the_sae_patch_hook(tiny, sae_and_task):
                 sae, src, ids, positions=[3, 5]))])[:, -1]
             want = (ld(logits) - corrupt) / (clean - corrupt)
             assert t.loc[name, "normalized_effect"] == pytest.approx(want, abs=1e-4), name
-    assert s["n_random"] == 20 and s["verdict"].split(":")[0] in ("carried", "partly carried", "not carried")
-    assert len(s["latents"]) == 3 and np.isfinite(s["percentile"])
+        # full patch at the site = the clean activation at those positions
+        def full(act, hook):
+            act = act.clone()
+            act[:, [3, 5]] = cc[hook.name][:, [3, 5]]
+            return act
+        want = (ld(tiny.run_with_hooks(task.corrupt, fwd_hooks=[(hook, full)])[:, -1]) - corrupt) / (clean - corrupt)
+    assert s["full_residual_effect"] == pytest.approx(want, abs=1e-4)
+    # in-run sanity checks: no latent = 0; every latent + the error term = the full patch
+    c = s["checks"]
+    assert c["empty_latent_set"]["value"] == pytest.approx(0, abs=1e-6)
+    assert c["all_latents_plus_error"]["value"] == pytest.approx(s["full_residual_effect"], abs=1e-4)
+    assert c["engine_full"]["ok"] and c["engine_empty"]["ok"]
+    # percentile and of_full by hand
+    rnd = table[table["kind"] == "random"]["normalized_effect"].to_numpy()
+    assert len(rnd) == 20 and s["percentile"] == pytest.approx(
+        100 * ((rnd < s["effect"]).sum() + 0.5 * (rnd == s["effect"]).sum()) / 20)
+    assert s["of_full"] == pytest.approx(s["effect"] / s["full_residual_effect"])
+    assert len(s["latents"]) == 3 and s["latents"] == [int(i) for i in t.loc["top_3", "latents"]]
+
+
+def test_latent_verdict_is_the_direction_rule(tiny, sae_and_task):
+    """Same rule and keys as direction patching; a site that carries nothing is uninformative."""
+    from replab.features.latent_patch import latent_patch
+    from replab.features.verdict import sufficiency
+
+    sae, meta, task, _ = sae_and_task
+    _, s = latent_patch(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=10, n_boot=50)
+    n = len(s["latents"])
+    assert s["verdict"] == sufficiency(s, f"{n} latents {s['latents']}", f"random sets of {n} active latents")
+    for key in ("effect", "ci_low", "ci_high", "of_full", "of_full_low", "of_full_high", "full_residual_effect",
+                "random_mean", "random_p95", "percentile", "verdict", "verdict_detail"):
+        assert key in s, key
+    # position 0 is the same token in clean and corrupt prompts: nothing to patch there
+    assert torch.equal(task.clean[:, 0], task.corrupt[:, 0])
+    _, s0 = latent_patch(tiny, sae, meta, task, top=2, positions=[0], n_random=5, n_boot=50)
+    assert s0["full_residual_effect"] == pytest.approx(0, abs=1e-6)
+    assert s0["verdict"].startswith("uninformative")
+
+
+@pytest.mark.parametrize("metric", ["logprob", "prob", "kl", "margin"])
+def test_every_metric_runs(tiny, sae_and_task, metric):
+    from replab.features.latent_patch import attribution, latent_patch
+
+    sae, meta, task, _ = sae_and_task
+    _, s = latent_patch(tiny, sae, meta, task, top=2, positions=[3, 5], metric=metric, n_random=5, n_boot=50)
+    assert s["metric"] == metric and np.isfinite(s["effect"])
+    assert s["checks"]["all_latents_plus_error"]["ok"]
+    # attribution = the first-order effect: it matches a central finite difference
+    hook = meta["hook_name"]
+    attr = attribution(tiny, sae, task, hook, [3, 5], metric)
+    assert attr.shape == (meta["d_sae"],) and np.isfinite(attr).all()
+    i = int(np.argmax(np.abs(attr)))
+    fd = _finite_difference(tiny, sae, task, hook, [3, 5], metric, i)
+    assert attr[i] == pytest.approx(fd, rel=0.05, abs=1e-6)
+
+
+def _finite_difference(model, sae, task, hook, pos, metric, i, eps=1e-2):
+    """(M(x + ε Δ_i) − M(x − ε Δ_i)) / 2ε on the corrupt run, Δ_i = latent i's clean − corrupt move."""
+    from replab.features.sae.splice import decoder_rows, sae_encode
+    from replab.patching.metrics import Readout, metric_values
+
+    with torch.inference_mode():
+        acts = {k: model.run_with_cache(t, names_filter=hook)[1][hook] for k, t in
+                (("c", task.clean), ("x", task.corrupt))}
+        dz = (sae_encode(sae, acts["c"][:, pos]) - sae_encode(sae, acts["x"][:, pos]))[..., i]
+        delta = dz[..., None] * decoder_rows(sae)[i]
+        clean_logp = model(task.clean)[:, -1].double().log_softmax(-1)
+        vals = []
+        for sign in (1, -1):
+            def nudge(act, hook, sign=sign):
+                act = act.clone()
+                act[:, pos] += sign * eps * delta
+                return act
+            logits = model.run_with_hooks(task.corrupt, fwd_hooks=[(hook, nudge)])[:, -1].double()
+            lse = torch.logsumexp(logits, -1)
+            r = Readout(logits.gather(1, task.candidates), lse, logits - lse[:, None])
+            vals.append(metric_values(metric, r, clean_logp, task.class_a).mean().item())
+    return (vals[0] - vals[1]) / (2 * eps)
 
 
 def test_sae_patch_cli(tiny, sae_and_task, tmp_path, capsys):
-    import json
-
     from replab_testutil import run_cli
 
     _, _, _, path = sae_and_task
@@ -57,9 +133,35 @@ def test_sae_patch_cli(tiny, sae_and_task, tmp_path, capsys):
                               "--latents", "1,2", "--random", "10", "--out", tmp_path / "lp", "--json"], capsys)
     assert code == 0, err
     res = json.loads(out)
-    assert {"effect", "ci_low", "ci_high", "full_activation_effect", "random_mean", "random_p95",
-            "percentile", "verdict", "latents"} <= set(res)
+    assert {"effect", "ci_low", "ci_high", "of_full", "full_residual_effect", "random_mean", "random_p95",
+            "percentile", "verdict", "verdict_detail", "latents", "checks", "bootstrap"} <= set(res)
     assert res["latents"] == [1, 2] and (tmp_path / "lp" / "summary.json").exists()
+    for metric in ("logprob", "kl"):
+        code, out, err = run_cli(["sae", "patch", str(path), "--model", "tiny", "--task", "next_day", "--pairs",
+                                  "4", "--top", "2", "--random", "5", "--metric", metric,
+                                  "--out", tmp_path / metric, "--json"], capsys)
+        assert code == 0, err
+        assert json.loads(out)["metric"] == metric
     code, _, err = run_cli(["sae", "patch", str(path), "--model", "tiny", "--task", "next_day",
                             "--latents", "9999", "--out", tmp_path / "bad"], capsys)
     assert code == 2 and "out of range" in err
+
+
+def test_sae_patch_superclass_dataset_and_people_bootstrap(tiny, sae_and_task, tmp_path, capsys):
+    """--dataset feeds the super-class task; CIs resample the people the pairs name."""
+    from replab_testutil import run_cli
+
+    from replab.prompts import load_prompts
+
+    _, _, _, path = sae_and_task
+    rows = load_prompts("superset", tiny.tokenizer).rows
+    rows = rows[rows["superclass"].isin(["artist", "scientist"])]
+    data = tmp_path / "people.jsonl"
+    rows[["prompt", "answer", "entity", "superclass", "template"]].to_json(data, orient="records", lines=True)
+    code, out, err = run_cli(["sae", "patch", str(path), "--model", "tiny", "--task", "superclass", "--classes",
+                              "artist,scientist", "--dataset", data, "--pairs", "9", "--top", "2", "--random", "5",
+                              "--metric", "logit_diff", "--out", tmp_path / "sc", "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["task"]["dataset"] == "people" and s["position_rule"] == "entity_last"
+    assert s["bootstrap"].startswith("people (two-way cluster bootstrap")

@@ -84,17 +84,64 @@ def test_training_is_deterministic_given_a_seed():
     assert not torch.equal(a.W_dec, c.W_dec)
 
 
+def _sparse_data(n: int = 2000, atoms: int = 48, d: int = 64, active: int = 3, seed: int = 0):
+    """``x = z @ D + 2 + noise`` with 3 of 48 unit-norm (×4) atoms active per row."""
+    g = torch.Generator().manual_seed(seed)
+    dic = torch.nn.functional.normalize(torch.randn(atoms, d, generator=g), dim=1) * 4
+    z = torch.zeros(n, atoms)
+    idx = torch.stack([torch.randperm(atoms, generator=g)[:active] for _ in range(n)])
+    z.scatter_(1, idx, torch.rand(n, active, generator=g) + 0.5)
+    return z @ dic + 2 + 0.01 * torch.randn(n, d, generator=g), dic
+
+
+def test_cache_reuses_only_the_same_training(tiny, tmp_path):
+    """force=False reuses an SAE only for the same config (threads aside), model and data."""
+    from replab.features.sae import train_sae
+
+    small = dict(layer=LAYER, d_sae=32, k=4, batch_size=64, tokens=64 * 5, corpus_tokens=512, seq_len=64,
+                 threads=1, lr_warm_up_steps=1)
+    out = tmp_path / "sae"
+    _, first = train_sae(tiny, out=out, progress=False, **small)
+    assert first["cached"] is False and first["source"]["kind"] == "corpus"
+    _, again = train_sae(tiny, out=out, progress=False, **{**small, "threads": 2})
+    assert again["cached"] is True and again["cpu_seconds"] == first["cpu_seconds"]
+    _, other = train_sae(tiny, out=out, progress=False, **{**small, "k": 8})
+    assert other["cached"] is False
+    _, forced = train_sae(tiny, out=out, progress=False, force=True, **{**small, "k": 8})
+    assert forced["cached"] is False
+
+
+def test_train_from_a_store(tiny, tmp_path):
+    """--store trains on the store's vectors at the hook (all of them, in store order)."""
+    from replab.errors import ReplabError
+    from replab.features.sae import train_sae
+    from replab.harvest import harvest
+
+    store = harvest(tiny, "next_day", hooks="resid_post", layers=str(LAYER), positions="all",
+                    out=tmp_path / "store", progress=False)
+    path, stats = train_sae(tiny, out=tmp_path / "sae", progress=False, layer=LAYER, d_sae=32, k=4,
+                            batch_size=64, tokens=64 * 5, threads=1, lr_warm_up_steps=1,
+                            store=str(store.path))
+    assert stats["source"]["kind"] == "store" and stats["unique_vectors"] == store.n_rows
+    assert stats["corpus_tokens"] is None
+    meta = json.loads((path / "replab.json").read_text())
+    assert meta["config"]["store"] == str(store.path)
+    with pytest.raises(ReplabError, match="has no blocks.1.hook_resid_post"):
+        train_sae(tiny, out=tmp_path / "sae1", progress=False, layer=1, d_sae=32, k=4, batch_size=64,
+                  tokens=64 * 5, store=str(store.path))
+
+
 @pytest.mark.parametrize("arch, cls", [("topk", "TopKSAE"), ("batchtopk", "JumpReLUSAE"),
                                        ("relu", "StandardSAE")])
 def test_each_architecture_saves_and_reloads(arch, cls, tiny, tmp_path):
-    """The saved inference SAE reads raw activations (scaling folded in) like the trained one."""
+    """On planted sparse data each architecture beats PCA of its own L0 by far, finds the
+    planted atoms, and the saved inference SAE reads raw activations (scaling folded in)."""
     from sae_lens import SAE
 
-    from replab.features.sae import SAETrainConfig, fit_sae, save_sae
+    from replab.features.sae import SAETrainConfig, decoder_rows, fit_sae, save_sae
 
-    g = torch.Generator().manual_seed(0)
-    acts = torch.randn(2000, 64, generator=g) @ torch.randn(64, 64, generator=g) * 5 + 2
-    cfg = SAETrainConfig(arch=arch, d_sae=96, k=8, batch_size=128, tokens=128 * 60,
+    acts, dic = _sparse_data()
+    cfg = SAETrainConfig(arch=arch, d_sae=96, k=8, batch_size=128, tokens=128 * 400, lr=3e-3,
                          l1_coefficient=0.5, lr_warm_up_steps=5)
     sae, stats = fit_sae(acts, cfg, {"hook_name": HOOK}, progress=False)
     path = save_sae(sae, tmp_path / arch, tiny.replab_identity.to_dict(), HOOK, LAYER,
@@ -102,11 +149,19 @@ def test_each_architecture_saves_and_reloads(arch, cls, tiny, tmp_path):
     loaded = SAE.load_from_disk(str(path))
     assert type(loaded).__name__ == cls
     x = acts[:256]
+    xc = acts - acts.mean(0)
+    sv = torch.linalg.svdvals(xc)
+    pca8 = (1 - sv[:8].pow(2).sum() / sv.pow(2).sum()).item()       # ~0.57: 8 dims cannot hold 48 atoms
     with torch.no_grad():
         fvu = ((loaded(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
         if arch != "batchtopk":  # BatchTopK is saved as a JumpReLU: a different (per-token) rule
             assert torch.allclose(loaded(x), sae(x), atol=1e-3 * x.abs().max().item())
-    assert fvu < 0.9, fvu
+        l0 = (loaded.encode(x) != 0).float().sum(-1).mean().item()
+        rows = torch.nn.functional.normalize(decoder_rows(loaded), dim=1)
+        found = (torch.nn.functional.normalize(dic, dim=1) @ rows.T).max(1).values
+    assert pca8 > 0.5 and fvu < 0.05, (fvu, pca8)
+    assert l0 <= 8.5 if arch == "topk" else l0 < 48
+    assert (found > 0.9).float().mean().item() >= 0.9, found
 
 
 # ------------------------------------------------------------------ eval
@@ -306,6 +361,40 @@ def test_decompose_rejects_a_direction_from_another_layer(tiny, people_store, tm
         decompose_direction(tmp_path / "sae", tmp_path / "d1.json", model=tiny)
 
 
+def test_decompose_attribution_drops_control_and_odd_one_out_rows(tiny, tmp_path):
+    """The class attribution uses the rows a probe would (no controls, no odd-one-out)."""
+    from replab.features.sae import decompose_direction
+    from replab.harvest import harvest
+
+    rows = [("Pablo Picasso is a famous", "artist", "", "famous"),
+            ("Claude Monet painted many", "artist", "", "famous"),
+            ("Zorblat Quix is a famous", "artist", "invented", "famous"),
+            ("Pick the odd one: Monet, Dali, Curie", "artist", "", "odd_one_out"),
+            ("Albert Einstein is a famous", "scientist", "", "famous"),
+            ("Marie Curie studied chemistry", "scientist", "", "famous")]
+    path = tmp_path / "people.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": " x", "superclass": c, "control": k,
+                                        "template": t}) + "\n" for p, c, k, t in rows))
+    store = harvest(tiny, str(path), hooks="resid_post", layers=str(LAYER), positions="last",
+                    out=tmp_path / "store", progress=False)
+    _planted_sae(tiny, store, tmp_path / "sae")
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=64).astype(np.float32))
+    res = decompose_direction(tmp_path / "sae", tmp_path / "v.npy", store=store, label="superclass",
+                              positive_class="artist", model=tiny)
+    s = res["summary"]
+    assert (s["n_pos"], s["n_neg"]) == (2, 2)
+    assert any("control" in n for n in s["attribution_filter"])
+    assert any("odd_one_out" in n for n in s["attribution_filter"])
+    # mean_pos by hand over the two kept artist rows
+    from replab.features.sae import load_sae, sae_encode
+
+    sae, _ = load_sae(tmp_path / "sae")
+    x = torch.tensor(np.asarray(store.acts(HOOK), dtype=np.float32))
+    z = sae_encode(sae, x).double().numpy()
+    np.testing.assert_allclose(res["attribution"]["mean_pos"], z[[0, 1]].mean(0), atol=1e-5)
+    np.testing.assert_allclose(res["attribution"]["mean_neg"], z[[4, 5]].mean(0), atol=1e-5)
+
+
 # ------------------------------------------------------------------ CLI
 def _cli(args):
     import typer
@@ -320,17 +409,38 @@ def _cli(args):
 
 
 def test_cli_train_eval_decompose(tiny, people_store, tmp_path):
-    code, out, err = _cli(["train", "--model", "tiny", "--layer", LAYER, "--d-sae", 64, "--k", 4,
-                           "--tokens", 128 * 40, "--batch-size", 128, "--corpus-tokens", 1024,
-                           "--seq-len", 64, "--threads", 1, "--out", tmp_path / "sae", "--json"])
+    train_args = ["train", "--model", "tiny", "--layer", LAYER, "--d-sae", 64, "--k", 4,
+                  "--tokens", 128 * 40, "--batch-size", 128, "--corpus-tokens", 1024,
+                  "--seq-len", 64, "--threads", 1, "--out", tmp_path / "sae", "--json"]
+    code, out, err = _cli(train_args)
     assert code == 0, err
     rec = json.loads(out)
     assert rec["tokens_trained"] == 128 * 40 and rec["path"] == str(tmp_path / "sae")
     code, out, err = _cli(["eval", tmp_path / "sae", "--model", "tiny", "--tokens", 256, "--json"])
     assert code == 0, err
     ev = json.loads(out)
-    assert ev["metrics"]["l0"] == pytest.approx(4.0) and 0 <= ev["metrics"]["fvu"] < 2
-    assert (tmp_path / "sae" / "eval" / "latents.parquet").exists()
+    # the CLI's numbers are the library's on the same held-out windows
+    from replab.features.sae import evaluate_sae, load_sae
+    from replab.features.sae.acts import corpus_windows
+
+    sae, _ = load_sae(tmp_path / "sae")
+    w = corpus_windows(tiny.tokenizer, "builtin-heldout", 64, 256, seed=0)
+    m, _ = evaluate_sae(sae, tiny, HOOK, w, skip_first=1, batch_size=4)
+    for key in ("l0", "fvu", "ce_loss_recovered", "delta_ce", "kl_sae", "dead_latents", "dense_latents"):
+        assert ev["metrics"][key] == pytest.approx(m[key], rel=1e-6, abs=1e-9), key
+    assert ev["metrics"]["l0"] == pytest.approx(4.0) and ev["config"]["tokens"] == 256
+    assert (tmp_path / "sae" / "eval" / "latents.parquet").exists() and ev["cached"] is False
+    code, out, err = _cli(["eval", tmp_path / "sae", "--model", "tiny", "--tokens", 256, "--json"])
+    assert code == 0 and json.loads(out)["cached"] is True and json.loads(out)["metrics"] == ev["metrics"]
+    # a second `sae train` with the same config reuses the SAE; --force retrains
+    stamp = (tmp_path / "sae" / "sae_weights.safetensors").stat().st_mtime_ns
+    code, out, err = _cli(train_args)
+    assert code == 0, err
+    assert json.loads(out)["cached"] is True
+    assert (tmp_path / "sae" / "sae_weights.safetensors").stat().st_mtime_ns == stamp
+    code, out, err = _cli([*train_args, "--force"])
+    assert code == 0 and json.loads(out)["cached"] is False
+    assert (tmp_path / "sae" / "sae_weights.safetensors").stat().st_mtime_ns != stamp
     _planted_sae(tiny, people_store, tmp_path / "planted")
     np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=64).astype(np.float32))
     code, out, err = _cli(["decompose", tmp_path / "planted", "--direction", tmp_path / "v.npy",
@@ -371,19 +481,22 @@ def test_cli_help_has_examples(cmd):
 # ------------------------------------------------------------------ integration
 @pytest.mark.integration
 def test_cached_default_sae_quality(smol):
-    """The cached SmolLM2 SAE (docs/features.md) on 2 held-out windows (254 tokens): < 60 s.
+    """Every cached SmolLM2 residual SAE (``replab sae train --layer L``; the demo trains the
+    layer its scan chooses) on 2 held-out windows (254 tokens): < 60 s each.
 
-    Skips only when no SAE was cached for layer 15 (``replab sae train --layer 15``);
-    a cached SAE that is broken or worse than the thresholds fails.
+    Skips only when none is cached; a cached SAE that is broken or worse than the acceptance
+    thresholds (with slack for 254 tokens) fails.
     """
     from replab.features.sae import cached_sae_dir, evaluate_sae, load_sae
     from replab.features.sae.acts import corpus_windows
 
-    path = cached_sae_dir(smol.replab_identity.to_dict(), "blocks.15.hook_resid_post")
-    if not path.exists():
-        pytest.skip(f"no cached SAE at {path}; run `replab sae train --layer 15`")
-    sae, meta = load_sae(path)
+    root = cached_sae_dir(smol.replab_identity.to_dict(), "x").parent
+    paths = sorted(p for p in root.glob("blocks.*.hook_resid_post") if (p / "replab.json").exists())
+    if not paths:
+        pytest.skip(f"no cached SAE under {root}; run `replab sae train --layer 20` (or make sae)")
     w = corpus_windows(smol.tokenizer, "builtin-heldout", 128, 2 * 128, seed=0)
-    m, _ = evaluate_sae(sae, smol, meta["hook_name"], w, skip_first=1, batch_size=2)
-    assert m["fvu"] <= 0.25 and m["ce_loss_recovered"] >= 0.85, m
-    assert m["l0"] == pytest.approx(meta["config"]["k"], abs=1e-6) or meta["architecture"] != "topk"
+    for path in paths:
+        sae, meta = load_sae(path)
+        m, _ = evaluate_sae(sae, smol, meta["hook_name"], w, skip_first=1, batch_size=2)
+        assert m["fvu"] <= 0.25 and m["ce_loss_recovered"] >= 0.85, (path.name, m)
+        assert m["l0"] == pytest.approx(meta["config"]["k"], abs=1e-6) or meta["architecture"] != "topk"

@@ -18,8 +18,9 @@ _SAE_DIR = typer.Argument(None, help="SAE directory (default: the cached SAE of 
 
 
 @app.command("train", epilog=examples(
-    "replab sae train --layer 15",
+    "replab sae train --layer 20            # reuses a cached SAE with the same config (--force retrains)",
     "replab sae train --layer 15 --arch topk --k 64 --d-sae 4096 --tokens 800000 --threads 1 --json",
+    "replab sae train --layer 20 --store runs/big_store --tokens 400000 --out runs/sae-store",
     "replab sae train --model tiny --layer 2 --d-sae 256 --k 8 --tokens 20480 --out runs/sae-tiny",
     "replab sae train --layer 15 --arch relu --l1 5 --corpus my_texts/ --out runs/sae-relu",
 ))
@@ -34,6 +35,12 @@ def train_cmd(layer: int = typer.Option(15, "--layer", "-l", help="Block index o
                                          help="'builtin', a .txt/.jsonl file, or a directory."),
               corpus_tokens: int = typer.Option(None, "--corpus-tokens",
                                                 help="Cap on distinct corpus tokens run through the model."),
+              store: str = typer.Option(None, "--store",
+                                        help="Train on an activation store's vectors at the hook (same "
+                                             "model) instead of running the model over --corpus."),
+              force: bool = typer.Option(False, "--force",
+                                         help="Retrain even if an SAE with the same config, model and "
+                                              "training data is already there."),
               l1: float = typer.Option(5.0, "--l1", help="L1 coefficient (relu only)."),
               lr: float = typer.Option(1e-3, "--lr"),
               batch_size: int = typer.Option(1024, "--batch-size", help="Activation vectors per SAE step."),
@@ -44,24 +51,31 @@ def train_cmd(layer: int = typer.Option(15, "--layer", "-l", help="Block index o
               out: Path = typer.Option(None, "--out", "-o",
                                        help="Write here instead of the per-model cache."),
               json_out: bool = JSON_OPT):
-    """Train an SAE on one hook's activations over a text corpus; save it in SAELens's format."""
+    """Train an SAE on one hook's activations over a text corpus (or a store); save it in SAELens's
+    format. An SAE already trained with the same config, model and data is reused (--force retrains)."""
     run_guarded(_train, layer, hook, arch, k, d_sae, tokens, corpus, corpus_tokens, l1, lr,
-                batch_size, seq_len, seed, threads, model, out, json_out)
+                batch_size, seq_len, seed, threads, model, out, json_out, store, force)
 
 
 def _train(layer, hook, arch, k, d_sae, tokens, corpus, corpus_tokens, l1, lr, batch_size,
-           seq_len, seed, threads, model, out, json_out):
+           seq_len, seed, threads, model, out, json_out, store=None, force=False):
     from replab.features.sae.config import SAETrainConfig
     from replab.features.sae.train import train_sae
 
     cfg = SAETrainConfig(layer=layer, hook=hook, arch=arch, k=k, d_sae=d_sae, tokens=tokens,
                          corpus=corpus, corpus_tokens=corpus_tokens, l1_coefficient=l1, lr=lr,
-                         batch_size=batch_size, seq_len=seq_len, seed=seed, threads=threads)
-    path, stats = train_sae(model, cfg, out, progress=not json_out)
+                         batch_size=batch_size, seq_len=seq_len, seed=seed, threads=threads,
+                         store=store)
+    path, stats = train_sae(model, cfg, out, progress=not json_out, force=force)
     result = {"path": str(path), "config": cfg.to_dict(),
               **{k_: v for k_, v in stats.items() if k_ != "curve"}}
     if json_out:
         print_json(result)
+        return
+    if stats.get("cached"):
+        typer.echo(f"cached: {path} was trained with the same config, model and data "
+                   f"({stats.get('tokens_trained', 0):,} tokens, {stats.get('cpu_seconds')} CPU-s); "
+                   "--force retrains")
         return
     typer.echo(f"trained {arch} SAE (d_sae={d_sae}) on {stats['tokens_trained']:,} tokens "
                f"({stats['unique_vectors']:,} distinct vectors, {stats['epochs']} epochs) in "
@@ -83,6 +97,8 @@ def eval_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
              batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward."),
              dense: float = typer.Option(0.1, "--dense-threshold",
                                          help="A latent firing on more than this fraction of tokens is dense."),
+             force: bool = typer.Option(False, "--force", help="Re-evaluate even if --out already holds this "
+                                                               "SAE's evaluation on the same text."),
              model: str = MODEL_OPT,
              out: Path = typer.Option(None, "--out", "-o", help="Run directory (default <SAE dir>/eval)."),
              json_out: bool = JSON_OPT):
@@ -91,10 +107,10 @@ def eval_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
     --json prints {"sae", "hook_name", "architecture", "d_sae", "metrics": {l0, fvu,
     ce_loss_recovered, delta_ce, kl_sae, dead_latents, dense_latents, ...}, "config", ...}.
     """
-    run_guarded(_eval, sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, json_out)
+    run_guarded(_eval, sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, json_out, force)
 
 
-def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, json_out):
+def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, json_out, force=False):
     from replab.features.sae.evaluate import run_sae_eval
 
     if sae_dir is None and layer is None:
@@ -103,11 +119,13 @@ def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, j
         raise ReplabError("give an SAE directory, or --layer for the cached SAE")
     summary, _ = run_sae_eval(sae_dir, model, corpus, tokens, batch_size=batch_size, out=out,
                               layer=layer, hook=hook, dense_threshold=dense,
-                              progress=not json_out)
+                              progress=not json_out, force=force)
     if json_out:
         print_json(summary)
         return
     m = summary["metrics"]
+    if summary.get("cached"):
+        typer.echo(f"(cached: {summary['out']}/eval.json evaluated these SAE weights on the same text; --force reruns)")
     typer.echo(f"{summary['hook_name']} {summary['architecture']} d_sae={summary['d_sae']} on "
                f"{m['tokens']:,} held-out tokens ({corpus})")
     typer.echo(f"  L0 {m['l0']:.1f} | FVU {m['fvu']:.3f} | CE recovered {m['ce_loss_recovered']:.3f} "

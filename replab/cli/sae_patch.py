@@ -15,7 +15,8 @@ from replab.cli.sae import _HOOK, _LAYER, _SAE_DIR, app
 
 @app.command("patch", epilog=examples(
     "replab sae patch --layer 15 --task superclass --classes artist,scientist --top 5",
-    "replab sae patch --layer 15 --from runs/sae-decompose-artist --top 5 --json",
+    "replab sae patch --layer 20 --from runs/demo/w3/decompose --top 5 --json",
+    "replab sae patch --layer 20 --dataset runs/demo/superset_known.jsonl --metric logprob --top 10",
     "replab sae patch runs/sae-l15 --task next_day --latents 12,345 --positions all"))
 def patch_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
               task: str = typer.Option("superclass", "--task", "-t",
@@ -26,7 +27,12 @@ def patch_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
               top: int = typer.Option(5, "--top", help="How many latents (from --from, or by attribution)."),
               positions: str = typer.Option(None, "--positions",
                                             help="entity_last (super-class default), last, all, or 3,4."),
-              metric: str = typer.Option(None, "--metric", help="Default class_mass (superclass) or logit_diff."),
+              metric: str = typer.Option(None, "--metric",
+                                         help="class_mass (superclass default) | logit_diff | margin | logprob | "
+                                              "prob | kl."),
+              dataset: str = typer.Option(None, "--dataset",
+                                          help="Prompt file (superset schema for --task superclass, e.g. a "
+                                               "known-only JSONL)."),
               n_random: int = typer.Option(100, "--random", help="Random same-size latent sets."),
               pairs: int = typer.Option(64, "--pairs", help="At most this many prompt pairs."),
               template: str = typer.Option(None, "--template", help="One template of the task."),
@@ -35,8 +41,9 @@ def patch_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
               model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Do a few SAE latents carry the effect? Patch them, compare to the full patch and random sets.
 
-    --json prints the summary: effect, ci_low, ci_high, full_activation_effect, all_latents_effect,
-    random_mean, random_p95, percentile, latents, verdict, ...
+    Same verdict rule and JSON keys as `replab features patch`: effect, ci_low, ci_high, of_full,
+    of_full_low, of_full_high, full_residual_effect, random_mean, random_p95, percentile, verdict,
+    verdict_detail, plus latents, all_latents_effect, error_term_effect, complement_effect, checks.
     """
     from replab.errors import ReplabError
     from replab.features.latent_run import run_latent_patch
@@ -44,7 +51,7 @@ def patch_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
     if top < 1 or n_random < 0:
         raise ReplabError("--top must be at least 1 and --random at least 0")
     s = run_latent_patch(sae_dir, layer, hook, task, classes, latents, from_dir, top, positions, metric,
-                         n_random, pairs, template, out, model, seed)
+                         n_random, pairs, template, out, model, seed, dataset)
     if json_out:
         print_json(s)
         return
@@ -53,5 +60,9 @@ def patch_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
     console = Console()
     console.print(f"latents {s['latents']} at {s['hook_name']} (positions {s['config']['positions']}), "
                   f"task {s['task']['name']}, metric {s['metric']}")
-    console.print(s["verdict"])
+    console.print(f"[bold]{s['verdict']}[/bold]")
+    for line in s["verdict_detail"][1:]:
+        console.print(f"  {line}")
+    checks = ", ".join(f"{k} {v['value']:.4f}" for k, v in s["checks"].items())
+    console.print(f"sanity checks passed: {checks}; CIs resample {s['bootstrap']}")
     console.print(f"wrote {s['out']}/")

@@ -5,17 +5,21 @@
 
 * a replab **Direction** artifact (``directions/<kind>_L<layer>_<class>.json`` or its
   ``.safetensors``): hook, layer and position rule come with it;
-* a **probe** artifact (``probes/<kind>.json``, or a probe run directory): the direction of
-  ``cls`` at ``layer`` (default: the probe's best layer) = that class's ``coef_`` row minus the
-  mean row, normalised (the same rule the probe run uses to write Direction artifacts);
-  ``cls="artist-scientist"`` gives the difference of the two classes' rows;
+* a **probe run directory** (``kind``: logistic or meandiff): the run's own Direction
+  artifact for ``cls`` at ``layer`` (default: the probe's best layer), found through
+  :mod:`replab.probes.directions`; runs without an artifact at that layer give the same
+  vector from the saved weights;
+* a **probe** artifact (``probes/<kind>.json``): the direction of ``cls`` at ``layer`` = that
+  class's ``coef_`` row minus the mean row (the rule the probe run uses to write Direction
+  artifacts); ``cls="artist-scientist"`` gives the difference of the two classes' rows;
 * an **activation store** directory: the difference of class means at ``layer``
   (``cls="artist"``: artist vs the rest; ``"artist-scientist"``: artist vs scientist), on the
   rows a probe would use (controls and odd-one-out rows dropped);
 * a raw ``.npy`` / ``.safetensors`` vector ``[d]`` or subspace basis ``[k, d]``, or an array.
 
-:func:`shuffled_direction` is the shuffled-label baseline (the same class-mean difference
-after permuting the labels, seeded) and :func:`fit_leace` fits LEACE on a store's rows.
+:func:`shuffled_direction` is the shuffled-label baseline (the probe run's shuffled-label
+probe of the same kind, layer and class when it exists, else the class-mean difference after
+permuting the labels, seeded) and :func:`fit_leace` fits LEACE on a store's rows.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class DirectionInput:
     source: str = ""
     store: str | None = None
     model: dict = field(default_factory=dict)
+    run: str | None = None          # the probe run directory it came from (shuffled baseline)
 
     def __post_init__(self):
         b = np.asarray(self.basis, dtype=np.float64)
@@ -75,7 +80,7 @@ class DirectionInput:
     def describe(self) -> dict:
         return {"kind": self.kind, "source": self.source, "k": self.k, "d": self.d, "site": self.site,
                 "layer": self.layer, "position": self.position, "label": self.label, "class": self.cls,
-                "store": self.store}
+                "store": self.store, "run": self.run}
 
 
 def _site_of(hook: str) -> tuple[str, int | None]:
@@ -95,17 +100,78 @@ def _class_pair(cls: str | None, classes: list[str], what: str) -> tuple[str, st
     return a, (b or None)
 
 
+def _class_vector(coef: np.ndarray, classes: list[str], a: str, b: str | None) -> np.ndarray:
+    """The probe run's own per-class direction rule (``replab.probes.directions``): for more
+    than two classes, class row minus the mean row; ``A-B``: the difference of two such rows."""
+    try:
+        from replab.probes.directions import direction_vectors
+    except ImportError:   # older probes package: the same rule, inline
+        def direction_vectors(c, cl):
+            return {cl[1]: np.asarray(c[1])} if len(cl) == 2 else dict(zip(cl, c - c.mean(0)))
+    vecs = direction_vectors(np.asarray(coef, dtype=np.float64), classes)
+    if a not in vecs or (b and b not in vecs):
+        raise ReplabError(f"the probe has no direction for class {a if a not in vecs else b!r} "
+                          f"(directions: {', '.join(vecs)})")
+    return vecs[a] - (vecs[b] if b else 0.0)
+
+
 def _from_probe(path: Path, layer: int | None, cls: str | None) -> DirectionInput:
     from replab.probes.directions import load_probe
 
     probe, meta = load_probe(path, layer)
     classes = [str(c) for c in meta["classes"]]
     a, b = _class_pair(cls, classes, f"probe {path}")
-    w = probe.coef_ - probe.coef_.mean(0, keepdims=True)
-    vec = w[classes.index(a)] - (w[classes.index(b)] if b else 0.0)
+    vec = _class_vector(probe.coef_, classes, a, b)
     site = meta.get("site", "resid_post")
+    run = path.parent.parent if path.parent.name == "probes" else None
     return DirectionInput(vec, site, int(meta["layer"]), meta.get("position"), meta.get("label"), cls,
-                          f"probe:{meta.get('kind')}", str(path), meta.get("store"), meta.get("model") or {})
+                          f"probe:{meta.get('kind')}", str(path), meta.get("store"), meta.get("model") or {},
+                          str(run) if run is not None else None)
+
+
+def _from_probe_run(run: Path, layer: int | None, cls: str | None, kind: str) -> DirectionInput:
+    """The probe run's own Direction artifact for ``cls`` at ``layer`` (default: the probe's best
+    layer), found through :func:`replab.probes.directions.load_directions`; the same vector
+    from the saved probe weights when the run has no artifact for that layer (older runs
+    saved the best layer only) or for an ``A-B`` difference."""
+    probe_json = run / "probes" / f"{kind}.json"
+    if not probe_json.is_file():
+        have = sorted(p.stem for p in (run / "probes").glob("*.json"))
+        raise ReplabError(f"probe run {run} has no {kind} probe (it has: {', '.join(have) or 'none'})")
+    if layer is None:
+        from replab.probes.directions import load_probe
+
+        layer = int(load_probe(probe_json)[1]["layer"])
+    a, _, b = str(cls or "").partition("-")
+    if cls and not b:
+        art = _probe_artifact(run, kind, int(layer), a, shuffled=False)
+        if art is not None:
+            return _from_artifact(art, layer)
+    return _from_probe(probe_json, layer, cls)
+
+
+def _probe_artifact(run: Path, kind: str, layer: int, cls: str, shuffled: bool) -> Path | None:
+    """Path of a probe run's (shuffled) Direction artifact, or None."""
+    try:
+        from replab.probes.directions import direction_path
+    except ImportError:
+        return None
+    path = direction_path(run / "directions", kind, layer, cls, shuffled)
+    return path if path.is_file() else None
+
+
+def _from_artifact(meta_path: Path, layer: int | None) -> DirectionInput:
+    from replab.probes.directions import Direction
+
+    d = Direction.load(meta_path)
+    if layer is not None and int(layer) != int(d.layer):
+        raise ReplabError(f"{meta_path.name} is a layer-{d.layer} direction; it cannot be used at layer "
+                          f"{layer} (use the probe run directory or probes/<kind>.json with --layer)")
+    site, _ = _site_of(d.hook)
+    run = meta_path.parent.parent
+    return DirectionInput(d.vector, site, int(d.layer), d.position, d.label, d.positive_class,
+                          f"direction:{d.kind}", str(meta_path), _store_of(meta_path), d.model,
+                          str(run) if (run / "probes").is_dir() else None)
 
 
 def _store_rows(store, label: str):
@@ -167,11 +233,12 @@ def _read_raw(path: Path) -> np.ndarray:
 
 
 def load_direction(src, layer: int | None = None, cls: str | None = None,
-                   label: str = "superclass") -> DirectionInput:
+                   label: str = "superclass", kind: str = "logistic") -> DirectionInput:
     """A :class:`DirectionInput` from a path or array (see the module docstring).
 
     ``layer`` picks a probe's or a store's layer (a Direction artifact has its own; a
     different ``layer`` there is refused, since the vector lives in that layer's space).
+    ``kind`` picks the probe of a probe run directory (``logistic`` or ``meandiff``).
     """
     if not isinstance(src, (str, Path)):
         return DirectionInput(np.asarray(src, dtype=np.float64), source="array")
@@ -182,7 +249,7 @@ def load_direction(src, layer: int | None = None, cls: str | None = None,
         if (path / "manifest.json").is_file():
             return _from_store(path, layer, cls, label)
         if (path / "probes").is_dir():
-            return _from_probe(path / "probes" / "logistic.json", layer, cls)
+            return _from_probe_run(path, layer, cls, kind)
         raise ReplabError(f"{path} is neither an activation store nor a probe run directory")
     meta_path = path.with_suffix(".json")
     meta = {}
@@ -195,15 +262,7 @@ def load_direction(src, layer: int | None = None, cls: str | None = None,
     if fmt == "replab.probe":
         return _from_probe(meta_path, layer, cls)
     if fmt == "replab.direction":
-        from replab.probes.directions import Direction
-
-        d = Direction.load(meta_path)
-        if layer is not None and int(layer) != int(d.layer):
-            raise ReplabError(f"{path.name} is a layer-{d.layer} direction; it cannot be used at layer "
-                              f"{layer} (use the probe artifact probes/<kind>.json with --layer)")
-        site, _ = _site_of(d.hook)
-        return DirectionInput(d.vector, site, int(d.layer), d.position, d.label, d.positive_class,
-                              f"direction:{d.kind}", str(meta_path), _store_of(meta_path), d.model)
+        return _from_artifact(meta_path, layer)
     if path.suffix not in (".npy", ".safetensors"):
         raise ReplabError(f"{path}: expected a Direction/probe .json, a .npy or .safetensors vector, "
                           "a probe run directory or an activation store")
@@ -231,12 +290,32 @@ def resolve_store(store: str | None) -> Path | None:
     return p if (p / "manifest.json").is_file() else None
 
 
+def probe_shuffled(direction: DirectionInput) -> tuple[np.ndarray, str] | None:
+    """The shuffled-label probe's direction of the same run, kind, layer and class
+    (``directions/shuffled_<kind>_L<layer>_<class>.json``), or None."""
+    if not direction.run or direction.layer is None or not direction.cls or "-" in str(direction.cls):
+        return None
+    kind = direction.kind.split(":", 1)[-1]
+    path = _probe_artifact(Path(direction.run), kind, int(direction.layer), str(direction.cls), shuffled=True)
+    if path is None:
+        return None
+    from replab.probes.directions import Direction
+
+    return Direction.load(path).vector, f"the shuffled-label {kind} probe of the same run ({path.name})"
+
+
 def shuffled_direction(src, direction: DirectionInput, seed: int = 0) -> tuple[np.ndarray, str]:
-    """The shuffled-label baseline ``([d], how)``: from a direction file, or the class-mean
-    difference of a store (``src``, else the direction's own store) with permuted labels."""
+    """The shuffled-label baseline ``([d], how)``, first found of: ``src`` (a direction file,
+    or a store whose class-mean difference is taken with permuted labels); the shuffled-label
+    probe of the direction's own probe run (:func:`probe_shuffled`); the class-mean
+    difference of the direction's own store with permuted labels."""
     if src is not None and not (Path(src).is_dir() and (Path(src) / "manifest.json").is_file()):
         d = load_direction(src, direction.layer)
         return d.vector, f"file {src}"
+    if src is None:
+        found = probe_shuffled(direction)
+        if found is not None:
+            return found
     store = resolve_store(src) if src is not None else resolve_store(direction.store)
     if store is None:
         raise ReplabError("give --shuffled (a direction file or a store); the direction has no known store")

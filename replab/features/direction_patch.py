@@ -29,7 +29,8 @@ the forward exactly the clean run from there on, then apply their intervention.
 ``normalized_effect`` is (patched − corrupt) / (clean − corrupt) on prompt means (0 =
 corrupt, 1 = clean); ``of_full`` divides by the full-residual patch's effect (denoising), or
 gives the fraction of the full noising drop (noising and ablation). CIs are bootstrap over
-prompts (the same resamples for every variant). LEACE erasure (an oblique projection,
+people (the two-way cluster bootstrap of :mod:`replab.features.stats`; pairs for tasks
+without people), with the same resamples for every variant. LEACE erasure (an oblique projection,
 ``x − M(x − μ)``) is not expressible as an engine intervention (``a + (s − a)PᵀP`` is
 orthogonal), so it runs as one extra hooked forward of the clean prompts.
 """
@@ -47,11 +48,12 @@ from replab.errors import ReplabError
 from replab.features.direction_inputs import DirectionInput
 from replab.patching.engine import Variant, run_variants
 from replab.patching.interventions import Intervention, canonical_site
-from replab.patching.metrics import bootstrap_ci, check_metric, normalized, task_metrics
+from replab.patching.metrics import check_metric, normalized, task_metrics
 from replab.patching.task import PatchTask
 
 TOL = 1e-3           # sanity checks, in units of the normalised effect
-DEFAULT_ALPHAS = (-8.0, -4.0, 0.0, 4.0, 8.0)
+DEFAULT_ALPHAS = (-2.0, -1.0, 0.0, 1.0, 2.0)   # in gap units (DEFAULT_ALPHA_UNIT)
+DEFAULT_ALPHA_UNIT = "gap"
 
 
 @dataclass
@@ -147,22 +149,28 @@ def leace_final(model, task: PatchTask, eraser, site: str, layer: int, pos) -> t
 def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str | None = None,
                     layer: int | None = None, positions=None, metric: str | None = None,
                     n_random: int = 100, alphas=DEFAULT_ALPHAS, n_random_ablate: int = 10,
-                    n_random_steer: int = 5, alpha_unit: str = "raw",
+                    n_random_steer: int = 5, alpha_unit: str = DEFAULT_ALPHA_UNIT,
                     shuffled: np.ndarray | None = None, leace=None,
                     seed: int = 0, n_boot: int = 1000, max_tokens: int = 65536,
-                    progress: bool = False) -> DirectionPatchResult:
+                    progress: bool = False, random_tol: float | None = None,
+                    shuffled_source: str | None = None) -> DirectionPatchResult:
     """Patch, noise, ablate and steer along ``direction``, with baselines; see the module docstring.
 
     Args:
         site, layer: default the direction's own (a probe's hook), else ReplabError.
         positions: a tuple of positions, a rule (``entity_last``, ``last``, ``all``, ``3,4``);
-            default the direction's position rule when the task maps it, else ``last``.
+            default the direction's own position rule (ReplabError when the task does not
+            know it), or ``last`` for a direction without one (a raw vector).
         metric: default the task's (``class_mass`` for the superclass task), else logit_diff.
         n_random: random subspaces (same rank) for the denoising baseline (≥ 1);
             ``n_random_ablate`` / ``n_random_steer``: random baselines for ablation / steering.
-        alphas, alpha_unit: steering adds ``α · unit · direction``; ``unit`` is 1 (``raw``) or
-            the mean clean-minus-corrupt projection onto the direction at the positions (``gap``:
-            α = 1 moves a corrupt prompt by the average class gap along the direction).
+        alphas, alpha_unit: steering adds ``α · unit · direction``; ``unit`` is the mean
+            clean-minus-corrupt projection onto the direction at the positions (``gap``, the
+            default: α = 1 moves a corrupt prompt by the average class gap along the direction)
+            or 1 (``raw``: residual norms grow with depth, so a fixed raw α means little).
+        random_tol: tolerance of the random-mean sanity check (default
+            :data:`replab.features.verdict.RANDOM_MEAN_TOL`); CIs resample people when the task
+            says who each pair names (:mod:`replab.features.stats`), else pairs.
         shuffled: a shuffled-label direction ``[d]`` (baseline), or None.
         leace: a fitted LEACE eraser for this site/layer (``fit_leace``), or None.
     Returns:
@@ -171,7 +179,6 @@ def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str
     """
     from replab._progress import progress_bar
     from replab.features import verdict as V
-    from replab.features.superclass import task_positions
 
     site = site or direction.site
     layer = direction.layer if layer is None else int(layer)
@@ -187,10 +194,7 @@ def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str
     if n_random < 1:
         raise ReplabError("--random must be at least 1")
     metric = check_metric(metric or task.meta.get("metric") or "logit_diff")
-    pos_rule = positions if isinstance(positions, str) or positions is None else None
-    if positions is None:
-        pos_rule = direction.position if direction.position in task.meta.get("positions", {}) else "last"
-    pos = task_positions(task, pos_rule) if pos_rule is not None else tuple(int(p) for p in positions)
+    pos_rule, pos = resolve_positions(task, direction, positions)
     alphas = [float(a) for a in alphas]
     if alpha_unit not in ("raw", "gap"):
         raise ReplabError(f"unknown alpha unit {alpha_unit!r} (raw or gap)")
@@ -222,10 +226,14 @@ def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str
         plan.append(("leace", "leace", "ablate", None, None))
         names.append("leace")
     n_plan = len(plan)
-    table = _effects(plan, patched[:n_plan], clean, corrupt, metric, n_boot, seed)
+    from replab.features.stats import describe_groups, resample_weights, task_groups
+
+    groups = task_groups(task)
+    weights = resample_weights(task.n_prompts, groups, n_boot, seed)
+    table = _effects(plan, patched[:n_plan], clean, corrupt, metric, weights)
     checks = V.sanity_checks(table, patched[n_plan:], c_mean, x_mean, TOL)
     random_tbl = V.random_table(table)
-    steering = V.steering_table(table, patched[:n_plan], c_mean, x_mean, n_boot, seed)
+    steering = V.steering_table(table, patched[:n_plan], c_mean, x_mean, weights)
     keep = [i for i, n in enumerate(names) if not n.startswith(("random_", "steer_random_", "ablate_random_"))]
     per_prompt = pd.DataFrame([{"name": names[i], "prompt_id": j,
                                 "prompt": task.prompts[j] if task.prompts else None,
@@ -233,15 +241,38 @@ def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str
     steering["coef"] = steering["alpha"] * unit
     scale.update(alpha_unit=alpha_unit, unit=float(unit))
     summary = V.summarize(table, random_tbl, steering, direction, task, site, layer, pos, pos_rule, metric,
-                          c_mean, x_mean, checks, scale, seconds, len(variants))
+                          c_mean, x_mean, checks, scale, seconds, len(variants),
+                          random_tol=V.RANDOM_MEAN_TOL if random_tol is None else random_tol,
+                          bootstrap=describe_groups(groups, task.n_prompts), shuffled_source=shuffled_source)
     return DirectionPatchResult(table, random_tbl, steering, per_prompt, summary)
 
 
-def _effects(plan, patched, clean, corrupt, metric, n_boot, seed) -> pd.DataFrame:
-    """One row per variant: normalised effect with CI, and ``of_full`` (see module docstring)."""
+def resolve_positions(task: PatchTask, direction: DirectionInput, positions=None):
+    """``(rule, positions)`` for a run: ``positions`` (a rule or a tuple) if given, else the
+    direction's own rule, else ``last``. A rule the task does not know is an error (never a
+    silent fallback): the direction was fitted at one position and means little elsewhere."""
+    from replab.features.superclass import task_positions
+
+    if positions is not None and not isinstance(positions, str):
+        return None, tuple(int(p) for p in positions)
+    if positions is not None:
+        return positions, task_positions(task, positions)
+    rule = direction.position or "last"
+    try:
+        return rule, task_positions(task, rule)
+    except ReplabError as e:
+        raise ReplabError(f"the direction's position rule {rule!r} ({direction.source or direction.kind}) is "
+                          f"not defined for task {task.name} ({e}); pass --positions") from None
+
+
+def _effects(plan, patched, clean, corrupt, metric, weights) -> pd.DataFrame:
+    """One row per variant: normalised effect with CI, and ``of_full`` (see module docstring).
+    ``weights [B, N]``: bootstrap weights (:func:`replab.features.stats.resample_weights`)."""
+    from replab.features.stats import ratio_ci
+
     c_mean, x_mean = float(clean.mean()), float(corrupt.mean())
     effect = normalized(patched.mean(1), c_mean, x_mean)
-    low, high = bootstrap_ci(patched, clean, corrupt, n_boot=n_boot, seed=seed)
+    low, high = ratio_ci(weights, patched, clean, corrupt)
     names = [p[0] for p in plan]
     up = np.array([p[2] in ("denoise", "steer") for p in plan])
     ref_up, ref_down = patched[names.index("full")], patched[names.index("full_noise")]
@@ -249,7 +280,7 @@ def _effects(plan, patched, clean, corrupt, metric, n_boot, seed) -> pd.DataFram
     with np.errstate(divide="ignore", invalid="ignore"):
         for sel, ref, base in ((up, ref_up, corrupt), (~up, ref_down, clean)):
             if sel.any():
-                of_lo[sel], of_hi[sel] = bootstrap_ci(patched[sel], ref, base, n_boot=n_boot, seed=seed)
+                of_lo[sel], of_hi[sel] = ratio_ci(weights, patched[sel], ref, base)
     rows = []
     for i, (name, group, mode, alpha, _) in enumerate(plan):
         base, ref = (x_mean, ref_up.mean()) if up[i] else (c_mean, ref_down.mean())

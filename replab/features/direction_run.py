@@ -17,7 +17,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from replab.errors import ReplabError
-from replab.features.direction_patch import DEFAULT_ALPHAS
+from replab.features.direction_patch import DEFAULT_ALPHA_UNIT, DEFAULT_ALPHAS
+
+
+def resolve_layer(layer) -> int | None:
+    """``--layer``: None, an integer, or a ``replab features scan`` run directory (its chosen layer)."""
+    if layer is None or isinstance(layer, int):
+        return layer
+    text = str(layer).strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    if Path(text).is_dir():
+        from replab.features.scan import scan_layer
+
+        return scan_layer(text)
+    raise ReplabError(f"bad --layer {layer!r}: give a layer number or a `replab features scan` run directory")
 
 
 def parse_alphas(spec) -> list[float]:
@@ -50,19 +66,21 @@ def load_task_for(tokenizer, task: str, classes: str | None, template: str | Non
 
 
 def run_direction_patch(direction, out=None, task: str = "superclass", classes: str | None = None,
-                        cls: str | None = None, label: str = "superclass", layer: int | None = None,
+                        cls: str | None = None, label: str = "superclass", layer=None,
                         site: str | None = None, positions: str | None = None, metric: str | None = None,
-                        n_random: int = 100, alphas=None, alpha_unit: str = "raw",
+                        n_random: int = 100, alphas=None, alpha_unit: str = DEFAULT_ALPHA_UNIT,
                         shuffled: str | None = None,
                         store: str | None = None, leace: bool = True, template: str | None = None,
                         pairs: int = 64, dataset: str | None = None, model: str | None = None,
-                        seed: int = 0, progress: bool = True) -> dict:
+                        seed: int = 0, progress: bool = True, kind: str = "logistic",
+                        random_tol: float | None = None) -> dict:
     """Direction patching end to end (see :func:`replab.features.direction_patch.direction_patch`).
 
     Args:
         direction: a Direction/probe artifact, raw vector file, probe run or store (see
             :func:`replab.features.direction_inputs.load_direction`); ``cls``/``label``/``layer``
-            pick a probe's or store's class and layer.
+            pick a probe's or store's class and layer; ``layer`` may be a ``features scan`` run
+            directory (its chosen layer); ``kind``: the probe of a probe run directory.
         task: ``superclass`` (with ``classes`` ``"artist,scientist"``, ``dataset``, ``template``) or
             any patching task; ``pairs``: at most this many prompt pairs.
         shuffled: shuffled-label baseline: a direction file or a store (default: the direction's
@@ -80,7 +98,8 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
     from replab.patching.report import finish_run, start_run, write_table
 
     alphas = parse_alphas(alphas)
-    d = DI.load_direction(direction, layer, cls, label)
+    layer_arg, layer = layer, resolve_layer(layer)
+    d = DI.load_direction(direction, layer, cls, label, kind)
     m = load_model(model, device="cpu")
     t = load_task_for(m.tokenizer, task, classes, template, pairs, dataset, bool(m.cfg.default_prepend_bos))
     notes = []
@@ -90,7 +109,7 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
     metric_name = metric or t.meta.get("metric") or "logit_diff"
     separation = check_separation(m, t, metric_name)
     sep_table = separation_table(m, t, metric_name)
-    shuffled_vec = None
+    shuffled_vec, how = None, None
     try:
         shuffled_vec, how = DI.shuffled_direction(shuffled, d, seed)
         notes.append(f"shuffled-label baseline: {how}")
@@ -111,8 +130,8 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
         notes.append("no LEACE: it needs an activation store of the patched hook (--store)")
     res = direction_patch(m, t, d, site=site, layer=layer, positions=positions, metric=metric,
                           n_random=n_random, alphas=alphas, alpha_unit=alpha_unit,
-                          shuffled=shuffled_vec, leace=eraser,
-                          seed=seed, progress=progress)
+                          shuffled=shuffled_vec, leace=eraser, seed=seed, progress=progress,
+                          random_tol=random_tol, shuffled_source=how)
     s = res.summary
     out = start_run(Path(out or f"runs/features-patch-L{s['layer']}"))
     files = []
@@ -125,15 +144,21 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
     if d.k == 1:   # the direction actually patched, as a Direction artifact (for `sae decompose`)
         from replab.probes.directions import Direction
 
-        Direction(d.vector, s["hook"], int(s["layer"]), str(s.get("position_label") or d.position),
-                  d.label or label, d.cls or "", [], d.kind, m.replab_identity.to_dict(),
-                  config={"source": d.source}).save(out / "direction.json")
+        # the position *rule* (e.g. entity_last), so feeding this file back means the same positions
+        rule = s.get("position_rule") or ",".join(map(str, s["positions"] or [])) or "all"
+        Direction(vector=d.vector, hook=s["hook"], layer=int(s["layer"]), position=str(rule),
+                  label=d.label or label, positive_class=d.cls or "", classes=[], kind=d.kind,
+                  model=m.replab_identity.to_dict(),
+                  config={"source": d.source, "position_label": s.get("position_label")}
+                  ).save(out / "direction.json")
         files += [str(out / "direction.json"), str(out / "direction.safetensors")]
-    config = {"direction": str(direction), "class": cls, "label": label, "layer": layer, "site": site,
+    config = {"direction": str(direction), "class": cls, "label": label, "layer": layer,
+              "layer_arg": None if layer_arg is None else str(layer_arg), "kind": kind, "site": site,
               "positions": positions, "metric": metric, "n_random": n_random, "alphas": alphas,
               "alpha_unit": alpha_unit,
               "shuffled": shuffled, "store": store, "leace": leace, "task": task, "classes": classes,
-              "template": template, "pairs": pairs, "dataset": dataset, "seed": seed}
+              "template": template, "pairs": pairs, "dataset": dataset, "seed": seed,
+              "random_tol": random_tol}
     summary = {"kind": "features_direction_patch", **s, "separation": separation, "leace_fit": leace_info,
                "notes": notes, "config": config, "files": files}
     return {**finish_run(out, summary, m), "out": str(out)}

@@ -1,18 +1,38 @@
 """SAE latent patching: do a few SAE latents carry a patching effect? (``replab sae patch``)
 
 At the SAE's hook and the chosen positions, the corrupt activation ``x`` is split into
-``decode(encode(x)) + error``; only the chosen latents are replaced by the clean run's values
-and the corrupt run's own error term is kept, so nothing else changes:
+``decode(encode(x)) + error``; only the chosen latents ``S`` are replaced by the clean run's
+values and the corrupt run's own error term is kept, so nothing else changes:
 
     x' = x + Σ_{i ∈ S} (z_clean,i − z_corrupt,i) · d_i          (d_i = decoder row i)
 
-All variants run in one batched engine call (``custom:`` sources of
-:mod:`replab.patching.engine`), with the baselines a verdict needs: the full patch of the
-activation at the same site and positions (the ceiling), the patch of *every* latent (the
-SAE's share of the ceiling: the rest is in the error term), nested top-k sets (a
-dose–response over k) and random latent sets of the same size drawn from the latents active
-on these prompts. Effects are normalised ((patched − corrupt) / (clean − corrupt), prompt
-means) with bootstrap CIs over prompts.
+Every variant runs in **one** batched engine call (``custom:`` sources of
+:mod:`replab.patching.engine`), with the baselines the verdict needs:
+
+=====================  ===================================================================
+variant                what it is
+=====================  ===================================================================
+chosen                 the chosen latents ``S``
+full                   the whole activation patched at the positions (the ceiling)
+random_i               ``n_random`` random sets of ``|S|`` latents drawn from the latents
+                       active on these prompts at these positions (seeded)
+top_k                  nested top-k sets by attribution (a dose–response over k)
+all_latents            every latent (the SAE's reconstruction; the error term stays corrupt)
+error_term             only the error term ``x − x̂`` patched
+complement             everything but ``S``: the other latents and the error term
+=====================  ===================================================================
+
+**Sanity checks** (ReplabError on failure, 1e-3 in normalised units): the empty latent set
+= 0; every latent *plus* the error term = the full patch at that site (``x̂ + error = x``
+exactly); and the engine's own full (= 1) and empty (= 0) patches.
+
+The **verdict** is :func:`replab.features.verdict.sufficiency`, the same rule and JSON keys as
+direction patching (``effect``, ``ci_low``, ``ci_high``, ``of_full`` with CI,
+``full_residual_effect``, ``random_mean``, ``random_p95``, ``percentile``, ``verdict``;
+"uninformative" when the full patch restores < 10%). CIs resample people (two-way cluster
+bootstrap, :mod:`replab.features.stats`) when the task says who each pair names, else pairs.
+Random *active* latents are not an isotropic baseline (they can carry class information), so
+their mean is reported, not required to be 0.
 
 Latents are chosen by the caller (``latents=``, e.g. the top latents of ``replab sae
 decompose`` for a class) or ranked by attribution: the first-order effect of patching latent
@@ -21,6 +41,8 @@ decompose`` for a class) or ranked by attribution: the first-order effect of pat
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import torch
@@ -28,7 +50,10 @@ import torch
 from replab.errors import ReplabError
 from replab.patching.engine import Variant, run_variants
 from replab.patching.interventions import Intervention, canonical_site
-from replab.patching.metrics import bootstrap_ci, metric_values, normalized, readout
+from replab.patching.metrics import FULL_VOCAB, Readout, check_metric, metric_values, normalized, task_metrics
+
+TOL = 1e-3
+DOSE_K = (1, 2, 5, 10, 20, 50)
 
 
 def _acts(model, hook: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -37,13 +62,12 @@ def _acts(model, hook: str, tokens: torch.Tensor) -> torch.Tensor:
     return cache[hook]
 
 
-def _metric(model, task, metric, final):
-    r = readout(model, final, task.candidates, False)
-    return metric_values(metric, r, None, task.class_a)
-
-
 def attribution(model, sae, task, hook: str, positions: list[int], metric: str) -> np.ndarray:
-    """First-order effect ``[d_sae]`` of patching each latent clean → corrupt (see module doc)."""
+    """First-order effect ``[d_sae]`` of patching each latent clean → corrupt (module docstring).
+
+    Works for every metric: full-vocabulary ones (``logprob``, ``prob``, ``kl``) read the whole
+    log-softmax.
+    """
     from replab.features.sae.splice import decoder_rows, sae_encode
 
     clean, corrupt = _acts(model, hook, task.clean), _acts(model, hook, task.corrupt)
@@ -53,127 +77,213 @@ def attribution(model, sae, task, hook: str, positions: list[int], metric: str) 
         act = act.detach().requires_grad_(True)
         store["x"] = act
         return act
+    clean_logp = None
+    if metric == "kl":
+        with torch.inference_mode():
+            clean_logp = model(task.clean)[:, -1].float().log_softmax(-1)
+        clean_logp = clean_logp.clone()
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:
         with torch.enable_grad():
             logits = model.run_with_hooks(task.corrupt, fwd_hooks=[(hook, leaf)])[:, -1]
-            cand = logits.gather(1, task.candidates)
-            from replab.patching.metrics import Readout
-
-            metric_values(metric, Readout(cand), None, task.class_a).mean().backward()
+            r = Readout(logits.gather(1, task.candidates))
+            if metric in FULL_VOCAB:
+                lse = torch.logsumexp(logits, dim=-1)
+                r = Readout(r.cand, lse, logits - lse[:, None] if metric == "kl" else None)
+            metric_values(metric, r, clean_logp, task.class_a).mean().backward()
     finally:
         for p in params:
             p.requires_grad_(True)
     grad = store["x"].grad[:, positions]                                     # [N, P, d]
     dz = sae_encode(sae, clean[:, positions]) - sae_encode(sae, corrupt[:, positions])   # [N, P, S]
     rows = decoder_rows(sae)                                                 # [S, d]
-    return (dz * (grad @ rows.T)).sum(1).mean(0).numpy()
+    # the gradient of the prompt *mean* already carries 1/N: summing over prompts gives the
+    # first-order change of the mean metric
+    return (dz * (grad @ rows.T)).sum(1).sum(0).numpy()
 
 
-def _custom(sae, clean, corrupt, positions, latents) -> torch.Tensor:
-    from replab.features.sae.splice import decoder_rows, sae_encode
+class _Sources:
+    """``custom:`` source tensors: the corrupt activation with chosen parts moved to the clean run's."""
 
-    ids = torch.as_tensor(list(latents), dtype=torch.long)
-    dz = (sae_encode(sae, clean[:, positions]) - sae_encode(sae, corrupt[:, positions]))[..., ids]
-    new = corrupt.clone()
-    new[:, positions] = corrupt[:, positions] + dz @ decoder_rows(sae)[ids]
-    return new
+    def __init__(self, sae, clean: torch.Tensor, corrupt: torch.Tensor, positions: list[int]):
+        from replab.features.sae.splice import decoder_rows, sae_encode
+
+        self.corrupt, self.positions = corrupt, positions
+        zc, zx = sae_encode(sae, clean[:, positions]), sae_encode(sae, corrupt[:, positions])
+        self.dz = zc - zx                                          # [N, P, S]
+        self.rows = decoder_rows(sae)                              # [S, d]
+        recon = lambda z: z @ self.rows  # noqa: E731  (b_dec cancels in differences)
+        self.d_err = (clean[:, positions] - corrupt[:, positions]) - (recon(zc) - recon(zx))   # [N, P, d]
+
+    def make(self, ids, error: bool = False) -> torch.Tensor:
+        ids = torch.as_tensor(list(ids), dtype=torch.long)
+        new = self.corrupt.clone()
+        delta = self.dz[..., ids] @ self.rows[ids] if len(ids) else torch.zeros_like(self.d_err)
+        new[:, self.positions] = self.corrupt[:, self.positions] + delta + (self.d_err if error else 0)
+        return new
 
 
 def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None, top: int = 5,
                  positions: list[int] | None = None, metric: str = "logit_diff", n_random: int = 100,
-                 seed: int = 0, n_boot: int = 1000) -> tuple[pd.DataFrame, dict]:
+                 seed: int = 0, n_boot: int = 1000, position_rule: str | None = None,
+                 progress: bool = False) -> tuple[pd.DataFrame, dict]:
     """Patch ``latents`` (default: the ``top`` by attribution) clean → corrupt; see module doc.
 
-    Returns ``(table, summary)``: one row per variant (``name``, ``kind``, ``k``,
-    ``normalized_effect``, ``ci_low``, ``ci_high``, ``frac_of_full``), and the summary with the
-    chosen latents, baselines, percentile among random sets and a verdict.
+    Args:
+        sae, meta: from :func:`replab.features.sae.load_sae`.
+        task: a :class:`~replab.patching.task.PatchTask`; ``positions``: the patched positions
+            (default every position); ``metric``: any patching metric (``class_mass``, ``logprob``,
+            ``prob``, ``kl``, ...).
+    Returns:
+        ``(table, summary)``: one row per variant (``name, kind, k, latents,
+        normalized_effect, ci_low, ci_high, of_full, of_full_low, of_full_high``) and the
+        summary (module docstring keys, plus ``latents``, ``latent_attribution``,
+        ``all_latents_effect``, ``error_term_effect``, ``complement_effect``, ``checks``).
     """
+    from replab.features import verdict as V
+    from replab.features.sae.splice import sae_encode
+    from replab.features.stats import describe_groups, ratio_ci, resample_weights, task_groups
+    from replab.patching import sanity
+
+    metric = check_metric(metric)
     hook = meta["hook_name"]
     site, layer = canonical_site(hook)
     if layer is None:
         raise ReplabError(f"SAE hook {hook} is not a per-layer site the patching engine can use")
-    positions = list(range(task.n_tokens)) if positions is None else list(positions)
+    positions = list(range(task.n_tokens)) if positions is None else [int(p) for p in positions]
     clean, corrupt = _acts(model, hook, task.clean), _acts(model, hook, task.corrupt)
-    from replab.features.sae.splice import sae_encode
-
     attr = attribution(model, sae, task, hook, positions, metric)
     d_sae = attr.shape[0]
-    chosen = [int(i) for i in latents] if latents else [int(i) for i in np.argsort(-np.abs(attr))[:top]]
+    chosen = [int(i) for i in latents] if latents is not None else [int(i) for i in np.argsort(-np.abs(attr))[:top]]
     bad = [i for i in chosen if not 0 <= i < d_sae]
     if bad:
         raise ReplabError(f"latent {bad[0]} is out of range: this SAE has {d_sae} latents")
+    if not chosen:
+        raise ReplabError("no latents to patch")
     active = ((sae_encode(sae, clean[:, positions]) != 0) | (sae_encode(sae, corrupt[:, positions]) != 0))
     active = torch.nonzero(active.reshape(-1, d_sae).any(0)).flatten().numpy()
     rng = np.random.default_rng(seed)
     pool = np.setdiff1d(active, chosen)
-    plan: list[tuple[str, str, int, list[int] | None]] = [("chosen", "chosen", len(chosen), chosen)]
     order = [int(i) for i in np.argsort(-np.abs(attr))]
-    for k in sorted({1, 2, 5, 10, 20, 50} | {len(chosen)}):
+    every = list(range(d_sae))
+    rest = sorted(set(every) - set(chosen))
+    plan = [("chosen", "chosen", len(chosen), chosen, False),
+            ("empty", "sanity", 0, [], False),
+            ("all_plus_error", "sanity", d_sae, every, True),
+            ("all_latents", "all_latents", d_sae, every, False),
+            ("error_term", "error_term", 0, [], True),
+            ("complement", "complement", len(rest), rest, True)]
+    for k in sorted({*DOSE_K, len(chosen)}):
         if k <= len(active):
-            plan.append((f"top_{k}", "top_k", k, order[:k]))
-    plan.append(("all_latents", "all_latents", d_sae, list(range(d_sae))))
-    size = min(len(chosen), len(pool))
+            plan.append((f"top_{k}", "top_k", k, order[:k], False))
+    size = len(chosen) if len(pool) >= len(chosen) else 0
     for i in range(n_random if size else 0):
-        plan.append((f"random_{i}", "random", size, rng.choice(pool, size=size, replace=False).tolist()))
-    sources, variants = {}, []
-    for name, _, _, ids in plan:
-        sources[name] = _custom(sae, clean, corrupt, positions, ids)
-        variants.append(Variant((Intervention(site, layer, positions=tuple(positions), source=f"custom:{name}"),)))
-    variants.append(Variant((Intervention(site, layer, positions=tuple(positions), source="clean"),)))
+        plan.append((f"random_{i}", "random", size, sorted(rng.choice(pool, size=size, replace=False).tolist()),
+                     False))
+    src = _Sources(sae, clean, corrupt, positions)
+    sources = {name: src.make(ids, err) for name, _, _, ids, err in plan}
+    iv = lambda source: Intervention(site, layer, positions=tuple(positions), source=source)  # noqa: E731
+    variants = [Variant((iv(f"custom:{p[0]}"),)) for p in plan]
+    variants.append(Variant((iv("clean"),)))
+    variants += sanity.variants_for(layer, "corrupt")
+    t0 = time.time()
     finals, runs = run_variants(model, task.clean, task.corrupt, variants, sources=sources)
-    with torch.inference_mode():
-        c = _metric(model, task, metric, runs["clean"].final).numpy().astype(np.float64)
-        x = _metric(model, task, metric, runs["corrupt"].final).numpy().astype(np.float64)
-        v, n, d = finals.shape
-        pr = metric_values(metric, readout(model, finals.reshape(v * n, d), task.candidates.repeat(v, 1), False),
-                           None, task.class_a).numpy().astype(np.float64).reshape(v, n)
-    eff = normalized(pr.mean(1), c.mean(), x.mean())
-    lo, hi = bootstrap_ci(pr, c, x, n_boot=n_boot, seed=seed)
-    full = float(eff[-1])
-    rows = [{"name": name, "kind": kind, "k": k, "latents": ids if kind != "all_latents" and kind != "random" else None,
+    seconds = time.time() - t0
+    vals = task_metrics(model, task, metric, finals, runs)[0]
+    c_vals, x_vals, pr = vals["clean"], vals["corrupt"], vals["patched"]
+    c, x = float(c_vals.mean()), float(x_vals.mean())
+    eff = normalized(pr.mean(1), c, x)
+    n_plan = len(plan)
+    groups = task_groups(task)
+    weights = resample_weights(task.n_prompts, groups, n_boot, seed)
+    lo, hi = ratio_ci(weights, pr, c_vals, x_vals)
+    ref = pr[n_plan]
+    of_lo, of_hi = ratio_ci(weights, pr[:n_plan + 1], ref, x_vals)
+    full = float(eff[n_plan])
+    checks = _checks(eff, plan, full, TOL)
+    rows = [{"name": name, "kind": kind, "k": k, "latents": ids if kind in ("chosen", "top_k", "random") else None,
              "normalized_effect": float(eff[i]), "ci_low": float(lo[i]), "ci_high": float(hi[i]),
-             "frac_of_full": float(eff[i] / full) if abs(full) > 1e-9 else np.nan}
-            for i, (name, kind, k, ids) in enumerate(plan)]
-    rows.append({"name": "full_activation", "kind": "ceiling", "k": None, "latents": None,
-                 "normalized_effect": full, "ci_low": float(lo[-1]), "ci_high": float(hi[-1]), "frac_of_full": 1.0})
+             "of_full": float(eff[i] / full) if abs(full) > 1e-9 else np.nan,
+             "of_full_low": float(of_lo[i]), "of_full_high": float(of_hi[i])}
+            for i, (name, kind, k, ids, _) in enumerate(plan)]
+    rows.append({"name": "full", "kind": "ceiling", "k": None, "latents": None, "normalized_effect": full,
+                 "ci_low": float(lo[n_plan]), "ci_high": float(hi[n_plan]), "of_full": 1.0,
+                 "of_full_low": 1.0, "of_full_high": 1.0})
     table = pd.DataFrame(rows)
-    summary = _summary(table, chosen, attr, hook, positions, metric, c, x, task)
-    return table, summary
+    pos_label = ",".join(f"{p}:{task.str_tokens[p]!r}" if task.str_tokens else str(p) for p in positions)
+    s = _summary(table, chosen, attr, hook, site, layer, positions, position_rule, pos_label, metric, c, x,
+                 task, checks, describe_groups(groups, task.n_prompts), seconds, len(variants))
+    s["verdict"], s["verdict_detail"] = latent_verdict(s)
+    return table, s
 
 
-def _summary(table, chosen, attr, hook, positions, metric, c, x, task) -> dict:
-    get = lambda name: table.set_index("name").loc[name]  # noqa: E731
-    ch, full, every = get("chosen"), get("full_activation"), get("all_latents")
+def _checks(eff: np.ndarray, plan, full: float, tol: float) -> dict:
+    idx = {p[0]: i for i, p in enumerate(plan)}
+    n = len(plan)
+    items = {"empty_latent_set": (eff[idx["empty"]], 0.0, "patching no latent (error term kept) = the corrupt run"),
+             "all_latents_plus_error": (eff[idx["all_plus_error"]], full,
+                                        "every latent plus the error term = the full patch at that site"),
+             "engine_full": (eff[n + 1], 1.0, "full resid_pre patch (every position) = clean"),
+             "engine_empty": (eff[n + 2], 0.0, "empty patch = corrupt")}
+    out = {}
+    for name, (value, want, what) in items.items():
+        ok = abs(float(value) - want) <= tol
+        out[name] = {"value": float(value), "expected": float(want), "ok": ok, "what": what}
+        if not ok:
+            raise ReplabError(f"sanity check '{name}' failed: {float(value):.6f}, expected {want:.6f} ± {tol} "
+                              f"({what}); the latent patch or the engine is inconsistent")
+    return out
+
+
+def _summary(table, chosen, attr, hook, site, layer, positions, rule, pos_label, metric, c, x, task, checks,
+             bootstrap, seconds, n_variants) -> dict:
+    t = table.set_index("name")
+    ch, full = t.loc["chosen"], t.loc["full"]
     rand = table[table["kind"] == "random"]["normalized_effect"].to_numpy()
-    pct = float((rand < ch["normalized_effect"]).mean() * 100) if len(rand) else None
-    s = {"hook_name": hook, "positions": positions, "metric": metric, "task": task.describe(),
-         "clean_metric": float(c.mean()), "corrupt_metric": float(x.mean()),
-         "latents": chosen, "latent_attribution": [float(attr[i]) for i in chosen],
-         "effect": float(ch["normalized_effect"]), "ci_low": float(ch["ci_low"]), "ci_high": float(ch["ci_high"]),
-         "full_activation_effect": float(full["normalized_effect"]),
-         "all_latents_effect": float(every["normalized_effect"]),
-         "frac_of_full": float(ch["frac_of_full"]), "n_random": int(len(rand)),
-         "random_mean": float(rand.mean()) if len(rand) else None,
-         "random_p95": float(np.quantile(rand, 0.95)) if len(rand) else None, "percentile": pct}
-    s["verdict"] = latent_verdict(s)
-    return s
+    e = float(ch["normalized_effect"])
+    pct = float(100 * ((rand < e).sum() + 0.5 * (rand == e).sum()) / len(rand)) if len(rand) else None
+    dose = table[table["kind"] == "top_k"][["k", "normalized_effect", "ci_low", "ci_high", "of_full"]]
+    return {"hook_name": hook, "hook": hook, "site": site, "layer": int(layer), "positions": positions,
+            "position_rule": rule, "position_label": pos_label, "metric": metric, "task": task.describe(),
+            "clean_metric": c, "corrupt_metric": x, "latents": chosen,
+            "latent_attribution": [float(attr[i]) for i in chosen],
+            "effect": e, "ci_low": float(ch["ci_low"]), "ci_high": float(ch["ci_high"]),
+            "of_full": float(ch["of_full"]), "of_full_low": float(ch["of_full_low"]),
+            "of_full_high": float(ch["of_full_high"]),
+            "full_residual_effect": float(full["normalized_effect"]), "full_ci_low": float(full["ci_low"]),
+            "full_ci_high": float(full["ci_high"]),
+            "all_latents_effect": float(t.loc["all_latents", "normalized_effect"]),
+            "all_latents_of_full": float(t.loc["all_latents", "of_full"]),
+            "error_term_effect": float(t.loc["error_term", "normalized_effect"]),
+            "complement_effect": float(t.loc["complement", "normalized_effect"]),
+            "complement_of_full": float(t.loc["complement", "of_full"]),
+            "n_random": int(len(rand)), "random_mean": float(rand.mean()) if len(rand) else None,
+            "random_sd": float(rand.std()) if len(rand) else None,
+            "random_p95": float(np.quantile(rand, 0.95)) if len(rand) else None,
+            "random_max": float(rand.max()) if len(rand) else None, "percentile": pct,
+            "top_k": dose.to_dict("records"), "checks": checks, "bootstrap": bootstrap,
+            "n_variants": int(n_variants), "seconds": round(float(seconds), 3)}
 
 
-def latent_verdict(s: dict) -> str:
-    """A verdict in words, with the numbers that drive it."""
-    frac, n = s["frac_of_full"], len(s["latents"])
-    ci = f"[{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
-    rand = (f"; above {s['percentile']:.0f}% of {s['n_random']} random same-size sets of active latents "
-            f"(mean {s['random_mean']:.2f}, p95 {s['random_p95']:.2f})") if s["n_random"] else ""
-    base = (f"{n} latent{'s' if n != 1 else ''} restore {s['effect']:.2f} {ci} (normalised), "
-            f"{frac:.0%} of the full-activation patch ({s['full_activation_effect']:.2f}); "
-            f"all latents together: {s['all_latents_effect']:.2f}{rand}")
-    beats = s["n_random"] == 0 or s["effect"] > s["random_p95"]
-    if frac >= 0.5 and s["ci_low"] > 0 and beats:
-        return "carried: " + base
-    if frac >= 0.2 and beats:
-        return "partly carried: " + base
-    return "not carried: " + base
+def latent_verdict(s: dict) -> tuple[str, list[str]]:
+    """``(verdict, detail sentences)``: :func:`replab.features.verdict.sufficiency` (the rule of
+    direction patching) with latent-specific details."""
+    from replab.features.verdict import _ci, _pct, sufficiency
+
+    n = len(s["latents"])
+    subject = f"{n} latent{'s' if n != 1 else ''} {s['latents'] if n <= 10 else ''}".strip()
+    v = sufficiency(s, subject, f"random sets of {n} active latents")
+    if v.startswith("uninformative"):
+        return v, [v]
+    detail = [v, f"full patch at {s['hook']} ({s['position_label']}): {_pct(s['full_residual_effect'])} "
+                 f"{_ci(s['full_ci_low'], s['full_ci_high'])} of the clean-vs-corrupt gap"]
+    if s["n_random"]:
+        detail.append(f"random sets of {n} active latents: mean {_pct(s['random_mean'])}, p95 "
+                      f"{_pct(s['random_p95'])}; the chosen set is above {s['percentile']:.0f}% of them")
+    detail.append(f"every latent (the SAE reconstruction, error term kept corrupt) restores "
+                  f"{_pct(s['all_latents_effect'])}, {_pct(s['all_latents_of_full'])} of the full patch; the "
+                  f"error term alone {_pct(s['error_term_effect'])}; everything but the chosen latents "
+                  f"{_pct(s['complement_effect'])}")
+    return v, detail

@@ -175,6 +175,8 @@ def build_superclass_task(tokenizer, class_a: str = "artist", class_b: str = "sc
             "metric": "class_mass", "class_words": {class_a: dec(a_cols), class_b: dec(b_cols)},
             "positions": {"name_first": int(start), "entity_last": int(end), "last": int(n_tok - 1)},
             "n_people": {class_a: len({a for a, _ in pairs}), class_b: len({b for _, b in pairs})},
+            # who each prompt names (people-level bootstrap; survives subset() and swapped())
+            "person_of": {text.format(name=n): n for pair in pairs for n in pair},
             "other_layouts": len(buckets) - 1, "content_hash": ps.content_hash()}
     return PatchTask(f"superclass:{class_a},{class_b}/{tid}", torch.tensor(clean), torch.tensor(corrupt),
                      torch.tensor(ans), torch.tensor(foil), torch.tensor(cands),

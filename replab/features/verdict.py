@@ -1,6 +1,9 @@
-"""Direction-patching read-out: sanity checks, baseline tables, and the verdict in words.
+"""Direction- and latent-patching read-out: sanity checks, baseline tables, the verdict in words.
 
-The verdict (sufficiency, from denoising) is decided by three numbers, all in the summary:
+One rule (:func:`sufficiency`) serves ``replab features patch`` (a direction against random
+directions) and ``replab sae patch`` (a set of SAE latents against random same-size latent
+sets). The verdict (sufficiency, from denoising) is decided by three numbers, all in the
+summary:
 
 * ``full_residual_effect``: the whole site patched at the same positions. Below
   ``MIN_FULL`` (10% of the clean-vs-corrupt gap) the site cannot carry the effect, so no
@@ -13,6 +16,10 @@ The verdict (sufficiency, from denoising) is decided by three numbers, all in th
   **not sufficient**.
 
 Necessity clauses follow (projection ablation, noising, LEACE), with the same numbers.
+
+Random directions must average about 0 (:func:`random_mean_check`: ``|mean| <= max(0.05,
+10% of the full effect)`` in normalised units); otherwise the run stops, like a failed
+engine check.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from replab.errors import ReplabError
 MIN_FULL = 0.10
 SUFFICIENT = 0.50
 PARTIAL = 0.20
-RANDOM_MEAN_TOL = 0.05   # |random mean| above this (in units of the full effect) is flagged
+RANDOM_MEAN_TOL = 0.05   # |random mean| may not exceed max(this, RANDOM_MEAN_REL · |full|) ...
+RANDOM_MEAN_REL = 0.10   # ... in normalised units, or the run stops (random_mean_check)
 
 
 def _row(table: pd.DataFrame, name: str) -> pd.Series | None:
@@ -77,19 +85,21 @@ def random_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def steering_table(table: pd.DataFrame, patched: np.ndarray, clean: float, corrupt: float,
-                   n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Dose–response: per α, the direction's metric (bootstrap CI of the prompt mean) and
+                   weights: np.ndarray) -> pd.DataFrame:
+    """Dose–response: per α, the direction's metric (bootstrap CI of the mean over prompts,
+    resampled with ``weights`` from :func:`replab.features.stats.resample_weights`) and
     normalised effect, and the random vectors' mean and 5–95% band."""
+    from replab.features.stats import mean_ci
+
     rows = []
     steer = table[table["mode"] == "steer"]
-    rng = np.random.default_rng(seed)
     for a, sub in steer.groupby("alpha", sort=True):
         d = sub[sub["group"] == "direction"].iloc[0]
         vals = patched[d.name]
-        boots = vals[rng.integers(0, len(vals), size=(n_boot, len(vals)))].mean(1)
+        lo, hi = mean_ci(weights, vals)
         rnd = sub[sub["group"] == "random"]["normalized_effect"].to_numpy()
         rows.append({"alpha": float(a), "metric_after": float(vals.mean()),
-                     "metric_low": float(np.quantile(boots, 0.025)), "metric_high": float(np.quantile(boots, 0.975)),
+                     "metric_low": lo, "metric_high": hi,
                      "normalized_effect": float(d["normalized_effect"]), "ci_low": float(d["ci_low"]),
                      "ci_high": float(d["ci_high"]),
                      "random_mean": float(rnd.mean()) if len(rnd) else None,
@@ -125,39 +135,82 @@ def _ci(lo, hi) -> str:
     return f"[{_num(lo)}, {_num(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "[n/a]"
 
 
-def verdict(s: dict) -> tuple[str, list[str]]:
-    """``(verdict, detail sentences)`` from a summary's numbers (see the module docstring)."""
+def random_mean_check(random_mean: float, full: float, n: int, what: str = "random directions",
+                      tol_abs: float = RANDOM_MEAN_TOL, tol_rel: float = RANDOM_MEAN_REL,
+                      expected_fraction: float = 0.0) -> dict:
+    """The "random directions average about 0" sanity check; ReplabError when it fails.
+
+    A uniformly random rank-``k`` projection in ``d`` dimensions has mean ``(k/d) · I``, so if
+    the effect were linear in the patched difference, random subspaces would restore
+    ``k/d`` of the full effect on average (``expected_fraction``; ≈ 0.002 for one direction
+    in SmolLM2's 576 dimensions). Passes when ``|random_mean − expected_fraction · full| <=
+    max(tol_abs, tol_rel · |full|)`` in normalised units (0.05 of the clean-vs-corrupt gap, or
+    10% of the full-residual effect, whichever is larger). A larger deviation means the
+    baseline (or the engine) is broken, and every percentile against it would mislead.
+    """
+    expected = expected_fraction * full if np.isfinite(full) else 0.0
+    tol = max(tol_abs, tol_rel * abs(full)) if np.isfinite(full) else tol_abs
+    ok = bool(np.isfinite(random_mean) and abs(random_mean - expected) <= tol)
+    out = {"value": float(random_mean), "expected": float(expected), "tolerance": float(tol), "ok": ok,
+           "what": f"the mean effect of {n} {what} is about {expected_fraction:.3g} x the full effect "
+                   f"(|mean - expected| <= max({tol_abs}, {tol_rel} x |full effect|))"}
+    if not ok:
+        raise ReplabError(f"sanity check 'random_mean' failed: {n} {what} restore {random_mean:+.4f} on "
+                          f"average, expected {expected:+.4f} ± {tol:.4f}; the random baseline is not about "
+                          "0 (pass a larger --random-tol only if you know why)")
+    return out
+
+
+def sufficiency(s: dict, subject: str = "the direction", random_what: str = "random directions") -> str:
+    """The verdict sentence (module docstring rule) from a summary's numbers.
+
+    Needs ``full_residual_effect``, ``effect``, ``ci_low``, ``of_full`` (+ ``_low``/``_high``),
+    ``random_p95``, ``percentile``, ``n_random``, ``site``, ``layer``, ``position_label``.
+    Shared by direction patching and SAE latent patching.
+    """
     full, n = s["full_residual_effect"], s["n_random"]
     if not np.isfinite(full) or abs(full) < MIN_FULL:
-        v = (f"uninformative: the full-residual patch at {s['site']} L{s['layer']} (positions "
-             f"{s['position_label']}) restores only {_pct(full)} of the clean-vs-corrupt gap, so no "
-             f"direction there can carry the effect (the direction: {_pct(s['effect'])}); try an earlier "
-             "layer, or a position the output still reads")
-        return v, [v]
-    above = s["ci_low"] > s["random_p95"]
-    n_below = int(round(s["percentile"] / 100 * n))
-    rank = f"above all {n} random directions" if n_below >= n else f"above {n_below} of {n} random directions"
+        return (f"uninformative: the full-residual patch at {s['site']} L{s['layer']} (positions "
+                f"{s['position_label']}) restores only {_pct(full)} of the clean-vs-corrupt gap, so nothing "
+                f"there can carry the effect ({subject}: {_pct(s['effect'])}); try an earlier "
+                "layer, or a position the output still reads")
+    if n:
+        above = s["ci_low"] > s["random_p95"]
+        n_below = int(round(s["percentile"] / 100 * n))
+        rank = (f"above all {n} {random_what}" if n_below >= n
+                else f"above {n_below} of {n} {random_what}")
+    else:
+        above, rank = s["ci_low"] > 0, "no random baseline"
     ratio = f"{_pct(s['of_full'])} {_ci(s['of_full_low'], s['of_full_high'])} of the full-residual effect"
     if above and s["of_full_low"] >= SUFFICIENT:
-        v = f"sufficient: restores {ratio}; {rank}"
-    elif above and s["of_full"] >= PARTIAL:
-        v = f"partly sufficient: restores {ratio}; {rank}"
-    elif above:
-        v = f"weak: restores only {ratio}, though {rank}"
-    else:
-        v = (f"not sufficient: restores {ratio}; {rank} (percentile {s['percentile']:.0f}, random p95 "
-             f"{_pct(s['random_p95'] / full if full else np.nan)} of the full effect)")
+        return f"sufficient: {subject} restores {ratio}; {rank}"
+    if above and s["of_full"] >= PARTIAL:
+        return f"partly sufficient: {subject} restores {ratio}; {rank}"
+    if above:
+        return f"weak: {subject} restores only {ratio}, though {rank}"
+    p95 = s["random_p95"] / full if n and full else np.nan
+    return (f"not sufficient: {subject} restores {ratio}; {rank} (percentile "
+            f"{s['percentile'] if s['percentile'] is not None else float('nan'):.0f}, random p95 {_pct(p95)} of the full effect)")
+
+
+def verdict(s: dict) -> tuple[str, list[str]]:
+    """``(verdict, detail sentences)`` from a summary's numbers (see the module docstring)."""
+    v = sufficiency(s)
+    if v.startswith("uninformative"):
+        return v, [v]
     sh = s.get("shuffled_of_full")
     if sh is not None and np.isfinite(sh) and s["of_full"] <= sh and not v.startswith("not"):
         v += f"; but not above the shuffled-label direction ({_pct(sh)})"
+    full = s["full_residual_effect"]
     detail = [v, f"full-residual patch: {_pct(full)} {_ci(s['full_ci_low'], s['full_ci_high'])} of the "
                  f"clean-vs-corrupt gap; random directions: mean {_pct(s['random_mean'])}, p95 "
                  f"{_pct(s['random_p95'])}"]
     detail.append(f"complement (everything but the direction) restores {_pct(s['complement_of_full'])} of "
                   "the full-residual effect")
     if s.get("shuffled_of_full") is not None:
-        detail.append(f"shuffled-label direction restores {_pct(s['shuffled_of_full'])} of the full-residual "
-                      f"effect (above {s['shuffled_percentile']:.0f}% of the random directions)")
+        detail.append(f"shuffled-label direction ({s.get('shuffled_source') or 'shuffled labels'}) restores "
+                      f"{_pct(s['shuffled_of_full'])} of the full-residual effect (above "
+                      f"{s['shuffled_percentile']:.0f}% of the random directions)")
     a = s["ablation"]
     detail.append(f"necessity: projection ablation on the clean run removes {_pct(a['drop'])} "
                   f"{_ci(a['drop_low'], a['drop_high'])} of the clean-vs-corrupt gap (random: "
@@ -170,8 +223,10 @@ def verdict(s: dict) -> tuple[str, list[str]]:
 
 
 def summarize(table, random_tbl, steering, direction, task, site, layer, pos, pos_rule, metric,
-              clean, corrupt, checks, projection, seconds, n_variants) -> dict:
-    """The summary dict (JSON-safe), verdict included."""
+              clean, corrupt, checks, projection, seconds, n_variants, random_tol=RANDOM_MEAN_TOL,
+              bootstrap: str = "pairs", shuffled_source: str | None = None) -> dict:
+    """The summary dict (JSON-safe), verdict included; ReplabError if the random-direction
+    mean is not about 0 (:func:`random_mean_check`, added to ``checks``)."""
     d, f = _row(table, "direction"), _row(table, "full")
     rnd = random_tbl["normalized_effect"].to_numpy()
     e = float(d["normalized_effect"])
@@ -207,12 +262,15 @@ def summarize(table, random_tbl, steering, direction, task, site, layer, pos, po
               "position_rule": pos_rule, "position_label": pos_label, "metric": metric,
               "clean_metric": clean, "corrupt_metric": corrupt, "steering": steering.to_dict("records"),
               "projection": projection, "checks": checks,
-              "random_mean_ok": bool(abs(s["random_mean"]) <= RANDOM_MEAN_TOL * max(abs(s["full_residual_effect"]), 1e-9)
-                                     or abs(s["random_mean"]) <= 0.01),
               "task": task.describe(), "direction": direction.describe(), "n_variants": int(n_variants),
               "seconds": round(float(seconds), 3)})
     from replab.patching.interventions import SITES
 
     s["hook"] = SITES[site][0].format(L=layer)
+    s["bootstrap"] = bootstrap
+    s["shuffled_source"] = shuffled_source if s["shuffled_effect"] is not None else None
+    checks["random_mean"] = random_mean_check(s["random_mean"], s["full_residual_effect"], s["n_random"],
+                                              tol_abs=random_tol, expected_fraction=direction.k / direction.d)
+    s["random_mean_ok"] = checks["random_mean"]["ok"]
     s["verdict"], s["verdict_detail"] = verdict(s)
     return s

@@ -20,6 +20,7 @@ import dataclasses
 from replab.errors import ReplabError
 
 ARCHS = ("topk", "batchtopk", "relu")
+EXECUTION_FIELDS = ("threads", "harvest_batch")
 
 
 @dataclasses.dataclass
@@ -41,6 +42,7 @@ class SAETrainConfig:
     tokens: int = 800_000             # training samples (activation vectors seen, with repeats)
     corpus: str = "builtin"
     corpus_tokens: int | None = None  # cap on distinct corpus tokens harvested (None: all)
+    store: str | None = None          # train on this activation store's vectors instead of the corpus
     seq_len: int = 128
     skip_first: int = 1               # positions excluded from every window (SmolLM2: no BOS)
     batch_size: int = 1024            # activation vectors per SAE step
@@ -82,6 +84,11 @@ class SAETrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def cache_key(self) -> dict:
+        """The fields that decide the trained weights (execution details such as ``threads``
+        and ``harvest_batch`` left out): an SAE with the same key is reused, not retrained."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
 def training_sae_config(cfg: SAETrainConfig, d_in: int, metadata: dict):

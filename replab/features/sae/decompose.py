@@ -5,7 +5,9 @@ For a unit direction ``v [d]`` and the SAE's effective decoder rows ``d_i``
 
 * ``cosine_i = cos(d_i, v)`` — for every latent;
 * with an activation store and a label: ``mean_pos_i`` / ``mean_neg_i`` = the mean latent
-  activation over rows of the positive class / of every other labelled row,
+  activation over rows of the positive class / of every other labelled row (the rows a probe
+  uses: :func:`replab.probes.splits.select_rows` drops control people and odd-one-out
+  prompts, whose labels do not describe the person at the stored position),
   ``diff_i = mean_pos_i - mean_neg_i`` (the class difference attributed to latent ``i``)
   and ``contribution_i = diff_i * (d_i . v)``: latent ``i``'s share of the class-mean
   difference projected on ``v``. ``sum_i contribution_i`` equals the projection of the
@@ -200,8 +202,14 @@ def _attribute(sae, meta, store, label, positive_class, where, dots, vec, top_n)
         if label not in index.columns:
             raise ReplabError(f"label {label!r} is not a column of the store index; "
                               f"columns: {', '.join(index.columns)}")
+        from replab.probes.splits import select_rows
+
         y = index[label].astype(str).to_numpy()
-        labelled = keep & index[label].notna().to_numpy() & (y != "") & (y != "None")
+        rows, dropped = select_rows(index, label)    # the probes' filter: no controls, no odd-one-out
+        probe_rows = np.zeros(len(index), dtype=bool)
+        probe_rows[rows] = True
+        labelled = keep & probe_rows & (y != "None")
+        extra["attribution_filter"] = dropped
         if positive_class is None:
             raise ReplabError("give --class (the positive class) for the attribution")
         pos = labelled & (y == str(positive_class))

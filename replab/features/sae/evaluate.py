@@ -178,8 +178,12 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
                  seq_len: int | None = None, skip_first: int | None = None, batch_size: int = 4,
                  out=None, layer: int | None = None, hook: str = "resid_post",
                  dead_threshold: float = DEAD_THRESHOLD, dense_threshold: float = DENSE_THRESHOLD,
-                 progress: bool = True) -> tuple[dict, pd.DataFrame]:
+                 progress: bool = True, force: bool = False) -> tuple[dict, pd.DataFrame]:
     """Evaluate a saved SAE (``path``, or the cached SAE of ``model`` at ``hook``/``layer``).
+
+    An ``out`` that already holds an evaluation of the same SAE weights (sha256) on the same
+    held-out text (sha256) with the same settings is reused (``summary["cached"]``) unless
+    ``force``.
 
     Writes ``eval.json`` (metrics, config, SAE path, model identity, seconds),
     ``latents.parquet`` / ``latents.csv`` and ``latent_frequency.png`` to ``out``
@@ -211,7 +215,25 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
     cfg = meta.get("config", {})
     seq_len = int(seq_len or cfg.get("seq_len", 128))
     skip_first = int(cfg.get("skip_first", 1) if skip_first is None else skip_first)
+    from replab.features.sae.artifact import WEIGHTS
+    from replab.lenses.corpus import read_corpus
+    from replab.store.format import sha256_file
+
+    import hashlib
+
+    run_cfg = {"corpus": corpus, "tokens": None, "seq_len": seq_len, "skip_first": skip_first,
+               "batch_size": batch_size, "dead_threshold": dead_threshold, "dense_threshold": dense_threshold,
+               "sae_weights_sha256": sha256_file(Path(path) / WEIGHTS),
+               "corpus_sha256": hashlib.sha256("\n\x00".join(read_corpus(corpus)).encode()).hexdigest()}
     windows = corpus_windows(model.tokenizer, corpus, seq_len, tokens, seed=0)
+    run_cfg["tokens"] = int(windows.numel())
+    if not force and (out / "eval.json").is_file():
+        try:
+            old = json.loads((out / "eval.json").read_text())
+        except ValueError:
+            old = {}
+        if {k: old.get("config", {}).get(k) for k in run_cfg} == run_cfg and (out / "latents.parquet").is_file():
+            return {**old, "cached": True}, pd.read_parquet(out / "latents.parquet")
     metrics, latents = evaluate_sae(sae, model, meta["hook_name"], windows, skip_first, batch_size,
                                     dead_threshold, dense_threshold, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,11 +248,9 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
                          dense_threshold)
     summary = {"kind": "sae_eval", "sae": str(path), "hook_name": meta["hook_name"],
                "architecture": meta["architecture"], "d_sae": meta["d_sae"],
-               "metrics": metrics, "config": {"corpus": corpus, "tokens": int(windows.numel()),
-                                              "seq_len": seq_len, "skip_first": skip_first,
-                                              "batch_size": batch_size},
+               "metrics": metrics, "config": run_cfg,
                "model": model.replab_identity.to_dict(), "replab_version": __version__,
                "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
     (tmp / "eval.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     replace_dir(tmp, out)
-    return summary, latents
+    return {**summary, "cached": False}, latents

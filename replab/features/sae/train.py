@@ -130,8 +130,53 @@ def fit_sae(acts: torch.Tensor, cfg: SAETrainConfig, metadata: dict | None = Non
     return sae, stats
 
 
+def _source(cfg: SAETrainConfig, hook_name: str, model_sha: str | None) -> tuple[dict, object]:
+    """What the SAE is trained on, with a content hash: ``({"kind", "sha256", ...}, store or None)``.
+
+    A corpus is hashed by its text; a store by its manifest's sha256 of the hook's tensor.
+    """
+    import hashlib
+
+    if cfg.store:
+        from replab.store import open_store
+
+        st = open_store(cfg.store)
+        if hook_name not in st.hooks:
+            raise ReplabError(f"store {cfg.store} has no {hook_name}; harvest it with --hooks "
+                              f"{hook_name.split('.')[-1].removeprefix('hook_')} --layers {hook_name.split('.')[1]}")
+        if model_sha and st.model.get("weights_sha256") != model_sha:
+            raise ReplabError(f"store {cfg.store} was harvested from another model ({st.model.get('name')})")
+        tensor = next(t for t in st.manifest["tensors"] if t["hook"] == hook_name)
+        return {"kind": "store", "store": str(cfg.store), "sha256": tensor["sha256"],
+                "rows": int(st.n_rows)}, st
+    from replab.lenses.corpus import read_corpus
+
+    text = "\n\x00".join(read_corpus(cfg.corpus))
+    return {"kind": "corpus", "corpus": cfg.corpus,
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}, None
+
+
+def cached_training(path: Path, cfg: SAETrainConfig, identity: dict, source: dict) -> dict | None:
+    """``replab.json`` of an SAE at ``path`` trained with the same config (:meth:`cache_key`),
+    model weights and training data, or None."""
+    from replab.features.sae.artifact import META, read_meta
+
+    if not (path / META).exists():
+        return None
+    try:
+        meta = read_meta(path)
+    except ReplabError:
+        return None
+    old = SAETrainConfig(**{k: v for k, v in meta.get("config", {}).items()
+                            if k in SAETrainConfig.__dataclass_fields__})
+    same = (old.cache_key() == cfg.cache_key()
+            and meta.get("model", {}).get("weights_sha256") == identity.get("weights_sha256")
+            and (meta.get("stats", {}).get("source") or {}).get("sha256") == source.get("sha256"))
+    return meta if same else None
+
+
 def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.PathLike | None = None,
-              activations: torch.Tensor | None = None, progress: bool = True,
+              activations: torch.Tensor | None = None, progress: bool = True, force: bool = False,
               **overrides) -> tuple[Path, dict]:
     """Train an SAE on ``model``'s ``config.hook`` at ``config.layer`` and save it.
 
@@ -142,7 +187,12 @@ def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.Pa
         out: directory to write (default: the per-model cache,
             :func:`replab.features.sae.artifact.cached_sae_dir`).
         activations: train on these vectors ``[n, d]`` instead of harvesting the corpus
-            (e.g. ``store.acts(hook)`` of an activation store).
+            (``config.store`` does this from an activation store's tensor at the hook).
+        force: train even when ``out`` (or the cache) already holds an SAE trained with the
+            same config (:meth:`SAETrainConfig.cache_key`), model weights and training data
+            (corpus text / store tensor sha256). With ``force=False`` such an SAE is reused:
+            the stats come back with ``cached: True``. (Arrays passed as ``activations``
+            have no recorded hash, so they always train.)
 
     Returns:
         ``(path, stats)``: the SAE directory (SAELens ``cfg.json`` +
@@ -165,18 +215,32 @@ def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.Pa
         model = load_model(model, device="cpu")
     identity = model.replab_identity.to_dict()
     hook_name = sae_hook_name(model, cfg.hook, cfg.layer)
+    from replab.features.sae.artifact import cached_sae_dir
+
+    path = Path(out) if out is not None else cached_sae_dir(identity, hook_name)
+    source, store = _source(cfg, hook_name, identity.get("weights_sha256")) if activations is None else (
+        {"kind": "array", "sha256": None}, None)
+    if not force and activations is None:
+        meta = cached_training(path, cfg, identity, source)
+        if meta is not None:
+            return path, {**meta.get("stats", {}), "cached": True}
+    if store is not None:
+        import numpy as np
+
+        activations = torch.from_numpy(np.array(store.acts(hook_name), dtype=np.float32))
     old_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(model, cfg, identity, hook_name, out, activations, progress)
+        path, stats = _train(model, cfg, identity, hook_name, path, activations, progress, source)
+        return path, {**stats, "cached": False}
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _train(model, cfg, identity, hook_name, out, activations, progress):
+def _train(model, cfg, identity, hook_name, path, activations, progress, source):
     from replab.features.sae.acts import corpus_windows, harvest_acts
-    from replab.features.sae.artifact import cached_sae_dir, save_sae
+    from replab.features.sae.artifact import save_sae
     from replab.harvest.hooks import parse_hook_name
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
@@ -196,8 +260,8 @@ def _train(model, cfg, identity, hook_name, out, activations, progress):
     t2 = time.perf_counter()
     stats.update(corpus_tokens=corpus_tokens, seconds_harvest=round(t1 - t0, 1),
                  seconds_train=round(t2 - t1, 1), seconds=round(t2 - t0, 1),
-                 cpu_seconds=round(_cpu_seconds() - c0, 1), torch_threads=torch.get_num_threads())
-    path = Path(out) if out is not None else cached_sae_dir(identity, hook_name)
+                 cpu_seconds=round(_cpu_seconds() - c0, 1), torch_threads=torch.get_num_threads(),
+                 source=source)
     save_sae(sae, path, identity=identity, hook_name=hook_name, layer=parse_hook_name(hook_name)[1],
              config=cfg.to_dict(), stats=stats)
     return path, stats

@@ -1,0 +1,312 @@
+"""Layer scan: where is a probe's direction *used*? (``replab features scan``)
+
+A probe's best layer by accuracy need not be a layer where the patched position still
+matters: on SmolLM2 the super-class probe peaks at layers 27–29, but by then the class
+information has moved from the name to the final token, and patching the name's residual
+there does nothing. The scan measures, in **one** batched call of the patching engine over
+every layer of the probe run (corrupt run as base, the probe's position rule):
+
+* ``full``: the full-residual patch at the position (clean → corrupt): how much of the
+  behaviour the site can carry at all (the ceiling of any direction there);
+* ``direction``: the probe's own Direction artifact at that layer (the class's one-vs-rest
+  direction), component patched clean → corrupt;
+* ``shuffled``: the shuffled-label probe's direction at that layer (when the run has it);
+* ``random``: ``n_random`` random directions per layer (optional);
+
+and joins the probe's per-layer accuracy (``records.parquet``). CIs resample people
+(:mod:`replab.features.stats`). The engine's own full/empty sanity checks run in the same
+call.
+
+**The chosen layer** (:func:`choose_layer`) is the layer with the highest probe held-out
+accuracy among the layers where the full-residual patch restores at least ``min_full``
+(default 50%) of the clean-vs-corrupt gap; ties go to the earlier layer. The rule uses the
+probe's accuracy and the *site's* causal reach, never the direction's own effect, so the
+direction patching verdict at that layer is not selected on its outcome (picking the layer
+where the direction works best would bias that verdict upward).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from replab.errors import ReplabError
+
+MIN_FULL = 0.5
+ACCURACY_COLUMNS = ("heldout_balanced_accuracy", "balanced_accuracy", "accuracy")
+
+
+def probe_accuracy(run: Path, kind: str) -> tuple[pd.DataFrame, str]:
+    """Per-layer accuracy of a probe run's ``kind`` (full-rank rows of ``records.parquet``):
+    ``(DataFrame [layer, probe_accuracy, probe_cv_accuracy, probe_control_accuracy], column)``."""
+    path = Path(run) / "records.parquet"
+    if not path.is_file():
+        raise ReplabError(f"{run} is not a probe run directory (no records.parquet)")
+    rec = pd.read_parquet(path)
+    rec = rec[rec["kind"] == kind]
+    if rec.empty:
+        raise ReplabError(f"probe run {run} has no {kind} records (kinds: {', '.join(sorted(set(rec['kind'])))})")
+    if "rank" in rec.columns and rec["rank"].notna().any() and rec["rank"].isna().any():
+        rec = rec[rec["rank"].isna()]
+    col = next((c for c in ACCURACY_COLUMNS if c in rec.columns and rec[c].notna().any()), None)
+    if col is None:
+        raise ReplabError(f"{path}: no accuracy column ({', '.join(ACCURACY_COLUMNS)})")
+    g = rec.groupby("layer")
+    out = pd.DataFrame({"layer": g[col].max().index.astype(int), "probe_accuracy": g[col].max().to_numpy()})
+    for name, c in (("probe_cv_accuracy", "balanced_accuracy"), ("probe_control_accuracy", "control_accuracy")):
+        if c in rec.columns:
+            out[name] = g[c].max().to_numpy()
+    return out, col
+
+
+def choose_layer(table: pd.DataFrame, min_full: float = MIN_FULL) -> tuple[int | None, str]:
+    """``(layer or None, reason)`` by the rule of the module docstring."""
+    ok = table[table["full_effect"] >= min_full]
+    if ok.empty:
+        best = table.loc[table["full_effect"].idxmax()]
+        return None, (f"no layer's full-residual patch restores {min_full:.0%} of the gap (best: "
+                      f"{best['full_effect']:.2f} at L{int(best['layer'])}); the position carries too "
+                      "little to test a direction there")
+    best = ok.sort_values(["probe_accuracy", "layer"], ascending=[False, True]).iloc[0]
+    top = table.loc[table["probe_accuracy"].idxmax()]
+    why = (f"L{int(best['layer'])}: highest probe accuracy ({best['probe_accuracy']:.3f}) among the "
+           f"{len(ok)} layers whose full-residual patch restores >= {min_full:.0%} (there: "
+           f"{best['full_effect']:.2f})")
+    if int(top["layer"]) != int(best["layer"]):
+        why += (f"; the probe's most accurate layer L{int(top['layer'])} ({top['probe_accuracy']:.3f}) "
+                f"is excluded: its full patch restores {top['full_effect']:.2f}")
+    return int(best["layer"]), why
+
+
+def layer_directions(run: Path, kind: str, cls: str, layers) -> tuple[dict, dict, str]:
+    """``({layer: unit vector}, {layer: shuffled unit vector}, how)`` for a probe run."""
+    from replab.features.direction_inputs import load_direction, probe_shuffled
+
+    dirs, shuf, sources = {}, {}, set()
+    for layer in layers:
+        d = load_direction(run, layer=int(layer), cls=cls, kind=kind)
+        dirs[int(layer)] = d.vector
+        sources.add("Direction artifacts" if d.kind.startswith("direction:") else "probe weights")
+        found = probe_shuffled(d)
+        if found is not None:
+            shuf[int(layer)] = found[0] / np.linalg.norm(found[0])
+    return dirs, shuf, " + ".join(sorted(sources))
+
+
+def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None,
+                positions: str | None = None, layers=None, metric: str | None = None,
+                n_random: int = 0, min_full: float = MIN_FULL, seed: int = 0, n_boot: int = 1000,
+                max_tokens: int = 65536, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Scan every layer of a probe run (module docstring).
+
+    Args:
+        task: a :class:`~replab.patching.task.PatchTask` (e.g. the super-class task).
+        run: the probe run directory; ``kind``: its probe; ``cls``: the class whose direction
+            is patched (default: the task's clean class).
+        positions: a position rule of the task (default: the probe's own, e.g. ``entity_last``).
+        layers: the layers to scan (default: every layer of the probe run).
+    Returns:
+        ``(table, summary)``: one row per layer (``layer, hook, probe_accuracy, full_effect,
+        full_ci_low, full_ci_high, direction_effect, ci_low, ci_high, direction_of_full,
+        shuffled_effect, random_mean, random_p95, eligible, chosen``) and a summary with
+        ``chosen_layer`` and ``reason``.
+    """
+    from replab.features.direction_inputs import load_direction
+    from replab.features.stats import describe_groups, ratio_ci, resample_weights, task_groups
+    from replab.features.superclass import task_positions
+    from replab.patching import sanity
+    from replab.patching.engine import Variant, run_variants
+    from replab.patching.interventions import Intervention, canonical_site
+    from replab.patching.metrics import check_metric, normalized, task_metrics
+
+    run = Path(run)
+    acc, acc_col = probe_accuracy(run, kind)
+    cls = cls or (task.meta.get("classes") or [None])[0]
+    if not cls:
+        raise ReplabError("give --class (the class whose probe direction is patched)")
+    first = load_direction(run, cls=cls, kind=kind)
+    site, _ = canonical_site(first.site or "resid_post")
+    layers = sorted(int(x) for x in (layers if layers is not None else acc["layer"]))
+    bad = [x for x in layers if not 0 <= x < model.cfg.n_layers]
+    if bad:
+        raise ReplabError(f"layer {bad[0]} is out of range: this model has layers 0-{model.cfg.n_layers - 1}")
+    rule = positions or first.position or "last"
+    try:
+        pos = task_positions(task, rule)
+    except ReplabError as e:
+        raise ReplabError(f"position rule {rule!r} is not defined for task {task.name} ({e}); pass --positions") from None
+    metric = check_metric(metric or task.meta.get("metric") or "logit_diff")
+    dirs, shuf, how = layer_directions(run, kind, cls, layers)
+    rng = np.random.default_rng(seed)
+    plan = []   # (layer, what, Variant)
+    for layer in layers:
+        iv = lambda u=None, L=layer: Intervention(site, L, positions=pos, source="clean", direction=u)  # noqa: E731
+        plan.append((layer, "full", Variant((iv(),))))
+        plan.append((layer, "direction", Variant((iv(dirs[layer]),))))
+        if layer in shuf:
+            plan.append((layer, "shuffled", Variant((iv(shuf[layer]),))))
+        for _ in range(n_random):
+            v = rng.standard_normal(model.cfg.d_model)
+            plan.append((layer, "random", Variant((iv(v / np.linalg.norm(v)),))))
+    variants = [p[2] for p in plan] + sanity.variants_for(min(layers), "corrupt")
+    from replab._progress import progress_bar
+
+    t0 = time.time()
+    with progress_bar(len(variants), "layer scan", "run", enabled=progress) as bar:
+        finals, runs = run_variants(model, task.clean, task.corrupt, variants, base="corrupt",
+                                    max_tokens=max_tokens, progress=bar.advance)
+    seconds = time.time() - t0
+    vals = task_metrics(model, task, metric, finals, runs)[0]
+    clean, corrupt, patched = vals["clean"], vals["corrupt"], vals["patched"]
+    c, x = float(clean.mean()), float(corrupt.mean())
+    eff = normalized(patched.mean(1), c, x)
+    checks = _engine_checks(eff[len(plan):])
+    groups = task_groups(task)
+    weights = resample_weights(task.n_prompts, groups, n_boot, seed)
+    lo, hi = ratio_ci(weights, patched[:len(plan)], clean, corrupt)
+    rows = []
+    for layer in layers:
+        idx = {w: [i for i, p in enumerate(plan) if p[0] == layer and p[1] == w]
+               for w in ("full", "direction", "shuffled", "random")}
+        f, d = idx["full"][0], idx["direction"][0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            of_lo, of_hi = ratio_ci(weights, patched[[d]], patched[f], corrupt)
+        rnd = eff[idx["random"]]
+        rows.append({"layer": layer, "hook": Intervention(site, layer).hook,
+                     "full_effect": float(eff[f]), "full_ci_low": float(lo[f]), "full_ci_high": float(hi[f]),
+                     "direction_effect": float(eff[d]), "ci_low": float(lo[d]), "ci_high": float(hi[d]),
+                     "direction_of_full": float(eff[d] / eff[f]) if abs(eff[f]) > 1e-9 else float("nan"),
+                     "of_full_low": float(of_lo[0]), "of_full_high": float(of_hi[0]),
+                     "shuffled_effect": float(eff[idx["shuffled"][0]]) if idx["shuffled"] else None,
+                     "random_mean": float(rnd.mean()) if len(rnd) else None,
+                     "random_p95": float(np.quantile(rnd, 0.95)) if len(rnd) else None})
+    table = pd.DataFrame(rows).merge(acc, on="layer", how="left")
+    if table["probe_accuracy"].isna().all():
+        raise ReplabError(f"the probe run has no accuracy for layers {layers}")
+    table["probe_accuracy"] = table["probe_accuracy"].fillna(-np.inf)
+    chosen, why = choose_layer(table, min_full)
+    table["probe_accuracy"] = table["probe_accuracy"].replace(-np.inf, np.nan)
+    table["eligible"] = table["full_effect"] >= min_full
+    table["chosen"] = table["layer"] == chosen
+    top = table.loc[table["probe_accuracy"].idxmax()]
+    summary = {"chosen_layer": chosen, "reason": why,
+               "rule": (f"highest probe {acc_col} ({kind}) among layers whose full-residual patch at "
+                        f"{rule} restores >= {min_full:g} of the clean-vs-corrupt gap; ties: earlier layer"),
+               "min_full": min_full, "probe_best_layer": int(top["layer"]),
+               "probe_best_accuracy": float(top["probe_accuracy"]),
+               "probe_best_full_effect": float(top["full_effect"]),
+               "max_full_layer": int(table.loc[table["full_effect"].idxmax(), "layer"]),
+               "max_direction_layer": int(table.loc[table["direction_effect"].idxmax(), "layer"]),
+               "accuracy_column": acc_col, "probe_kind": kind, "class": cls, "site": site, "position_rule": rule,
+               "positions": None if pos is None else list(pos), "metric": metric, "clean_metric": c,
+               "corrupt_metric": x, "directions": how, "shuffled": bool(shuf), "n_random": n_random,
+               "layers": layers, "probe_run": str(run), "task": task.describe(), "checks": checks,
+               "bootstrap": describe_groups(groups, task.n_prompts), "n_variants": len(variants),
+               "seconds": round(seconds, 3)}
+    if chosen is not None:
+        row = table[table["layer"] == chosen].iloc[0]
+        summary.update(chosen_full_effect=float(row["full_effect"]),
+                       chosen_direction_effect=float(row["direction_effect"]),
+                       chosen_probe_accuracy=float(row["probe_accuracy"]))
+    return table, summary
+
+
+def _engine_checks(effects: np.ndarray, tol: float = 1e-3) -> dict:
+    """The engine's full (= 1) and empty (= 0) patches, run in the same call."""
+    out = {}
+    for name, value, want in (("engine_full", effects[0], 1.0), ("engine_empty", effects[1], 0.0)):
+        ok = abs(float(value) - want) <= tol
+        out[name] = {"value": float(value), "expected": want, "ok": ok}
+        if not ok:
+            raise ReplabError(f"sanity check '{name}' failed: {float(value):.6f}, expected {want} ± {tol}; "
+                              "the patching engine is inconsistent")
+    return out
+
+
+def scan_figure(table: pd.DataFrame, summary: dict, title: str):
+    """Probe accuracy and causal effects (full-residual, probe direction, shuffled) vs layer."""
+    from replab._figures import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    L = table["layer"].to_numpy()
+    ax.plot(L, table["probe_accuracy"], marker="s", ms=3, color="C2",
+            label=f"probe accuracy ({summary['accuracy_column']})")
+    ax.plot(L, table["full_effect"], marker="o", ms=3, color="black", label="full-residual patch")
+    ax.fill_between(L, table["full_ci_low"], table["full_ci_high"], color="black", alpha=0.12)
+    ax.plot(L, table["direction_effect"], marker="o", ms=3, color="C0",
+            label=f"probe direction ({summary['probe_kind']}, {summary['class']})")
+    ax.fill_between(L, table["ci_low"], table["ci_high"], color="C0", alpha=0.2)
+    if table["shuffled_effect"].notna().any():
+        ax.plot(L, table["shuffled_effect"].astype(float), ls="--", color="C3", label="shuffled-label direction")
+    if table["random_p95"].notna().any():
+        ax.plot(L, table["random_p95"].astype(float), ls=":", color="grey", label="random directions, p95")
+    ax.axhline(summary["min_full"], color="black", lw=0.6, ls=":")
+    if summary["chosen_layer"] is not None:
+        ax.axvline(summary["chosen_layer"], color="C1", lw=1.5, label=f"chosen layer {summary['chosen_layer']}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"normalised effect ({summary['metric']}) / accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def run_scan(probe, out=None, task: str = "superclass", classes: str | None = None, cls: str | None = None,
+             kind: str = "logistic", positions: str | None = None, layers: str | None = None,
+             metric: str | None = None, n_random: int = 0, min_full: float = MIN_FULL,
+             pairs: int = 64, template: str | None = None, dataset: str | None = None,
+             model: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """``replab features scan`` end to end: load, scan, write ``scan.parquet/.csv``,
+    ``scan.png/.svg`` and ``summary.json`` (last) to ``out``. Returns the summary."""
+    from replab.features.direction_run import load_task_for
+    from replab.features.superclass import check_separation
+    from replab.models import load_model
+    from replab.patching.plots import save_figure
+    from replab.patching.report import finish_run, start_run, write_table
+
+    run = Path(probe)
+    if not (run / "probes").is_dir():
+        raise ReplabError(f"{probe} is not a probe run directory (replab probe train --out ...)")
+    m = load_model(model, device="cpu")
+    t = load_task_for(m.tokenizer, task, classes, template, pairs, dataset, bool(m.cfg.default_prepend_bos))
+    layer_list = None
+    if layers:
+        from replab.harvest.hooks import parse_layers
+
+        layer_list = parse_layers(layers, m.cfg.n_layers)
+    sep = check_separation(m, t, metric or t.meta.get("metric") or "logit_diff")
+    table, s = scan_layers(m, t, run, kind, cls, positions, layer_list, metric, n_random, min_full, seed,
+                           progress=progress)
+    out = start_run(Path(out or "runs/features-scan"))
+    files = write_table(table, out, "scan")
+    title = (f"{s['class']} probe ({kind}) vs causal reach at {s['position_rule']}, task {t.name}")
+    files += save_figure(scan_figure(table, s, title), out / "scan")
+    summary = {"kind": "features_scan", **s, "separation": sep,
+               "table": table.to_dict("records"), "files": files,
+               "config": {"probe": str(probe), "task": task, "classes": classes, "class": cls, "kind": kind,
+                          "positions": positions, "layers": layers, "metric": metric, "n_random": n_random,
+                          "min_full": min_full, "pairs": pairs, "template": template, "dataset": dataset,
+                          "seed": seed}}
+    return {**finish_run(out, summary, m), "out": str(out)}
+
+
+def scan_layer(path) -> int:
+    """The chosen layer of a ``features scan`` run directory (ReplabError if it chose none)."""
+    import json
+
+    p = Path(path) / "summary.json"
+    try:
+        s = json.loads(p.read_text())
+    except (OSError, ValueError):
+        raise ReplabError(f"{path} is not a finished `replab features scan` run (no readable summary.json)") from None
+    if s.get("kind") != "features_scan":
+        raise ReplabError(f"{path} is not a `replab features scan` run")
+    if s.get("chosen_layer") is None:
+        raise ReplabError(f"the scan {path} chose no layer: {s.get('reason')}")
+    return int(s["chosen_layer"])
