@@ -310,7 +310,7 @@ def test_apply_scores_the_rows_training_kept(store, tmp_path):
     _, info = apply_probe(tmp_path / "run", store)
     kept = int((store.index["template"] != "template0").sum())
     assert info["scored_rows"] == kept < info["scored_rows_all"] == store.n_rows
-    assert "where" in info["row_filter"]
+    assert "where" in info["row_filter"] and info["in_sample"] is True
     assert info["accuracy"] is not None and info["accuracy_all_rows"] is not None
 
 

@@ -254,7 +254,9 @@ def apply_probe(probe_path, store, layer: int | None = None, label: str | None =
         With a label column the summary has ``accuracy`` on the rows the probe's training
         run kept (its default filter - control people, odd-one-out rows - and ``--where``)
         and ``accuracy_all_rows`` on every row whose label is one of the probe's classes
-        (``scored_rows`` / ``scored_rows_all``).
+        (``scored_rows`` / ``scored_rows_all``). ``in_sample`` is true when ``store`` is the
+        store the probe was trained on (its saved weights were fitted on those rows: use the
+        run's cross-validated records for accuracy there).
     """
     import pandas as pd
 
@@ -276,7 +278,9 @@ def apply_probe(probe_path, store, layer: int | None = None, label: str | None =
     for j, c in enumerate(probe.classes_):
         df[f"p_{c}"] = proba[:, j]
     summary = {"probe": str(probe_path), "kind": meta["kind"], "layer": meta["layer"],
-               "hook": hook, "rows": int(len(df)), "label": meta["label"]}
+               "hook": hook, "rows": int(len(df)), "label": meta["label"],
+               # the saved probe was fitted on all of its training rows: scoring them is in-sample
+               "in_sample": _same_path(meta.get("store"), store.path)}
     col = label or meta["label"]
     if col in store.index.columns:
         truth = store.index[col].astype(str).to_numpy()
@@ -291,6 +295,13 @@ def apply_probe(probe_path, store, layer: int | None = None, label: str | None =
         summary["row_filter"] = ("training filter" + (f" + where {cfg['where']!r}" if cfg.get("where") else "")
                                  if cfg.get("default_filter", True) or cfg.get("where") else "none")
     return df, summary
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return a is not None and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def _acc(pred, truth, mask) -> float | None:
