@@ -51,7 +51,7 @@ def test_cosine_chance_baseline():
         np.testing.assert_allclose(off, -1 / (K - 1))
         np.testing.assert_allclose(np.diag(base), 1)
     rng = np.random.default_rng(0)
-    K, d, per = 6, 4000, 30
+    K, d = 6, 4000
     counts = np.array([10, 20, 30, 40, 50, 60])
     means = rng.normal(size=(K, d))
     labels = np.repeat(np.arange(K), counts)
@@ -61,7 +61,6 @@ def test_cosine_chance_baseline():
     off = ~np.eye(K, dtype=bool)
     assert np.abs(m[off] - base[off]).max() < 0.05          # unbalanced weights: still on it
     assert np.abs(m[off] - (-1 / (K - 1))).max() > 0.05     # ... which -1/(K-1) alone misses
-    del per
 
 
 def test_projection_table_figure_and_cosines(store, tmp_path):
