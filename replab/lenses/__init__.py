@@ -6,25 +6,30 @@
 * :func:`lens_table` / :func:`first_top1`: tidy per (prompt, layer, position) tables,
   computed by :func:`lens_arrays` (vectorised; shared prefixes decoded once).
 * :func:`apply_lens`: CLI-level entry point that writes a run directory with figures.
-* :func:`train_lens` / :func:`load_tuned_lens`: train (cached per model identity) and load.
+* :func:`train_lens` / :func:`load_tuned_lens`: train (cached per model identity and training
+  config; :func:`default_lens_dir` is the default lens) and load.
+* :func:`probe_norm`: the model's own final norm, measured (for the least-squares init).
 * :func:`evaluate_lenses` / :func:`run_eval`: KL and CE per layer on held-out text.
-* :func:`logit_diff_curve`: WORKFLOWS W2 step 3 from the accumulated residual stream.
+* :func:`logit_diff_curve` / :func:`decoder_logit_diff_curve`: WORKFLOWS W2 step 3 (logit lens:
+  accumulated residual; tuned lens: its translated residual).
 """
 
 from replab.lenses.cells import lens_arrays
 from replab.lenses.corpus import read_corpus, token_chunks
 from replab.lenses.decoders import LogitLens, Point, TunedLensDecoder, lens_points
 from replab.lenses.evaluate import evaluate_lenses, run_eval
-from replab.lenses.logit_diff import logit_diff_curve
+from replab.lenses.logit_diff import decoder_logit_diff_curve, logit_diff_curve
+from replab.lenses.norms import probe_norm
 from replab.lenses.run import apply_lens, first_top1_summary
 from replab.lenses.store import cached_lens_dir, load_lens, save_lens
 from replab.lenses.table import first_top1, lens_table
 from replab.lenses.train import TrainConfig, train_tuned_lens
-from replab.lenses.tuned import load_tuned_lens, train_lens
+from replab.lenses.tuned import default_lens_dir, load_tuned_lens, train_lens
 
 __all__ = [
     "LogitLens", "Point", "TrainConfig", "TunedLensDecoder", "apply_lens", "cached_lens_dir",
-    "evaluate_lenses", "first_top1", "first_top1_summary", "lens_arrays", "lens_points",
-    "lens_table", "load_lens", "load_tuned_lens", "logit_diff_curve", "read_corpus", "run_eval",
-    "save_lens", "token_chunks", "train_lens", "train_tuned_lens",
+    "decoder_logit_diff_curve", "default_lens_dir", "evaluate_lenses", "first_top1",
+    "first_top1_summary", "lens_arrays", "lens_points", "lens_table", "load_lens",
+    "load_tuned_lens", "logit_diff_curve", "probe_norm", "read_corpus", "run_eval", "save_lens",
+    "token_chunks", "train_lens", "train_tuned_lens",
 ]
