@@ -31,10 +31,10 @@ $R harvest --dataset sequence_types --hooks resid_post --layers all --positions 
   --out "$OUT/sequence_types"
 $R plot pca --store "$OUT/sequence_types" --color seq_type --out "$OUT/geometry"
 
-echo "== 6. Logit lens on next_day (tuned lens too, if one is cached: make lens) =="
+echo "== 6. Logit and tuned lens on next_day (the tuned lens is trained once and cached: ~6 min the first time) =="
 $R lens logit --prompt "Today it is Monday so tomorrow it is" --target " Tuesday" --out "$OUT/lens-prompt"
-$R lens tuned --prompt "Today it is Monday so tomorrow it is" --target " Tuesday" --out "$OUT/tuned-prompt" \
-  || echo "(no tuned lens cached: run 'make lens', about 3 CPU minutes)"
+OMP_NUM_THREADS=1 nice -n 10 $R lens train
+$R lens tuned --prompt "Today it is Monday so tomorrow it is" --target " Tuesday" --out "$OUT/tuned-prompt"
 
 echo "== 7. W2 on next_day: test prompt, baseline, DLA (+ its top heads), patching grid, head patterns, AtP =="
 W2="$OUT/w2"
