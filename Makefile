@@ -51,9 +51,10 @@ lens: setup
 	nice -n 10 $(PY) -m replab lens train
 	nice -n 10 $(PY) bench/bench_lens.py
 
-# Train (once, cached per model and config: about 11 CPU minutes, 15-20 minutes wall; --force
-# in `replab sae train` retrains) and evaluate the SAE the demo's W3 step uses: the layer its
-# scan chose (runs/demo/w3/scan), else SAE_LAYER (20: the scan's choice on SmolLM2).
+# Train (once, cached per model and config: about 12 CPU minutes, 30 minutes wall on a busy
+# 2-core machine; `replab sae train --force` retrains) and evaluate the SAE the demo's W3 step
+# uses: the layer its scan chose (runs/demo/w3/scan), else SAE_LAYER (20: the scan's choice
+# on SmolLM2).
 SAE_LAYER ?= $(shell $(PY) -c 'import json; print(json.load(open("runs/demo/w3/scan/summary.json"))["chosen_layer"] or 20)' 2>/dev/null || echo 20)
 sae: setup
 	OMP_NUM_THREADS=1 nice -n 10 $(PY) -m replab sae train --layer $(SAE_LAYER) --threads 1

@@ -66,9 +66,10 @@ fi
 echo "-- the probe's own artist Direction at layer $L (the scan's choice): patching verdict with baselines --"
 run_once "$W3/direction_L$L" $R features patch --direction "$OUT/probe_superclass" --class artist \
   --layer "$W3/scan" "${TASK[@]}" --random 100
-echo "-- an SAE on layer $L (trained once and cached: about 11 CPU-min, 15-20 min wall the first time) --"
+echo "-- an SAE on layer $L (trained once and cached: about 12 CPU-min; 30 min wall on a busy 2-core machine) --"
 OMP_NUM_THREADS=1 nice -n 10 $R sae train --layer "$L" --threads 1
-$R sae eval --layer "$L" --out "$W3/sae_eval_L$L"   # reused while the SAE weights and held-out text are unchanged
+# (reused while the SAE weights and held-out text are unchanged; --sae-lens: SAELens run_evals on the same tokens)
+$R sae eval --layer "$L" --sae-lens 1024 --out "$W3/sae_eval_L$L"
 echo "-- its top latents for the artist class, then latent patching --"
 run_once "$W3/decompose_L$L" $R sae decompose --direction "$W3/direction_L$L/direction.json" \
   --store "$OUT/superset_known" --label superclass --class artist

@@ -73,7 +73,11 @@ def test_latent_verdict_is_the_direction_rule(tiny, sae_and_task):
     sae, meta, task, _ = sae_and_task
     _, s = latent_patch(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=10, n_boot=50)
     n = len(s["latents"])
-    assert s["verdict"] == sufficiency(s, f"{n} latents {s['latents']}", f"random sets of {n} active latents")
+    assert s["verdict"] == sufficiency(s, f"{n} latents {s['latents']}", f"random sets of {n} active latents",
+                                       plural=True)
+    fake = {**s, "full_residual_effect": 0.8, "of_full": 0.6, "of_full_low": 0.55, "of_full_high": 0.7,
+            "ci_low": 0.4, "random_p95": 0.02, "percentile": 100.0}
+    assert sufficiency(fake, "5 latents", "random sets", plural=True).startswith("sufficient: 5 latents restore ")
     for key in ("effect", "ci_low", "ci_high", "of_full", "of_full_low", "of_full_high", "full_residual_effect",
                 "random_mean", "random_p95", "percentile", "verdict", "verdict_detail"):
         assert key in s, key

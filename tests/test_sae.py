@@ -35,21 +35,6 @@ def windows(tiny):
     return corpus_windows(tiny.tokenizer, "builtin-heldout", 32, 32 * 8, seed=0)
 
 
-class _TokenStore:
-    """Just enough of sae_lens's ActivationsStore for run_evals: fixed token batches."""
-
-    def __init__(self, windows, batch):
-        self.w, self.i, self.context_size, self.store_batch_size_prompts = windows, 0, windows.shape[1], batch
-
-    def get_batch_tokens(self, n=None):
-        n = n or self.store_batch_size_prompts
-        out, self.i = self.w[self.i:self.i + n], self.i + n
-        return out
-
-    def reset_input_dataset(self):
-        self.i = 0
-
-
 # ------------------------------------------------------------------ train / save / load
 def test_saved_sae_loads_with_sae_lens(tiny, tiny_sae):
     from sae_lens import SAE, TopKSAE
@@ -208,31 +193,17 @@ def test_eval_metrics_match_a_hand_computation(tiny, tiny_sae, windows):
 
 
 def test_eval_agrees_with_sae_lens_run_evals(tiny, tiny_sae, windows):
-    """With skip_first=0 every overlapping metric equals sae_lens.evals.run_evals (tol 1e-4)."""
-    from sae_lens.evals import EvalConfig, run_evals
-    from sae_lens.training.activation_scaler import ActivationScaler
-
-    from replab.features.sae import evaluate_sae, load_sae
+    """With skip_first=0 every overlapping metric equals sae_lens.evals.run_evals (tol 1e-4):
+    the cross-check that ``replab sae eval --sae-lens N`` runs and stores."""
+    from replab.features.sae import load_sae
+    from replab.features.sae.crosscheck import PAIRS, sae_lens_crosscheck
 
     sae, _ = load_sae(tiny_sae[0])
-    m, latents = evaluate_sae(sae, tiny, HOOK, windows, skip_first=0, batch_size=4)
-    cfg = EvalConfig(batch_size_prompts=4, n_eval_reconstruction_batches=2,
-                     n_eval_sparsity_variance_batches=2, compute_kl=True, compute_ce_loss=True,
-                     compute_sparsity_metrics=True, compute_variance_metrics=True,
-                     compute_featurewise_density_statistics=True)
-    res, feats = run_evals(sae, _TokenStore(windows, 4), tiny, ActivationScaler(), cfg,
-                           exclude_special_tokens=False)
-    perf, beh = res["model_performance_preservation"], res["model_behavior_preservation"]
-    pairs = [("ce_clean", perf["ce_loss_without_sae"]), ("ce_sae", perf["ce_loss_with_sae"]),
-             ("ce_zero", perf["ce_loss_with_ablation"]), ("ce_loss_recovered", perf["ce_loss_score"]),
-             ("kl_sae", beh["kl_div_with_sae"]), ("kl_zero", beh["kl_div_with_ablation"]),
-             ("kl_div_score", beh["kl_div_score"]), ("l0", res["sparsity"]["l0"]),
-             ("explained_variance", res["reconstruction_quality"]["explained_variance"]),
-             ("mse", res["reconstruction_quality"]["mse"]),
-             ("cossim", res["reconstruction_quality"]["cossim"])]
-    for ours, theirs in pairs:
-        assert m[ours] == pytest.approx(theirs, rel=1e-4, abs=1e-5), ours
-    np.testing.assert_allclose(latents["frequency"], feats["feature_density"], atol=1e-6)
+    res = sae_lens_crosscheck(sae, tiny, HOOK, windows, batch_size=4)
+    assert set(res["metrics"]) == set(PAIRS) and res["tokens"] == windows.numel()
+    for key, v in res["metrics"].items():
+        assert v["replab"] == pytest.approx(v["sae_lens"], rel=1e-4, abs=1e-5), key
+    assert res["density_max_abs_diff"] < 1e-6
 
 
 # ------------------------------------------------------------------ splice

@@ -71,13 +71,14 @@ def scan_cmd(
     t = Table(title=f"{s['class']} {s['probe_kind']} probe at {s['position_rule']} ({s['metric']}; {s['directions']})")
     for c in ("layer", "probe acc", "full patch", "direction", "of full", "shuffled"):
         t.add_column(c, justify="right")
+    f2 = lambda v: f"{v:.2f}".replace("-0.00", "0.00")  # noqa: E731
     for r in s["table"]:
         mark = " *" if r["chosen"] else ""
         t.add_row(f"{r['layer']}{mark}", f"{r['probe_accuracy']:.3f}",
-                  f"{r['full_effect']:.2f} [{r['full_ci_low']:.2f},{r['full_ci_high']:.2f}]",
-                  f"{r['direction_effect']:.2f} [{r['ci_low']:.2f},{r['ci_high']:.2f}]",
+                  f"{f2(r['full_effect'])} [{f2(r['full_ci_low'])},{f2(r['full_ci_high'])}]",
+                  f"{f2(r['direction_effect'])} [{f2(r['ci_low'])},{f2(r['ci_high'])}]",
                   f"{r['direction_of_full']:.0%}" if r["full_effect"] > 0.05 else "-",
-                  "-" if r["shuffled_effect"] is None else f"{r['shuffled_effect']:.2f}")
+                  "-" if r["shuffled_effect"] is None else f2(r["shuffled_effect"]))
     console.print(t)
     console.print(f"[bold]chosen layer: {s['chosen_layer']}[/bold] ({s['reason']})")
     console.print(f"rule: {s['rule']}; CIs resample {s['bootstrap']}; {s['n_variants']} patched runs in "
@@ -171,7 +172,7 @@ def patch_cmd(
     steer = ", ".join(f"α={r['alpha']:g}: {r['normalized_effect']:+.2f}" for r in s["steering"])
     console.print(f"  steering (normalised effect): {steer}; clean-vs-corrupt projection gap "
                   f"{s['projection']['gap']:.2f}")
-    checks = ", ".join(f"{k} {v['value']:.4f}" for k, v in s["checks"].items())
+    checks = ", ".join(f"{k} {v['value']:.4f}".replace("-0.0000", "0.0000") for k, v in s["checks"].items())
     console.print(f"sanity checks passed: {checks}; CIs resample {s['bootstrap']}")
     for note in s["notes"]:
         console.print(f"note: {note}")

@@ -87,6 +87,7 @@ def _train(layer, hook, arch, k, d_sae, tokens, corpus, corpus_tokens, l1, lr, b
 @app.command("eval", epilog=examples(
     "replab sae eval --layer 15",
     "replab sae eval runs/sae-tiny --json",
+    "replab sae eval --layer 20 --sae-lens 1024        # + sae_lens run_evals on the same tokens",
     "replab sae eval ~/.cache/replab/saes/SmolLM2-135M-Instruct-<sha>/blocks.15.hook_resid_post "
     "--tokens 16384 --out runs/sae-eval",
 ))
@@ -99,6 +100,9 @@ def eval_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
                                          help="A latent firing on more than this fraction of tokens is dense."),
              force: bool = typer.Option(False, "--force", help="Re-evaluate even if --out already holds this "
                                                                "SAE's evaluation on the same text."),
+             sae_lens: int = typer.Option(0, "--sae-lens", help="Also run sae_lens.evals.run_evals on this many "
+                                                                "held-out tokens and store both (every position "
+                                                                "scored), e.g. 1024."),
              model: str = MODEL_OPT,
              out: Path = typer.Option(None, "--out", "-o", help="Run directory (default <SAE dir>/eval)."),
              json_out: bool = JSON_OPT):
@@ -107,10 +111,12 @@ def eval_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
     --json prints {"sae", "hook_name", "architecture", "d_sae", "metrics": {l0, fvu,
     ce_loss_recovered, delta_ce, kl_sae, dead_latents, dense_latents, ...}, "config", ...}.
     """
-    run_guarded(_eval, sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, json_out, force)
+    run_guarded(_eval, sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, json_out, force,
+                sae_lens)
 
 
-def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, json_out, force=False):
+def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, json_out, force=False,
+          sae_lens=0):
     from replab.features.sae.evaluate import run_sae_eval
 
     if sae_dir is None and layer is None:
@@ -119,7 +125,7 @@ def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, j
         raise ReplabError("give an SAE directory, or --layer for the cached SAE")
     summary, _ = run_sae_eval(sae_dir, model, corpus, tokens, batch_size=batch_size, out=out,
                               layer=layer, hook=hook, dense_threshold=dense,
-                              progress=not json_out, force=force)
+                              progress=not json_out, force=force, sae_lens_tokens=sae_lens)
     if json_out:
         print_json(summary)
         return
@@ -133,6 +139,11 @@ def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, j
                f"zero {m['ce_zero']:.3f}) | KL {m['kl_sae']:.3f}")
     typer.echo(f"  dead latents {m['dead_latents']} ({m['frac_dead']:.1%}), dense (>{dense:g}) "
                f"{m['dense_latents']}")
+    cross = summary.get("sae_lens_crosscheck")
+    if cross:
+        typer.echo(f"  sae_lens run_evals on {cross['tokens']:,} tokens (every position, both): "
+                   + ", ".join(f"{k} {v['replab']:.4g}/{v['sae_lens']:.4g}" for k, v in cross["metrics"].items())
+                   + f"; max relative difference {cross['max_rel_diff']:.1e}")
     typer.echo(f"wrote {summary['out']}/ (eval.json, latents.parquet, latents.csv, latent_frequency.png)")
 
 

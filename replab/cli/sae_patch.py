@@ -63,6 +63,6 @@ def patch_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
     console.print(f"[bold]{s['verdict']}[/bold]")
     for line in s["verdict_detail"][1:]:
         console.print(f"  {line}")
-    checks = ", ".join(f"{k} {v['value']:.4f}" for k, v in s["checks"].items())
+    checks = ", ".join(f"{k} {v['value']:.4f}".replace("-0.0000", "0.0000") for k, v in s["checks"].items())
     console.print(f"sanity checks passed: {checks}; CIs resample {s['bootstrap']}")
     console.print(f"wrote {s['out']}/")

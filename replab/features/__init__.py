@@ -7,7 +7,8 @@ WORKFLOWS W3 step 6. Two halves:
   dense latents), decompose a probe direction onto latents, and splice an SAE into a
   forward pass (reconstruction + error term) for latent patching.
 * direction patching (replace / steer / ablate along a Direction artifact, with random
-  and shuffled baselines) lives in sibling modules of this package.
+  and shuffled baselines), the layer scan (where a probe's direction is used), SAE latent
+  patching, and people-level bootstrap CIs live in sibling modules of this package.
 
 Submodules are imported lazily (``import replab.features`` stays cheap).
 """
@@ -20,6 +21,9 @@ _DIRECTION_EXPORTS = {
     "shuffled_direction": "direction_inputs", "fit_leace": "direction_inputs",
     "DirectionPatchResult": "direction_patch", "direction_patch": "direction_patch",
     "run_direction_patch": "direction_run",
+    "scan_layers": "scan", "choose_layer": "scan", "run_scan": "scan",
+    "run_latent_patch": "latent_run",
+    "resample_weights": "stats", "ratio_ci": "stats",
 }
 
 

@@ -274,7 +274,7 @@ def latent_verdict(s: dict) -> tuple[str, list[str]]:
 
     n = len(s["latents"])
     subject = f"{n} latent{'s' if n != 1 else ''} {s['latents'] if n <= 10 else ''}".strip()
-    v = sufficiency(s, subject, f"random sets of {n} active latents")
+    v = sufficiency(s, subject, f"random sets of {n} active latents", plural=n != 1)
     if v.startswith("uninformative"):
         return v, [v]
     detail = [v, f"full patch at {s['hook']} ({s['position_label']}): {_pct(s['full_residual_effect'])} "

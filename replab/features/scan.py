@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from replab.errors import ReplabError
 
@@ -232,7 +231,7 @@ def scan_figure(table: pd.DataFrame, summary: dict, title: str):
     from replab._figures import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.8))
     L = table["layer"].to_numpy()
     ax.plot(L, table["probe_accuracy"], marker="s", ms=3, color="C2",
             label=f"probe accuracy ({summary['accuracy_column']})")
@@ -251,7 +250,7 @@ def scan_figure(table: pd.DataFrame, summary: dict, title: str):
     ax.set_xlabel("layer")
     ax.set_ylabel(f"normalised effect ({summary['metric']}) / accuracy")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

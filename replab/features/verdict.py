@@ -161,7 +161,8 @@ def random_mean_check(random_mean: float, full: float, n: int, what: str = "rand
     return out
 
 
-def sufficiency(s: dict, subject: str = "the direction", random_what: str = "random directions") -> str:
+def sufficiency(s: dict, subject: str = "the direction", random_what: str = "random directions",
+                plural: bool = False) -> str:
     """The verdict sentence (module docstring rule) from a summary's numbers.
 
     Needs ``full_residual_effect``, ``effect``, ``ci_low``, ``of_full`` (+ ``_low``/``_high``),
@@ -182,14 +183,15 @@ def sufficiency(s: dict, subject: str = "the direction", random_what: str = "ran
     else:
         above, rank = s["ci_low"] > 0, "no random baseline"
     ratio = f"{_pct(s['of_full'])} {_ci(s['of_full_low'], s['of_full_high'])} of the full-residual effect"
+    verb = "restore" if plural else "restores"
     if above and s["of_full_low"] >= SUFFICIENT:
-        return f"sufficient: {subject} restores {ratio}; {rank}"
+        return f"sufficient: {subject} {verb} {ratio}; {rank}"
     if above and s["of_full"] >= PARTIAL:
-        return f"partly sufficient: {subject} restores {ratio}; {rank}"
+        return f"partly sufficient: {subject} {verb} {ratio}; {rank}"
     if above:
-        return f"weak: {subject} restores only {ratio}, though {rank}"
+        return f"weak: {subject} {verb} only {ratio}, though {rank}"
     p95 = s["random_p95"] / full if n and full else np.nan
-    return (f"not sufficient: {subject} restores {ratio}; {rank} (percentile "
+    return (f"not sufficient: {subject} {verb} {ratio}; {rank} (percentile "
             f"{s['percentile'] if s['percentile'] is not None else float('nan'):.0f}, random p95 {_pct(p95)} of the full effect)")
 
 

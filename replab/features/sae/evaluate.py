@@ -178,12 +178,15 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
                  seq_len: int | None = None, skip_first: int | None = None, batch_size: int = 4,
                  out=None, layer: int | None = None, hook: str = "resid_post",
                  dead_threshold: float = DEAD_THRESHOLD, dense_threshold: float = DENSE_THRESHOLD,
-                 progress: bool = True, force: bool = False) -> tuple[dict, pd.DataFrame]:
+                 progress: bool = True, force: bool = False,
+                 sae_lens_tokens: int = 0) -> tuple[dict, pd.DataFrame]:
     """Evaluate a saved SAE (``path``, or the cached SAE of ``model`` at ``hook``/``layer``).
 
     An ``out`` that already holds an evaluation of the same SAE weights (sha256) on the same
     held-out text (sha256) with the same settings is reused (``summary["cached"]``) unless
-    ``force``.
+    ``force``. ``sae_lens_tokens > 0`` adds ``summary["sae_lens_crosscheck"]``: the overlapping
+    metrics next to ``sae_lens.evals.run_evals`` on that many held-out tokens (every position
+    scored by both; :mod:`replab.features.sae.crosscheck`).
 
     Writes ``eval.json`` (metrics, config, SAE path, model identity, seconds),
     ``latents.parquet`` / ``latents.csv`` and ``latent_frequency.png`` to ``out``
@@ -223,6 +226,7 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
 
     run_cfg = {"corpus": corpus, "tokens": None, "seq_len": seq_len, "skip_first": skip_first,
                "batch_size": batch_size, "dead_threshold": dead_threshold, "dense_threshold": dense_threshold,
+               "sae_lens_tokens": int(sae_lens_tokens),
                "sae_weights_sha256": sha256_file(Path(path) / WEIGHTS),
                "corpus_sha256": hashlib.sha256("\n\x00".join(read_corpus(corpus)).encode()).hexdigest()}
     windows = corpus_windows(model.tokenizer, corpus, seq_len, tokens, seed=0)
@@ -236,6 +240,12 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
             return {**old, "cached": True}, pd.read_parquet(out / "latents.parquet")
     metrics, latents = evaluate_sae(sae, model, meta["hook_name"], windows, skip_first, batch_size,
                                     dead_threshold, dense_threshold, progress)
+    cross = None
+    if sae_lens_tokens:
+        from replab.features.sae.crosscheck import sae_lens_crosscheck
+
+        cross = sae_lens_crosscheck(sae, model, meta["hook_name"], windows[:max(1, sae_lens_tokens // seq_len)],
+                                    batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     if tmp.exists():
@@ -248,7 +258,7 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
                          dense_threshold)
     summary = {"kind": "sae_eval", "sae": str(path), "hook_name": meta["hook_name"],
                "architecture": meta["architecture"], "d_sae": meta["d_sae"],
-               "metrics": metrics, "config": run_cfg,
+               "metrics": metrics, "config": run_cfg, "sae_lens_crosscheck": cross,
                "model": model.replab_identity.to_dict(), "replab_version": __version__,
                "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
     (tmp / "eval.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
