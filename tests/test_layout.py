@@ -21,3 +21,13 @@ def test_linear_layout_is_bit_identical_and_copy_free(tiny):
     assert torch.equal(relaid, shipped) and torch.equal(shipped, again)
     # TransformerLens's `W.T.contiguous()` now returns the parameter's own storage.
     assert mlp.W_in.T.contiguous().data_ptr() == mlp.W_in.data_ptr()
+
+
+def test_layout_inside_inference_mode_keeps_autograd_working(tiny):
+    with torch.inference_mode():
+        row_major_layout(tiny)
+        linear_layout(tiny)
+    assert not tiny.blocks[0].mlp.W_in.is_inference()
+    toks = torch.randint(0, tiny.cfg.d_vocab, (1, 5), generator=torch.Generator().manual_seed(0))
+    tiny(toks).sum().backward()          # would fail on inference-tensor weights
+    tiny.zero_grad(set_to_none=True)

@@ -17,11 +17,14 @@ import torch
 _TRANSPOSED = {"GatedMLP": ("W_gate", "W_in", "W_out"), "Unembed": ("W_U",)}
 
 
+@torch.inference_mode(False)
 @torch.no_grad()
 def linear_layout(model) -> int:
     """Give the ``F.linear`` weights of ``model`` a transposed (column-major) layout in place.
 
-    Returns the number of parameters changed. Safe to call twice.
+    Returns the number of parameters changed. Safe to call twice, and inside
+    ``torch.inference_mode()`` (the new storage is never an inference tensor, so the model
+    can still be used with autograd afterwards).
     """
     changed = 0
     for module in model.modules():
@@ -34,6 +37,7 @@ def linear_layout(model) -> int:
     return changed
 
 
+@torch.inference_mode(False)
 @torch.no_grad()
 def row_major_layout(model) -> int:
     """Undo :func:`linear_layout`: the row-major layout TransformerLens itself produces
