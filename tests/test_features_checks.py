@@ -93,18 +93,25 @@ def test_noising_ablation_steering_shuffled_match_hand_computation(tiny, task, s
                                                           abs=1e-6)
 
 
-def test_steering_curve_rises_with_alpha(tiny, task):
-    """Last layer, last position, the mean clean − corrupt direction: the default gap-unit
-    dose–response is monotone and has α's sign (a flipped steering sign would reverse it)."""
-    from replab.features.direction_patch import DEFAULT_ALPHA_UNIT, DEFAULT_ALPHAS
-
-    assert DEFAULT_ALPHA_UNIT == "gap" and DEFAULT_ALPHAS == (-2.0, -1.0, 0.0, 1.0, 2.0)
+@pytest.fixture(scope="module")
+def mean_diff_last(tiny, task):
+    """The mean clean − corrupt difference at the last layer's last position (a direction that
+    carries the behaviour)."""
     layer = tiny.cfg.n_layers - 1
     hook = f"blocks.{layer}.hook_resid_post"
     with torch.inference_mode():
         a = {k: tiny.run_with_cache(t, names_filter=hook)[1][hook][:, -1] for k, t in
              (("c", task.clean), ("x", task.corrupt))}
-    d = DirectionInput((a["c"] - a["x"]).mean(0).numpy(), site="resid_post", layer=layer, position="last")
+    return DirectionInput((a["c"] - a["x"]).mean(0).numpy(), site="resid_post", layer=layer, position="last")
+
+
+def test_steering_curve_rises_with_alpha(tiny, task, mean_diff_last):
+    """Last layer, last position, the mean clean − corrupt direction: the default gap-unit
+    dose–response is monotone and has α's sign (a flipped steering sign would reverse it)."""
+    from replab.features.direction_patch import DEFAULT_ALPHA_UNIT, DEFAULT_ALPHAS
+
+    assert DEFAULT_ALPHA_UNIT == "gap" and DEFAULT_ALPHAS == (-2.0, -1.0, 0.0, 1.0, 2.0)
+    d = mean_diff_last
     s = direction_patch(tiny, task, d, metric="logit_diff", **FAST).summary
     curve = [r["normalized_effect"] for r in s["steering"]]
     assert [r["alpha"] for r in s["steering"]] == [-2.0, -1.0, 0.0, 1.0, 2.0]
@@ -153,17 +160,12 @@ def test_random_mean_check_stops_a_biased_baseline():
     assert random_mean_check(0.5, full=1.0, n=10, expected_fraction=0.5)["ok"]
 
 
-def test_a_biased_random_baseline_stops_the_run(tiny, task, monkeypatch):
+def test_a_biased_random_baseline_stops_the_run(tiny, task, mean_diff_last, monkeypatch):
     """If the "random" directions were not random (here: all equal to the direction itself),
     the random-mean check stops the run instead of reporting a meaningless percentile."""
     import replab.features.direction_patch as DP
 
-    layer = tiny.cfg.n_layers - 1
-    hook = f"blocks.{layer}.hook_resid_post"
-    with torch.inference_mode():
-        a = {k: tiny.run_with_cache(t, names_filter=hook)[1][hook][:, -1] for k, t in
-             (("c", task.clean), ("x", task.corrupt))}
-    d = DirectionInput((a["c"] - a["x"]).mean(0).numpy(), site="resid_post", layer=layer, position="last")
+    d = mean_diff_last
     ok = direction_patch(tiny, task, d, metric="logit_diff", alphas=(0.0,), **FAST).summary
     assert ok["checks"]["random_mean"]["ok"] and ok["effect"] > 0.3
     monkeypatch.setattr(DP, "random_bases", lambda n, k, dim, seed=0: np.repeat(d.basis[None], n, 0))
@@ -173,7 +175,7 @@ def test_a_biased_random_baseline_stops_the_run(tiny, task, monkeypatch):
 
 # ------------------------------------------------------------------ people-level bootstrap
 def test_people_bootstrap_weights_and_width():
-    from replab.features.stats import ratio_ci, resample_weights
+    from replab.patching.bootstrap import ratio_ci, resample_weights
 
     a = np.repeat(np.arange(6), 3)                    # 6 clean people, 3 pairs each
     b = np.tile(np.arange(3), 6)                      # 3 corrupt people
@@ -200,7 +202,7 @@ def test_people_bootstrap_weights_and_width():
 
 
 def test_task_groups_follow_subset_and_swap(tiny, task):
-    from replab.features.stats import task_groups
+    from replab.patching.bootstrap import task_groups
 
     g = task_groups(task)
     assert g is not None and len(g[0]) == task.n_prompts

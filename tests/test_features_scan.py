@@ -58,10 +58,14 @@ def test_probe_run_direction_is_the_runs_own_artifact(tiny, probe_run):
     assert m.kind == "direction:meandiff" and m.layer == 1
     with pytest.raises(ReplabError, match="no lowrank probe"):
         load_direction(run, layer=1, cls="artist", kind="lowrank")
+    from replab.features.scan import probe_accuracy
+
+    with pytest.raises(ReplabError, match=r"no lowrank records \(kinds: logistic, meandiff\)"):
+        probe_accuracy(run, "lowrank")
 
 
 def test_scan_table_rule_and_consistency(tiny, task, probe_run):
-    from replab.features.direction_inputs import load_direction
+    from replab.features.direction_inputs import load_direction, probe_shuffled
     from replab.features.direction_patch import direction_patch
     from replab.features.scan import choose_layer, scan_layers
 
@@ -82,12 +86,15 @@ def test_scan_table_rule_and_consistency(tiny, task, probe_run):
     # each layer's numbers = a direction patch with the same direction, layer and position
     row = table[table["layer"] == 1].iloc[0]
     d = load_direction(run, layer=1, cls="artist")
+    shuf, _ = probe_shuffled(d)
     p = direction_patch(tiny, task, d, metric="logit_diff", n_random=3, n_random_ablate=1, n_random_steer=0,
-                        alphas=(0.0,), n_boot=100, random_tol=10.0).summary
+                        alphas=(0.0,), n_boot=100, random_tol=10.0, shuffled=shuf).summary
     assert row["full_effect"] == pytest.approx(p["full_residual_effect"], abs=1e-5)
     assert row["direction_effect"] == pytest.approx(p["effect"], abs=1e-5)
-    assert row["shuffled_effect"] == pytest.approx(p["shuffled_effect"] if p["shuffled_effect"] is not None
-                                                   else row["shuffled_effect"])
+    # the scan's shuffled row is the shuffled-label probe's patch at that layer, not the direction's
+    assert p["shuffled_effect"] is not None
+    assert row["shuffled_effect"] == pytest.approx(p["shuffled_effect"], abs=1e-5)
+    assert abs(row["shuffled_effect"] - row["direction_effect"]) > 1e-4
     # a layer with a full patch of ~0 (tiny model, last layer at the name) is never chosen
     last = table[table["layer"] == 3].iloc[0]
     assert abs(last["full_effect"]) < 1e-6 and not last["eligible"]
@@ -120,6 +127,58 @@ def test_scan_then_patch_at_the_chosen_layer(tiny, probe_run, tmp_path, capsys):
     code, _, err = run_cli(["features", "patch", "--direction", run, "--class", "artist", "--layer",
                             tmp_path / "nothing", *common, "--out", tmp_path / "bad"], capsys)
     assert code == 2 and "bad --layer" in err
+
+
+@pytest.fixture(scope="module")
+def two_class_run(probe_run, tmp_path_factory):
+    """A logistic probe run trained on the artist and scientist rows only (two classes)."""
+    from replab.probes import train_probes
+
+    _, store = probe_run
+    out = tmp_path_factory.mktemp("probe2") / "run"
+    train_probes(store, "superclass", out=out, progress=False, kinds=("logistic",), n_boot=50, folds=3,
+                 erase=False, where="superclass in ['artist', 'scientist']")
+    return out
+
+
+def test_two_class_probe_run_gives_every_class_direction(tiny, task, two_class_run, tmp_path, capsys):
+    """A two-class run has a direction for each class (opposite signs) and for A-B; the scan and
+    `features patch` accept all three (component patching does not depend on the sign)."""
+    from replab_testutil import run_cli
+
+    from replab.features.direction_inputs import load_direction, probe_shuffled
+    from replab.features.scan import scan_layers
+    from replab.probes.directions import load_directions, load_probe
+
+    run = two_class_run
+    _, meta = load_probe(run / "probes" / "logistic.json")
+    assert meta["classes"] == ["artist", "scientist"]
+    assert set(load_directions(run, layer=2)) == {"artist", "scientist"}
+    a, b, ab = (load_direction(run, layer=2, cls=c) for c in ("artist", "scientist", "artist-scientist"))
+    assert a.kind == b.kind == "direction:logistic" and ab.kind == "probe:logistic"
+    assert float(a.vector @ b.vector) == pytest.approx(-1, abs=1e-5)
+    assert float(a.vector @ ab.vector) == pytest.approx(1, abs=1e-5)
+    assert probe_shuffled(a) is not None and probe_shuffled(b) is not None
+    effects = {}
+    for cls in ("artist", "scientist", "artist-scientist"):
+        table, s = scan_layers(tiny, task, run, cls=cls, metric="logit_diff", n_boot=50)
+        assert s["class"] == cls and list(table["layer"]) == [0, 1, 2, 3] and table["probe_accuracy"].notna().all()
+        assert s["shuffled"] == (cls != "artist-scientist")
+        effects[cls] = table["direction_effect"].to_numpy()
+    np.testing.assert_allclose(effects["scientist"], effects["artist"], atol=1e-5)
+    np.testing.assert_allclose(effects["artist-scientist"], effects["artist"], atol=1e-5)
+    common = ["--model", "tiny", "--task", "superclass", "--classes", "artist,scientist", "--pairs", "8",
+              "--metric", "logit_diff", "--random", "5", "--alphas=0,1", "--json"]
+    patched = {}
+    for cls in ("scientist", "artist-scientist"):
+        code, out, err = run_cli(["features", "patch", "--direction", run, "--class", cls, "--layer", "1",
+                                  *common, "--out", tmp_path / cls], capsys)
+        assert code == 0, err
+        p = json.loads(out)
+        assert p["layer"] == 1 and p["positions"] == [task.meta["positions"]["entity_last"]], p
+        patched[cls] = p["effect"]
+    assert patched["scientist"] == pytest.approx(patched["artist-scientist"], abs=1e-5)
+    assert abs(patched["scientist"]) > 1e-4
 
 
 @pytest.mark.integration

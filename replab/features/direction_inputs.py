@@ -101,13 +101,10 @@ def _class_pair(cls: str | None, classes: list[str], what: str) -> tuple[str, st
 
 
 def _class_vector(coef: np.ndarray, classes: list[str], a: str, b: str | None) -> np.ndarray:
-    """The probe run's own per-class direction rule (``replab.probes.directions``): for more
-    than two classes, class row minus the mean row; ``A-B``: the difference of two such rows."""
-    try:
-        from replab.probes.directions import direction_vectors
-    except ImportError:   # older probes package: the same rule, inline
-        def direction_vectors(c, cl):
-            return {cl[1]: np.asarray(c[1])} if len(cl) == 2 else dict(zip(cl, c - c.mean(0)))
+    """The probe run's own per-class direction rule (``replab.probes.directions``): class row
+    minus the mean row; ``A-B``: the difference of two such rows."""
+    from replab.probes.directions import direction_vectors
+
     vecs = direction_vectors(np.asarray(coef, dtype=np.float64), classes)
     if a not in vecs or (b and b not in vecs):
         raise ReplabError(f"the probe has no direction for class {a if a not in vecs else b!r} "
@@ -152,10 +149,8 @@ def _from_probe_run(run: Path, layer: int | None, cls: str | None, kind: str) ->
 
 def _probe_artifact(run: Path, kind: str, layer: int, cls: str, shuffled: bool) -> Path | None:
     """Path of a probe run's (shuffled) Direction artifact, or None."""
-    try:
-        from replab.probes.directions import direction_path
-    except ImportError:
-        return None
+    from replab.probes.directions import direction_path
+
     path = direction_path(run / "directions", kind, layer, cls, shuffled)
     return path if path.is_file() else None
 

@@ -29,7 +29,7 @@ the forward exactly the clean run from there on, then apply their intervention.
 ``normalized_effect`` is (patched − corrupt) / (clean − corrupt) on prompt means (0 =
 corrupt, 1 = clean); ``of_full`` divides by the full-residual patch's effect (denoising), or
 gives the fraction of the full noising drop (noising and ablation). CIs are bootstrap over
-people (the two-way cluster bootstrap of :mod:`replab.features.stats`; pairs for tasks
+people (the two-way cluster bootstrap of :mod:`replab.patching.bootstrap`; pairs for tasks
 without people), with the same resamples for every variant. LEACE erasure (an oblique projection,
 ``x − M(x − μ)``) is not expressible as an engine intervention (``a + (s − a)PᵀP`` is
 orthogonal), so it runs as one extra hooked forward of the clean prompts.
@@ -170,7 +170,7 @@ def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str
             or 1 (``raw``: residual norms grow with depth, so a fixed raw α means little).
         random_tol: tolerance of the random-mean sanity check (default
             :data:`replab.features.verdict.RANDOM_MEAN_TOL`); CIs resample people when the task
-            says who each pair names (:mod:`replab.features.stats`), else pairs.
+            says who each pair names (:mod:`replab.patching.bootstrap`), else pairs.
         shuffled: a shuffled-label direction ``[d]`` (baseline), or None.
         leace: a fitted LEACE eraser for this site/layer (``fit_leace``), or None.
     Returns:
@@ -226,7 +226,7 @@ def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str
         plan.append(("leace", "leace", "ablate", None, None))
         names.append("leace")
     n_plan = len(plan)
-    from replab.features.stats import describe_groups, resample_weights, task_groups
+    from replab.patching.bootstrap import describe_groups, resample_weights, task_groups
 
     groups = task_groups(task)
     weights = resample_weights(task.n_prompts, groups, n_boot, seed)
@@ -267,8 +267,8 @@ def resolve_positions(task: PatchTask, direction: DirectionInput, positions=None
 
 def _effects(plan, patched, clean, corrupt, metric, weights) -> pd.DataFrame:
     """One row per variant: normalised effect with CI, and ``of_full`` (see module docstring).
-    ``weights [B, N]``: bootstrap weights (:func:`replab.features.stats.resample_weights`)."""
-    from replab.features.stats import ratio_ci
+    ``weights [B, N]``: bootstrap weights (:func:`replab.patching.bootstrap.resample_weights`)."""
+    from replab.patching.bootstrap import ratio_ci
 
     c_mean, x_mean = float(clean.mean()), float(corrupt.mean())
     effect = normalized(patched.mean(1), c_mean, x_mean)

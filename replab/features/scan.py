@@ -14,7 +14,7 @@ every layer of the probe run (corrupt run as base, the probe's position rule):
 * ``random``: ``n_random`` random directions per layer (optional);
 
 and joins the probe's per-layer accuracy (``records.parquet``). CIs resample people
-(:mod:`replab.features.stats`). The engine's own full/empty sanity checks run in the same
+(:mod:`replab.patching.bootstrap`). The engine's own full/empty sanity checks run in the same
 call.
 
 **The chosen layer** (:func:`choose_layer`) is the layer with the highest probe held-out
@@ -40,17 +40,17 @@ ACCURACY_COLUMNS = ("heldout_balanced_accuracy", "balanced_accuracy", "accuracy"
 
 
 def probe_accuracy(run: Path, kind: str) -> tuple[pd.DataFrame, str]:
-    """Per-layer accuracy of a probe run's ``kind`` (full-rank rows of ``records.parquet``):
+    """Per-layer accuracy of a probe run's ``kind`` (its rows of ``records.parquet``; the
+    ``logistic`` and ``meandiff`` records are full-rank, one per layer):
     ``(DataFrame [layer, probe_accuracy, probe_cv_accuracy, probe_control_accuracy], column)``."""
     path = Path(run) / "records.parquet"
     if not path.is_file():
         raise ReplabError(f"{run} is not a probe run directory (no records.parquet)")
     rec = pd.read_parquet(path)
+    kinds = sorted(set(rec["kind"]))
     rec = rec[rec["kind"] == kind]
     if rec.empty:
-        raise ReplabError(f"probe run {run} has no {kind} records (kinds: {', '.join(sorted(set(rec['kind'])))})")
-    if "rank" in rec.columns and rec["rank"].notna().any() and rec["rank"].isna().any():
-        rec = rec[rec["rank"].isna()]
+        raise ReplabError(f"probe run {run} has no {kind} records (kinds: {', '.join(kinds) or 'none'})")
     col = next((c for c in ACCURACY_COLUMNS if c in rec.columns and rec[c].notna().any()), None)
     if col is None:
         raise ReplabError(f"{path}: no accuracy column ({', '.join(ACCURACY_COLUMNS)})")
@@ -82,13 +82,14 @@ def choose_layer(table: pd.DataFrame, min_full: float = MIN_FULL) -> tuple[int |
 
 
 def layer_directions(run: Path, kind: str, cls: str, layers) -> tuple[dict, dict, str]:
-    """``({layer: unit vector}, {layer: shuffled unit vector}, how)`` for a probe run."""
+    """``({layer: DirectionInput}, {layer: shuffled unit vector}, how)`` for a probe run
+    (each layer's direction loaded once; ``.vector`` is its unit vector)."""
     from replab.features.direction_inputs import load_direction, probe_shuffled
 
     dirs, shuf, sources = {}, {}, set()
     for layer in layers:
         d = load_direction(run, layer=int(layer), cls=cls, kind=kind)
-        dirs[int(layer)] = d.vector
+        dirs[int(layer)] = d
         sources.add("Direction artifacts" if d.kind.startswith("direction:") else "probe weights")
         found = probe_shuffled(d)
         if found is not None:
@@ -114,8 +115,7 @@ def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None
         shuffled_effect, random_mean, random_p95, eligible, chosen``) and a summary with
         ``chosen_layer`` and ``reason``.
     """
-    from replab.features.direction_inputs import load_direction
-    from replab.features.stats import describe_groups, ratio_ci, resample_weights, task_groups
+    from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
     from replab.features.superclass import task_positions
     from replab.patching import sanity
     from replab.patching.engine import Variant, run_variants
@@ -127,25 +127,27 @@ def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None
     cls = cls or (task.meta.get("classes") or [None])[0]
     if not cls:
         raise ReplabError("give --class (the class whose probe direction is patched)")
-    first = load_direction(run, cls=cls, kind=kind)
-    site, _ = canonical_site(first.site or "resid_post")
     layers = sorted(int(x) for x in (layers if layers is not None else acc["layer"]))
+    if not layers:
+        raise ReplabError("no layers to scan")
     bad = [x for x in layers if not 0 <= x < model.cfg.n_layers]
     if bad:
         raise ReplabError(f"layer {bad[0]} is out of range: this model has layers 0-{model.cfg.n_layers - 1}")
+    dirs, shuf, how = layer_directions(run, kind, cls, layers)
+    first = dirs[layers[0]]               # one probe run: the same site and position rule at every layer
+    site, _ = canonical_site(first.site or "resid_post")
     rule = positions or first.position or "last"
     try:
         pos = task_positions(task, rule)
     except ReplabError as e:
         raise ReplabError(f"position rule {rule!r} is not defined for task {task.name} ({e}); pass --positions") from None
     metric = check_metric(metric or task.meta.get("metric") or "logit_diff")
-    dirs, shuf, how = layer_directions(run, kind, cls, layers)
     rng = np.random.default_rng(seed)
     plan = []   # (layer, what, Variant)
     for layer in layers:
         iv = lambda u=None, L=layer: Intervention(site, L, positions=pos, source="clean", direction=u)  # noqa: E731
         plan.append((layer, "full", Variant((iv(),))))
-        plan.append((layer, "direction", Variant((iv(dirs[layer]),))))
+        plan.append((layer, "direction", Variant((iv(dirs[layer].vector),))))
         if layer in shuf:
             plan.append((layer, "shuffled", Variant((iv(shuf[layer]),))))
         for _ in range(n_random):

@@ -87,9 +87,9 @@ def random_table(table: pd.DataFrame) -> pd.DataFrame:
 def steering_table(table: pd.DataFrame, patched: np.ndarray, clean: float, corrupt: float,
                    weights: np.ndarray) -> pd.DataFrame:
     """Dose–response: per α, the direction's metric (bootstrap CI of the mean over prompts,
-    resampled with ``weights`` from :func:`replab.features.stats.resample_weights`) and
+    resampled with ``weights`` from :func:`replab.patching.bootstrap.resample_weights`) and
     normalised effect, and the random vectors' mean and 5–95% band."""
-    from replab.features.stats import mean_ci
+    from replab.patching.bootstrap import mean_ci
 
     rows = []
     steer = table[table["mode"] == "steer"]
