@@ -54,6 +54,7 @@ def test_latent_patch_matches_the_sae_patch_hook(tiny, sae_and_task):
     assert s["full_residual_effect"] == pytest.approx(want, abs=1e-4)
     # in-run sanity checks: no latent = 0; every latent + the error term = the full patch
     c = s["checks"]
+    assert c["decoder_rows"]["ok"] and c["decoder_rows"]["value"] < 1e-5
     assert c["empty_latent_set"]["value"] == pytest.approx(0, abs=1e-6)
     assert c["all_latents_plus_error"]["value"] == pytest.approx(s["full_residual_effect"], abs=1e-4)
     assert c["engine_full"]["ok"] and c["engine_empty"]["ok"]
@@ -63,6 +64,57 @@ def test_latent_patch_matches_the_sae_patch_hook(tiny, sae_and_task):
         100 * ((rnd < s["effect"]).sum() + 0.5 * (rnd == s["effect"]).sum()) / 20)
     assert s["of_full"] == pytest.approx(s["effect"] / s["full_residual_effect"])
     assert len(s["latents"]) == 3 and s["latents"] == [int(i) for i in t.loc["top_3", "latents"]]
+
+
+@pytest.mark.parametrize("wrong", ["scaled", "ignores_rescale"])
+def test_a_wrong_decoder_rows_fails_the_decoder_check(tiny, sae_and_task, monkeypatch, wrong):
+    """decoder_rows disagreeing with sae.decode (a scale, or the raw W_dec of a TopK SAE whose
+    decode divides by the row norms, rescale_acts_by_decoder_norm) stops the run before any
+    patched forward."""
+    import copy
+
+    import replab.features.sae.splice as splice
+    from replab.errors import ReplabError
+    from replab.features.latent_patch import latent_patch
+
+    sae, meta, task, _ = sae_and_task
+    assert sae.cfg.rescale_acts_by_decoder_norm
+    if wrong == "ignores_rescale":     # trained rows are unit-norm: give them norms 0.5-2
+        sae = copy.deepcopy(sae)
+        with torch.no_grad():
+            sae.W_dec.mul_(torch.linspace(0.5, 2.0, sae.W_dec.shape[0])[:, None])
+    _, s = latent_patch(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=5, n_boot=20)
+    assert s["checks"]["decoder_rows"]["value"] < 1e-5
+    bad = splice.decoder_rows(sae) * 1.01 if wrong == "scaled" else sae.W_dec.detach().float()
+    monkeypatch.setattr(splice, "decoder_rows", lambda s: bad)
+    with pytest.raises(ReplabError, match="sanity check 'decoder_rows' failed"):
+        latent_patch(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=5, n_boot=20)
+
+
+def test_position_view_sources_equal_full_copies(tiny, sae_and_task):
+    """The engine gives the same result with the position-only source views as with full
+    ``[N, T, d]`` copies (corrupt activation with the patched positions replaced)."""
+    from replab.features.latent_patch import _Sources, hook_runs
+    from replab.patching.engine import Variant, run_variants
+    from replab.patching.interventions import Intervention
+
+    sae, meta, task, _ = sae_and_task
+    hook, pos = meta["hook_name"], [1, 3, 5]
+    runs = hook_runs(tiny, task, hook)
+    src = _Sources(sae, runs["clean"][hook], runs["corrupt"][hook], pos)
+    sets = {"a": ([1, 2, 3], False), "b": ([], True), "c": (list(range(20)), True)}
+    views = {k: src.make(ids, err) for k, (ids, err) in sets.items()}
+    full = {}
+    for k, v in views.items():
+        f = runs["corrupt"][hook].clone()
+        f[:, pos] = v[:, pos]
+        full[k] = f
+        n, t, d = f.shape                 # stored: (N - 1) * span + T rows, span = 5 - 1 + 1
+        assert v.untyped_storage().nbytes() == ((n - 1) * 5 + t) * d * 4 < f.untyped_storage().nbytes()
+    variants = [Variant((Intervention("resid_post", 2, positions=tuple(pos), source=f"custom:{k}"),)) for k in sets]
+    a, _ = run_variants(tiny, task.clean, task.corrupt, variants, sources=views)
+    b, _ = run_variants(tiny, task.clean, task.corrupt, variants, sources=full)
+    assert torch.equal(a, b)
 
 
 def test_latent_verdict_is_the_direction_rule(tiny, sae_and_task):

@@ -22,21 +22,37 @@ error_term             only the error term ``x − x̂`` patched
 complement             everything but ``S``: the other latents and the error term
 =====================  ===================================================================
 
-**Sanity checks** (ReplabError on failure, 1e-3 in normalised units): the empty latent set
-= 0; every latent *plus* the error term = the full patch at that site (``x̂ + error = x``
-exactly); and the engine's own full (= 1) and empty (= 0) patches.
+**Sanity checks** (ReplabError on failure):
+
+* ``decoder_rows`` (before any patched run; relative error ≤ 1e-4): on the corrupt and clean
+  codes ``z``, the SAE's own ``decode(z)`` equals ``z @ decoder_rows(sae) + b_dec``, so the
+  per-latent moves above are the SAE's (a wrong row scale, a missing
+  ``rescale_acts_by_decoder_norm`` or a decoder with an output normalisation fails it);
+* ``empty_latent_set`` (1e-3 in normalised units): patching no latent, error term kept = the
+  corrupt run;
+* ``all_latents_plus_error`` (1e-3): every latent plus the error term moved is, by the
+  definition of the error term, the clean activation at the positions, so it must equal the
+  engine's own full patch at that site: this checks that ``custom:`` sources reach the
+  engine at the right rows and positions (not the SAE, which the first check covers);
+* the engine's own full (= 1) and empty (= 0) patches.
 
 The **verdict** is :func:`replab.features.verdict.sufficiency`, the same rule and JSON keys as
 direction patching (``effect``, ``ci_low``, ``ci_high``, ``of_full`` with CI,
 ``full_residual_effect``, ``random_mean``, ``random_p95``, ``percentile``, ``verdict``;
 "uninformative" when the full patch restores < 10%). CIs resample people (two-way cluster
-bootstrap, :mod:`replab.features.stats`) when the task says who each pair names, else pairs.
+bootstrap, :mod:`replab.patching.bootstrap`) when the task says who each pair names, else pairs.
 Random *active* latents are not an isotropic baseline (they can carry class information), so
 their mean is reported, not required to be 0.
 
 Latents are chosen by the caller (``latents=``, e.g. the top latents of ``replab sae
 decompose`` for a class) or ranked by attribution: the first-order effect of patching latent
 ``i``, ``mean_n Σ_pos (z_clean − z_corrupt)_i · (d_i · ∂M/∂x)``, from one backward pass.
+
+Cost: one cached forward of the clean and of the corrupt prompts (the engine's
+:class:`~replab.patching.engine.RunCache`, shared by the attribution, the sources and every
+patched variant), one gradient-enabled forward + backward of the corrupt prompts for the
+attribution, and the batched patched runs. Each variant's source stores only the patched
+positions (:func:`_position_view`).
 """
 
 from __future__ import annotations
@@ -53,24 +69,37 @@ from replab.patching.interventions import Intervention, canonical_site
 from replab.patching.metrics import FULL_VOCAB, Readout, check_metric, metric_values, normalized, task_metrics
 
 TOL = 1e-3
+DECODER_TOL = 1e-4
 DOSE_K = (1, 2, 5, 10, 20, 50)
 
 
-def _acts(model, hook: str, tokens: torch.Tensor) -> torch.Tensor:
+def hook_runs(model, task, hook: str, variants=()) -> dict:
+    """The engine's cached clean and corrupt runs (one forward each): ``hook`` in both, plus
+    everything ``variants`` (denoising, base ``corrupt``) need, so the attribution, the
+    sources and :func:`~replab.patching.engine.run_variants` share them."""
+    from replab.patching.engine import make_runs, needed_hooks, prefix_ok
+
+    need = needed_hooks(model, list(variants), "corrupt", prefix_ok(model)) if variants else \
+        {"clean": set(), "corrupt": set()}
+    for names in need.values():
+        names.add(hook)
     with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens, names_filter=hook)
-    return cache[hook]
+        return make_runs(model, task.clean, task.corrupt, need)
 
 
-def attribution(model, sae, task, hook: str, positions: list[int], metric: str) -> np.ndarray:
+def attribution(model, sae, task, hook: str, positions: list[int], metric: str,
+                runs: dict | None = None) -> np.ndarray:
     """First-order effect ``[d_sae]`` of patching each latent clean → corrupt (module docstring).
 
     Works for every metric: full-vocabulary ones (``logprob``, ``prob``, ``kl``) read the whole
-    log-softmax.
+    log-softmax. ``runs``: cached clean/corrupt runs holding ``hook`` (:func:`hook_runs`;
+    made when None). The gradient needs one more forward of the corrupt prompts.
     """
     from replab.features.sae.splice import decoder_rows, sae_encode
+    from replab.patching.metrics import final_logits
 
-    clean, corrupt = _acts(model, hook, task.clean), _acts(model, hook, task.corrupt)
+    runs = runs if runs is not None else hook_runs(model, task, hook)
+    clean, corrupt = runs["clean"][hook], runs["corrupt"][hook]
     store = {}
 
     def leaf(act, hook):
@@ -80,7 +109,7 @@ def attribution(model, sae, task, hook: str, positions: list[int], metric: str) 
     clean_logp = None
     if metric == "kl":
         with torch.inference_mode():
-            clean_logp = model(task.clean)[:, -1].float().log_softmax(-1)
+            clean_logp = final_logits(model, runs["clean"].final).float().log_softmax(-1)
         clean_logp = clean_logp.clone()
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -104,25 +133,56 @@ def attribution(model, sae, task, hook: str, positions: list[int], metric: str) 
     return (dz * (grad @ rows.T)).sum(1).sum(0).numpy()
 
 
+def _position_view(values: torch.Tensor, positions: list[int], n_tokens: int) -> torch.Tensor:
+    """A read-only ``[N, T, d]`` view whose rows at ``positions`` are ``values [N, P, d]``.
+
+    A ``custom:`` source is read only at its intervention's positions, so the view stores
+    ``N × span`` rows (``span = max(positions) − min(positions) + 1``; one row per prompt for
+    a single position) instead of a full ``[N, T, d]`` copy: position ``t`` of prompt ``n``
+    is row ``n · span + t`` of a flat buffer (other positions alias unrelated rows and must
+    not be read).
+    """
+    n, _, d = values.shape
+    span = max(positions) - min(positions) + 1
+    buf = values.new_zeros((n - 1) * span + n_tokens, d)
+    rows = (torch.arange(n)[:, None] * span + torch.as_tensor(positions)[None]).reshape(-1)
+    buf[rows] = values.reshape(-1, d)
+    return buf.as_strided((n, n_tokens, d), (span * d, d, 1))
+
+
 class _Sources:
     """``custom:`` source tensors: the corrupt activation with chosen parts moved to the clean run's."""
 
     def __init__(self, sae, clean: torch.Tensor, corrupt: torch.Tensor, positions: list[int]):
         from replab.features.sae.splice import decoder_rows, sae_encode
 
-        self.corrupt, self.positions = corrupt, positions
-        zc, zx = sae_encode(sae, clean[:, positions]), sae_encode(sae, corrupt[:, positions])
-        self.dz = zc - zx                                          # [N, P, S]
+        self.positions, self.n_tokens = positions, corrupt.shape[1]
+        self.base = corrupt[:, positions]                          # [N, P, d]
+        self.zc, self.zx = sae_encode(sae, clean[:, positions]), sae_encode(sae, self.base)
+        self.dz = self.zc - self.zx                                # [N, P, S]
         self.rows = decoder_rows(sae)                              # [S, d]
         recon = lambda z: z @ self.rows  # noqa: E731  (b_dec cancels in differences)
-        self.d_err = (clean[:, positions] - corrupt[:, positions]) - (recon(zc) - recon(zx))   # [N, P, d]
+        self.d_err = (clean[:, positions] - self.base) - (recon(self.zc) - recon(self.zx))   # [N, P, d]
 
     def make(self, ids, error: bool = False) -> torch.Tensor:
+        """``[N, T, d]`` source (valid at the positions only; :func:`_position_view`)."""
         ids = torch.as_tensor(list(ids), dtype=torch.long)
-        new = self.corrupt.clone()
         delta = self.dz[..., ids] @ self.rows[ids] if len(ids) else torch.zeros_like(self.d_err)
-        new[:, self.positions] = self.corrupt[:, self.positions] + delta + (self.d_err if error else 0)
-        return new
+        return _position_view(self.base + delta + (self.d_err if error else 0), self.positions, self.n_tokens)
+
+    def decoder_error(self, sae) -> float:
+        """Relative error of ``z @ rows + b_dec`` against the SAE's own ``decode(z)`` on the
+        corrupt and clean codes: ``max ||decode(z) − z·rows − b_dec|| / ||z·rows||``."""
+        from replab.features.sae.splice import sae_decode
+
+        b_dec = getattr(sae, "b_dec", None)
+        b_dec = 0.0 if b_dec is None else b_dec.detach().float()
+        worst = 0.0
+        for z in (self.zx, self.zc):
+            lin = z @ self.rows
+            diff = (sae_decode(sae, z).float() - lin - b_dec).norm().item()
+            worst = max(worst, diff / max(lin.norm().item(), 1e-12))
+        return worst
 
 
 def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None, top: int = 5,
@@ -142,9 +202,7 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
         summary (module docstring keys, plus ``latents``, ``latent_attribution``,
         ``all_latents_effect``, ``error_term_effect``, ``complement_effect``, ``checks``).
     """
-    from replab.features import verdict as V
-    from replab.features.sae.splice import sae_encode
-    from replab.features.stats import describe_groups, ratio_ci, resample_weights, task_groups
+    from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
     from replab.patching import sanity
 
     metric = check_metric(metric)
@@ -153,8 +211,12 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
     if layer is None:
         raise ReplabError(f"SAE hook {hook} is not a per-layer site the patching engine can use")
     positions = list(range(task.n_tokens)) if positions is None else [int(p) for p in positions]
-    clean, corrupt = _acts(model, hook, task.clean), _acts(model, hook, task.corrupt)
-    attr = attribution(model, sae, task, hook, positions, metric)
+    iv = lambda source: Intervention(site, layer, positions=tuple(positions), source=source)  # noqa: E731
+    extra = [Variant((iv("clean"),)), *sanity.variants_for(layer, "corrupt")]   # the ceiling, engine checks
+    runs = hook_runs(model, task, hook, [Variant((iv("custom:latents"),)), *extra])
+    src = _Sources(sae, runs["clean"][hook], runs["corrupt"][hook], positions)
+    decoder = _decoder_check(src.decoder_error(sae))
+    attr = attribution(model, sae, task, hook, positions, metric, runs=runs)
     d_sae = attr.shape[0]
     chosen = [int(i) for i in latents] if latents is not None else [int(i) for i in np.argsort(-np.abs(attr))[:top]]
     bad = [i for i in chosen if not 0 <= i < d_sae]
@@ -162,7 +224,7 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
         raise ReplabError(f"latent {bad[0]} is out of range: this SAE has {d_sae} latents")
     if not chosen:
         raise ReplabError("no latents to patch")
-    active = ((sae_encode(sae, clean[:, positions]) != 0) | (sae_encode(sae, corrupt[:, positions]) != 0))
+    active = (src.zc != 0) | (src.zx != 0)
     active = torch.nonzero(active.reshape(-1, d_sae).any(0)).flatten().numpy()
     rng = np.random.default_rng(seed)
     pool = np.setdiff1d(active, chosen)
@@ -182,14 +244,10 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
     for i in range(n_random if size else 0):
         plan.append((f"random_{i}", "random", size, sorted(rng.choice(pool, size=size, replace=False).tolist()),
                      False))
-    src = _Sources(sae, clean, corrupt, positions)
     sources = {name: src.make(ids, err) for name, _, _, ids, err in plan}
-    iv = lambda source: Intervention(site, layer, positions=tuple(positions), source=source)  # noqa: E731
-    variants = [Variant((iv(f"custom:{p[0]}"),)) for p in plan]
-    variants.append(Variant((iv("clean"),)))
-    variants += sanity.variants_for(layer, "corrupt")
+    variants = [Variant((iv(f"custom:{p[0]}"),)) for p in plan] + extra
     t0 = time.time()
-    finals, runs = run_variants(model, task.clean, task.corrupt, variants, sources=sources)
+    finals, runs = run_variants(model, task.clean, task.corrupt, variants, runs=runs, sources=sources)
     seconds = time.time() - t0
     vals = task_metrics(model, task, metric, finals, runs)[0]
     c_vals, x_vals, pr = vals["clean"], vals["corrupt"], vals["patched"]
@@ -202,7 +260,7 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
     ref = pr[n_plan]
     of_lo, of_hi = ratio_ci(weights, pr[:n_plan + 1], ref, x_vals)
     full = float(eff[n_plan])
-    checks = _checks(eff, plan, full, TOL)
+    checks = {"decoder_rows": decoder, **_checks(eff, plan, full, TOL)}
     rows = [{"name": name, "kind": kind, "k": k, "latents": ids if kind in ("chosen", "top_k", "random") else None,
              "normalized_effect": float(eff[i]), "ci_low": float(lo[i]), "ci_high": float(hi[i]),
              "of_full": float(eff[i] / full) if abs(full) > 1e-9 else np.nan,
@@ -219,12 +277,22 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
     return table, s
 
 
+def _decoder_check(err: float, tol: float = DECODER_TOL) -> dict:
+    """The ``decoder_rows`` check (module docstring): ReplabError when ``err > tol``."""
+    what = "decode(z) = z @ decoder_rows + b_dec on the corrupt and clean codes (relative error)"
+    if not err <= tol:
+        raise ReplabError(f"sanity check 'decoder_rows' failed: relative error {err:.3g} > {tol:g} ({what}); "
+                          "the latent moves would not be the SAE's (decoder_rows disagrees with sae.decode)")
+    return {"value": float(err), "expected": 0.0, "ok": True, "what": what, "tolerance": tol}
+
+
 def _checks(eff: np.ndarray, plan, full: float, tol: float) -> dict:
     idx = {p[0]: i for i, p in enumerate(plan)}
     n = len(plan)
     items = {"empty_latent_set": (eff[idx["empty"]], 0.0, "patching no latent (error term kept) = the corrupt run"),
              "all_latents_plus_error": (eff[idx["all_plus_error"]], full,
-                                        "every latent plus the error term = the full patch at that site"),
+                                        "every latent plus the error term (= the clean activation, by the "
+                                        "error term's definition) = the engine's full patch at that site"),
              "engine_full": (eff[n + 1], 1.0, "full resid_pre patch (every position) = clean"),
              "engine_empty": (eff[n + 2], 0.0, "empty patch = corrupt")}
     out = {}
