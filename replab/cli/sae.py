@@ -102,7 +102,8 @@ def eval_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
                                                                "SAE's evaluation on the same text."),
              sae_lens: int = typer.Option(0, "--sae-lens", help="Also run sae_lens.evals.run_evals on this many "
                                                                 "held-out tokens and store both (every position "
-                                                                "scored), e.g. 1024."),
+                                                                "scored), e.g. 1024; at least --batch-size "
+                                                                "windows of the SAE's seq_len."),
              model: str = MODEL_OPT,
              out: Path = typer.Option(None, "--out", "-o", help="Run directory (default <SAE dir>/eval)."),
              json_out: bool = JSON_OPT):
@@ -117,8 +118,9 @@ def eval_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
 
 def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, json_out, force=False,
           sae_lens=0):
-    from replab.features.sae.evaluate import run_sae_eval
+    from replab.features.sae.evaluate import check_sae_lens_tokens, run_sae_eval
 
+    check_sae_lens_tokens(sae_lens, batch_size)        # before any model or SAE is loaded
     if sae_dir is None and layer is None:
         from replab.errors import ReplabError
 

@@ -68,7 +68,8 @@ def corpus_files(source: str | Path) -> list[Path]:
 
 def corpus_sha256(source: str | Path) -> str:
     """Content hash of a corpus: sha256 over ``relative name:sha256`` of its files (one file:
-    that file's sha256), so a changed or edited corpus gets a new lens cache key."""
+    that file's sha256), so a changed or edited corpus gets a new cache key. The one corpus
+    hash of replab: tuned-lens cache keys, SAE training sources and SAE evaluations."""
     import hashlib
 
     files = corpus_files(source)

@@ -20,7 +20,7 @@ and position 0 is an attention sink with a ~100x larger residual) are *not splic
   **Dense**: ``frequency > dense_threshold`` (default 0.1: fires on more than 1 token in 10).
 
 With ``skip_first=0`` every number equals SAELens's ``run_evals`` on the same tokens
-(``exclude_special_tokens=False``); ``tests/test_sae.py`` checks that.
+(``exclude_special_tokens=False``); ``tests/test_sae_eval.py`` checks that.
 """
 
 from __future__ import annotations
@@ -174,6 +174,28 @@ def _finish(acc: _Acc, dead_threshold: float, dense_threshold: float) -> tuple[d
     return metrics, latents
 
 
+def check_sae_lens_tokens(n: int, batch_size: int, seq_len: int | None = None,
+                          n_windows: int | None = None) -> None:
+    """ReplabError unless ``--sae-lens n`` is 0 (off) or gives at least ``batch_size`` windows of
+    ``seq_len`` tokens (of the ``n_windows`` evaluated): the cross-check runs whole batches."""
+    from replab.errors import ReplabError
+
+    if int(batch_size) < 1:
+        raise ReplabError(f"--batch-size must be at least 1, got {batch_size}")
+    if int(n) < 0:
+        raise ReplabError(f"--sae-lens must be >= 0 (0: no cross-check), got {n}")
+    if not n or seq_len is None:
+        return
+    have = int(n) // int(seq_len)
+    if have < batch_size:
+        raise ReplabError(f"--sae-lens {n} gives {have} windows of {seq_len} tokens; the SAELens cross-check "
+                          f"needs at least --batch-size ({batch_size}): use --sae-lens {batch_size * seq_len} "
+                          "or more")
+    if n_windows is not None and n_windows < batch_size:
+        raise ReplabError(f"--tokens gives only {n_windows} windows of {seq_len} tokens; the SAELens cross-check "
+                          f"needs at least --batch-size ({batch_size}): raise --tokens")
+
+
 def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens: int = 8192,
                  seq_len: int | None = None, skip_first: int | None = None, batch_size: int = 4,
                  out=None, layer: int | None = None, hook: str = "resid_post",
@@ -207,30 +229,31 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
     from replab.models import load_model
 
     t0 = time.perf_counter()
+    check_sae_lens_tokens(sae_lens_tokens, batch_size)
     if path is None and (model is None or isinstance(model, str)):
         model = load_model(model, device="cpu")
     path = resolve_sae_dir(path, model, hook, layer)
     meta = read_meta(path)
-    model = model_for(meta, model)
-    sae, meta = load_sae(path)
-    out = Path(out) if out is not None else Path(path) / "eval"
-    check_replaceable(out, "eval.json", "an SAE eval directory")
     cfg = meta.get("config", {})
     seq_len = int(seq_len or cfg.get("seq_len", 128))
     skip_first = int(cfg.get("skip_first", 1) if skip_first is None else skip_first)
+    check_sae_lens_tokens(sae_lens_tokens, batch_size, seq_len)   # before loading the model
+    out = Path(out) if out is not None else Path(path) / "eval"
+    check_replaceable(out, "eval.json", "an SAE eval directory")
+    model = model_for(meta, model)
+    sae, meta = load_sae(path)
     from replab.features.sae.artifact import WEIGHTS
-    from replab.lenses.corpus import read_corpus
+    from replab.lenses.corpus import corpus_sha256
     from replab.store.format import sha256_file
-
-    import hashlib
 
     run_cfg = {"corpus": corpus, "tokens": None, "seq_len": seq_len, "skip_first": skip_first,
                "batch_size": batch_size, "dead_threshold": dead_threshold, "dense_threshold": dense_threshold,
                "sae_lens_tokens": int(sae_lens_tokens),
                "sae_weights_sha256": sha256_file(Path(path) / WEIGHTS),
-               "corpus_sha256": hashlib.sha256("\n\x00".join(read_corpus(corpus)).encode()).hexdigest()}
+               "corpus_sha256": corpus_sha256(corpus)}
     windows = corpus_windows(model.tokenizer, corpus, seq_len, tokens, seed=0)
     run_cfg["tokens"] = int(windows.numel())
+    check_sae_lens_tokens(sae_lens_tokens, batch_size, seq_len, len(windows))
     if not force and (out / "eval.json").is_file():
         try:
             old = json.loads((out / "eval.json").read_text())
@@ -244,7 +267,7 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
     if sae_lens_tokens:
         from replab.features.sae.crosscheck import sae_lens_crosscheck
 
-        cross = sae_lens_crosscheck(sae, model, meta["hook_name"], windows[:max(1, sae_lens_tokens // seq_len)],
+        cross = sae_lens_crosscheck(sae, model, meta["hook_name"], windows[:sae_lens_tokens // seq_len],
                                     batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"

@@ -133,10 +133,9 @@ def fit_sae(acts: torch.Tensor, cfg: SAETrainConfig, metadata: dict | None = Non
 def _source(cfg: SAETrainConfig, hook_name: str, model_sha: str | None) -> tuple[dict, object]:
     """What the SAE is trained on, with a content hash: ``({"kind", "sha256", ...}, store or None)``.
 
-    A corpus is hashed by its text; a store by its manifest's sha256 of the hook's tensor.
+    A corpus is hashed by its files (:func:`replab.lenses.corpus.corpus_sha256`, the key of
+    cached lenses and SAE evaluations too); a store by its manifest's sha256 of the hook's tensor.
     """
-    import hashlib
-
     if cfg.store:
         from replab.store import open_store
 
@@ -149,11 +148,9 @@ def _source(cfg: SAETrainConfig, hook_name: str, model_sha: str | None) -> tuple
         tensor = next(t for t in st.manifest["tensors"] if t["hook"] == hook_name)
         return {"kind": "store", "store": str(cfg.store), "sha256": tensor["sha256"],
                 "rows": int(st.n_rows)}, st
-    from replab.lenses.corpus import read_corpus
+    from replab.lenses.corpus import corpus_sha256
 
-    text = "\n\x00".join(read_corpus(cfg.corpus))
-    return {"kind": "corpus", "corpus": cfg.corpus,
-            "sha256": hashlib.sha256(text.encode()).hexdigest()}, None
+    return {"kind": "corpus", "corpus": cfg.corpus, "sha256": corpus_sha256(cfg.corpus)}, None
 
 
 def cached_training(path: Path, cfg: SAETrainConfig, identity: dict, source: dict) -> dict | None:
