@@ -35,6 +35,25 @@ def model_identity(model_name: str | None) -> dict:
     return load_model(model_name, device="cpu").replab_identity.to_dict()
 
 
+def weights_identity(model_name: str | None) -> dict | None:
+    """``{"name", "weights_sha256"}`` of a model without loading it (the two fields a lens's
+    cache directory and :func:`replab.lenses.store.is_current` read), or None when only
+    loading tells (the random ``tiny`` model). The same values as
+    :func:`model_identity`: the embedded model's GGUF sha256, a local directory's weight
+    files' :func:`~replab.models.identity.sha256_files` (both memoised on disk)."""
+    from replab.models import TINY, embedded
+    from replab.models.identity import sha256_files
+    from replab.models.loading import _local_source
+
+    if model_name == TINY:
+        return None
+    if embedded.is_default(model_name):
+        return {"name": embedded.DEFAULT_MODEL, "weights_sha256": embedded.model_root()[1]}
+    src = _local_source(model_name)
+    weights = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.bin"))
+    return {"name": str(model_name), "weights_sha256": sha256_files(weights)} if weights else None
+
+
 def default_lens_dir(identity: dict) -> Path:
     """Cache directory of the default lens (``TrainConfig()``) of ``identity``."""
     return cached_lens_dir(identity, TrainConfig().to_dict())
@@ -62,6 +81,12 @@ def train_lens(model_name: str | None = None, config: TrainConfig | None = None,
     from replab.models import load_tokenizer
 
     config = config or TrainConfig()
+    if identity is None and not force:   # a cached lens is found without loading the model
+        light = weights_identity(model_name)
+        if light is not None:
+            path = Path(out) if out is not None else cached_lens_dir(light, config.to_dict())
+            if is_current(path, light, config_key(config.to_dict())):
+                return path, {**read_meta(path)["stats"], "cached": True}
     identity = identity or model_identity(model_name)
     path = Path(out) if out is not None else cached_lens_dir(identity, config.to_dict())
     if not force and is_current(path, identity, config_key(config.to_dict())):
