@@ -365,3 +365,30 @@ def test_custom_source_values(tiny, task):
     torch.testing.assert_close(a[0], a[1])
     with pytest.raises(ReplabError, match="not passed"):
         run_variants(tiny, task.clean, task.corrupt, [Variant((custom,))])
+
+
+def test_bootstrap_ci_pairs_and_people():
+    """Pairs: the plain bootstrap of the ratio of prompt means. People: the two-way cluster
+    bootstrap of replab.patching.bootstrap, wider when pairs share people."""
+    from replab.patching.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    n = 40
+    clean, corrupt = 2 + rng.normal(size=n), rng.normal(size=n)
+    people = (np.arange(n) % 4, np.arange(n) % 5)        # 4 clean × 5 corrupt people
+    person_effect = 0.3 * rng.normal(size=4)[people[0]]   # shared by every pair of a clean person
+    patched = corrupt + 0.5 * (clean - corrupt) + person_effect
+    lo, hi = bootstrap_ci(patched[None], clean, corrupt, n_boot=500, seed=1)
+    idx = np.random.default_rng(1).integers(0, n, size=(500, n))
+    eff = [(patched[i].mean() - corrupt[i].mean()) / (clean[i].mean() - corrupt[i].mean()) for i in idx]
+    np.testing.assert_allclose([lo[0], hi[0]], np.quantile(eff, [0.025, 0.975]), atol=1e-9)
+    plo, phi = bootstrap_ci(patched[None], clean, corrupt, n_boot=500, seed=1, groups=people)
+    assert phi[0] - plo[0] > hi[0] - lo[0]
+
+
+def test_sweep_on_a_task_with_people_resamples_people(tiny):
+    from replab.patching import load_task
+
+    task = load_task("superclass", tiny.tokenizer, limit=6)
+    res = sweep(tiny, task, site="resid_pre", by="layer", layers="0", metric="class_mass", n_boot=50)
+    assert res.summary["bootstrap"].startswith("people")

@@ -56,6 +56,14 @@ def test_grid_is_step_5_in_one_command(tmp_path, capsys):
               "scatter_z_vs_pattern.png"):
         assert (tmp_path / "g" / "heads" / f).exists(), f
     assert set(s["parts"]) == {"resid_pre", "attn_out", "mlp_out", "heads"} and s["top_heads"]
+    # the same call again reuses every part; other options recompute them
+    stamp = (tmp_path / "g" / "mlp_out" / "summary.json").stat().st_mtime_ns
+    _json(["patch", "grid", "--model", "tiny", "--limit", "3", "--out", tmp_path / "g", "--json"], capsys)
+    assert (tmp_path / "g" / "mlp_out" / "summary.json").stat().st_mtime_ns == stamp
+    noised = _json(["patch", "grid", "--model", "tiny", "--limit", "3", "--direction", "noise",
+                    "--out", tmp_path / "g", "--json"], capsys)
+    part = json.loads((tmp_path / "g" / "mlp_out" / "summary.json").read_text())
+    assert part["direction"] == "noise" and noised["parts"]
 
 
 def test_test_prompt_json(capsys):

@@ -24,6 +24,11 @@ def _task(task: str, dataset: str | None) -> str:
     return dataset or task
 
 
+def _top_heads_line(summary: dict) -> str:
+    top = ", ".join(f"L{r['layer']}H{r['head']} {r['normalized_effect']:+.2f}" for r in summary["top_heads"][:6])
+    return f"top heads by |output-patch effect|: {top}"
+
+
 def _done(summary: dict, json_out: bool, lines: list[str]) -> None:
     if json_out:
         print_json(summary)
@@ -94,8 +99,7 @@ def heads_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPL
 
     summary = run_heads(_task(task, dataset), out=out, model=model, template=template, limit=limit,
                         progress=not json_out, direction=direction)
-    top = ", ".join(f"L{r['layer']}H{r['head']} {r['normalized_effect']:+.2f}" for r in summary["top_heads"][:6])
-    _done(summary, json_out, [f"top heads by |output-patch effect|: {top}"])
+    _done(summary, json_out, [_top_heads_line(summary)])
 
 
 @app.command("grid", epilog=examples("replab patch grid --task next_day --out runs/w2/grid",
@@ -110,9 +114,7 @@ def grid_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPLA
 
     s = run_grid(_task(task, dataset), out=out, model=model, template=template, limit=limit,
                  progress=not json_out, direction=direction)
-    top = ", ".join(f"L{r['layer']}H{r['head']} {r['normalized_effect']:+.2f}" for r in s["top_heads"][:6])
-    _done(s, json_out, [f"{k}: {v}/" for k, v in s["parts"].items()] +
-          [f"top heads by |output-patch effect|: {top}"])
+    _done(s, json_out, [f"{k}: {v}/" for k, v in s["parts"].items()] + [_top_heads_line(s)])
 
 
 @app.command("baseline", epilog=examples("replab patch baseline --task next_day",

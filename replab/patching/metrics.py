@@ -123,25 +123,19 @@ def normalized(patched, clean: float, corrupt: float):
 
 
 def bootstrap_ci(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Bootstrap CI over prompts of the normalised effect (ratio of prompt means).
+                 seed: int = 0, level: float = 0.95, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap CI of the normalised effect (ratio of prompt means).
 
     ``patched`` ``[cells, n]``, ``clean``/``corrupt`` ``[n]`` per-prompt metrics; the same
-    resampled prompt sets are used for every cell. Returns ``(low, high)`` ``[cells]``.
+    resamples are used for every cell. ``groups``: None resamples prompts; the people each
+    pair names (:func:`replab.patching.bootstrap.task_groups`) resample people instead
+    (:mod:`replab.patching.bootstrap`). Returns ``(low, high)`` ``[cells]``.
     """
+    from replab.patching.bootstrap import ratio_ci, resample_weights
+
     patched = np.atleast_2d(np.asarray(patched, dtype=np.float64))
-    n = patched.shape[1]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    counts = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float64) / n  # [B, n]
-    c, x = counts @ clean, counts @ corrupt                     # [B]
-    p = counts @ patched.T                                       # [B, cells]
-    denom = c - x
-    with np.errstate(divide="ignore", invalid="ignore"):
-        eff = (p - x[:, None]) / denom[:, None]
-    alpha = (1 - level) / 2
-    low, high = np.nanquantile(eff, [alpha, 1 - alpha], axis=0)
-    return low, high
+    weights = resample_weights(patched.shape[1], groups, n_boot=n_boot, seed=seed)
+    return ratio_ci(weights, patched, clean, corrupt, level=level)
 
 
 def task_metrics(model, task, metric: str, finals: torch.Tensor, runs: dict):

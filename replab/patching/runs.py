@@ -80,13 +80,22 @@ def run_grid(task: str = "next_day", out=None, model: str | None = None, templat
     """W2 step 5 in one call: the residual stream, attention-output and MLP-output
     layer × position sweeps (``<out>/<site>/``) and the head output / value / pattern sweeps
     with their scatters (``<out>/heads/``), on one loaded model. A finished part (its
-    ``summary.json`` exists) is reused, so an interrupted grid resumes."""
+    ``summary.json`` exists) is reused, so an interrupted grid resumes, but only when
+    ``<out>/grid_config.json`` (task, model weights, options) matches this call; otherwise
+    every part is recomputed."""
     import json
 
     from replab.patching.sweep import sweep
 
     m, t = load(model, task, template, limit)
     out = start_run(Path(out or "runs/patch-grid"))
+    config = json.dumps({"task": t.describe(), "weights_sha256": m.replab_identity.weights_sha256,
+                         "options": kw}, sort_keys=True, default=str)
+    key = out / "grid_config.json"
+    if not key.is_file() or key.read_text() != config:
+        for part in (*GRID_SITES, "heads"):
+            (out / part / "summary.json").unlink(missing_ok=True)
+        key.write_text(config)
     parts = {}
     for site in GRID_SITES:
         done = out / site / "summary.json"

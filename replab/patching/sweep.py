@@ -7,7 +7,9 @@
 ``"noise"`` patches corrupt activations into the clean run (necessity). ``source`` swaps the
 patched-in values for an ablation (``zero``, ``mean``, ``resample``, ``noise``) applied to
 the base run. ``normalized_effect`` is always (patched − corrupt) / (clean − corrupt) on
-prompt means: 1 = clean behaviour, 0 = corrupt behaviour.
+prompt means: 1 = clean behaviour, 0 = corrupt behaviour. Its 95% CI resamples prompts, or
+the people each pair names when the task says (the super-class task; see
+:mod:`replab.patching.bootstrap`).
 
 Every sweep runs the sanity checks of :mod:`replab.patching.sanity` in the same batch and
 stops with a ReplabError if one fails.
@@ -24,6 +26,7 @@ import torch
 
 from replab.errors import ReplabError
 from replab.harvest.hooks import parse_layers
+from replab.patching.bootstrap import describe_groups, task_groups
 from replab.patching.engine import Variant, run_variants
 from replab.patching.interventions import Intervention, canonical_site, query_heads_of
 from replab.patching.metrics import bootstrap_ci, check_metric, normalized, task_metrics
@@ -139,7 +142,10 @@ def sweep(model, task: PatchTask, site: str = "resid_pre", by: str = "layer,posi
     if checks:
         summary["checks"] = sanity.evaluate(model, task, site, layer_list[0], base, metric,
                                             patched[n_cells:], values, runs)
-    low, high = bootstrap_ci(patched[:n_cells], clean_m, corrupt_m, n_boot=n_boot, seed=seed)
+    groups = task_groups(task)
+    summary["bootstrap"] = describe_groups(groups, task.n_prompts)
+    low, high = bootstrap_ci(patched[:n_cells], clean_m, corrupt_m, n_boot=n_boot, seed=seed,
+                             groups=groups)
     table = _table(model, task, site, cells, patched[:n_cells], cand[:n_cells], effect, low, high,
                    float(values[base].mean()), metric)
     return SweepResult(table, _per_prompt(task, cells, patched[:n_cells], cand[:n_cells]), summary)

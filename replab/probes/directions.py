@@ -102,13 +102,11 @@ def direction_path(folder, kind: str, layer: int, cls, shuffled: bool = False) -
 
 
 def direction_vectors(coef: np.ndarray, classes) -> dict:
-    """Per-class unit-able vectors from a probe's ``coef [K, d]``: for ``K > 2`` row ``c``
-    minus the mean row (the class's one-vs-rest direction); for ``K = 2`` the positive
-    (second) class's row only. Returns ``{class: vector [d]}`` (not yet normalised)."""
+    """Per-class unit-able vectors from a probe's ``coef [K, d]``: row ``c`` minus the mean
+    row (the class's one-vs-rest direction; with ``K = 2`` the two classes get opposite
+    vectors, ``±(row_1 − row_0) / 2``). Returns ``{class: vector [d]}`` (not yet normalised)."""
     classes = [str(c) for c in classes]
-    if len(classes) == 2:
-        return {classes[1]: np.asarray(coef[1])}
-    w = coef - coef.mean(0)
+    w = np.asarray(coef) - np.asarray(coef).mean(0)
     return {c: w[j] for j, c in enumerate(classes)}
 
 

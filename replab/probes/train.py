@@ -96,6 +96,8 @@ class ProbeConfig:
             raise ReplabError("nothing to train: give at least one kind or a rank")
         if self.folds < 2:
             raise ReplabError("--folds must be at least 2")
+        if self.control_type is not None and not self.controls:
+            raise ReplabError("--control-type needs the control task: drop --no-controls")
         if not self.lams or any(lam <= 0 for lam in self.lams):
             raise ReplabError("L2 strengths must be positive")
         if int(self.threads) < 1:

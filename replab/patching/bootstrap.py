@@ -13,7 +13,9 @@ pigeonhole bootstrap", for crossed random effects):
 
 with ``p``/``c``/``x`` the per-pair patched / clean / corrupt metrics. Tasks without people
 (``groups=None``) fall back to the ordinary bootstrap over pairs. The same weight matrix
-is used for every variant of a run, so CIs of different rows are comparable.
+is used for every variant of a run, so CIs of different rows are comparable. Every
+patching CI goes through here: :func:`replab.patching.metrics.bootstrap_ci` (sweeps) and
+the feature experiments (scan, direction and latent patching).
 """
 
 from __future__ import annotations
