@@ -8,7 +8,8 @@ WORKFLOWS W3 step 6. Two halves:
   forward pass (reconstruction + error term) for latent patching.
 * direction patching (replace / steer / ablate along a Direction artifact, with random
   and shuffled baselines), the layer scan (where a probe's direction is used), SAE latent
-  patching, and people-level bootstrap CIs live in sibling modules of this package.
+  patching live in sibling modules of this package; their people-level bootstrap CIs are
+  :mod:`replab.patching.bootstrap`.
 
 Submodules are imported lazily (``import replab.features`` stays cheap).
 """
@@ -23,7 +24,6 @@ _DIRECTION_EXPORTS = {
     "run_direction_patch": "direction_run",
     "scan_layers": "scan", "choose_layer": "scan", "run_scan": "scan",
     "run_latent_patch": "latent_run",
-    "resample_weights": "stats", "ratio_ci": "stats",
 }
 
 
