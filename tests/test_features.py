@@ -271,3 +271,11 @@ def test_smollm2_mean_difference_direction_is_causal(smol):
     assert s["full_residual_effect"] > 0.3
     assert s["percentile"] == 100 and s["ci_low"] > s["random_p95"]
     assert s["of_full"] > 0.3 and s["verdict"].split(":")[0] in ("sufficient", "partly sufficient")
+
+
+def test_lazy_exports_are_the_functions_even_after_submodule_imports():
+    import replab.features.direction_patch  # noqa: F401  (the submodule shadows a same-named attribute)
+    from replab.features import DirectionPatchResult, patch_direction, scan_layers
+
+    assert callable(patch_direction) and patch_direction.__name__ == "direction_patch"
+    assert callable(scan_layers) and isinstance(DirectionPatchResult, type)

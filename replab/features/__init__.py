@@ -20,16 +20,22 @@ _DIRECTION_EXPORTS = {
     "separation_table": "superclass", "task_positions": "superclass",
     "DirectionInput": "direction_inputs", "load_direction": "direction_inputs",
     "shuffled_direction": "direction_inputs", "fit_leace": "direction_inputs",
-    "DirectionPatchResult": "direction_patch", "direction_patch": "direction_patch",
+    "DirectionPatchResult": "direction_patch", "patch_direction": "direction_patch",
     "run_direction_patch": "direction_run",
     "scan_layers": "scan", "choose_layer": "scan", "run_scan": "scan",
     "run_latent_patch": "latent_run",
 }
 
 
+# ``replab.features.direction_patch`` is also a submodule, which shadows a lazy attribute of
+# the same name once imported, so the function is exported as ``patch_direction``.
+_ALIASES = {"patch_direction": "direction_patch"}
+
+
 def __getattr__(name):
     if name in _DIRECTION_EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(f"replab.features.{_DIRECTION_EXPORTS[name]}"), name)
+        module = importlib.import_module(f"replab.features.{_DIRECTION_EXPORTS[name]}")
+        return getattr(module, _ALIASES.get(name, name))
     raise AttributeError(f"module 'replab.features' has no attribute {name!r}")
