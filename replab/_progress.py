@@ -19,7 +19,12 @@ class RateColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("?" if speed is None else f"{speed:,.0f} {self.unit}/s", style="cyan")
+        if speed is None:
+            return Text("?", style="cyan")
+        if speed < 10:      # slow steps (a training step, a patch batch): keep the digits
+            return Text(f"{speed:.2g} {self.unit}/s" if speed >= 0.1 else f"{60 * speed:.2g} {self.unit}/min",
+                        style="cyan")
+        return Text(f"{speed:,.0f} {self.unit}/s", style="cyan")
 
 
 class _Bar:
