@@ -87,3 +87,14 @@ def test_every_command_has_an_example(path, capsys):
     code, stdout, _ = run_cli([*path, "--help"], capsys)
     assert code == 0
     assert "Examples" in stdout and "$ replab" in stdout, path
+
+
+def test_progress_rate_column_keeps_slow_rates_readable():
+    from types import SimpleNamespace
+
+    from replab._progress import RateColumn
+
+    col = RateColumn("step")
+    render = lambda v: str(col.render(SimpleNamespace(finished_speed=None, speed=v)))  # noqa: E731
+    assert render(None) == "?" and render(0.46) == "0.46 step/s" and render(0.02) == "1.2 step/min"
+    assert render(9822) == "9,822 step/s"
