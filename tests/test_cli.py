@@ -1,12 +1,11 @@
 """CLI conventions: one-line errors with exit code 2, --json, examples in --help."""
 
 import json
-import sys
 
 import pytest
 from replab_testutil import run_cli
 
-from replab.cli import app, main
+from replab.cli import app
 
 
 def _pairs_of_different_length(tmp_path):

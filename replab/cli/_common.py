@@ -52,3 +52,14 @@ def run_guarded(func, *args, **kwargs):
         return func(*args, **kwargs)
     except ReplabError as exc:
         fail(str(exc))
+
+
+def human_console():
+    """A rich console for human output: the terminal's width, or 160 columns when stdout is
+    not a terminal (a log file, a pipe), where rich would otherwise cut tables at 80."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+

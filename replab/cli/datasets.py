@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
 
 app = typer.Typer(help="List, check and export prompt sets.", no_args_is_help=True)
 
@@ -85,7 +85,6 @@ def export_cmd(
 
 
 def _print_table(df, title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
@@ -93,7 +92,7 @@ def _print_table(df, title: str) -> None:
         table.add_column(str(col), no_wrap=(i == 0))
     for _, row in df.iterrows():
         table.add_row(*[_fmt(v) for v in row])
-    Console().print(table)
+    human_console().print(table)
 
 
 def _fmt(value) -> str:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
 
 app = typer.Typer(help="Logit lens and tuned lens: decode every layer; train, apply, evaluate.",
                   no_args_is_help=True)
@@ -40,10 +39,9 @@ def _apply(kind, model, prompt, dataset, target, mid, top_k, out, index, limit, 
 
 def _print_apply(summary: dict) -> None:
     import pandas as pd
-    from rich.console import Console
 
     out = Path(summary["out"])
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = human_console()
     table = pd.read_parquet(out / "table.parquet")
     if summary["n_prompts"] == 1:
         last = table[table["position"] == table["position"].max()].sort_values("depth")
@@ -224,9 +222,7 @@ def eval_cmd(model: str = MODEL_OPT,
     if json_out:
         print_json(df.to_dict(orient="records"))
         return
-    from rich.console import Console
-
-    console = Console()
+    console = human_console()
     _rich(console, wide(df), f"lens quality on {corpus} ({summary['config']['tokens']} tokens), nats")
     verdict = "lower" if summary["tuned_better_every_layer"] else "NOT lower"
     console.print(f"tuned-lens KL is {verdict} than the logit lens at every layer; "

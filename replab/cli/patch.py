@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
 
 app = typer.Typer(help="Activation patching: sweeps, head sweeps, baselines, attention patterns.",
                   no_args_is_help=True)
@@ -33,9 +33,8 @@ def _done(summary: dict, json_out: bool, lines: list[str]) -> None:
     if json_out:
         print_json(summary)
         return
-    from rich.console import Console
 
-    console = Console()
+    console = human_console()
     for line in lines:
         console.print(line)
     console.print(f"wrote {summary['out']}/")
@@ -197,7 +196,6 @@ def test_prompt_cmd(prompt: str = typer.Argument(..., help="The prompt."),
     if json_out:
         print_json(res)
         return
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"{prompt!r} → next token")
@@ -205,7 +203,7 @@ def test_prompt_cmd(prompt: str = typer.Argument(..., help="The prompt."),
         t.add_column(c)
     for r in res["top"]:
         t.add_row(str(r["rank"]), repr(r["token"]), f"{r['logit']:.3f}", f"{r['prob']:.4f}")
-    console = Console()
+    console = human_console()
     console.print(t)
     if "answer" in res:
         a = res["answer"]

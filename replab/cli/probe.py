@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from replab.cli._common import JSON_OPT, examples, print_json
+from replab.cli._common import JSON_OPT, examples, human_console, print_json
 
 app = typer.Typer(help="Train linear probes over layers (controls, ranks, LEACE); apply them.",
                   no_args_is_help=True)
@@ -70,7 +70,6 @@ def train(
 
 
 def _print_table(run) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     cols = ["layer", "kind", "rank", "accuracy", "balanced_accuracy", "ci_low", "ci_high",
@@ -85,7 +84,7 @@ def _print_table(run) -> None:
     for rec in run.records.to_dict("records"):
         style = "bold" if rec["layer"] == run.best_layer else None
         table.add_row(*[_fmt(rec.get(c)) for c in cols], style=style)
-    con = Console()
+    con = human_console()
     con.print(table)
     data = run.summary["data"]
     con.print(f"rows {data['rows']} ({'; '.join(data['filter']) or 'no filter'}), "

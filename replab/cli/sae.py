@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json, run_guarded
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json, run_guarded
 
 app = typer.Typer(help="Sparse autoencoders (SAELens): train on a hook, evaluate, decompose a "
                        "direction onto latents.", no_args_is_help=True)
@@ -183,7 +183,6 @@ def _decompose(sae_dir, direction, store, label, cls, where, top, n_examples, n_
     if json_out:
         print_json(summary)
         return
-    from rich.console import Console
     from rich.table import Table
 
     cols = [c for c in ("rank", "latent", "cosine", "diff", "contribution", "example_tokens",
@@ -193,7 +192,7 @@ def _decompose(sae_dir, direction, store, label, cls, where, top, n_examples, n_
         t.add_column(c)
     for row in summary["top"]:
         t.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else _short(row[c]) for c in cols])
-    console = Console()
+    console = human_console()
     console.print(t)
     if summary.get("reconstructed_fraction") is not None:
         console.print(f"latent contributions sum to {summary['reconstructed_fraction']:.1%} of the "

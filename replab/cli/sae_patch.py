@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
 from replab.cli.sae import _HOOK, _LAYER, _SAE_DIR, app
 
 
@@ -55,9 +55,8 @@ def patch_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
     if json_out:
         print_json(s)
         return
-    from rich.console import Console
 
-    console = Console()
+    console = human_console()
     console.print(f"latents {s['latents']} at {s['hook_name']} (positions {s['config']['positions']}), "
                   f"task {s['task']['name']}, metric {s['metric']}")
     console.print(f"[bold]{s['verdict']}[/bold]")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from replab.cli._common import JSON_OPT, examples, print_json
+from replab.cli._common import JSON_OPT, examples, human_console, print_json
 
 app = typer.Typer(help="Inspect and verify activation stores.", no_args_is_help=True)
 
@@ -20,7 +20,6 @@ def info(store: Path = typer.Argument(..., help="Store directory."), json_out: b
     if json_out:
         print_json(summary)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"activation store {store}", show_header=False)
@@ -29,7 +28,7 @@ def info(store: Path = typer.Argument(..., help="Store directory."), json_out: b
             table.add_row(key, f"{value:,}" if key == "bytes" else str(value))
     for column, counts in summary["label_counts"].items():
         table.add_row(f"labels: {column}", ", ".join(f"{k}={v}" for k, v in counts.items()))
-    Console().print(table)
+    human_console().print(table)
 
 
 @app.command("verify", epilog=examples("replab store verify runs/superset"))

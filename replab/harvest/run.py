@@ -6,7 +6,6 @@ import hashlib
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
