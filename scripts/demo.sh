@@ -31,7 +31,7 @@ $R harvest --dataset sequence_types --hooks resid_post --layers all --positions 
   --out "$OUT/sequence_types"
 $R plot pca --store "$OUT/sequence_types" --color seq_type --out "$OUT/geometry"
 
-echo "== 6. Logit and tuned lens on next_day (the tuned lens is trained once and cached: ~6 min the first time) =="
+echo "== 6. Logit and tuned lens on next_day (the tuned lens is trained once and cached: 3-6 min the first time) =="
 $R lens logit --prompt "Today it is Monday so tomorrow it is" --target " Tuesday" --out "$OUT/lens-prompt"
 OMP_NUM_THREADS=1 nice -n 10 $R lens train
 $R lens tuned --prompt "Today it is Monday so tomorrow it is" --target " Tuesday" --out "$OUT/tuned-prompt"
@@ -66,7 +66,7 @@ fi
 echo "-- the probe's own artist Direction at layer $L (the scan's choice): patching verdict with baselines --"
 run_once "$W3/direction_L$L" $R features patch --direction "$OUT/probe_superclass" --class artist \
   --layer "$W3/scan" "${TASK[@]}" --random 100
-echo "-- an SAE on layer $L (trained once and cached: about 12 CPU-min; 30 min wall on a busy 2-core machine) --"
+echo "-- an SAE on layer $L (trained once and cached: about 11 CPU-min: 15 min wall on a quiet 2-core machine, 30 on a busy one) --"
 OMP_NUM_THREADS=1 nice -n 10 $R sae train --layer "$L" --threads 1
 # (reused while the SAE weights and held-out text are unchanged; --sae-lens: SAELens run_evals on the same tokens)
 $R sae eval --layer "$L" --sae-lens 1024 --out "$W3/sae_eval_L$L"
