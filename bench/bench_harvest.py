@@ -61,7 +61,7 @@ def time_forward(model, ps, batch_size: int) -> tuple[float, int]:
 
 
 def time_harvest(model, ps, batch_size: int, out: Path) -> tuple[float, int]:
-    from replab.harvest import harvest
+    from replab.harvesting import harvest
 
     start = time.perf_counter()
     store = harvest(model, ps, hooks="resid_post", layers="all", positions="all",
@@ -132,7 +132,7 @@ def main() -> None:
         "forward_tok_s": forward_tps, "harvest_tok_s": harvest_tps,
         "ratio": harvest_tps / forward_tps,
         "forward_runs_tok_s": fwd, "harvest_runs_tok_s": hv,
-        "paired_ratios": [h / f for f, h in zip(fwd, hv)],
+        "paired_ratios": [h / f for f, h in zip(fwd, hv, strict=True)],
         "peak_rss_mb_N": rss_n, "peak_rss_mb_4N": rss_4n,
     }
     if not args.skip_load:

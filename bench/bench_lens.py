@@ -43,11 +43,11 @@ def main(argv=None) -> int:
     if args.compare_init:
         return compare_init(args.model)
 
+    from replab.lenses.cache import read_meta
     from replab.lenses.evaluate import run_eval, wide
-    from replab.lenses.store import read_meta
-    from replab.lenses.tiny_hf import resolve
     from replab.lenses.train import TrainConfig
     from replab.lenses.tuned import default_lens_dir, model_identity, train_lens
+    from replab.models.tiny_hf import resolve
 
     name = resolve(args.model)
     identity = model_identity(name)
@@ -105,9 +105,9 @@ def compare_init(model, fit_tokens: int = 1024) -> int:
     """Validation KL per layer: logit lens, KL phase from the identity, least squares, least
     squares + KL phase (the default config's steps, lr and batch, on a smaller pool)."""
     from replab.lenses.cells import torch_threads
-    from replab.lenses.tiny_hf import resolve
     from replab.lenses.tuned import quiet_hf_model
     from replab.models import load_tokenizer
+    from replab.models.tiny_hf import resolve
 
     name = resolve(model)
     hf, tok = quiet_hf_model(name), load_tokenizer(name)
@@ -120,10 +120,10 @@ def _compare_init(hf, tok, fit_tokens: int) -> int:
     import torch
     from tuned_lens.nn.lenses import TunedLens
 
-    from replab.lenses.corpus import read_corpus, token_chunks
     from replab.lenses.least_squares import fit_phase, solve_translators
     from replab.lenses.norms import probe_norm
     from replab.lenses.train import TrainConfig, kl_phase, per_layer_kl
+    from replab.prompts.corpus import read_corpus, token_chunks
 
     cfg = TrainConfig(fit_tokens=fit_tokens, pool_fraction=1.0)
     chunks = token_chunks(read_corpus(cfg.corpus), tok, cfg.seq_len, fit_tokens + 2 * cfg.seq_len, cfg.seed)

@@ -14,7 +14,7 @@ Each sweep is timed three ways back to back (the order reversed on odd ``--repea
 * ``tl_relayout``: TransformerLens on the same model after replab's load-time
   :func:`replab.models.layout.linear_layout` (no copies; bit-identical results), which
   isolates the engine's own gain;
-* ``replab``: :func:`replab.patching.sweep.sweep` (includes its three sanity checks and a
+* ``replab``: :func:`replab.patching.sweeps.sweep` (includes its three sanity checks and a
   bootstrap CI).
 
 The largest absolute difference between the TransformerLens and replab grids is printed:
@@ -51,7 +51,7 @@ def main() -> None:
 
     from replab.models.layout import linear_layout, row_major_layout
     from replab.patching.runs import load
-    from replab.patching.sweep import sweep
+    from replab.patching.sweeps import sweep
 
     torch.set_num_threads(args.threads)
     model, task = load(args.model, "next_day", limit=args.limit)

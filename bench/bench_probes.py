@@ -71,7 +71,8 @@ def main() -> None:
         if name in results:
             r = results[name]
             target = "  (target <= 60 s)" if name == "core" else ""
-            print(f"  {name:5s} {r['seconds']:8.1f} s wall ({r['cpu_seconds']:.1f} s CPU)   best layer {r['best_layer']}, "
+            print(f"  {name:5s} {r['seconds']:8.1f} s wall ({r['cpu_seconds']:.1f} s CPU)   "
+                  f"best layer {r['best_layer']}, "
                   f"logistic balanced acc {r['best_balanced_accuracy']:.3f}{target}")
     (OUT / "probes.json").write_text(json.dumps(results, indent=1) + "\n")
 

@@ -13,7 +13,7 @@ def __getattr__(name):
 
         return load_model
     if name == "harvest":
-        from replab.harvest import harvest
+        from replab.harvesting import harvest
 
         return harvest
     if name == "open_store":

@@ -15,6 +15,15 @@ def pyplot():
     return plt
 
 
+def themed_pyplot():
+    """``(pyplot, seaborn)`` with seaborn's whitegrid/paper theme (the geometry and probe figures)."""
+    import seaborn as sns
+
+    plt = pyplot()
+    sns.set_theme(style="whitegrid", context="paper")
+    return plt, sns
+
+
 def save(fig, path, formats: tuple[str, ...] | None = None, dpi: int = 130,
          tight_layout: bool = False) -> list[Path]:
     """Save ``fig`` and close it. ``path`` with a suffix and no ``formats``: that one file;

@@ -28,7 +28,7 @@ def tiny_sae(tiny, tmp_path_factory):
 
 def people_store(tiny, folder):
     """Six prompts (three artists, three scientists), layer-2 residual at every position."""
-    from replab.harvest import harvest
+    from replab.harvesting import harvest
 
     rows = [("Pablo Picasso is a famous", "artist"), ("Claude Monet painted many", "artist"),
             ("Frida Kahlo was a painter", "artist"), ("Albert Einstein is a famous", "scientist"),

@@ -41,7 +41,7 @@ def test_superclass_pairs_differ_only_in_the_name(tiny, task):
     assert torch.equal(task.clean[:, outside], task.corrupt[:, outside])
     assert bool((task.clean[:, sorted(name)] != task.corrupt[:, sorted(name)]).any(1).all())
     text = task.meta["template_text"]
-    for c, x in zip(task.prompts, task.corrupt_prompts):
+    for c, x in zip(task.prompts, task.corrupt_prompts, strict=True):
         for prompt in (c, x):
             who = prompt[text.index("{name}"):len(prompt) - (len(text) - text.index("{name}") - 6)]
             assert span_token_positions(tiny.tokenizer, prompt, who)[-1] == pos["entity_last"]

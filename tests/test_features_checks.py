@@ -206,7 +206,7 @@ def test_task_groups_follow_subset_and_swap(tiny, task):
 
     g = task_groups(task)
     assert g is not None and len(g[0]) == task.n_prompts
-    for name, prompt in zip(g[0], task.prompts):
+    for name, prompt in zip(g[0], task.prompts, strict=True):
         assert name in prompt
     sub = task.subset([3, 1])
     gs = task_groups(sub)

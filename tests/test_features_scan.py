@@ -16,7 +16,7 @@ from replab.errors import ReplabError
 @pytest.fixture(scope="module")
 def probe_run(tiny, tmp_path_factory):
     """A superclass probe run on the tiny model's 4 layers (logistic + meandiff, shuffled labels)."""
-    from replab.harvest import harvest
+    from replab.harvesting import harvest
     from replab.probes import train_probes
 
     d = tmp_path_factory.mktemp("probe")
@@ -189,7 +189,7 @@ def test_smollm2_probe_direction_artifact(smol, tmp_path):
     from replab.features.direction_inputs import load_direction
     from replab.features.direction_patch import direction_patch
     from replab.features.superclass import build_superclass_task
-    from replab.harvest import harvest
+    from replab.harvesting import harvest
     from replab.probes import train_probes
     from replab.prompts import load_prompts
 

@@ -8,8 +8,7 @@ import pytest
 from sklearn.decomposition import PCA
 
 from replab.errors import ReplabError
-from replab.geometry import (cosine_baseline, cosine_layers, cosine_matrix, pca_2d, plot_geometry,
-                             project_layers)
+from replab.geometry import cosine_baseline, cosine_layers, cosine_matrix, pca_2d, plot_geometry, project_layers
 from replab.store.synthetic import write_synthetic_store
 
 

@@ -5,12 +5,11 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-
-from replab.harvest import harvest
-from replab.prompts import answer_ids, check_dataset, check_pairs, list_datasets, load_prompts
-from replab.prompts import token_ids
-from replab.store import open_store
 from replab_testutil import harvest_cmd, kill_mid_run, tree_digest
+
+from replab.harvesting import harvest
+from replab.prompts import answer_ids, check_dataset, check_pairs, list_datasets, load_prompts, token_ids
+from replab.store import open_store
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +45,7 @@ def _harvest_vs_direct(smol, out, batch_size):
     store = harvest(smol, ps, hooks=HOOKS, positions="all", batch_size=batch_size, out=out,
                     progress=False)
     worst_abs = worst_rel = 0.0
-    for ex, rows in store.index.groupby("example_id"):
+    for _ex, rows in store.index.groupby("example_id"):
         ids = torch.tensor([token_ids(smol.tokenizer, rows["prompt"].iloc[0])])
         with torch.inference_mode():
             _, cache = smol.run_with_cache(ids, names_filter=HOOKS)

@@ -36,8 +36,8 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def tiny_pair():
     """(TL model, HF model) of the same tiny random Llama (non-trivial norm weights)."""
-    from replab.lenses.tiny_hf import tiny_hf_dir
     from replab.models import load_hf_model, load_model
+    from replab.models.tiny_hf import tiny_hf_dir
 
     path = str(tiny_hf_dir())
     return load_model(path, device="cpu"), load_hf_model(path)
@@ -46,7 +46,7 @@ def tiny_pair():
 @pytest.fixture(scope="module")
 def tiny_lens(tiny_pair, tmp_path_factory):
     """A tiny tuned lens trained briefly on the builtin corpus, and its saved directory."""
-    from replab.lenses.store import save_lens
+    from replab.lenses.cache import save_lens
     from replab.lenses.train import TrainConfig, train_tuned_lens
 
     tl, hf = tiny_pair
@@ -101,7 +101,7 @@ def test_trained_tiny_lens_beats_logit_lens_on_validation(tiny_lens):
     _, stats, _ = tiny_lens
     logit, tuned = stats["val_kl_logit"], stats["val_kl_tuned"]
     assert len(logit) == len(tuned) == 2
-    assert all(t < lo for t, lo in zip(tuned, logit)), (logit, tuned)
+    assert all(t < lo for t, lo in zip(tuned, logit, strict=True)), (logit, tuned)
     assert stats["fit_tokens"] == 1024 and len(stats["kl_losses"]) == 4
 
 
@@ -131,7 +131,7 @@ def test_least_squares_recovers_an_affine_map(tiny_pair):
 def test_save_load_roundtrip_and_tuned_lens_loader(tiny_pair, tiny_lens):
     from tuned_lens.nn.lenses import TunedLens
 
-    from replab.lenses.store import load_lens, read_meta
+    from replab.lenses.cache import load_lens, read_meta
 
     tl, hf = tiny_pair
     lens, _, path = tiny_lens
@@ -173,7 +173,7 @@ def _reference_rows(model, tokenizer, prompts, targets, k):
     from replab.prompts import token_ids
 
     rows = []
-    for j, (prompt, tgt) in enumerate(zip(prompts, targets)):
+    for j, (prompt, tgt) in enumerate(zip(prompts, targets, strict=True)):
         ids = token_ids(tokenizer, prompt)
         _, cache = model.run_with_cache(torch.tensor([ids]))
         stack = cache.accumulated_resid(apply_ln=True)[:, 0]        # [n_points, pos, d]
@@ -279,7 +279,7 @@ def test_logit_diff_curve_final_point_is_model_logit_diff(tiny):
 
 
 def test_corpus_readers(tmp_path, tiny):
-    from replab.lenses.corpus import read_corpus, token_chunks
+    from replab.prompts.corpus import read_corpus, token_chunks
 
     (tmp_path / "a.txt").write_text("First doc.\n\nSecond doc.\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "Third doc."}) + "\n" + json.dumps("Fourth.") + "\n")
@@ -298,7 +298,7 @@ def test_corpus_readers(tmp_path, tiny):
 
 
 def test_builtin_corpus_is_reproducible(tiny, tmp_path):
-    from replab.lenses.corpus import corpus_dir, read_corpus, write_builtin
+    from replab.prompts.corpus import corpus_dir, read_corpus, write_builtin
 
     stats = write_builtin(tiny.tokenizer, tmp_path)
     for name in ("train.txt", "heldout.txt"):  # the checked-in files are what the generator makes

@@ -120,7 +120,7 @@ def test_default_tuned_lens_loads_with_tuned_lens_loader(hf):
     """The cached default lens (if trained) is a valid tuned-lens artifact."""
     from tuned_lens.nn.lenses import TunedLens
 
-    from replab.lenses.store import load_lens, read_meta
+    from replab.lenses.cache import load_lens, read_meta
     from replab.lenses.tuned import default_lens_dir, model_identity
 
     identity = model_identity(None)
@@ -139,9 +139,9 @@ def test_acceptance_tuned_lens_beats_logit_lens_on_heldout(smol, hf):
     """Issue acceptance, small: the real training code (least squares on 1,024 tokens, then
     4 steps of tuned-lens's KL objective) gives a lens whose KL to the final distribution on
     held-out text is below the logit lens's at every layer 0-28 (and 29)."""
-    from replab.lenses.corpus import read_corpus, token_chunks
     from replab.lenses.evaluate import evaluate_lenses, wide
     from replab.lenses.train import TrainConfig, train_tuned_lens
+    from replab.prompts.corpus import read_corpus, token_chunks
 
     cfg = TrainConfig(fit_tokens=1024, steps=4, batch_positions=8, val_positions=64)
     lens, stats = train_tuned_lens(hf, smol.tokenizer, cfg, progress=False)

@@ -26,8 +26,8 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def tiny_hf():
     """(path, TL model, HF model) of the tiny random HF Llama (non-trivial norm weights)."""
-    from replab.lenses.tiny_hf import tiny_hf_dir
     from replab.models import load_hf_model, load_model
+    from replab.models.tiny_hf import tiny_hf_dir
 
     path = str(tiny_hf_dir())
     return path, load_model(path, device="cpu"), load_hf_model(path)
@@ -58,7 +58,7 @@ def _tiny_gpt2(tokenizer):
 
 # ----------------------------------------------------------------------------- corpus
 def test_heldout_corpus_shares_no_sentence_with_training_text():
-    from replab.lenses.corpus import read_corpus, shared_sentences
+    from replab.prompts.corpus import read_corpus, shared_sentences
 
     train, heldout = read_corpus("builtin"), read_corpus("builtin-heldout")
     shared = shared_sentences(heldout, train)
@@ -71,7 +71,7 @@ def test_heldout_corpus_shares_no_sentence_with_training_text():
 
 
 def test_sentence_splitter_keeps_initials_and_quotes():
-    from replab.lenses.corpus import split_sentences
+    from replab.prompts.corpus import split_sentences
 
     doc = 'J. K. Rowling wrote it. Anna asked Ben: "Is it open?" Ben said yes. 3 plus 4 equals 7.'
     assert split_sentences(doc) == ["J. K. Rowling wrote it.", 'Anna asked Ben: "Is it open?"',
@@ -79,7 +79,7 @@ def test_sentence_splitter_keeps_initials_and_quotes():
 
 
 def test_corpus_hash_follows_content(tmp_path):
-    from replab.lenses.corpus import corpus_sha256
+    from replab.prompts.corpus import corpus_sha256
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_text("One.\n\nTwo.\n")
@@ -178,7 +178,7 @@ def test_training_on_a_gpt2_layernorm_model():
         fit_tokens=1024, steps=2, batch_positions=8, val_positions=128, lr=1e-4), progress=False)
     assert stats["final_norm"] == "layer" and stats["init"] == "least_squares"
     assert len(stats["val_kl_logit"]) == 2
-    for lo, ls in zip(stats["val_kl_logit"], stats["val_kl_least_squares"]):
+    for lo, ls in zip(stats["val_kl_logit"], stats["val_kl_least_squares"], strict=True):
         assert ls < 0.5 * lo, (stats["val_kl_logit"], stats["val_kl_least_squares"])
 
 
@@ -199,7 +199,7 @@ def test_unsupported_final_norm_falls_back_to_identity_with_a_warning(tiny_hf):
 
 # ----------------------------------------------------------------------------- cache
 def test_cache_key_skip_force_and_default_slot(tiny_hf, tmp_path, monkeypatch):
-    from replab.lenses.store import cached_lens_dir, read_meta
+    from replab.lenses.cache import cached_lens_dir, read_meta
     from replab.lenses.train import TrainConfig
     from replab.lenses.tuned import default_lens_dir, train_lens, tuned_lens_path
 
@@ -268,7 +268,7 @@ def test_cli_train_twice_reuses_the_lens(tmp_path, capsys):
 def test_load_lens_leaves_logging_alone(tiny_hf, tmp_path, caplog):
     from tuned_lens.nn.lenses import TunedLens
 
-    from replab.lenses.store import CONFIG, load_lens, save_lens
+    from replab.lenses.cache import CONFIG, load_lens, save_lens
 
     _, tl, hf = tiny_hf
     identity = tl.replab_identity.to_dict()
@@ -335,7 +335,7 @@ def test_tuned_logit_diff_curve(tiny_hf):
 def test_cli_tuned_dataset_writes_logit_diff(tiny_hf, tmp_path, capsys):
     from tuned_lens.nn.lenses import TunedLens
 
-    from replab.lenses.store import save_lens
+    from replab.lenses.cache import save_lens
 
     _, tl, hf = tiny_hf
     lens_dir = save_lens(TunedLens.from_model(hf), tmp_path / "lens", tl.replab_identity.to_dict(),

@@ -180,7 +180,7 @@ def test_direction_patch_replaces_only_the_subspace(tiny, task):
 
 
 def test_gqa_kv_patch_changes_its_query_group_only(tiny, task):
-    from replab.patching.interventions import query_heads_of
+    from replab.hooks import query_heads_of
 
     cfg = tiny.cfg
     assert cfg.n_key_value_heads == 2 and cfg.n_heads == 4
@@ -288,7 +288,7 @@ def test_task_errors(tiny, tmp_path):
 
 
 def test_dla_sums_and_matches_transformer_lens(tiny, task):
-    from replab.patching.dla import dla
+    from replab.patching.logit_attribution import dla
 
     res = dla(tiny, task)
     assert res["check"]["abs_error"].max() < 1e-4
@@ -318,7 +318,7 @@ def test_dla_uses_the_final_norm_weight_and_the_real_logits(tiny, task):
     of the model's own forward pass (a DLA that ignored the weight would not)."""
     import copy
 
-    from replab.patching.dla import dla
+    from replab.patching.logit_attribution import dla
 
     model = copy.deepcopy(tiny)
     with torch.no_grad():
@@ -333,7 +333,7 @@ def test_dla_uses_the_final_norm_weight_and_the_real_logits(tiny, task):
 
 
 def test_atp_estimate_is_the_gradient_product_and_ranks_heads(tiny, task):
-    from replab.patching.atp import atp_with_exact
+    from replab.patching.attribution import atp_with_exact
 
     table, summary = atp_with_exact(tiny, task, top=3)
     heads = table[table.kind == "head"]

@@ -47,7 +47,7 @@ def test_sampled_cells_agree_with_transformer_lens(smol, task):
 
 def test_atp_ranks_heads_like_exact_patching(smol, task):
     """Issue acceptance: AtP against exact head patching on next_day, Spearman >= 0.8."""
-    from replab.patching.atp import atp_with_exact
+    from replab.patching.attribution import atp_with_exact
 
     table, summary = atp_with_exact(smol, task, top=5)
     assert summary["heads_compared"] == smol.cfg.n_layers * smol.cfg.n_heads

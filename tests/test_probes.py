@@ -13,8 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, cross_val_score
 
 from replab.errors import ReplabError
-from replab.probes import (Direction, LogisticProbe, LowRankProbe, MeanDiffProbe, apply_probe,
-                           train_probes)
+from replab.probes import Direction, LogisticProbe, LowRankProbe, MeanDiffProbe, apply_probe, train_probes
 from replab.probes import splits as S
 from replab.store.synthetic import write_synthetic_store
 
@@ -62,7 +61,7 @@ def test_solver_cells_masks_and_path_memory():
     """Own-rows cells == one masked product; the L-BFGS memory carried along the L2 path
     gives the same solutions as fresh fits."""
     from replab.probes._solver import Memory, _Design, eigenbasis, fit_logistic
-    from replab.probes.data import limit_threads
+    from replab.threads import limit_threads
 
     X, y, _ = blobs(n=300, d=12, K=3, seed=2)
     codes = torch.from_numpy(np.unique(y, return_inverse=True)[1])
@@ -78,12 +77,12 @@ def test_solver_cells_masks_and_path_memory():
     masked = _Design(z, codes.expand(P, -1), masks, 3, max_cells=0)
     assert len(cells.cells) == 4 and len(masked.cells) == 1
     for a, c in zip(cells.evaluate(W[idx], b[idx], idx, lam),
-                    masked.evaluate(W[idx], b[idx], idx, lam)):
+                    masked.evaluate(W[idx], b[idx], idx, lam), strict=True):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
     memory, init = Memory(), None
     for lam in (0.1, 0.01):
         lams = torch.full((P,), lam)
-        with limit_threads(1):
+        with limit_threads(1, blas=1):
             w1, b1, _ = fit_logistic(z, codes.expand(P, -1), masks, lams, 3, basis.eig,
                                      init=init, memory=memory, tol=1e-6)
             w2, b2, _ = fit_logistic(z, codes.expand(P, -1), masks, lams, 3, basis.eig, tol=1e-6)
@@ -347,7 +346,7 @@ def test_cli_train_json_apply_and_errors(store, tmp_path):
 
 
 def test_tiny_model_store_end_to_end(tiny, tmp_path):
-    from replab.harvest import harvest
+    from replab.harvesting import harvest
 
     s = harvest(tiny, "sequence_types", hooks="resid_post", layers="all", positions="last",
                 out=tmp_path / "seq", progress=False)

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def seq_store(smol, tmp_path_factory):
-    from replab.harvest import harvest
+    from replab.harvesting import harvest
     from replab.prompts import load_prompts
 
     ps = load_prompts("sequence_types", tokenizer=smol.tokenizer)

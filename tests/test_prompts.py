@@ -96,7 +96,7 @@ def test_builtin_schema_and_tokens(sets, tokenizer, name):
     assert ps.meta["scoring"] == "first_token" and "positions" in ps.meta
     assert ps.rows["prompt"].map(lambda p: isinstance(p, str) and p != "").all()
     assert ps.rows["foils"].map(lambda f: isinstance(f, list)).all()
-    for ans, foils, cans in zip(ps.rows["answer"], ps.rows["foils"], ps.rows["corrupt_answer"]):
+    for ans, foils, cans in zip(ps.rows["answer"], ps.rows["foils"], ps.rows["corrupt_answer"], strict=True):
         for s in [ans, cans, *foils]:
             if s is not None:
                 assert len(answer_ids(tokenizer, s)) >= 1
@@ -105,7 +105,7 @@ def test_builtin_schema_and_tokens(sets, tokenizer, name):
             assert len(set(firsts)) == len(firsts), (ans, foils)
     # every pair has equal token length (also what load_prompts enforces)
     paired = ps.rows[ps.rows["corrupt_prompt"].notna()]
-    for clean, corrupt in zip(paired["prompt"], paired["corrupt_prompt"]):
+    for clean, corrupt in zip(paired["prompt"], paired["corrupt_prompt"], strict=True):
         assert len(token_ids(tokenizer, clean)) == len(token_ids(tokenizer, corrupt))
         assert clean != corrupt
     assert len(ps.rows["prompt"]) == len(set(ps.rows["prompt"]))
@@ -125,7 +125,7 @@ def test_sequence_types(sets, tokenizer):
     assert weeks["prompt"].endswith(",") and weeks["answer"].startswith(" ")
     # digit answers: first token is the digit itself, never a bare space
     digits = rows[rows["seq_type"] == "digits"]
-    for p, a in zip(digits["prompt"], digits["answer"]):
+    for p, a in zip(digits["prompt"], digits["answer"], strict=True):
         assert tokenizer.decode(answer_ids(tokenizer, a)[:1]).strip() != ""
         assert token_ids(tokenizer, p + a)[: len(token_ids(tokenizer, p))] == token_ids(tokenizer, p)
 
@@ -172,7 +172,7 @@ def test_superset_sizes_and_controls(sets):
 def test_superset_pairs_differ_only_in_name(sets):
     rows = sets["superset"].rows
     named = rows[rows["template"] != "odd_one_out"]
-    sc_of = dict(zip(named["entity"], named["superclass"]))
+    sc_of = dict(zip(named["entity"], named["superclass"], strict=True))
     one = named[named["corrupt_prompt"].notna()]
     assert len(one) >= 300
     for _, r in one.iterrows():

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from sae_testutil import HOOK, LAYER, planted_sae
 from sae_testutil import cli as _cli
 from sae_testutil import people_store as _people_store

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from sae_testutil import HOOK, LAYER, planted_sae
 from sae_testutil import people_store as _people_store
 
@@ -66,7 +65,7 @@ def test_decompose_rejects_a_direction_from_another_layer(tiny, people_store, tm
 def test_decompose_attribution_drops_control_and_odd_one_out_rows(tiny, tmp_path):
     """The class attribution uses the rows a probe would (no controls, no odd-one-out)."""
     from replab.features.sae import decompose_direction
-    from replab.harvest import harvest
+    from replab.harvesting import harvest
 
     rows = [("Pablo Picasso is a famous", "artist", "", "famous"),
             ("Claude Monet painted many", "artist", "", "famous"),

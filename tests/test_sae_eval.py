@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from sae_testutil import HOOK, cli
 from sae_testutil import tiny_sae as _tiny_sae
 
@@ -108,8 +107,16 @@ def test_sae_lens_tokens_are_checked_before_the_evaluation(tiny, tiny_sae, tmp_p
 
 # ------------------------------------------------------------------ splice
 def test_split_and_hooks_are_exact(tiny, tiny_sae, windows):
-    from replab.features.sae import (decoder_rows, load_sae, patch_latents_hook, sae_decode,
-                                     sae_encode, sae_splice, sae_split, splice_hook)
+    from replab.features.sae import (
+        decoder_rows,
+        load_sae,
+        patch_latents_hook,
+        sae_decode,
+        sae_encode,
+        sae_splice,
+        sae_split,
+        splice_hook,
+    )
 
     sae, _ = load_sae(tiny_sae[0])
     tokens = windows[:2]

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from sae_testutil import FAST, HOOK, LAYER
 from sae_testutil import tiny_sae as _tiny_sae
 
@@ -81,7 +80,7 @@ def test_train_from_a_store(tiny, tmp_path):
     """--store trains on the store's vectors at the hook (all of them, in store order)."""
     from replab.errors import ReplabError
     from replab.features.sae import train_sae
-    from replab.harvest import harvest
+    from replab.harvesting import harvest
 
     store = harvest(tiny, "next_day", hooks="resid_post", layers=str(LAYER), positions="all",
                     out=tmp_path / "store", progress=False)

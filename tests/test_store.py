@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from replab_testutil import harvest_cmd, kill_mid_run, tree_digest
 
 from replab.errors import ReplabError
-from replab.harvest import harvest
+from replab.harvesting import harvest
 from replab.prompts import load_prompts, token_ids
 from replab.store import open_store
-from replab_testutil import harvest_cmd, kill_mid_run, tree_digest
 
 
 def direct_acts(model, prompt, hook):
@@ -32,7 +32,7 @@ def test_values_equal_direct_forward(tiny, people_jsonl, tmp_path):
     assert len(index) == sum(len(token_ids(tiny.tokenizer, p)) for p in index.drop_duplicates("example_id")["prompt"])
     for hook in hooks:
         acts = np.asarray(store.acts(hook))
-        for ex, rows in index.groupby("example_id"):
+        for _ex, rows in index.groupby("example_id"):
             want = direct_acts(tiny, rows["prompt"].iloc[0], hook)
             got = acts[rows["row"].to_numpy()]
             np.testing.assert_allclose(got, want[rows["position"].to_numpy()], atol=1e-5, rtol=1e-5)
@@ -44,7 +44,7 @@ def test_positions_and_index(tiny, people_jsonl, tmp_path):
                     out=tmp_path / "ent", progress=False)
     ix = store.index
     assert list(ix["token"].str.strip()) == ["Picasso", "Einstein", "Monet", "ie", "France"]
-    assert all(e.endswith(t.strip()) for e, t in zip(ix["entity"], ix["token"]))
+    assert all(e.endswith(t.strip()) for e, t in zip(ix["entity"], ix["token"], strict=True))
     assert {"row", "example_id", "position", "token_id", "token", "split", "superclass",
             "entity", "template", "group", "prompt", "answer"} <= set(ix.columns)
     last = harvest(tiny, people_jsonl, hooks="resid_pre", layers="0", positions="last",
@@ -100,7 +100,8 @@ def test_damage_is_detected(tiny, people_jsonl, tmp_path):
     victim.write_bytes(bytes(data[:-100]))
     with pytest.raises(ReplabError, match="blocks.1.hook_resid_post.npy.*truncated"):
         open_store(out)
-    result = subprocess.run([sys.executable, "-m", "replab", "store", "verify", str(out)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "replab", "store", "verify", str(out)],
+                            capture_output=True, text=True)
     assert result.returncode == 2 and "truncated" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

@@ -12,8 +12,7 @@ import sys
 
 import typer
 
-from replab.cli import datasets, plot, probe, store
-from replab.cli import features, lens, patch, sae, sae_patch  # noqa: F401 (sae_patch adds `sae patch`)
+from replab.cli import datasets, features, lens, patch, plot, probe, sae, sae_patch, store  # noqa: F401 (sae_patch adds `sae patch`)
 from replab.cli._common import examples
 from replab.cli.harvest import HARVEST_EPILOG, harvest_cmd
 

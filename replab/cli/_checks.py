@@ -29,7 +29,7 @@ def check_sets(name: str, model_name, scoring: str, known: bool, out: Path | Non
         with progress_bar(len(ps), f"check {set_name}", unit="prompt", enabled=progress) as bar:
             seen = [0]
 
-            def tick(done, total):
+            def tick(done, total, bar=bar, seen=seen):
                 bar.advance(done - seen[0])
                 seen[0] = done
 

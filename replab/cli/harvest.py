@@ -25,7 +25,7 @@ def harvest_cmd(
     json_out: bool = JSON_OPT,
 ):
     """Harvest a model's activations on a prompt set into an on-disk store."""
-    from replab.harvest import harvest
+    from replab.harvesting import harvest
     from replab.models import load_model
 
     loaded = load_model(model, device=device)

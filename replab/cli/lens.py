@@ -171,9 +171,9 @@ def train_cmd(model: str = MODEL_OPT,
     default settings give the default lens, which `lens tuned` and `lens eval` use; any other
     corpus or setting is cached under its own key (or --out) and never replaces it.
     """
-    from replab.lenses.tiny_hf import resolve
     from replab.lenses.train import TrainConfig
     from replab.lenses.tuned import train_lens
+    from replab.models.tiny_hf import resolve
 
     cfg = TrainConfig(corpus=corpus, seq_len=seq_len, fit_tokens=tokens, steps=steps,
                       batch_positions=batch_positions, lr=lr, seed=seed)
@@ -194,7 +194,7 @@ def train_cmd(model: str = MODEL_OPT,
                f"saved {path}")
     typer.echo("validation KL per layer (logit lens -> least-squares init -> after KL training): "
                + ", ".join(f"{i}: {a:.2f}->{b:.2f}->{c:.2f}" for i, (a, b, c) in enumerate(zip(
-                   stats["val_kl_logit"], stats["val_kl_least_squares"], stats["val_kl_tuned"]))))
+                   stats["val_kl_logit"], stats["val_kl_least_squares"], stats["val_kl_tuned"], strict=True))))
 
 
 @app.command("eval", epilog=examples(
@@ -234,14 +234,14 @@ def corpus_cmd(write: bool = typer.Option(False, "--write",
                                           help="Regenerate datasets/corpus/{train,heldout}.txt."),
                model: str = MODEL_OPT, json_out: bool = JSON_OPT):
     """Show (or regenerate) the builtin lens corpus: documents and token counts per split."""
-    from replab.lenses.corpus import (
+    from replab.models import load_tokenizer
+    from replab.prompts.corpus import (
         BUILTIN,
         BUILTIN_HELDOUT,
         count_tokens,
         read_corpus,
         write_builtin,
     )
-    from replab.models import load_tokenizer
 
     tok = load_tokenizer(model)
     if write:

@@ -100,7 +100,7 @@ def probes(run: Path = typer.Option(..., "--run", help="A `replab probe train` r
     import pandas as pd
 
     from replab.errors import ReplabError
-    from replab.geometry.plots import plot_probe_curves
+    from replab.probes.plots import plot_probe_curves
 
     path = Path(run) / "records.parquet"
     if not path.exists():

@@ -158,7 +158,8 @@ def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, j
 ))
 def decompose_cmd(sae_dir: Path = _SAE_DIR,
                   direction: Path = typer.Option(..., "--direction", "-d",
-                                                 help="Direction .json/.safetensors, or a raw .npy/.safetensors vector."),
+                                                 help="Direction .json/.safetensors, or a raw "
+                                                      ".npy/.safetensors vector."),
                   store: Path = typer.Option(None, "--store", help="Activation store with the SAE's hook."),
                   label: str = typer.Option(None, "--label", help="Label column (default: the Direction's)."),
                   cls: str = typer.Option(None, "--class", help="Positive class (default: the Direction's)."),

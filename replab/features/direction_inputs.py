@@ -84,7 +84,7 @@ class DirectionInput:
 
 
 def _site_of(hook: str) -> tuple[str, int | None]:
-    from replab.patching.interventions import canonical_site
+    from replab.hooks import canonical_site
 
     return canonical_site(hook)
 
@@ -180,7 +180,7 @@ def class_mean_direction(store, layer: int, cls: str, label: str = "superclass",
                          site: str = "resid_post", shuffle_seed: int | None = None) -> np.ndarray:
     """Difference of class means ``[d]`` at ``layer`` of a store (``cls``: ``A`` vs the rest, or
     ``A-B``); with ``shuffle_seed`` the labels are permuted first (shuffled-label baseline)."""
-    from replab.probes.data import as_store, hook_for_layer
+    from replab.store.select import as_store, hook_for_layer
 
     store = as_store(store)
     rows, y = _store_rows(store, label)
@@ -323,8 +323,8 @@ def shuffled_direction(src, direction: DirectionInput, seed: int = 0) -> tuple[n
 
 def fit_leace(store, layer: int, label: str = "superclass", site: str = "resid_post"):
     """A LEACE eraser fitted on a store's rows at ``layer`` (every class of ``label``)."""
-    from replab.probes.data import as_store, hook_for_layer
     from replab.probes.erasure import fit_eraser
+    from replab.store.select import as_store, hook_for_layer
 
     store = as_store(store)
     rows, y = _store_rows(store, label)

@@ -46,8 +46,9 @@ import torch
 
 from replab.errors import ReplabError
 from replab.features.direction_inputs import DirectionInput
+from replab.hooks import canonical_site
 from replab.patching.engine import Variant, run_variants
-from replab.patching.interventions import Intervention, canonical_site
+from replab.patching.interventions import Intervention
 from replab.patching.metrics import check_metric, normalized, task_metrics
 from replab.patching.task import PatchTask
 
@@ -125,9 +126,9 @@ def _metrics(model, task: PatchTask, metric: str, finals: torch.Tensor, runs: di
 
 def leace_final(model, task: PatchTask, eraser, site: str, layer: int, pos) -> torch.Tensor:
     """Final residuals ``[N, d]`` of the clean run with LEACE applied at ``site``/``layer``/``pos``."""
-    from replab.patching.interventions import SITES
+    from replab.hooks import SITES
 
-    hook = SITES[site][0].format(L=layer)
+    hook = SITES[site].hook(layer)
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     keep = {}
 

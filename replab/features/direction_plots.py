@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from replab.patching.plots import _plt
+from replab._figures import pyplot as _plt
 
 
 def dose_response(steering: pd.DataFrame, title: str, metric: str, unit: str = "raw"):
@@ -54,9 +54,11 @@ def random_histogram(random: pd.DataFrame, summary: dict, title: str):
     ax.axvspan(summary["ci_low"], summary["ci_high"], color="C0", alpha=0.15)
     ax.axvline(summary["full_residual_effect"], color="black", ls="--",
                label=f"full residual ({summary['full_residual_effect']:.2f})")
-    ax.axvline(summary["complement_effect"], color="C2", ls=":", label=f"complement ({summary['complement_effect']:.2f})")
+    ax.axvline(summary["complement_effect"], color="C2", ls=":",
+               label=f"complement ({summary['complement_effect']:.2f})")
     if summary.get("shuffled_effect") is not None:
-        ax.axvline(summary["shuffled_effect"], color="C3", ls="-.", label=f"shuffled ({summary['shuffled_effect']:.2f})")
+        ax.axvline(summary["shuffled_effect"], color="C3", ls="-.",
+                   label=f"shuffled ({summary['shuffled_effect']:.2f})")
     ax.axvline(float(np.quantile(vals, 0.95)), color="grey", ls=":", lw=1, label="random p95")
     ax.set_xlabel("normalised effect of the denoising patch (0 = corrupt, 1 = clean)")
     ax.set_ylabel("count")

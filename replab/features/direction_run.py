@@ -89,7 +89,13 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
     Returns:
         The summary dict written to ``<out>/summary.json`` (plus ``out``).
     """
-    from replab.features import direction_inputs as DI
+    from replab.features.direction_inputs import (
+        check_model,
+        fit_leace,
+        load_direction,
+        resolve_store,
+        shuffled_direction,
+    )
     from replab.features.direction_patch import direction_patch
     from replab.features.direction_plots import dose_response, random_histogram
     from replab.features.superclass import check_separation, separation_table
@@ -99,11 +105,11 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
 
     alphas = parse_alphas(alphas)
     layer_arg, layer = layer, resolve_layer(layer)
-    d = DI.load_direction(direction, layer, cls, label, kind)
+    d = load_direction(direction, layer, cls, label, kind)
     m = load_model(model, device="cpu")
     t = load_task_for(m.tokenizer, task, classes, template, pairs, dataset, bool(m.cfg.default_prepend_bos))
     notes = []
-    warn = DI.check_model(d, m)
+    warn = check_model(d, m)
     if warn:
         notes.append(warn)
     metric_name = metric or t.meta.get("metric") or "logit_diff"
@@ -111,7 +117,7 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
     sep_table = separation_table(m, t, metric_name)
     shuffled_vec, how = None, None
     try:
-        shuffled_vec, how = DI.shuffled_direction(shuffled, d, seed)
+        shuffled_vec, how = shuffled_direction(shuffled, d, seed)
         notes.append(f"shuffled-label baseline: {how}")
     except ReplabError as e:
         if shuffled is not None:
@@ -119,10 +125,10 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
         notes.append(f"no shuffled-label baseline: {e}")
     eraser, leace_info = None, None
     use_layer = d.layer if layer is None else int(layer)
-    lstore = DI.resolve_store(store or d.store)
+    lstore = resolve_store(store or d.store)
     if leace and lstore is not None and (site or d.site or "resid_post") == "resid_post" and use_layer is not None:
         try:
-            eraser, leace_info = DI.fit_leace(lstore, use_layer, d.label or label)
+            eraser, leace_info = fit_leace(lstore, use_layer, d.label or label)
             leace_info["store"] = str(lstore)
         except ReplabError as e:
             notes.append(f"no LEACE ({e})")

@@ -64,8 +64,9 @@ import pandas as pd
 import torch
 
 from replab.errors import ReplabError
+from replab.hooks import canonical_site
 from replab.patching.engine import Variant, run_variants
-from replab.patching.interventions import Intervention, canonical_site
+from replab.patching.interventions import Intervention
 from replab.patching.metrics import FULL_VOCAB, Readout, check_metric, metric_values, normalized, task_metrics
 
 TOL = 1e-3
@@ -202,8 +203,8 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
         summary (module docstring keys, plus ``latents``, ``latent_attribution``,
         ``all_latents_effect``, ``error_term_effect``, ``complement_effect``, ``checks``).
     """
-    from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
     from replab.patching import sanity
+    from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
 
     metric = check_metric(metric)
     hook = meta["hook_name"]

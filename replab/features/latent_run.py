@@ -42,12 +42,12 @@ def run_latent_patch(sae_dir=None, layer: int | None = None, hook: str = "resid_
     the person's last name token for the super-class task, else every position. ``dataset``:
     a prompt file for the task (superset schema for ``superclass``, e.g. a known-only JSONL).
     """
+    from replab._figures import pyplot
     from replab.features.direction_run import load_task_for
     from replab.features.latent_patch import latent_patch
     from replab.features.sae.artifact import load_sae, model_for, read_meta, resolve_sae_dir
     from replab.features.superclass import task_positions
     from replab.models import load_model
-    from replab._figures import pyplot
     from replab.patching.plots import save_figure
     from replab.patching.report import finish_run, start_run, write_table
 

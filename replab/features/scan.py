@@ -115,11 +115,12 @@ def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None
         shuffled_effect, random_mean, random_p95, eligible, chosen``) and a summary with
         ``chosen_layer`` and ``reason``.
     """
-    from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
     from replab.features.superclass import task_positions
+    from replab.hooks import canonical_site
     from replab.patching import sanity
+    from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
     from replab.patching.engine import Variant, run_variants
-    from replab.patching.interventions import Intervention, canonical_site
+    from replab.patching.interventions import Intervention
     from replab.patching.metrics import check_metric, normalized, task_metrics
 
     run = Path(run)
@@ -278,7 +279,7 @@ def run_scan(probe, out=None, task: str = "superclass", classes: str | None = No
     t = load_task_for(m.tokenizer, task, classes, template, pairs, dataset, bool(m.cfg.default_prepend_bos))
     layer_list = None
     if layers:
-        from replab.harvest.hooks import parse_layers
+        from replab.hooks import parse_layers
 
         layer_list = parse_layers(layers, m.cfg.n_layers)
     sep = check_separation(m, t, metric or t.meta.get("metric") or "logit_diff")

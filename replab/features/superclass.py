@@ -64,9 +64,9 @@ def _people(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
             & rows["entity"].map(lambda e: isinstance(e, str) and bool(e))
             & rows["answer"].map(lambda a: isinstance(a, str) and bool(a)))
     rows = rows[keep]
-    rows = rows[[p.count(e) == 1 for p, e in zip(rows["prompt"], rows["entity"])]]
+    rows = rows[[p.count(e) == 1 for p, e in zip(rows["prompt"], rows["entity"], strict=True)]]
     templates = {}
-    for t, p, e in zip(rows["template"], rows["prompt"], rows["entity"]):
+    for t, p, e in zip(rows["template"], rows["prompt"], rows["entity"], strict=True):
         templates.setdefault(str(t), p.replace(e, "{name}"))
     return rows, templates
 

@@ -79,7 +79,7 @@ def random_table(table: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"random": den["name"].str.removeprefix("random_").astype(int).to_numpy(),
                         "normalized_effect": den["normalized_effect"].to_numpy(),
                         "of_full": den["of_full"].to_numpy()})
-    ab = dict(zip(abl["name"].str.removeprefix("ablate_random_").astype(int), abl["normalized_effect"]))
+    ab = dict(zip(abl["name"].str.removeprefix("ablate_random_").astype(int), abl["normalized_effect"], strict=True))
     out["ablate_effect"] = out["random"].map(ab)
     return out
 
@@ -266,9 +266,9 @@ def summarize(table, random_tbl, steering, direction, task, site, layer, pos, po
               "projection": projection, "checks": checks,
               "task": task.describe(), "direction": direction.describe(), "n_variants": int(n_variants),
               "seconds": round(float(seconds), 3)})
-    from replab.patching.interventions import SITES
+    from replab.hooks import SITES
 
-    s["hook"] = SITES[site][0].format(L=layer)
+    s["hook"] = SITES[site].hook(layer)
     s["bootstrap"] = bootstrap
     s["shuffled_source"] = shuffled_source if s["shuffled_effect"] is not None else None
     checks["random_mean"] = random_mean_check(s["random_mean"], s["full_residual_effect"], s["n_random"],

@@ -1,8 +1,7 @@
 """Representation geometry: 2-D projections per layer (PCA, UMAP), cosine similarity
 between class-mean directions, and the figures (:mod:`replab.geometry.plots`)."""
 
-from replab.geometry.cosine import (class_mean_directions, cosine_baseline, cosine_layers,
-                                    cosine_matrix)
+from replab.geometry.cosine import class_mean_directions, cosine_baseline, cosine_layers, cosine_matrix
 from replab.geometry.project import pca_2d, project_layers, umap_2d
 
 __all__ = ["class_mean_directions", "cosine_baseline", "cosine_layers", "cosine_matrix", "pca_2d",
@@ -19,7 +18,7 @@ def plot_geometry(store, color: str, method: str = "pca", out=None, site: str = 
     from pathlib import Path
 
     from replab.geometry.plots import plot_projection
-    from replab.probes.data import as_store
+    from replab.store.select import as_store
 
     store = as_store(store)
     coords = project_layers(store, color, method, site, layers, where, seed, progress)

@@ -14,14 +14,9 @@ import pandas as pd
 
 
 def _plt():
-    import matplotlib
+    from replab._figures import themed_pyplot
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="paper")
-    return plt, sns
+    return themed_pyplot()
 
 
 def class_palette(classes) -> dict:
@@ -30,7 +25,7 @@ def class_palette(classes) -> dict:
 
     classes = sorted(map(str, classes))
     colours = sns.color_palette("tab10" if len(classes) <= 10 else "husl", len(classes))
-    return dict(zip(classes, colours))
+    return dict(zip(classes, colours, strict=True))
 
 
 def projection_palette(values, classes=None) -> dict:
@@ -63,7 +58,7 @@ def plot_projection(coords: pd.DataFrame, color: str, base, title: str = "",
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.4 * nrows + 1.0),
                              squeeze=False, layout="constrained")
     label = {"pca": ("PC1", "PC2"), "umap": ("UMAP-1", "UMAP-2")}.get(method, ("x", "y"))
-    for ax, layer in zip(axes.flat, layers):
+    for ax, layer in zip(axes.flat, layers, strict=False):
         # shuffled draw order (fixed seed): a class plotted last would hide coincident ones
         d = coords[coords["layer"] == layer].sample(frac=1.0, random_state=0)
         sns.scatterplot(data=d, x="x", y="y", hue=color, palette=palette, s=9, linewidth=0,
@@ -82,69 +77,6 @@ def plot_projection(coords: pd.DataFrame, color: str, base, title: str = "",
     fig.legend(handles=handles, title=color, loc="outside lower center",
                ncol=min(len(handles), 8), frameon=False, fontsize=9, title_fontsize=9)
     fig.suptitle(title or f"{method.upper()} by layer, coloured by {color}", fontsize=12)
-    return _save(fig, base)
-
-
-def plot_probe_curves(records: pd.DataFrame, base, title: str = "",
-                      metric: str = "balanced_accuracy") -> Path:
-    """Probe accuracy vs layer for every kind (and rank), with 95% CIs, and - when the
-    records have a control task - a second panel with the selectivity of every kind.
-
-    Left: ``metric`` (solid, with the entity-bootstrap CI band for balanced accuracy),
-    dotted held-out-template balanced accuracy (full-rank kinds), grey chance. Right:
-    task accuracy (solid) and control-task accuracy (dashed) on the control folds, and
-    their difference, the selectivity, as the shaded gap (full-rank kinds; ranks as
-    selectivity lines would crowd it).
-    """
-    plt, sns = _plt()
-    recs = records.copy()
-    recs["probe"] = [k if k != "lowrank" else f"rank-{int(r)}" for k, r in
-                     zip(recs["kind"], recs["rank"])]
-    palette = dict(zip(sorted(recs["probe"].unique()),
-                       sns.color_palette("deep", recs["probe"].nunique())))
-    controls = "matched_accuracy" in recs and recs["control_accuracy"].notna().any()
-    fig, axes = plt.subplots(1, 2 if controls else 1, figsize=(13 if controls else 8, 4.6),
-                             squeeze=False)
-    ax = axes[0, 0]
-    for name, d in recs.groupby("probe"):
-        d = d.sort_values("layer")
-        c = palette[name]
-        ax.plot(d["layer"], d[metric], "-o", ms=3, color=c, label=f"{name}")
-        if metric == "balanced_accuracy" and d["ci_low"].notna().any():
-            ax.fill_between(d["layer"], d["ci_low"], d["ci_high"], color=c, alpha=0.18, lw=0)
-        if not name.startswith("rank-") and d["heldout_balanced_accuracy"].notna().any():
-            ax.plot(d["layer"], d["heldout_balanced_accuracy"], ":", color=c,
-                    label=f"{name}, held-out template")
-    if metric == "balanced_accuracy":
-        chance = 1.0 / recs["n_classes"].max()
-        ax.axhline(chance, color="grey", lw=1, label=f"chance (1/K = {chance:.2f})")
-    else:
-        maj = recs.groupby("layer")["majority_accuracy"].first()
-        ax.plot(maj.index, maj.values, color="grey", lw=1, label="majority baseline")
-    ax.set_xlabel("layer")
-    band = metric == "balanced_accuracy" and recs["ci_low"].notna().any()
-    ax.set_ylabel(metric.replace("_", " ") + (" (band: 95% CI)" if band else ""))
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title or "probe accuracy by layer", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right", frameon=False)
-    if controls:
-        ax2 = axes[0, 1]
-        for name, d in recs.groupby("probe"):
-            if name.startswith("rank-") or d["control_accuracy"].isna().all():
-                continue
-            d = d.sort_values("layer")
-            c = palette[name]
-            ax2.plot(d["layer"], d["matched_accuracy"], "-", color=c, label=f"{name}, task")
-            ax2.plot(d["layer"], d["control_accuracy"], "--", color=c,
-                     label=f"{name}, control task")
-            ax2.fill_between(d["layer"], d["control_accuracy"], d["matched_accuracy"], color=c,
-                             alpha=0.15, lw=0)
-        ax2.set_xlabel("layer")
-        ax2.set_ylabel("accuracy on the control folds")
-        ax2.set_ylim(0, 1.02)
-        ax2.set_title("selectivity = task − control (shaded), same folds", fontsize=10)
-        ax2.legend(fontsize=7, loc="lower right", frameon=False)
-    fig.tight_layout()
     return _save(fig, base)
 
 
@@ -169,7 +101,7 @@ def plot_cosines(cos: pd.DataFrame, base, title: str = "", ncols: int | None = N
     norm = TwoSlopeNorm(vmin=-1.0, vcenter=centre, vmax=1.0)
     side = 1.0 + 0.28 * len(classes)
     fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols, side * nrows + 0.5), squeeze=False)
-    for i, (ax, layer) in enumerate(zip(axes.flat, layers)):
+    for i, (ax, layer) in enumerate(zip(axes.flat, layers, strict=False)):
         m = cos[cos["layer"] == layer].pivot(index="class_a", columns="class_b", values="cosine")
         m = m.loc[classes, classes]
         last_row = i + ncols >= len(layers)
@@ -191,5 +123,4 @@ def plot_cosines(cos: pd.DataFrame, base, title: str = "", ncols: int | None = N
     return _save(fig, base)
 
 
-__all__ = ["class_palette", "projection_palette", "plot_projection", "plot_probe_curves",
-           "plot_cosines"]
+__all__ = ["class_palette", "projection_palette", "plot_projection", "plot_cosines"]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
-from replab.probes.splits import where_mask
+from replab.store.select import where_mask
 
 METHODS = ("pca", "umap")
 
@@ -64,7 +64,7 @@ def project_layers(store, color: str, method: str = "pca", site: str = "resid_po
         DataFrame ``layer, row, x, y, <color>`` (PCA adds ``explained_1``, ``explained_2``).
     """
     from replab._progress import progress_bar
-    from replab.probes.data import as_store, pick_layers
+    from replab.store.select import as_store, pick_layers
 
     if method not in METHODS:
         raise ReplabError(f"unknown projection {method!r}; use pca or umap")

@@ -14,17 +14,17 @@
   accumulated residual; tuned lens: its translated residual).
 """
 
+from replab.lenses.cache import cached_lens_dir, load_lens, save_lens
 from replab.lenses.cells import lens_arrays
-from replab.lenses.corpus import read_corpus, token_chunks
 from replab.lenses.decoders import LogitLens, Point, TunedLensDecoder, lens_points
 from replab.lenses.evaluate import evaluate_lenses, run_eval
 from replab.lenses.logit_diff import decoder_logit_diff_curve, logit_diff_curve
 from replab.lenses.norms import probe_norm
 from replab.lenses.run import apply_lens, first_top1_summary
-from replab.lenses.store import cached_lens_dir, load_lens, save_lens
 from replab.lenses.table import first_top1, lens_table
 from replab.lenses.train import TrainConfig, train_tuned_lens
 from replab.lenses.tuned import default_lens_dir, load_tuned_lens, train_lens
+from replab.prompts.corpus import read_corpus, token_chunks
 
 __all__ = [
     "LogitLens", "Point", "TrainConfig", "TunedLensDecoder", "apply_lens", "cached_lens_dir",

@@ -23,7 +23,6 @@ order; :func:`replab.lenses.table.table_from_arrays` turns them into the DataFra
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -36,22 +35,6 @@ from replab.lenses.decoders import Decoder
 MAX_ROWS = 128
 #: cells (tokens) per group of prompts whose residuals are held at once (all points)
 MAX_CELLS = 2048
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """Run the block with ``n`` torch intra-op threads (``None``: leave as is).
-
-    On a shared 2-core machine, two threads that wait for each other at every op made the
-    ``next_day`` table 3-4x slower in wall time (and in CPU time) than one thread.
-    """
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def length_batches(lengths: list[int], max_rows: int | None = MAX_ROWS,
@@ -106,7 +89,7 @@ def unique_residuals(decoder: Decoder, ids: list[list[int]], first: list[tuple[i
         if resid is None:
             resid = r.new_empty(r.shape[0], len(first), r.shape[-1])
         rows = [(row, u, t) for row, j in enumerate(js) for u, t in owned[j]]
-        row_i, u_i, t_i = (torch.tensor(c) for c in zip(*rows))
+        row_i, u_i, t_i = (torch.tensor(c) for c in zip(*rows, strict=True))
         resid[:, u_i] = r[:, row_i, t_i]
     return resid
 
@@ -172,7 +155,7 @@ def _each_point(decoder: Decoder, resid: torch.Tensor, s: int, e: int, final: to
     step = max(1, max_rows // (e - s))
     for i0 in range(0, last, step):
         idx = list(range(i0, min(i0 + step, last)))
-        yield from zip(idx, _log_probs(decoder, resid, idx, s, e))
+        yield from zip(idx, _log_probs(decoder, resid, idx, s, e), strict=True)
     yield last, final
 
 
@@ -217,7 +200,7 @@ def _group_arrays(decoder: Decoder, ids, targets, k: int, max_rows: int,
     # rows: for each prompt, for each point, its cells in position order
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     row_cell = np.concatenate([off + np.tile(np.arange(n), n_points)
-                               for off, n in zip(offsets, sizes)])
+                               for off, n in zip(offsets, sizes, strict=True)])
     row_point = np.concatenate([np.repeat(np.arange(n_points), n) for n in sizes])
     row_u = c_u[row_cell]
     out = {key: v[row_point, row_u] for key, v in u_out.items()}

@@ -77,7 +77,7 @@ class Decoder(abc.ABC):
         Subclasses batch the unembedding of several points into one matmul, which matters
         when few cells are decoded (reading ``W_U`` once per point dominates otherwise).
         """
-        return torch.stack([self.decode_point(r, i) for r, i in zip(resid, indices)])
+        return torch.stack([self.decode_point(r, i) for r, i in zip(resid, indices, strict=True)])
 
     @torch.no_grad()
     def iter_logits(self, tokens: torch.Tensor):
@@ -179,5 +179,5 @@ class TunedLensDecoder(Decoder):
             out[inner] = self.decode_points(resid[inner], [indices[m] for m in inner])
             return out
         # translators per point, then one final norm + unembedding for all of them
-        h = torch.stack([self.lens.transform_hidden(r, idx=i) for r, i in zip(resid, indices)])
+        h = torch.stack([self.lens.transform_hidden(r, idx=i) for r, i in zip(resid, indices, strict=True)])
         return self.lens.unembed(h)

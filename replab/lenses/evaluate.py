@@ -47,7 +47,7 @@ def evaluate_lenses(decoders: list[Decoder], chunks: torch.Tensor, batch_size: i
                 kl, ce = lens_losses(dec, part)
                 kl_sum, ce_sum = kl_sum + kl.double(), ce_sum + ce.double()
                 bar.advance(part.numel())
-            for pt, k, c in zip(dec.points, (kl_sum / n_pred).tolist(), (ce_sum / n_pred).tolist()):
+            for pt, k, c in zip(dec.points, (kl_sum / n_pred).tolist(), (ce_sum / n_pred).tolist(), strict=True):
                 rows.append({"layer": pt.layer, "lens": dec.name, "kl": k, "ce": c})
     return pd.DataFrame(rows)
 
@@ -73,23 +73,23 @@ def run_eval(model: str | None = None, corpus: str = "builtin-heldout", tokens: 
     from pathlib import Path
 
     from replab._version import __version__
-    from replab.lenses import plots
-    from replab.lenses.cells import torch_threads
-    from replab.lenses.corpus import read_corpus, token_chunks
+    from replab.lenses.plots import eval_plot
     from replab.lenses.run import make_decoder
-    from replab.lenses.tiny_hf import resolve
+    from replab.models.tiny_hf import resolve
+    from replab.prompts.corpus import read_corpus, token_chunks
+    from replab.threads import limit_threads
 
     t0 = time.perf_counter()
     name = resolve(model)
     tuned, tl_model, identity = make_decoder("tuned", name, False, lens_path)
     logit, _, _ = make_decoder("logit", name, False)
     chunks = token_chunks(read_corpus(corpus), tl_model.tokenizer, seq_len, tokens, seed=0)
-    with torch_threads(threads):
+    with limit_threads(threads):
         df = evaluate_lenses([logit, tuned], chunks, batch_size, progress)
     out = Path(out or "runs/lens-eval")
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "eval.csv", index=False)
-    plots.eval_plot(df, out / "eval.png",
+    eval_plot(df, out / "eval.png",
                     f"{Path(identity['name']).name}: lenses on {corpus} ({chunks.numel()} tokens)")
     w = wide(df)
     inner = w[w["layer"] < w["layer"].max()]

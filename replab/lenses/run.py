@@ -56,14 +56,14 @@ def make_decoder(kind: str, model_name: str | None, mid: bool = False, lens_path
         raise ReplabError("--mid has no tuned-lens equivalent (tuned-lens trains translators "
                           "only for the residual entering each block); use `replab lens logit --mid`")
     if kind == "tuned":
-        from replab.lenses.tiny_hf import resolve
+        from replab.models.tiny_hf import resolve
 
         model_name = resolve(model_name)
     model = load_model(model_name, device="cpu")
     identity = model.replab_identity.to_dict()
     if kind == "logit":
         return LogitLens(model, mid=mid), model, identity
-    from replab.lenses.store import check_lens_dir, load_lens
+    from replab.lenses.cache import check_lens_dir, load_lens
     from replab.lenses.tuned import quiet_hf_model, tuned_lens_path
 
     path = check_lens_dir(tuned_lens_path(model_name, lens_path, identity))
@@ -84,11 +84,11 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
     Returns the summary dict (also written to ``out/summary.json``); it holds
     ``first_top1`` (:func:`first_top1_summary`) when there is a target.
     """
-    from replab.lenses import plots
-    from replab.lenses.cells import torch_threads
     from replab.lenses.logit_diff import decoder_logit_diff_curve, logit_diff_curve, summarize_curve
+    from replab.lenses.plots import logit_diff_plot, target_curve, trajectory_heatmap
     from replab.lenses.table import first_top1, lens_table
     from replab.models import load_tokenizer
+    from replab.threads import limit_threads
 
     if k < 1:
         raise ReplabError("--top-k must be at least 1")
@@ -100,7 +100,7 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
         raise ReplabError(f"--index {index} is out of range (0..{len(prompts) - 1})")
     bos = bool(identity["prepend_bos"])
     t_load = time.perf_counter() - t0
-    with torch_threads(threads):
+    with limit_threads(threads):
         table = lens_table(decoder, tokenizer, prompts, targets, k, bos, extra, progress)
     t_table = time.perf_counter() - t0 - t_load
     out = Path(out or f"runs/lens-{kind}-{dataset or 'prompt'}")
@@ -110,7 +110,7 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
     for col in ("top_tokens", "top_probs"):
         csv[col] = csv[col].map(json.dumps)
     csv.to_csv(out / "table.csv", index=False)
-    figures = [str(plots.trajectory_heatmap(table, out / "trajectory.png", index))]
+    figures = [str(trajectory_heatmap(table, out / "trajectory.png", index))]
     summary = {"kind": f"{kind}_lens", "model": identity, "replab_version": __version__,
                "config": {"prompt": prompt, "dataset": dataset, "target": target, "mid": mid,
                           "top_k": k, "limit": limit, "threads": threads,
@@ -125,10 +125,10 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
         else:
             ft.insert(1, "prompt", [prompts[i] for i in ft["prompt_id"]])
         ft.to_csv(out / "first_top1.csv", index=False)
-        figures.append(str(plots.target_curve(table, out / "target.png", ft)))
+        figures.append(str(target_curve(table, out / "target.png", ft)))
         summary["first_top1"] = first_top1_summary(ft)
     if rows is not None and _has_pairs(rows):
-        with torch_threads(threads):
+        with limit_threads(threads):
             if kind == "logit":
                 curve = logit_diff_curve(tl_model, tokenizer, rows, bos, progress)
             else:
@@ -137,7 +137,7 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
         agg = summarize_curve(curve)
         what = ("from the accumulated residual" if kind == "logit"
                 else "of the tuned lens (translated residual)")
-        figures.append(str(plots.logit_diff_plot(
+        figures.append(str(logit_diff_plot(
             agg, out / "logit_diff.png", f"{dataset}: logit difference (answer − foil) {what}",
             kind)))
         clean = agg[agg["which"] == "clean"].sort_values("depth")

@@ -71,7 +71,8 @@ def table_from_arrays(arrays: dict[str, np.ndarray], decoder: Decoder, tokenizer
 
 
 def lens_table(decoder: Decoder, tokenizer, prompts: list[str],
-               targets: list[str | None] | None = None, k: int = 5, prepend_bos: bool = False, extra: pd.DataFrame | None = None,
+               targets: list[str | None] | None = None, k: int = 5, prepend_bos: bool = False,
+               extra: pd.DataFrame | None = None,
                progress: bool = False, max_rows: int = MAX_ROWS) -> pd.DataFrame:
     """Decode every prompt at every point and position; see the module docstring.
 

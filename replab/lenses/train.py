@@ -149,8 +149,8 @@ def train_tuned_lens(hf_model, tokenizer, cfg: TrainConfig | None = None, progre
 
     from tuned_lens.nn.lenses import TunedLens
 
-    from replab.lenses.corpus import read_corpus, token_chunks
     from replab.lenses.norms import probe_norm
+    from replab.prompts.corpus import read_corpus, token_chunks
 
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)

@@ -5,7 +5,7 @@
 >>> lens = load_tuned_lens(None, hf_model)  # doctest: +SKIP  (reads the default lens)
 
 The cache directory of a lens is keyed by the model identity *and* the training config
-(:func:`replab.lenses.store.cached_lens_dir`); ``replab lens tuned`` / ``lens eval`` read
+(:func:`replab.lenses.cache.cached_lens_dir`); ``replab lens tuned`` / ``lens eval`` read
 the lens of the default ``TrainConfig()`` unless given ``--lens DIR``.
 """
 
@@ -15,8 +15,7 @@ import os
 from pathlib import Path
 
 from replab.errors import ReplabError
-from replab.lenses.cells import torch_threads
-from replab.lenses.store import (
+from replab.lenses.cache import (
     cached_lens_dir,
     cached_lenses,
     config_key,
@@ -26,6 +25,7 @@ from replab.lenses.store import (
     save_lens,
 )
 from replab.lenses.train import TrainConfig, train_tuned_lens
+from replab.threads import limit_threads
 
 
 def model_identity(model_name: str | None) -> dict:
@@ -37,7 +37,7 @@ def model_identity(model_name: str | None) -> dict:
 
 def weights_identity(model_name: str | None) -> dict | None:
     """``{"name", "weights_sha256"}`` of a model without loading it (the two fields a lens's
-    cache directory and :func:`replab.lenses.store.is_current` read), or None when only
+    cache directory and :func:`replab.lenses.cache.is_current` read), or None when only
     loading tells (the random ``tiny`` model). The same values as
     :func:`model_identity`: the embedded model's GGUF sha256, a local directory's weight
     files' :func:`~replab.models.identity.sha256_files` (both memoised on disk)."""
@@ -67,7 +67,7 @@ def train_lens(model_name: str | None = None, config: TrainConfig | None = None,
 
     Args:
         out: directory to write; default the cache directory of this model and config
-            (:func:`replab.lenses.store.cached_lens_dir`). The default config's directory is
+            (:func:`replab.lenses.cache.cached_lens_dir`). The default config's directory is
             the one ``replab lens tuned`` reads; other configs never overwrite it.
         threads: torch threads while training (default 1, the fastest on a shared CPU;
             ``None`` leaves torch's setting). Recorded as ``stats["torch_threads"]``.
@@ -93,7 +93,7 @@ def train_lens(model_name: str | None = None, config: TrainConfig | None = None,
         return path, {**read_meta(path)["stats"], "cached": True}
     hf_model = hf_model if hf_model is not None else quiet_hf_model(model_name)
     tokenizer = load_tokenizer(model_name)
-    with torch_threads(threads):
+    with limit_threads(threads):
         lens, stats = train_tuned_lens(hf_model, tokenizer, config, progress=progress)
     save_lens(lens, path, identity, config.to_dict(), stats)
     return path, {**stats, "cached": False}
@@ -105,7 +105,7 @@ def load_tuned_lens(model_name: str | None = None, hf_model=None,
 
     Raises ReplabError (naming the command to run) when no lens has been trained.
     """
-    from replab.lenses.store import check_lens_dir
+    from replab.lenses.cache import check_lens_dir
 
     identity = identity or model_identity(model_name)
     path = check_lens_dir(tuned_lens_path(model_name, path, identity))

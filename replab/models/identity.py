@@ -57,7 +57,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
             table = {}
     if key in table:
         return table[key]
-    from replab.store.format import sha256_file as plain_sha256
+    from replab.io import sha256_file as plain_sha256
 
     table[key] = plain_sha256(path, chunk)
     tmp = memo.with_suffix(f".tmp{os.getpid()}")

@@ -9,14 +9,14 @@
 * :mod:`~replab.patching.interventions`: interventions as serialisable data;
 * :mod:`~replab.patching.engine`: many patched runs in a few batched, cached forwards;
 * :mod:`~replab.patching.metrics`: logit diff, margin, log-prob, prob, KL; normalisation;
-* :mod:`~replab.patching.sweep`: layer × position / head sweeps with built-in sanity checks;
-* :mod:`~replab.patching.dla` and :mod:`~replab.patching.atp`: DLA and attribution patching;
+* :mod:`~replab.patching.sweeps`: layer × position / head sweeps with built-in sanity checks;
+* :mod:`~replab.patching.logit_attribution` and :mod:`~replab.patching.attribution`: DLA and attribution patching;
 * :mod:`~replab.patching.runs`: one call per workflow step, writing a run directory.
 """
 
 from replab.patching.engine import Variant, run_variants
 from replab.patching.interventions import Intervention
-from replab.patching.sweep import SweepResult, sweep
+from replab.patching.sweeps import SweepResult, sweep
 from replab.patching.task import PatchTask, load_task, task_from_rows
 
 __all__ = ["Intervention", "PatchTask", "SweepResult", "Variant", "load_task", "run_variants",

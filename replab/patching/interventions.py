@@ -6,24 +6,13 @@ optionally a head, positions and MLP neurons, a *source*, and optionally a direc
 JSON, which is what lets a sweep pack hundreds of them into one batched forward and lets a
 run be replayed from its config.
 
-Sites and the shape of the activation they overwrite (``B`` batch, ``T`` positions):
-
-=================  ==========================  ======================================
-site               hook                        shape; ``head`` indexes
-=================  ==========================  ======================================
-resid_pre/mid/post blocks.L.hook_resid_*       [B, T, d_model]
-attn_out, mlp_out  blocks.L.hook_attn_out ...  [B, T, d_model]
-mlp_pre, mlp_post  blocks.L.mlp.hook_pre/post  [B, T, d_mlp]; ``neurons`` picks units
-z, q               blocks.L.attn.hook_z / _q   [B, T, n_heads, d_head]; a query head
-k, v               blocks.L.attn.hook_k / _v   [B, T, n_kv_heads, d_head]; a **KV head**
-pattern            blocks.L.attn.hook_pattern  [B, n_heads, T_dest, T_src]; positions = dest
-=================  ==========================  ======================================
-
-Grouped-query attention (SmolLM2: 9 query heads share 3 KV heads, 3 per group): ``k`` and
-``v`` exist once per KV head, so a k/v patch is indexed by KV head and changes the keys or
-values that *every* query head of its group reads. :func:`query_heads_of` lists them;
-sweep tables report them in ``query_heads``. This matches TransformerLens's
-``get_act_patch_attn_head_v_all_pos`` (which iterates over ``n_key_value_heads``).
+Sites are :mod:`replab.hooks`'s vocabulary (``resid_pre``, ``z``, ``k``, ``pattern`` ...; the
+table of shapes is there). ``head`` indexes a query head for ``z``/``q``/``pattern`` and a **KV
+head** for ``k``/``v``: under grouped-query attention (SmolLM2: 9 query heads share 3 KV heads)
+a k/v patch changes the keys or values that *every* query head of its group reads
+(:func:`replab.hooks.query_heads_of`); sweep tables report them in ``query_heads``. This
+matches TransformerLens's ``get_act_patch_attn_head_v_all_pos`` (which iterates over
+``n_key_value_heads``). ``positions`` are destination positions for ``pattern``.
 
 Sources (what the selected entries become):
 
@@ -45,54 +34,15 @@ last axis) only the component in that subspace is replaced:
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from replab.errors import ReplabError
+from replab.hooks import SITES, canonical_site
 
-SITES: dict[str, tuple[str, str]] = {   # site -> (hook template, kind)
-    "resid_pre": ("blocks.{L}.hook_resid_pre", "vector"),
-    "resid_mid": ("blocks.{L}.hook_resid_mid", "vector"),
-    "resid_post": ("blocks.{L}.hook_resid_post", "vector"),
-    "attn_out": ("blocks.{L}.hook_attn_out", "vector"),
-    "mlp_out": ("blocks.{L}.hook_mlp_out", "vector"),
-    "mlp_pre": ("blocks.{L}.mlp.hook_pre", "vector"),
-    "mlp_post": ("blocks.{L}.mlp.hook_post", "vector"),
-    "z": ("blocks.{L}.attn.hook_z", "head"),
-    "q": ("blocks.{L}.attn.hook_q", "head"),
-    "k": ("blocks.{L}.attn.hook_k", "kv_head"),
-    "v": ("blocks.{L}.attn.hook_v", "kv_head"),
-    "pattern": ("blocks.{L}.attn.hook_pattern", "pattern"),
-}
-SITE_SYNONYMS = {"head_z": "z", "head_out": "z", "head_q": "q", "head_k": "k", "head_v": "v",
-                 "head_pattern": "pattern", "mlp_in": "mlp_pre", "neurons": "mlp_post",
-                 "resid": "resid_pre"}
 SOURCES = ("clean", "corrupt", "zero", "mean", "resample", "noise", "steer")
-_RAW = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def canonical_site(site: str, layer: int | None = None) -> tuple[str, int | None]:
-    """Alias, synonym or raw hook name -> ``(site, layer)``; ReplabError if unknown."""
-    s = SITE_SYNONYMS.get(site, site)
-    if s in SITES:
-        return s, layer
-    m = _RAW.match(site)
-    if m:
-        for name, (template, _) in SITES.items():
-            if template.format(L=m.group(1)) == site:
-                return name, int(m.group(1))
-    known = ", ".join(list(SITES) + list(SITE_SYNONYMS))
-    raise ReplabError(f"unknown patch site {site!r} (known: {known}, or a hook name such as "
-                      "blocks.3.hook_resid_pre)")
-
-
-def query_heads_of(kv_head: int, n_heads: int, n_kv_heads: int) -> list[int]:
-    """Query heads that read KV head ``kv_head`` (TransformerLens's repeat_interleave layout)."""
-    group = n_heads // n_kv_heads
-    return list(range(kv_head * group, (kv_head + 1) * group))
 
 
 @dataclass(frozen=True)
@@ -139,11 +89,11 @@ class Intervention:
 
     @property
     def kind(self) -> str:
-        return SITES[self.site][1]
+        return SITES[self.site].kind
 
     @property
     def hook(self) -> str:
-        return SITES[self.site][0].format(L=self.layer)
+        return SITES[self.site].hook(self.layer)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -153,7 +103,7 @@ class Intervention:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Intervention":
+    def from_dict(cls, d: dict) -> Intervention:
         d = dict(d)
         for k in ("positions", "neurons"):
             if d.get(k) is not None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-
 from replab._figures import pyplot as _plt
 
 
@@ -47,7 +46,7 @@ def sweep_heatmap(table: pd.DataFrame, title: str, value: str = "normalized_effe
         rows = int(np.ceil(len(heads) / cols))
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.16 * table["layer"].nunique() * rows + 2),
                                  squeeze=False)
-        for ax, h in zip(axes.flat, heads):
+        for ax, h in zip(axes.flat, heads, strict=False):
             sub = table[table["head"] == h]
             grid = sub.pivot(index="layer", columns="token", values=value)
             grid = grid[sorted(grid.columns, key=lambda t: int(str(t).split(":")[0]))]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from replab._version import __version__
-from replab.store.format import write_json_atomic
+from replab.io import write_json_atomic
 
 
 def start_run(out) -> Path:
@@ -46,7 +46,7 @@ def finish_run(out: Path, summary: dict, model=None) -> dict:
 
 
 def save_sweep(result, out, model=None) -> dict:
-    """Write a :class:`~replab.patching.sweep.SweepResult`: table, per-prompt table, heatmap."""
+    """Write a :class:`~replab.patching.sweeps.SweepResult`: table, per-prompt table, heatmap."""
     from replab.patching.plots import save_figure, sweep_heatmap
 
     out = start_run(out)

@@ -30,8 +30,8 @@ def load(model_name: str | None, task: str, template: str | None = None, limit: 
 def run_sweep(task: str = "next_day", site: str = "resid_pre", by: str = "layer,position",
               out=None, model: str | None = None, template: str | None = None,
               limit: int | None = None, progress: bool = True, **kw) -> dict:
-    """:func:`replab.patching.sweep.sweep` on a named task, saved to ``out``."""
-    from replab.patching.sweep import sweep
+    """:func:`replab.patching.sweeps.sweep` on a named task, saved to ``out``."""
+    from replab.patching.sweeps import sweep
 
     m, t = load(model, task, template, limit)
     res = sweep(m, t, site=site, by=by, progress=progress, **kw)
@@ -50,7 +50,7 @@ def run_heads(task: str = "next_day", out=None, model: str | None = None, templa
 
 def _heads(m, t, out: Path, progress: bool, **kw) -> dict:
     from replab.patching.plots import head_scatter, save_figure
-    from replab.patching.sweep import sweep
+    from replab.patching.sweeps import sweep
 
     out = start_run(out)
     tables, files, seconds = {}, [], {}
@@ -85,7 +85,7 @@ def run_grid(task: str = "next_day", out=None, model: str | None = None, templat
     every part is recomputed."""
     import json
 
-    from replab.patching.sweep import sweep
+    from replab.patching.sweeps import sweep
 
     m, t = load(model, task, template, limit)
     out = start_run(Path(out or "runs/patch-grid"))
@@ -145,7 +145,7 @@ def run_baseline(task: str = "next_day", out=None, model: str | None = None, tem
 def run_dla(task: str = "next_day", out=None, model: str | None = None, template=None,
             limit=None, top: int = 6) -> dict:
     """W2 step 3: DLA tables (accumulated, per layer, per head) and figures."""
-    from replab.patching.dla import dla, top_heads
+    from replab.patching.logit_attribution import dla, top_heads
     from replab.patching.plots import dla_layers, dla_line, save_figure, sweep_heatmap
 
     m, t = load(model, task, template, limit)
@@ -174,7 +174,7 @@ def run_dla(task: str = "next_day", out=None, model: str | None = None, template
 def run_atp(task: str = "next_day", out=None, model: str | None = None, template=None,
             limit=None, top: int = 20, all_heads: bool = True) -> dict:
     """AtP for every head / attention layer / MLP / neuron, exact patching of the top ones."""
-    from replab.patching.atp import atp_with_exact
+    from replab.patching.attribution import atp_with_exact
 
     m, t = load(model, task, template, limit)
     table, summary = atp_with_exact(m, t, top=top, all_heads=all_heads)
@@ -187,7 +187,8 @@ def run_atp(task: str = "next_day", out=None, model: str | None = None, template
 
 
 def _atp_figure(table: pd.DataFrame, out: Path, name: str) -> list[str]:
-    from replab.patching.plots import _plt, save_figure
+    from replab._figures import pyplot as _plt
+    from replab.patching.plots import save_figure
 
     plt = _plt()
     done = table[table["exact_effect"].notna()]
@@ -260,7 +261,7 @@ def _top_from(from_dir, top: int) -> tuple[list[tuple[int, int]], dict[str, str]
     """Heads to show, and a note per head saying why. From a DLA run: the ``top`` most
     positive *and* the ``top`` most negative heads by mean direct effect (W2 step 4); from a
     head sweep: the ``top`` heads by |normalised effect| of output (z) patching."""
-    from replab.patching.dla import top_heads
+    from replab.patching.logit_attribution import top_heads
 
     if from_dir is None:
         raise ReplabError("give --heads or --from (a `patch heads`, `patch sweep` or `attribute dla` run)")

@@ -17,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from replab.errors import ReplabError
+from replab.hooks import SITES
 from replab.patching.engine import Variant, run_variants
-from replab.patching.interventions import SITES, Intervention
+from replab.patching.interventions import Intervention
 
 TOL = 1e-4
 
@@ -35,7 +36,7 @@ def variants_for(layer: int, base: str) -> list[Variant]:
 def identity_variant(site: str, layer: int, base: str) -> Variant:
     """The identity check's variant: ``site`` (head 0) patched from the *other* run into
     itself; run it with ``base=_other(base)``."""
-    head = 0 if SITES[site][1] != "vector" else None
+    head = 0 if SITES[site].kind != "vector" else None
     return Variant((Intervention(site, layer, head=head, source=_other(base)),))
 
 
@@ -68,7 +69,7 @@ def evaluate(model, task, site: str, layer: int, base: str, metric: str, patched
     Returns ``{check: {"value", "expected", "ok"}}``; raises ReplabError on a failure.
     """
     from replab.patching.metrics import normalized
-    from replab.patching.sweep import _metric_rows
+    from replab.patching.sweeps import _metric_rows
 
     clean, corrupt = float(values["clean"].mean()), float(values["corrupt"].mean())
     norm = lambda x: float(normalized(np.mean(x), clean, corrupt))  # noqa: E731

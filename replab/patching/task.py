@@ -76,7 +76,7 @@ class PatchTask:
     def n_tokens(self) -> int:
         return int(self.clean.shape[1])
 
-    def subset(self, idx) -> "PatchTask":
+    def subset(self, idx) -> PatchTask:
         """A task with the prompts ``idx`` (list/array of row numbers)."""
         idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
         pick = lambda xs: [xs[int(i)] for i in idx] if xs else []  # noqa: E731
@@ -84,7 +84,7 @@ class PatchTask:
                          self.foil[idx], self.candidates[idx], pick(self.prompts),
                          pick(self.corrupt_prompts), self.str_tokens, dict(self.meta), self.class_a)
 
-    def swapped(self) -> "PatchTask":
+    def swapped(self) -> PatchTask:
         """The same task with clean and corrupt prompts exchanged (answers stay)."""
         return PatchTask(self.name, self.corrupt, self.clean, self.answer, self.foil,
                          self.candidates, self.corrupt_prompts, self.prompts, self.str_tokens,

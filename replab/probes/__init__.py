@@ -10,8 +10,7 @@ Library entry points (each CLI command is one of these)::
     load_directions(run, kind, layer, shuffled)   # {class: Direction} from a probe run
 """
 
-from replab.probes.directions import (Direction, apply_probe, direction_path,
-                                      load_directions, load_probe)
+from replab.probes.directions import Direction, apply_probe, direction_path, load_directions, load_probe
 from replab.probes.estimators import LogisticProbe, LowRankProbe, MeanDiffProbe, mean_diff
 from replab.probes.train import ProbeConfig, ProbeRun, parse_ranks, train_probes
 

@@ -70,7 +70,7 @@ class Direction:
         return Path(str(path) + ".json")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Direction":
+    def load(cls, path: str | Path) -> Direction:
         """Read a Direction from its ``.json`` or ``.safetensors`` path (either one)."""
         from safetensors.numpy import load_file
 
@@ -258,7 +258,7 @@ def apply_probe(probe_path, store, layer: int | None = None, label: str | None =
     """
     import pandas as pd
 
-    from replab.probes.data import as_store, hook_for_layer
+    from replab.store.select import as_store, hook_for_layer
 
     store = as_store(store)
     probe, meta = load_probe(probe_path, layer)

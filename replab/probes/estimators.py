@@ -110,9 +110,9 @@ class LogisticProbe(_LinearProbe):
 
     def fit(self, X, y, groups=None):
         """Fit on ``X [n, d]``, labels ``y [n]``; ``groups [n]`` keeps groups together in inner CV."""
-        from replab.probes.data import limit_threads
+        from replab.threads import limit_threads
 
-        with limit_threads(1):
+        with limit_threads(1, blas=1):
             return self._fit(X, y, groups)
 
     def _fit(self, X, y, groups):
@@ -228,9 +228,9 @@ class LowRankProbe(_LinearProbe):
 
     def fit(self, X, y, groups=None):
         """Fit on ``X [n, d]`` and labels ``y [n]``."""
-        from replab.probes.data import limit_threads
+        from replab.threads import limit_threads
 
-        with limit_threads(1):
+        with limit_threads(1, blas=1):
             return self._fit(X, y)
 
     def _fit(self, X, y):

@@ -91,7 +91,7 @@ def smallest_rank(records: pd.DataFrame, epsilon: float = 0.02,
         ok = g[g[metric] >= full[layer] - epsilon]
         r = int(ok["rank"].iloc[0]) if len(ok) else np.nan
         out.append({"layer": int(layer), "full": float(full[layer]), "smallest_rank": r,
-                    "rank_accuracy": dict(zip(g["rank"].astype(int), g[metric].round(4)))})
+                    "rank_accuracy": dict(zip(g["rank"].astype(int), g[metric].round(4), strict=True))})
     return pd.DataFrame(out)
 
 

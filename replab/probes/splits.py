@@ -21,6 +21,7 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from replab.errors import ReplabError
+from replab.store.select import where_mask
 
 SPLIT_ALIASES = {"entity": "group", "template": "template", "token": "token_id"}
 
@@ -29,16 +30,6 @@ def _truthy(values: pd.Series) -> np.ndarray:
     v = values.astype("object")
     return np.array([bool(x) and str(x).lower() not in ("false", "none", "nan", "0", "")
                      for x in v], dtype=bool)
-
-
-def where_mask(index: pd.DataFrame, where: str | None) -> np.ndarray:
-    """Boolean mask of the rows a pandas query keeps (all rows when ``where`` is empty)."""
-    if not where:
-        return np.ones(len(index), dtype=bool)
-    try:
-        return np.asarray(index.eval(where), dtype=bool)
-    except Exception as exc:  # noqa: BLE001 - any query error is the user's
-        raise ReplabError(f"bad --where query {where!r}: {exc}") from None
 
 
 def select_rows(index: pd.DataFrame, label: str, where: str | None = None,

@@ -30,9 +30,9 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from replab.probes import metrics as M
 from replab.probes._solver import Memory, eigenbasis, fit_logistic, train_scale
 from replab.probes.estimators import _to_raw, mean_diff
+from replab.probes.metrics import accuracy, balanced_accuracy, group_bootstrap_ci, macro_auroc
 
 
 @dataclass
@@ -116,31 +116,31 @@ def _score(D: LayerData, pred, proba, preds: dict, erased_pred=None, fold_acc=No
     """Scores of out-of-fold predictions; ``preds`` holds ``heldout``, ``matched``,
     ``control`` and ``shuffled`` predictions ``[n]`` where they were computed."""
     y = D.codes
-    rec = {"accuracy": M.accuracy(y, pred), "balanced_accuracy": M.balanced_accuracy(y, pred),
-           "auroc": M.macro_auroc(y, proba)}
+    rec = {"accuracy": accuracy(y, pred), "balanced_accuracy": balanced_accuracy(y, pred),
+           "auroc": macro_auroc(y, proba)}
     if D.heldout is not None and preds.get("heldout") is not None:
         te = D.heldout[1].any(0)
-        rec["heldout_accuracy"] = M.accuracy(y[te], preds["heldout"][te])
-        rec["heldout_balanced_accuracy"] = M.balanced_accuracy(y[te], preds["heldout"][te])
+        rec["heldout_accuracy"] = accuracy(y[te], preds["heldout"][te])
+        rec["heldout_balanced_accuracy"] = balanced_accuracy(y[te], preds["heldout"][te])
     else:
         rec["heldout_accuracy"] = rec["heldout_balanced_accuracy"] = np.nan
     if preds.get("control") is not None and preds.get("matched") is not None:
-        rec["matched_accuracy"] = M.accuracy(y, preds["matched"])
-        rec["control_accuracy"] = M.accuracy(D.control, preds["control"])
+        rec["matched_accuracy"] = accuracy(y, preds["matched"])
+        rec["control_accuracy"] = accuracy(D.control, preds["control"])
         rec["selectivity"] = rec["matched_accuracy"] - rec["control_accuracy"]
     else:
         rec["matched_accuracy"] = rec["control_accuracy"] = rec["selectivity"] = np.nan
     shuf = preds.get("shuffled")
-    rec["shuffled_accuracy"] = M.accuracy(y, shuf) if shuf is not None else np.nan
-    rec["erased_accuracy"] = M.accuracy(y, erased_pred) if erased_pred is not None else np.nan
-    lo, hi = M.group_bootstrap_ci(y, pred, D.boot_groups, n_boot=D.n_boot)
+    rec["shuffled_accuracy"] = accuracy(y, shuf) if shuf is not None else np.nan
+    rec["erased_accuracy"] = accuracy(y, erased_pred) if erased_pred is not None else np.nan
+    lo, hi = group_bootstrap_ci(y, pred, D.boot_groups, n_boot=D.n_boot)
     rec["ci_low"], rec["ci_high"] = lo, hi
     rec["fold_std"] = float(np.std(fold_acc)) if fold_acc is not None else np.nan
     return rec
 
 
 def _fold_acc(D, pred):
-    return [M.balanced_accuracy(D.codes[D.fold == k], pred[D.fold == k])
+    return [balanced_accuracy(D.codes[D.fold == k], pred[D.fold == k])
             for k in range(int(D.fold.max()) + 1)]
 
 
@@ -225,8 +225,11 @@ def _extra_fits(z, basis, D: LayerData, path, best, lam_k, lam_all) -> dict:
     ys, ms, ls, inits, tags = [], [], [], [], []
 
     def add(tag, labels, mask, lam, warm=None):
-        ys.append(torch.from_numpy(labels)); ms.append(mask); ls.append(float(lam))
-        tags.append(tag); inits.append(warm)
+        ys.append(torch.from_numpy(labels))
+        ms.append(mask)
+        ls.append(float(lam))
+        tags.append(tag)
+        inits.append(warm)
 
     first = (path[best[0]][0][0], path[best[0]][1][0])
     for k in range(F):
@@ -348,8 +351,12 @@ def _lowrank(z, D: LayerData, r, path, best, extra, lam_k, lam_all):
     ys, ms, ls, W0, B0, tags = [], [], [], [], [], []
 
     def add(tag, labels, mask, lam, warm):
-        ys.append(torch.from_numpy(labels)); ms.append(mask); ls.append(float(lam))
-        W0.append(warm[0]); B0.append(warm[1]); tags.append(tag)
+        ys.append(torch.from_numpy(labels))
+        ms.append(mask)
+        ls.append(float(lam))
+        W0.append(warm[0])
+        B0.append(warm[1])
+        tags.append(tag)
 
     for k in range(F):
         add(("main", k), D.codes, fold != k, lam_k[k], (path[best[k]][0][k], path[best[k]][1][k]))

@@ -24,9 +24,19 @@ import pandas as pd
 from replab._progress import progress_bar
 from replab._version import __version__
 from replab.errors import ReplabError
-from replab.probes import splits as S
-from replab.probes.data import limit_threads, pick_layers
+from replab.probes.splits import (
+    control_folds,
+    control_labels,
+    grouped_folds,
+    heldout_folds,
+    select_rows,
+    shuffled_labels,
+    split_column,
+    type_column,
+)
 from replab.probes.sweep import LayerData, sweep_layer
+from replab.store.select import pick_layers
+from replab.threads import limit_threads
 
 KINDS = ("logistic", "meandiff", "lowrank")
 RECORD_KEYS = ["layer", "kind", "rank", "accuracy", "balanced_accuracy", "auroc",
@@ -145,37 +155,37 @@ class ProbeRun:
 def prepare(store, cfg: ProbeConfig):
     """Selected rows, classes and :class:`LayerData` (folds, controls, held-out masks)."""
     index = store.index
-    rows, notes = S.select_rows(index, cfg.label, cfg.where, cfg.default_filter)
+    rows, notes = select_rows(index, cfg.label, cfg.where, cfg.default_filter)
     ix = index.iloc[rows]
     labels = ix[cfg.label].astype(str).to_numpy()
     classes, codes = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
         raise ReplabError(f"label {cfg.label!r} has a single class after filtering: {classes[0]}")
-    split_col = S.split_column(index, cfg.split_by)
-    fold = S.grouped_folds(ix[split_col].to_numpy(), codes, cfg.folds, cfg.seed)
+    split_col = split_column(index, cfg.split_by)
+    fold = grouped_folds(ix[split_col].to_numpy(), codes, cfg.folds, cfg.seed)
     heldout = None
     if "template" in ix.columns and split_col != "template":
         per_class = ix.groupby(labels)["template"].nunique()
         if per_class.min() >= 2:        # else a held-out template would hold out a whole class
-            heldout = S.heldout_folds(fold, ix["template"].to_numpy())
+            heldout = heldout_folds(fold, ix["template"].to_numpy())
         else:
             notes.append("no held-out-template score: some class occurs in a single template")
     control = cfold = None
     control_info = {"control_types": None, "control_split": None, "control_folds": None,
                     "control_coverage": None}
     if cfg.controls:
-        type_col = S.type_column(ix, column=cfg.control_type)
+        type_col = type_column(ix, column=cfg.control_type)
         cf = None
         if type_col is not None:
             types = ix[type_col].to_numpy()
             templates = ix["template"].to_numpy() if "template" in ix.columns else None
-            cf = S.control_folds(types, templates, codes, cfg.folds, cfg.seed)
+            cf = control_folds(types, templates, codes, cfg.folds, cfg.seed)
         if cf is None:
             notes.append("no control task: no type column whose values recur "
                          "(use --control-type COLUMN)")
         else:
             cfold, scheme, coverage = cf
-            control = S.control_labels(types, codes, cfg.seed)
+            control = control_labels(types, codes, cfg.seed)
             control_info = {"control_types": type_col, "control_split": scheme,
                             "control_folds": int(cfold.max()) + 1,
                             "control_coverage": round(coverage, 4)}
@@ -183,7 +193,7 @@ def prepare(store, cfg: ProbeConfig):
     boot = np.unique(boot.astype(str), return_inverse=True)[1]      # int codes: cheap per layer
     D = LayerData(codes=codes.astype(np.int64), K=len(classes), fold=fold,
                   control=control, cfold=cfold,
-                  shuffled=S.shuffled_labels(codes, cfg.seed), heldout=heldout,
+                  shuffled=shuffled_labels(codes, cfg.seed), heldout=heldout,
                   boot_groups=boot, lams=tuple(cfg.lams), max_iter=cfg.max_iter,
                   n_boot=cfg.n_boot, controls=cfg.controls, erase=cfg.erase,
                   ranks=cfg.ranks, kinds=cfg.kinds)
@@ -213,7 +223,7 @@ def train_probes(store, label: str | None = None, out=None, progress: bool = Tru
         unseen groups); ``matched_accuracy`` / ``control_accuracy`` / ``selectivity`` use the
         control folds, where control types recur (``summary["data"]["control_split"]``).
     """
-    from replab.probes.data import as_store
+    from replab.store.select import as_store
 
     store = as_store(store)
     cfg = config or ProbeConfig(label=label, **kwargs)
@@ -221,7 +231,7 @@ def train_probes(store, label: str | None = None, out=None, progress: bool = Tru
     rows, classes, D, info = prepare(store, cfg)
     t0 = time.perf_counter()
     records, probes = [], {}
-    with limit_threads(1), \
+    with limit_threads(1, blas=1), \
             progress_bar(len(layers) * len(rows), f"probe {cfg.label}", unit="row",
                          enabled=progress) as bar:
         for layer, hook, res in _sweep_layers(store, layers, rows, D, cfg.threads):
@@ -302,8 +312,8 @@ def _rank_answer(df, cfg, probes, classes) -> dict:
 
 def write_run(run: ProbeRun, out: Path, store, cfg: ProbeConfig, classes, layers) -> None:
     """Write tables, probes, every layer's Directions and the accuracy figure to ``out``."""
-    from replab.geometry.plots import plot_probe_curves
     from replab.probes.directions import save_probe, write_directions
+    from replab.probes.plots import plot_probe_curves
 
     out.mkdir(parents=True, exist_ok=True)
     run.out = out

@@ -9,7 +9,7 @@ makes right padding harmless).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,7 @@ def _model_device(model):
 
 
 def score_prompts(model, ps: PromptSet, scoring: str = "first_token", batch_size: int = 32,
-                  progress: Optional[Callable[[int, int], None]] = None) -> pd.DataFrame:
+                  progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
     """One row per prompt with the answer's logit, probability, log-prob and rank.
 
     Columns: prompt_idx, prompt, answer, n_answer_tokens, top1 (decoded top token),
@@ -58,11 +58,11 @@ def score_prompts(model, ps: PromptSet, scoring: str = "first_token", batch_size
     rows = ps.rows
     prompts = list(rows["prompt"])
     answers = [None if _is_missing(a) else a for a in rows["answer"]]
-    ans_ids: list[Optional[list[int]]] = [None if a is None else answer_ids(tok, a) for a in answers]
+    ans_ids: list[list[int] | None] = [None if a is None else answer_ids(tok, a) for a in answers]
     foils = [list(fs) if isinstance(fs, (list, tuple)) else [] for fs in rows["foils"]]
     foil_ids = [[answer_ids(tok, f)[0] for f in fs] for fs in foils]
     seqs, last = [], []
-    for p, a in zip(prompts, ans_ids):
+    for p, a in zip(prompts, ans_ids, strict=True):
         ids = token_ids(tok, p, bos)
         last.append(len(ids) - 1)
         if scoring == "sum_logprob" and a is not None:
@@ -149,7 +149,7 @@ def _needed_logits(model, tokens, idx, last, ans_ids, scoring) -> dict:
     pp = [k[1] for k in keys]
     picked = resid[rr, pp][:, None, :]
     logits = model.unembed(model.ln_final(picked))[:, 0].float().cpu()
-    return dict(zip(keys, logits))
+    return dict(zip(keys, logits, strict=True))
 
 
 def check_dataset(model, ps: PromptSet, scoring: str = "first_token",

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -151,7 +152,7 @@ class PromptSet:
         """True when at least one row has a ``corrupt_prompt``."""
         return bool(self.rows["corrupt_prompt"].notna().any()) if len(self.rows) else False
 
-    def subset(self, mask_or_indices) -> "PromptSet":
+    def subset(self, mask_or_indices) -> PromptSet:
         """A new PromptSet with the selected rows (boolean mask or positional indices).
 
         ``meta``, ``name``, ``source`` and ``label_columns`` are kept; the index is reset.

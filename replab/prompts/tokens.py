@@ -67,10 +67,10 @@ def span_token_positions(tokenizer, text: str, substring: str, prepend_bos: bool
     return pos
 
 
-def check_pairs(ps: "PromptSet", tokenizer, prepend_bos: bool = False) -> None:
+def check_pairs(ps: PromptSet, tokenizer, prepend_bos: bool = False) -> None:
     """Raise ReplabError naming the first row (1-based) whose clean and corrupt prompts differ in token length."""
     rows = ps.rows
-    for i, (clean, corrupt) in enumerate(zip(rows["prompt"], rows["corrupt_prompt"])):
+    for i, (clean, corrupt) in enumerate(zip(rows["prompt"], rows["corrupt_prompt"], strict=True)):
         if corrupt is None or not isinstance(corrupt, str):  # None / NaN: no pair
             continue
         n_c = len(token_ids(tokenizer, clean, prepend_bos))

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from replab.errors import ReplabError
+from replab.io import sha256_file
 
 FORMAT = "replab.activation_store"
 FORMAT_VERSION = 1
@@ -33,17 +33,6 @@ TENSOR_DIR = "tensors"
 def tensor_file(hook: str) -> str:
     """Relative path of a hook's tensor file, e.g. ``tensors/blocks.14.hook_resid_post.npy``."""
     return f"{TENSOR_DIR}/{hook}.npy"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file, fsync and rename: never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -83,14 +72,6 @@ def preallocate(path: Path, shape: tuple[int, int], dtype) -> int:
     return len(header)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_tensor_file(path: Path, shape, dtype, sha256: str | None = None) -> None:
     """Raise a ReplabError naming ``path`` if it is missing, truncated, or corrupted."""
     if not path.exists():
@@ -105,3 +86,8 @@ def check_tensor_file(path: Path, shape, dtype, sha256: str | None = None) -> No
         raise ReplabError(f"{path}: corrupted .npy header")
     if sha256 is not None and sha256_file(path) != sha256:
         raise ReplabError(f"{path}: checksum mismatch (file is corrupted)")
+
+
+def split_of(key: str) -> str:
+    """Deterministic 80/20 train/test split by group (or example) key."""
+    return "test" if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 5 == 0 else "train"

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
+from replab.io import sha256_file
 from replab.store import format as fmt
 
 
@@ -44,7 +45,7 @@ class ActivationStore:
         path = self.path / index["file"]
         if not path.exists():
             raise ReplabError(f"{path}: index file is missing")
-        if verify and fmt.sha256_file(path) != index["sha256"]:
+        if verify and sha256_file(path) != index["sha256"]:
             raise ReplabError(f"{path}: checksum mismatch (file is corrupted)")
         for t in self._tensors.values():
             fmt.check_tensor_file(
@@ -85,7 +86,7 @@ class ActivationStore:
 
     def layer_acts(self, site: str = "resid_post") -> dict[int, np.ndarray]:
         """``{layer: acts}`` for every stored block hook of one site (e.g. ``resid_post``)."""
-        from replab.harvest.hooks import parse_hook_name
+        from replab.hooks import parse_hook_name
 
         out = {}
         for hook in self.hooks:

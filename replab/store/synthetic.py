@@ -73,7 +73,7 @@ def write_synthetic_store(out, n_rows: int = 600, d: int = 64, n_layers: int = 4
     ent = np.arange(n_rows) % n_ent
     tmpl = (np.arange(n_rows) // n_ent) % max(n_templates, 1)
     labels = np.array([f"class{c}" for c in ent_class[ent]])
-    from replab.harvest.run import split_of
+    from replab.store.format import split_of
 
     groups = [f"entity{e}" for e in ent]
     index = pd.DataFrame({
@@ -81,7 +81,7 @@ def write_synthetic_store(out, n_rows: int = 600, d: int = 64, n_layers: int = 4
         "position": np.zeros(n_rows, dtype=np.int32), "token_id": ent.astype(np.int64),
         "token": [f"tok{e}" for e in ent], "n_tokens": np.ones(n_rows, dtype=np.int32),
         "is_last": np.ones(n_rows, dtype=bool), "split": [split_of(g) for g in groups],
-        "prompt": [f"template{t} entity{e}" for t, e in zip(tmpl, ent)],
+        "prompt": [f"template{t} entity{e}" for t, e in zip(tmpl, ent, strict=True)],
         "answer": labels, "template": [f"template{t}" for t in tmpl], "group": groups,
         "entity": groups, "label": labels,
     })

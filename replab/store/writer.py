@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
+from replab.io import sha256_file, write_json_atomic
 from replab.store import format as fmt
 
 
@@ -116,7 +117,7 @@ class StoreWriter:
             self._write_index()
 
     def _journal(self, batches_done: int) -> None:
-        fmt.write_json_atomic(
+        write_json_atomic(
             self.out / fmt.PROGRESS,
             {"plan_hash": self.hash, "batches_done": batches_done, "plan": self.plan},
         )
@@ -178,7 +179,7 @@ class StoreWriter:
             tensors.append({
                 "hook": hook, "file": fmt.tensor_file(hook), "shape": [self.n_rows, d],
                 "dtype": self.dtype.name, "bytes": path.stat().st_size,
-                "sha256": fmt.sha256_file(path),
+                "sha256": sha256_file(path),
             })
         index_path = self.out / fmt.INDEX
         manifest = {
@@ -188,11 +189,11 @@ class StoreWriter:
             "status": "complete",
             "plan_hash": self.hash,
             "n_rows": self.n_rows,
-            "index": {"file": fmt.INDEX, "sha256": fmt.sha256_file(index_path),
+            "index": {"file": fmt.INDEX, "sha256": sha256_file(index_path),
                       "columns": list(self.index.columns)},
             "tensors": tensors,
         }
-        fmt.write_json_atomic(self.out / fmt.MANIFEST, manifest)
+        write_json_atomic(self.out / fmt.MANIFEST, manifest)
         (self.out / fmt.PROGRESS).unlink(missing_ok=True)
         self.complete = True
         return self.out

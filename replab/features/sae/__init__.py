@@ -21,8 +21,16 @@ from replab.features.sae.config import ARCHS, SAETrainConfig
 from replab.features.sae.decompose import decompose_direction, read_direction
 from replab.features.sae.evaluate import evaluate_sae, run_sae_eval
 from replab.features.sae.run import run_decompose
-from replab.features.sae.splice import (Split, decoder_rows, patch_latents_hook, sae_decode,
-                                        sae_encode, sae_splice, sae_split, splice_hook)
+from replab.features.sae.splice import (
+                                        Split,
+                                        decoder_rows,
+                                        patch_latents_hook,
+                                        sae_decode,
+                                        sae_encode,
+                                        sae_splice,
+                                        sae_split,
+                                        splice_hook,
+)
 from replab.features.sae.train import fit_sae, train_sae
 
 __all__ = [

@@ -19,10 +19,10 @@ SAE_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp
 
 def sae_hook_name(model, hook: str, layer: int | None) -> str:
     """Full TransformerLens hook name for an alias + layer (or a full name), validated."""
-    from replab.harvest.hooks import ALIASES, SYNONYMS
+    from replab.hooks import SITES, SYNONYMS
 
     alias = SYNONYMS.get(hook, hook)
-    if alias in ALIASES:
+    if alias in SITES:
         if alias not in SAE_SITES:
             raise ReplabError(f"SAEs here train on one vector per position; use one of "
                               f"{', '.join(SAE_SITES)}, not {hook!r}")
@@ -31,7 +31,7 @@ def sae_hook_name(model, hook: str, layer: int | None) -> str:
         n = model.cfg.n_layers
         if not -n <= int(layer) < n:
             raise ReplabError(f"layer {layer} is out of range: this model has layers 0-{n - 1}")
-        name = ALIASES[alias].format(L=int(layer) % n)
+        name = SITES[alias].hook(int(layer) % n)
     else:
         name = hook
     if name not in model.hook_dict:
@@ -43,7 +43,7 @@ def sae_hook_name(model, hook: str, layer: int | None) -> str:
 
 def stop_layer(model, hook_name: str) -> int | None:
     """``stop_at_layer`` that still runs ``hook_name`` (None: the whole model)."""
-    from replab.harvest.hooks import stop_at_layer
+    from replab.hooks import stop_at_layer
 
     return stop_at_layer([hook_name], model.cfg.n_layers)
 
@@ -51,7 +51,7 @@ def stop_layer(model, hook_name: str) -> int | None:
 def corpus_windows(tokenizer, corpus: str, seq_len: int, max_tokens: int | None = None,
                    seed: int = 0) -> torch.Tensor:
     """Token windows ``LongTensor [n, seq_len]`` of a corpus (``"builtin"``, a file, a dir)."""
-    from replab.lenses.corpus import read_corpus, token_chunks
+    from replab.prompts.corpus import read_corpus, token_chunks
 
     return token_chunks(read_corpus(corpus), tokenizer, seq_len, max_tokens, seed=seed)
 

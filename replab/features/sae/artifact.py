@@ -33,7 +33,7 @@ FORMAT = "replab.sae"
 
 def cached_sae_dir(identity: dict, hook_name: str) -> Path:
     """``cache_dir()/saes/<model>-<sha16>/<hook_name>`` (may not exist yet)."""
-    from replab.lenses.store import identity_key
+    from replab.lenses.cache import identity_key
     from replab.models.cache import cache_dir
 
     return cache_dir() / "saes" / identity_key(identity) / hook_name

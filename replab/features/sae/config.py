@@ -93,8 +93,7 @@ class SAETrainConfig:
 
 def training_sae_config(cfg: SAETrainConfig, d_in: int, metadata: dict):
     """The SAELens ``TrainingSAEConfig`` for ``cfg`` (``metadata`` goes to ``cfg.metadata``)."""
-    from sae_lens import (BatchTopKTrainingSAEConfig, StandardTrainingSAEConfig,
-                          TopKTrainingSAEConfig)
+    from sae_lens import BatchTopKTrainingSAEConfig, StandardTrainingSAEConfig, TopKTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
     common = dict(d_in=d_in, d_sae=cfg.d_sae, dtype="float32", device="cpu",

@@ -81,10 +81,10 @@ def _check_site(prov: dict, meta: dict) -> None:
     hook = prov.get("hook")
     if hook is None:
         return
-    from replab.harvest.hooks import ALIASES, parse_hook_name
+    from replab.hooks import SITES, parse_hook_name
 
     want = meta["hook_name"]
-    name = ALIASES[hook].format(L=prov.get("layer")) if hook in ALIASES else hook
+    name = SITES[hook].hook(prov.get("layer")) if hook in SITES else hook
     if name != want:
         alias, layer = parse_hook_name(want)
         raise ReplabError(f"the direction lives at {name} but the SAE reads {want}; use an SAE "
@@ -182,7 +182,7 @@ def _store_tokenizer(store, load_tokenizer):
 
 def _attribute(sae, meta, store, label, positive_class, where, dots, vec, top_n):
     from replab.features.sae.latents import encode_store
-    from replab.probes.data import as_store
+    from replab.store.select import as_store
 
     st = as_store(store)
     hook = meta["hook_name"]

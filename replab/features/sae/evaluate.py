@@ -41,7 +41,7 @@ def _continue_from(model, hook_name: str, tokens: torch.Tensor, x_new: torch.Ten
     For ``resid_pre`` / ``resid_post`` hooks the forward restarts at the next block from
     ``x_new`` (``start_at_layer``), skipping the unchanged blocks before it.
     """
-    from replab.harvest.hooks import parse_hook_name
+    from replab.hooks import parse_hook_name
 
     alias, layer = parse_hook_name(hook_name)
     start = {"resid_pre": layer, "resid_post": None if layer is None else layer + 1}.get(alias)
@@ -119,7 +119,7 @@ def evaluate_sae(sae, model, hook_name: str, windows: torch.Tensor, skip_first: 
             tokens = windows[s:s + batch_size].to(model.cfg.device)
             box = {}
 
-            def grab(act, hook):  # noqa: ARG001
+            def grab(act, hook, box=box):  # noqa: ARG001
                 box["x"] = act.detach().clone()
 
             clean = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, grab)])
@@ -222,10 +222,16 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
     from pathlib import Path
 
     from replab._version import __version__
-    from replab.features.sae import plots
     from replab.features.sae.acts import corpus_windows
-    from replab.features.sae.artifact import (check_replaceable, load_sae, model_for, read_meta,
-                                              replace_dir, resolve_sae_dir)
+    from replab.features.sae.artifact import (
+        check_replaceable,
+        load_sae,
+        model_for,
+        read_meta,
+        replace_dir,
+        resolve_sae_dir,
+    )
+    from replab.features.sae.plots import frequency_plot
     from replab.models import load_model
 
     t0 = time.perf_counter()
@@ -243,8 +249,8 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
     model = model_for(meta, model)
     sae, meta = load_sae(path)
     from replab.features.sae.artifact import WEIGHTS
-    from replab.lenses.corpus import corpus_sha256
-    from replab.store.format import sha256_file
+    from replab.io import sha256_file
+    from replab.prompts.corpus import corpus_sha256
 
     run_cfg = {"corpus": corpus, "tokens": None, "seq_len": seq_len, "skip_first": skip_first,
                "batch_size": batch_size, "dead_threshold": dead_threshold, "dense_threshold": dense_threshold,
@@ -276,7 +282,7 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
     tmp.mkdir()
     latents.to_parquet(tmp / "latents.parquet", index=False)
     latents.to_csv(tmp / "latents.csv", index=False)
-    plots.frequency_plot(latents, tmp / "latent_frequency.png",
+    frequency_plot(latents, tmp / "latent_frequency.png",
                          f"{meta['hook_name']} {meta['architecture']} d_sae={meta['d_sae']}",
                          dense_threshold)
     summary = {"kind": "sae_eval", "sae": str(path), "hook_name": meta["hook_name"],

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-
 from replab._figures import pyplot as _plt
 
 
@@ -53,7 +52,7 @@ def top_latents_plot(top: pd.DataFrame, path: str | Path, value: str = "contribu
         for lat, g in examples.groupby("latent"):
             words[int(lat)] = ", ".join(dict.fromkeys(str(x).strip() for x in g["token"]))
     t["label"] = [f"#{int(lat)}  " + (words.get(int(lat)) or str(tok or ""))[:40]
-                  for lat, tok in zip(t["latent"], t.get("top_tokens", [None] * len(t)))]
+                  for lat, tok in zip(t["latent"], t.get("top_tokens", [None] * len(t)), strict=True)]
     fig, ax = plt.subplots(figsize=(8.0, 0.45 * len(t) + 1.4))
     colors = ["#4c72b0" if v >= 0 else "#c44e52" for v in sign]
     sns.barplot(data=t, y="label", x=value, hue="label", palette=colors, legend=False, ax=ax,

@@ -17,7 +17,8 @@ nothing is patched, and patching latents ``S`` changes the activation by exactly
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 

@@ -133,7 +133,7 @@ def fit_sae(acts: torch.Tensor, cfg: SAETrainConfig, metadata: dict | None = Non
 def _source(cfg: SAETrainConfig, hook_name: str, model_sha: str | None) -> tuple[dict, object]:
     """What the SAE is trained on, with a content hash: ``({"kind", "sha256", ...}, store or None)``.
 
-    A corpus is hashed by its files (:func:`replab.lenses.corpus.corpus_sha256`, the key of
+    A corpus is hashed by its files (:func:`replab.prompts.corpus.corpus_sha256`, the key of
     cached lenses and SAE evaluations too); a store by its manifest's sha256 of the hook's tensor.
     """
     if cfg.store:
@@ -148,7 +148,7 @@ def _source(cfg: SAETrainConfig, hook_name: str, model_sha: str | None) -> tuple
         tensor = next(t for t in st.manifest["tensors"] if t["hook"] == hook_name)
         return {"kind": "store", "store": str(cfg.store), "sha256": tensor["sha256"],
                 "rows": int(st.n_rows)}, st
-    from replab.lenses.corpus import corpus_sha256
+    from replab.prompts.corpus import corpus_sha256
 
     return {"kind": "corpus", "corpus": cfg.corpus, "sha256": corpus_sha256(cfg.corpus)}, None
 
@@ -201,9 +201,8 @@ def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.Pa
     import dataclasses
 
     from replab.features.sae.acts import sae_hook_name
-    from replab.models import load_model
-
     from replab.features.sae.artifact import META, check_replaceable
+    from replab.models import load_model
 
     cfg = dataclasses.replace(config or SAETrainConfig(), **overrides)
     if out is not None:  # fail before an expensive run, not after it
@@ -225,20 +224,17 @@ def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.Pa
         import numpy as np
 
         activations = torch.from_numpy(np.array(store.acts(hook_name), dtype=np.float32))
-    old_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    from replab.threads import limit_threads
+
+    with limit_threads(cfg.threads):
         path, stats = _train(model, cfg, identity, hook_name, path, activations, progress, source)
-        return path, {**stats, "cached": False}
-    finally:
-        torch.set_num_threads(old_threads)
+    return path, {**stats, "cached": False}
 
 
 def _train(model, cfg, identity, hook_name, path, activations, progress, source):
     from replab.features.sae.acts import corpus_windows, harvest_acts
     from replab.features.sae.artifact import save_sae
-    from replab.harvest.hooks import parse_hook_name
+    from replab.hooks import parse_hook_name
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
     corpus_tokens = None

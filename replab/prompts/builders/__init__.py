@@ -8,7 +8,7 @@ by :mod:`replab.prompts.registry`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from replab.prompts.builders.facts import build_facts
 from replab.prompts.builders.next_day import build_next_day

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from replab.errors import ReplabError
 from replab.prompts.tokens import answer_ids, token_ids

@@ -63,8 +63,8 @@ def build_sequences(params: dict, tokenizer=None, prepend_bos: bool = False) -> 
                     continue
                 cands.append((n, s, idx))
         cands = _sample(cands, max_per_type, rng_for(seed, name))
-        for n, s, idx in cands:
-            def item(i):
+        for n, _s, idx in cands:
+            def item(i, cyclic=cyclic, vocab=vocab, n_v=n_v):
                 if cyclic:
                     return vocab[i % n_v]
                 return vocab[i] if 0 <= i < n_v else None

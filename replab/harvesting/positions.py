@@ -59,7 +59,7 @@ def _span_positions(rule: str, rows: pd.DataFrame, tokenizer, prepend_bos: bool)
     if column not in rows.columns:
         raise ReplabError(f"unknown position rule {rule!r}: no column {column!r}; {HELP}")
     out = []
-    for i, (prompt, span) in enumerate(zip(rows["prompt"], rows[column])):
+    for i, (prompt, span) in enumerate(zip(rows["prompt"], rows[column], strict=True)):
         if not isinstance(span, str) or not span:
             raise ReplabError(f"prompt {i} has no {column!r} text for position rule {rule!r}")
         pos = span_token_positions(tokenizer, prompt, span, prepend_bos=prepend_bos)

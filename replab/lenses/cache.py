@@ -49,8 +49,8 @@ def identity_key(identity: dict) -> str:
 
 def config_key(config: dict) -> str:
     """12 hex digits identifying a training config: sha256 of the config (the corpus replaced
-    by its content hash, :func:`replab.lenses.corpus.corpus_sha256`) and :data:`TRAINER`."""
-    from replab.lenses.corpus import corpus_sha256
+    by its content hash, :func:`replab.prompts.corpus.corpus_sha256`) and :data:`TRAINER`."""
+    from replab.prompts.corpus import corpus_sha256
 
     blob = {k: v for k, v in config.items() if k != "corpus"}
     blob["corpus_sha256"] = corpus_sha256(config["corpus"])
@@ -95,7 +95,7 @@ def save_lens(lens, path: str | os.PathLike, identity: dict, config: dict, stats
     """
     from safetensors.torch import save_file
 
-    from replab.lenses.corpus import corpus_sha256
+    from replab.prompts.corpus import corpus_sha256
 
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / META).exists())):

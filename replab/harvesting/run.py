@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -14,9 +13,10 @@ import torch
 from replab._progress import progress_bar
 from replab._version import __version__
 from replab.errors import ReplabError
-from replab.harvest.hooks import resolve_hooks, stop_at_layer
-from replab.harvest.positions import select_positions
+from replab.harvesting.positions import select_positions
+from replab.hooks import resolve_hooks, stop_at_layer
 from replab.store import open_store
+from replab.store.format import split_of
 from replab.store.writer import StoreWriter
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -147,21 +147,16 @@ def _store_dtype(dtype):
     return STORE_DTYPES[name]
 
 
-def split_of(key: str) -> str:
-    """Deterministic 80/20 train/test split by group (or example) key."""
-    return "test" if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 5 == 0 else "train"
-
-
 def build_index(ps, token_lists, chosen, tokenizer) -> pd.DataFrame:
     """The store index: one row per stored (prompt, position)."""
     rows = ps.rows
     ex_ids = np.repeat(np.arange(len(rows)), [len(c) for c in chosen])
     positions = np.concatenate([np.asarray(c, dtype=np.int32) for c in chosen])
-    token_id = np.asarray([token_lists[e][p] for e, p in zip(ex_ids, positions)], dtype=np.int64)
+    token_id = np.asarray([token_lists[e][p] for e, p in zip(ex_ids, positions, strict=True)], dtype=np.int64)
     lengths = np.asarray([len(token_lists[e]) for e in ex_ids], dtype=np.int32)
     vocab = {int(t): tokenizer.decode([int(t)]) for t in np.unique(token_id)}
     groups = [str(g) if isinstance(g, str) and g else f"ex{e}" for e, g in
-              zip(range(len(rows)), rows["group"])]
+              zip(range(len(rows)), rows["group"], strict=True)]
     index = pd.DataFrame({
         "row": np.arange(len(ex_ids), dtype=np.int64),
         "example_id": ex_ids.astype(np.int64),

@@ -198,7 +198,7 @@ def _prompt_sentences(rng: random.Random, split: str, tokenizer) -> list[str]:
     sets = ("fact_recall", "superset") + (("next_day", "sequence_types") if split == "train" else ())
     for name in sets:
         rows = load_prompts(name, tokenizer=tokenizer).rows
-        for prompt, answer, tmpl in zip(rows["prompt"], rows["answer"], rows["template"]):
+        for prompt, answer, tmpl in zip(rows["prompt"], rows["answer"], rows["template"], strict=True):
             if not isinstance(answer, str) or "odd" in str(tmpl):  # odd-one-out answers are
                 continue                                             # first tokens, not words
             if name in ("next_day", "sequence_types"):

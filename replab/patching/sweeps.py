@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 
 from replab.errors import ReplabError
-from replab.harvest.hooks import parse_layers
+from replab.hooks import canonical_site, parse_layers, query_heads_of
 from replab.patching.bootstrap import describe_groups, task_groups
 from replab.patching.engine import Variant, run_variants
-from replab.patching.interventions import Intervention, canonical_site, query_heads_of
+from replab.patching.interventions import Intervention
 from replab.patching.metrics import bootstrap_ci, check_metric, normalized, task_metrics
 from replab.patching.task import PatchTask
 
@@ -59,9 +59,9 @@ def parse_by(by: str, site: str) -> tuple[str, ...]:
     if key not in BY:
         raise ReplabError(f"unknown --by {by!r} (known: {', '.join(BY)})")
     axes = BY[key]
-    from replab.patching.interventions import SITES
+    from replab.hooks import SITES
 
-    kind = SITES[site][1]
+    kind = SITES[site].kind
     if kind != "vector" and "head" not in axes:
         raise ReplabError(f"site {site} is per head: use --by layer,head or layer,head,position")
     if kind == "vector" and "head" in axes:
@@ -70,11 +70,11 @@ def parse_by(by: str, site: str) -> tuple[str, ...]:
 
 
 def _cells(model, task: PatchTask, site: str, axes, layers, heads, positions):
-    from replab.patching.interventions import SITES
+    from replab.hooks import SITES
 
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads
-    n_heads = n_kv if SITES[site][1] == "kv_head" else cfg.n_heads
+    n_heads = n_kv if SITES[site].kind == "kv_head" else cfg.n_heads
     head_list = list(range(n_heads)) if heads is None else list(heads)
     pos_list = list(range(task.n_tokens)) if positions is None else list(positions)
     for h in head_list:
@@ -165,9 +165,9 @@ def _token_label(task: PatchTask, p) -> str:
 def _table(model, task, site, cells, patched, cand, effect, low, high, base_metric, metric):
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads
-    from replab.patching.interventions import SITES
+    from replab.hooks import SITES
 
-    kv = SITES[site][1] == "kv_head"
+    kv = SITES[site].kind == "kv_head"
     cand_means = cand.mean(1).tolist()      # [cells, C]: every candidate slot's prompt-mean logit
     rows = []
     for i, (layer, h, p) in enumerate(cells):

@@ -79,7 +79,7 @@ def dla(model, task) -> dict[str, pd.DataFrame]:
         for run, tokens in (("clean", task.clean), ("corrupt", task.corrupt)):
             logits, cache = _cache(model, tokens)
             scale = cache["ln_final.hook_scale"][:, -1]                  # [N, 1]
-            proj = lambda x: (_frozen_norm(model, x[:, -1], scale) * u).sum(-1)   # noqa: E731  [N]
+            proj = lambda x, scale=scale: (_frozen_norm(model, x[:, -1], scale) * u).sum(-1)  # noqa: E731  [N]
             for layer in range(L):
                 for site, depth in (("pre", layer), ("mid", layer + 0.5)):
                     v = proj(cache[f"blocks.{layer}.hook_resid_{site}"]) + bias

@@ -1,13 +1,19 @@
-"""Reading probe inputs from an activation store: hooks per layer, layer specs."""
+"""Selecting from a store: a store from a path, a site's layers, rows by a query.
+
+Shared by every reader of stores (probes, geometry, directions, SAE decomposition).
+"""
 
 from __future__ import annotations
+
+import numpy as np
+import pandas as pd
 
 from replab.errors import ReplabError
 
 
 def site_layers(store, site: str = "resid_post") -> dict[int, str]:
     """``{layer: full hook name}`` for one site alias (``resid_post``) or one full hook name."""
-    from replab.harvest.hooks import parse_hook_name
+    from replab.hooks import parse_hook_name
 
     if site in store.hooks:
         alias, layer = parse_hook_name(site)
@@ -24,7 +30,7 @@ def site_layers(store, site: str = "resid_post") -> dict[int, str]:
 
 def pick_layers(store, site: str, layers="all") -> dict[int, str]:
     """Requested layers (``"all"``, ``"0-9"``, ``"3,7"``, ``[1, 2]``) that the store holds."""
-    from replab.harvest.hooks import parse_layers
+    from replab.hooks import parse_layers
 
     have = site_layers(store, site)
     if site in store.hooks:
@@ -52,28 +58,11 @@ def as_store(store):
     return store if isinstance(store, ActivationStore) else open_store(store)
 
 
-class limit_threads:
-    """Context manager: torch intra-op threads = ``n`` and numpy's BLAS to one thread.
-
-    Interleaving small numpy BLAS calls with torch matmuls makes both thread pools
-    spin against each other; on a busy 2-core machine that was 20x slower.
-    """
-
-    def __init__(self, n: int = 1):
-        self.n = n
-
-    def __enter__(self):
-        import torch
-        from threadpoolctl import threadpool_limits
-
-        self._old = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(self.n)))
-        self._pool = threadpool_limits(limits=1)
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        self._pool.restore_original_limits()
-        torch.set_num_threads(self._old)
-        return False
+def where_mask(index: pd.DataFrame, where: str | None) -> np.ndarray:
+    """Boolean mask of the rows a pandas query keeps (all rows when ``where`` is empty)."""
+    if not where:
+        return np.ones(len(index), dtype=bool)
+    try:
+        return np.asarray(index.eval(where), dtype=bool)
+    except Exception as exc:  # noqa: BLE001 - any query error is the user's
+        raise ReplabError(f"bad --where query {where!r}: {exc}") from None
