@@ -12,7 +12,19 @@ import sys
 
 import typer
 
-from replab.cli import datasets, features, lens, patch, plot, probe, sae, sae_patch, store  # noqa: F401 (sae_patch adds `sae patch`)
+from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`)
+    circuit,
+    datasets,
+    features,
+    heads,
+    lens,
+    patch,
+    plot,
+    probe,
+    sae,
+    sae_patch,
+    store,
+)
 from replab.cli._common import examples
 from replab.cli.harvest import HARVEST_EPILOG, harvest_cmd
 
@@ -35,6 +47,8 @@ app.add_typer(patch.app, name="patch")
 app.add_typer(patch.attribute_app, name="attribute")
 app.add_typer(features.app, name="features")
 app.add_typer(sae.app, name="sae")
+app.add_typer(heads.app, name="heads")
+app.add_typer(circuit.app, name="circuit")
 app.command("test-prompt", epilog=patch.TEST_PROMPT_EPILOG)(patch.test_prompt_cmd)
 app.command("harvest", epilog=HARVEST_EPILOG)(harvest_cmd)
 
