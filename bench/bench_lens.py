@@ -104,7 +104,7 @@ def bench_table(model, dataset: str, out: str) -> int:
 def compare_init(model, fit_tokens: int = 1024) -> int:
     """Validation KL per layer: logit lens, KL phase from the identity, least squares, least
     squares + KL phase (the default config's steps, lr and batch, on a smaller pool)."""
-    from replab.lenses.cells import torch_threads
+    from replab.threads import limit_threads
     from replab.lenses.tuned import quiet_hf_model
     from replab.models import load_tokenizer
     from replab.models.tiny_hf import resolve
@@ -112,7 +112,7 @@ def compare_init(model, fit_tokens: int = 1024) -> int:
     name = resolve(model)
     hf, tok = quiet_hf_model(name), load_tokenizer(name)
     hf.requires_grad_(False)
-    with torch_threads(1):
+    with limit_threads(1):
         return _compare_init(hf, tok, fit_tokens)
 
 

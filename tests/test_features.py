@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from replab.errors import ReplabError
 from replab.features.direction_inputs import DirectionInput, load_direction, shuffled_direction
 from replab.features.direction_patch import complement_basis, direction_patch, random_bases
-from replab.features.superclass import build_superclass_task, check_separation, separation_table
 from replab.patching.metrics import Readout, class_mass, metric_values
+from replab.patching.superclass import build_superclass_task, check_separation, separation_table
 
 FAST = dict(n_random=20, n_random_ablate=3, n_random_steer=2, alphas=(-2.0, 0.0, 2.0), n_boot=100)
 

@@ -10,7 +10,7 @@ import torch
 from replab.errors import ReplabError
 from replab.features.direction_inputs import DirectionInput
 from replab.features.direction_patch import direction_patch
-from replab.features.superclass import build_superclass_task
+from replab.patching.superclass import build_superclass_task
 
 LAYER = 1
 FAST = dict(n_random=20, n_random_ablate=3, n_random_steer=2, n_boot=100)

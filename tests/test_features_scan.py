@@ -28,7 +28,7 @@ def probe_run(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task(tiny):
-    from replab.features.superclass import build_superclass_task
+    from replab.patching.superclass import build_superclass_task
 
     return build_superclass_task(tiny.tokenizer, "artist", "scientist", max_pairs=12)
 
@@ -188,8 +188,8 @@ def test_smollm2_probe_direction_artifact(smol, tmp_path):
     directions) beats every random direction, with the sanity checks passing."""
     from replab.features.direction_inputs import load_direction
     from replab.features.direction_patch import direction_patch
-    from replab.features.superclass import build_superclass_task
     from replab.harvesting import harvest
+    from replab.patching.superclass import build_superclass_task
     from replab.probes import train_probes
     from replab.prompts import load_prompts
 

@@ -100,13 +100,13 @@ def test_position_view_sources_equal_full_copies(tiny, sae_and_task):
 
     sae, meta, task, _ = sae_and_task
     hook, pos = meta["hook_name"], [1, 3, 5]
-    runs = hook_runs(tiny, task, hook)
-    src = _Sources(sae, runs["clean"][hook], runs["corrupt"][hook], pos)
+    forwards = hook_runs(tiny, task, hook)
+    src = _Sources(sae, forwards["clean"][hook], forwards["corrupt"][hook], pos)
     sets = {"a": ([1, 2, 3], False), "b": ([], True), "c": (list(range(20)), True)}
     views = {k: src.make(ids, err) for k, (ids, err) in sets.items()}
     full = {}
     for k, v in views.items():
-        f = runs["corrupt"][hook].clone()
+        f = forwards["corrupt"][hook].clone()
         f[:, pos] = v[:, pos]
         full[k] = f
         n, t, d = f.shape                 # stored: (N - 1) * span + T rows, span = 5 - 1 + 1

@@ -27,9 +27,9 @@ def _ids(model, text=PROMPT):
 def _one_torch_thread():
     """One torch thread, as the lens CLI uses: on a busy 2-core machine two threads made
     these tests ~10x slower (threads waiting for each other at every small op)."""
-    from replab.lenses.cells import torch_threads
+    from replab.threads import limit_threads
 
-    with torch_threads(1):
+    with limit_threads(1):
         yield
 
 

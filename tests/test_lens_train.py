@@ -17,9 +17,9 @@ PROMPT = "Today it is Monday so tomorrow it is"
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
-    from replab.lenses.cells import torch_threads
+    from replab.threads import limit_threads
 
-    with torch_threads(1):
+    with limit_threads(1):
         yield
 
 

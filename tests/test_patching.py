@@ -146,11 +146,11 @@ def test_sweep_reuses_its_runs_for_the_identity_check(tiny, task, monkeypatch):
     from replab.patching import engine
 
     made = []
-    init = engine.RunCache.__init__
-    monkeypatch.setattr(engine.RunCache, "__init__",
+    init = engine.ForwardCache.__init__
+    monkeypatch.setattr(engine.ForwardCache, "__init__",
                         lambda self, *a, **k: (made.append(1), init(self, *a, **k))[1])
     res = sweep(tiny, task, site="z", by="layer,head", n_boot=10)
-    assert res.summary["checks"]["identity"]["ok"]
+    assert res.summary["checks"]["engine_identity"]["ok"]
     assert len(made) == 2                                   # one clean and one corrupt forward
 
 
@@ -213,11 +213,11 @@ def test_metrics_match_hand_computation(tiny, task):
     with torch.inference_mode():
         full = tiny(task.corrupt)[:, -1]
         clean = tiny(task.clean)[:, -1]
-        from replab.patching.engine import RunCache
+        from replab.patching.engine import ForwardCache
 
-        run = RunCache(tiny, task.corrupt, set())
+        run = ForwardCache(tiny, task.corrupt, set())
         r = readout(tiny, run.final, task.candidates, True, True)
-        rc = readout(tiny, RunCache(tiny, task.clean, set()).final, task.candidates, True, True)
+        rc = readout(tiny, ForwardCache(tiny, task.clean, set()).final, task.candidates, True, True)
     logp = full.log_softmax(-1)
     a, f = task.answer, task.foil
     idx = torch.arange(task.n_prompts)
@@ -247,10 +247,10 @@ def test_sweep_table_checks_and_ci(tiny, task, tmp_path):
 
 
 def test_failed_sanity_check_stops_the_run(tiny, task, monkeypatch):
-    from replab.patching import sanity
+    from replab.patching import plan
 
-    monkeypatch.setattr(sanity, "TOL", -1.0)
-    with pytest.raises(ReplabError, match="sanity check 'full' failed"):
+    monkeypatch.setattr(plan, "ENGINE_TOL", -1.0)
+    with pytest.raises(ReplabError, match="sanity check 'engine_full' failed"):
         sweep(tiny, task, site="mlp_out", by="layer", n_boot=10)
 
 
@@ -259,7 +259,7 @@ def test_intervention_roundtrip_and_validation():
     again = Intervention.from_dict(json.loads(json.dumps(iv.to_dict())))
     assert again == iv and again.site == "z" and again.hook == "blocks.3.attn.hook_z"
     assert Intervention("blocks.2.hook_resid_pre", None).layer == 2
-    for kwargs, msg in [(dict(site="z", layer=1), "needs a head"), (dict(site="nope", layer=1), "unknown patch site"),
+    for kwargs, msg in [(dict(site="z", layer=1), "needs a head"), (dict(site="nope", layer=1), "unknown site"),
                         (dict(site="resid_pre", layer=1, head=0), "no heads"),
                         (dict(site="resid_pre", layer=1, source="steer", scale=1.0), "direction"),
                         (dict(site="attn_out", layer=1, neurons=(1,)), "neurons")]:
@@ -268,7 +268,7 @@ def test_intervention_roundtrip_and_validation():
 
 
 def test_task_errors(tiny, tmp_path):
-    from replab.patching.task import load_task
+    from replab.patching.catalog import load_task
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "The capital of France is", "answer": " Paris", "foils": [" Rome"],

@@ -80,7 +80,7 @@ def _bad_pairs(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["patch", "sweep", "--site", "nope"], "unknown patch site"),
+    (["patch", "sweep", "--site", "nope"], "unknown site"),
     (["patch", "sweep", "--by", "diagonal"], "unknown --by"),
     (["patch", "sweep", "--site", "z", "--by", "layer,position"], "per head"),
     (["patch", "sweep", "--layers", "40"], "out of range"),

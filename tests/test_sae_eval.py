@@ -88,7 +88,7 @@ def test_eval_agrees_with_sae_lens_run_evals(tiny, tiny_sae, windows):
 def test_sae_lens_tokens_are_checked_before_the_evaluation(tiny, tiny_sae, tmp_path, monkeypatch, args, needle):
     """A --sae-lens that is negative or gives fewer than --batch-size windows is one `error:` line
     (exit 2) before anything is evaluated; the library raises the same ReplabError."""
-    import replab.features.sae.evaluate as E
+    import replab.features.sae.run as E
     from replab.errors import ReplabError
 
     def boom(*a, **k):

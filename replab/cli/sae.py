@@ -118,7 +118,7 @@ def eval_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
 
 def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, json_out, force=False,
           sae_lens=0):
-    from replab.features.sae.evaluate import check_sae_lens_tokens, run_sae_eval
+    from replab.features.sae.run import check_sae_lens_tokens, run_sae_eval
 
     check_sae_lens_tokens(sae_lens, batch_size)        # before any model or SAE is loaded
     if sae_dir is None and layer is None:

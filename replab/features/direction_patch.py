@@ -119,9 +119,9 @@ def _plan(site, layer, pos, d: DirectionInput, n_random, n_ablate, n_steer, alph
     return plan
 
 
-def _metrics(model, task: PatchTask, metric: str, finals: torch.Tensor, runs: dict):
+def _metrics(model, task: PatchTask, metric: str, finals: torch.Tensor, forwards: dict):
     """Per-prompt ``{clean, corrupt [N], patched [V, N]}``."""
-    return task_metrics(model, task, metric, finals, runs)[0]
+    return task_metrics(model, task, metric, finals, forwards)[0]
 
 
 def leace_final(model, task: PatchTask, eraser, site: str, layer: int, pos) -> torch.Tensor:
@@ -213,16 +213,16 @@ def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str
     variants = [p[4] for p in plan] + sanity.variants_for(layer, "corrupt")
     t0 = time.time()
     with progress_bar(len(variants), "direction patch", "run", enabled=progress) as bar:
-        finals, runs = run_variants(model, task.clean, task.corrupt, variants, base="corrupt",
+        finals, forwards = run_variants(model, task.clean, task.corrupt, variants, base="corrupt",
                                     max_tokens=max_tokens, progress=bar.advance)
     seconds = time.time() - t0
-    vals = _metrics(model, task, metric, finals, runs)
+    vals = _metrics(model, task, metric, finals, forwards)
     clean, corrupt, patched = vals["clean"], vals["corrupt"], vals["patched"]
     c_mean, x_mean = float(clean.mean()), float(corrupt.mean())
     names = [p[0] for p in plan]
     if leace is not None:
         final = leace_final(model, task, leace, site, layer, pos)
-        lv = task_metrics(model, task, metric, final[None], runs)[0]["patched"][0]
+        lv = task_metrics(model, task, metric, final[None], forwards)[0]["patched"][0]
         patched = np.concatenate([patched[:len(plan)], lv[None], patched[len(plan):]])
         plan.append(("leace", "leace", "ablate", None, None))
         names.append("leace")
@@ -252,7 +252,7 @@ def resolve_positions(task: PatchTask, direction: DirectionInput, positions=None
     """``(rule, positions)`` for a run: ``positions`` (a rule or a tuple) if given, else the
     direction's own rule, else ``last``. A rule the task does not know is an error (never a
     silent fallback): the direction was fitted at one position and means little elsewhere."""
-    from replab.features.superclass import task_positions
+    from replab.patching.task import task_positions
 
     if positions is not None and not isinstance(positions, str):
         return None, tuple(int(p) for p in positions)

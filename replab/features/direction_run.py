@@ -50,21 +50,6 @@ def parse_alphas(spec) -> list[float]:
     return vals
 
 
-def load_task_for(tokenizer, task: str, classes: str | None, template: str | None, pairs: int,
-                  dataset: str | None, prepend_bos: bool):
-    """The task: ``superclass`` (``classes``, ``dataset``) or any :func:`load_task` name/file."""
-    from replab.features.superclass import build_superclass_task, parse_classes
-    from replab.patching.task import load_task
-
-    if pairs < 1:
-        raise ReplabError("--pairs must be at least 1")
-    if task == "superclass" or task.startswith("superclass:"):
-        a, b = parse_classes(classes or (task.partition(":")[2] or None))
-        return build_superclass_task(tokenizer, a, b, templates=[template] if template else None,
-                                     max_pairs=pairs, dataset=dataset or "superset", prepend_bos=prepend_bos)
-    return load_task(dataset or task, tokenizer, template=template, limit=pairs, prepend_bos=prepend_bos)
-
-
 def run_direction_patch(direction, out=None, task: str = "superclass", classes: str | None = None,
                         cls: str | None = None, label: str = "superclass", layer=None,
                         site: str | None = None, positions: str | None = None, metric: str | None = None,
@@ -98,16 +83,17 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
     )
     from replab.features.direction_patch import direction_patch
     from replab.features.direction_plots import dose_response, random_histogram
-    from replab.features.superclass import check_separation, separation_table
     from replab.models import load_model
+    from replab.patching.catalog import load_task
     from replab.patching.plots import save_figure
-    from replab.patching.report import finish_run, start_run, write_table
+    from replab.rundir import finish_run, start_run, write_table
+    from replab.patching.superclass import check_separation, separation_table
 
     alphas = parse_alphas(alphas)
     layer_arg, layer = layer, resolve_layer(layer)
     d = load_direction(direction, layer, cls, label, kind)
     m = load_model(model, device="cpu")
-    t = load_task_for(m.tokenizer, task, classes, template, pairs, dataset, bool(m.cfg.default_prepend_bos))
+    t = load_task(task, m.tokenizer, template, pairs, bool(m.cfg.default_prepend_bos), classes, dataset)
     notes = []
     warn = check_model(d, m)
     if warn:

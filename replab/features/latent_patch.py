@@ -49,7 +49,7 @@ decompose`` for a class) or ranked by attribution: the first-order effect of pat
 ``i``, ``mean_n Σ_pos (z_clean − z_corrupt)_i · (d_i · ∂M/∂x)``, from one backward pass.
 
 Cost: one cached forward of the clean and of the corrupt prompts (the engine's
-:class:`~replab.patching.engine.RunCache`, shared by the attribution, the sources and every
+:class:`~replab.patching.engine.ForwardCache`, shared by the attribution, the sources and every
 patched variant), one gradient-enabled forward + backward of the corrupt prompts for the
 attribution, and the batched patched runs. Each variant's source stores only the patched
 positions (:func:`_position_view`).
@@ -78,18 +78,18 @@ def hook_runs(model, task, hook: str, variants=()) -> dict:
     """The engine's cached clean and corrupt runs (one forward each): ``hook`` in both, plus
     everything ``variants`` (denoising, base ``corrupt``) need, so the attribution, the
     sources and :func:`~replab.patching.engine.run_variants` share them."""
-    from replab.patching.engine import make_runs, needed_hooks, prefix_ok
+    from replab.patching.engine import cache_forwards, needed_hooks, prefix_ok
 
     need = needed_hooks(model, list(variants), "corrupt", prefix_ok(model)) if variants else \
         {"clean": set(), "corrupt": set()}
     for names in need.values():
         names.add(hook)
     with torch.inference_mode():
-        return make_runs(model, task.clean, task.corrupt, need)
+        return cache_forwards(model, task.clean, task.corrupt, need)
 
 
 def attribution(model, sae, task, hook: str, positions: list[int], metric: str,
-                runs: dict | None = None) -> np.ndarray:
+                forwards: dict | None = None) -> np.ndarray:
     """First-order effect ``[d_sae]`` of patching each latent clean → corrupt (module docstring).
 
     Works for every metric: full-vocabulary ones (``logprob``, ``prob``, ``kl``) read the whole
@@ -99,8 +99,8 @@ def attribution(model, sae, task, hook: str, positions: list[int], metric: str,
     from replab.features.sae.splice import decoder_rows, sae_encode
     from replab.patching.metrics import final_logits
 
-    runs = runs if runs is not None else hook_runs(model, task, hook)
-    clean, corrupt = runs["clean"][hook], runs["corrupt"][hook]
+    forwards = forwards if forwards is not None else hook_runs(model, task, hook)
+    clean, corrupt = forwards["clean"][hook], forwards["corrupt"][hook]
     store = {}
 
     def leaf(act, hook):
@@ -110,7 +110,7 @@ def attribution(model, sae, task, hook: str, positions: list[int], metric: str,
     clean_logp = None
     if metric == "kl":
         with torch.inference_mode():
-            clean_logp = final_logits(model, runs["clean"].final).float().log_softmax(-1)
+            clean_logp = final_logits(model, forwards["clean"].final).float().log_softmax(-1)
         clean_logp = clean_logp.clone()
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -214,10 +214,10 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
     positions = list(range(task.n_tokens)) if positions is None else [int(p) for p in positions]
     iv = lambda source: Intervention(site, layer, positions=tuple(positions), source=source)  # noqa: E731
     extra = [Variant((iv("clean"),)), *sanity.variants_for(layer, "corrupt")]   # the ceiling, engine checks
-    runs = hook_runs(model, task, hook, [Variant((iv("custom:latents"),)), *extra])
-    src = _Sources(sae, runs["clean"][hook], runs["corrupt"][hook], positions)
+    forwards = hook_runs(model, task, hook, [Variant((iv("custom:latents"),)), *extra])
+    src = _Sources(sae, forwards["clean"][hook], forwards["corrupt"][hook], positions)
     decoder = _decoder_check(src.decoder_error(sae))
-    attr = attribution(model, sae, task, hook, positions, metric, runs=runs)
+    attr = attribution(model, sae, task, hook, positions, metric, forwards=forwards)
     d_sae = attr.shape[0]
     chosen = [int(i) for i in latents] if latents is not None else [int(i) for i in np.argsort(-np.abs(attr))[:top]]
     bad = [i for i in chosen if not 0 <= i < d_sae]
@@ -248,9 +248,9 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
     sources = {name: src.make(ids, err) for name, _, _, ids, err in plan}
     variants = [Variant((iv(f"custom:{p[0]}"),)) for p in plan] + extra
     t0 = time.time()
-    finals, runs = run_variants(model, task.clean, task.corrupt, variants, runs=runs, sources=sources)
+    finals, forwards = run_variants(model, task.clean, task.corrupt, variants, forwards=forwards, sources=sources)
     seconds = time.time() - t0
-    vals = task_metrics(model, task, metric, finals, runs)[0]
+    vals = task_metrics(model, task, metric, finals, forwards)[0]
     c_vals, x_vals, pr = vals["clean"], vals["corrupt"], vals["patched"]
     c, x = float(c_vals.mean()), float(x_vals.mean())
     eff = normalized(pr.mean(1), c, x)

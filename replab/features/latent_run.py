@@ -43,19 +43,19 @@ def run_latent_patch(sae_dir=None, layer: int | None = None, hook: str = "resid_
     a prompt file for the task (superset schema for ``superclass``, e.g. a known-only JSONL).
     """
     from replab._figures import pyplot
-    from replab.features.direction_run import load_task_for
     from replab.features.latent_patch import latent_patch
     from replab.features.sae.artifact import load_sae, model_for, read_meta, resolve_sae_dir
-    from replab.features.superclass import task_positions
     from replab.models import load_model
+    from replab.patching.catalog import load_task
     from replab.patching.plots import save_figure
-    from replab.patching.report import finish_run, start_run, write_table
+    from replab.rundir import finish_run, start_run, write_table
+    from replab.patching.task import task_positions
 
     m = load_model(model, device="cpu")
     path = resolve_sae_dir(sae_dir, m, hook, layer)
     m = model_for(read_meta(path), m)
     sae, meta = load_sae(path)
-    t = load_task_for(m.tokenizer, task, classes, template, pairs, dataset, bool(m.cfg.default_prepend_bos))
+    t = load_task(task, m.tokenizer, template, pairs, bool(m.cfg.default_prepend_bos), classes, dataset)
     metric = metric or ("class_mass" if t.class_a is not None else "logit_diff")
     rule = positions or ("entity_last" if "entity_last" in t.meta.get("positions", {}) else "all")
     pos = task_positions(t, rule)

@@ -115,13 +115,13 @@ def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None
         shuffled_effect, random_mean, random_p95, eligible, chosen``) and a summary with
         ``chosen_layer`` and ``reason``.
     """
-    from replab.features.superclass import task_positions
     from replab.hooks import canonical_site
     from replab.patching import sanity
     from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
     from replab.patching.engine import Variant, run_variants
     from replab.patching.interventions import Intervention
     from replab.patching.metrics import check_metric, normalized, task_metrics
+    from replab.patching.task import task_positions
 
     run = Path(run)
     acc, acc_col = probe_accuracy(run, kind)
@@ -159,10 +159,10 @@ def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None
 
     t0 = time.time()
     with progress_bar(len(variants), "layer scan", "run", enabled=progress) as bar:
-        finals, runs = run_variants(model, task.clean, task.corrupt, variants, base="corrupt",
+        finals, forwards = run_variants(model, task.clean, task.corrupt, variants, base="corrupt",
                                     max_tokens=max_tokens, progress=bar.advance)
     seconds = time.time() - t0
-    vals = task_metrics(model, task, metric, finals, runs)[0]
+    vals = task_metrics(model, task, metric, finals, forwards)[0]
     clean, corrupt, patched = vals["clean"], vals["corrupt"], vals["patched"]
     c, x = float(clean.mean()), float(corrupt.mean())
     eff = normalized(patched.mean(1), c, x)
@@ -266,17 +266,17 @@ def run_scan(probe, out=None, task: str = "superclass", classes: str | None = No
              model: str | None = None, seed: int = 0, progress: bool = True) -> dict:
     """``replab features scan`` end to end: load, scan, write ``scan.parquet/.csv``,
     ``scan.png/.svg`` and ``summary.json`` (last) to ``out``. Returns the summary."""
-    from replab.features.direction_run import load_task_for
-    from replab.features.superclass import check_separation
     from replab.models import load_model
+    from replab.patching.catalog import load_task
     from replab.patching.plots import save_figure
-    from replab.patching.report import finish_run, start_run, write_table
+    from replab.rundir import finish_run, start_run, write_table
+    from replab.patching.superclass import check_separation
 
     run = Path(probe)
     if not (run / "probes").is_dir():
         raise ReplabError(f"{probe} is not a probe run directory (replab probe train --out ...)")
     m = load_model(model, device="cpu")
-    t = load_task_for(m.tokenizer, task, classes, template, pairs, dataset, bool(m.cfg.default_prepend_bos))
+    t = load_task(task, m.tokenizer, template, pairs, bool(m.cfg.default_prepend_bos), classes, dataset)
     layer_list = None
     if layers:
         from replab.hooks import parse_layers

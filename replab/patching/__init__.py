@@ -14,10 +14,11 @@
 * :mod:`~replab.patching.runs`: one call per workflow step, writing a run directory.
 """
 
+from replab.patching.catalog import load_task
 from replab.patching.engine import Variant, run_variants
 from replab.patching.interventions import Intervention
 from replab.patching.sweeps import SweepResult, sweep
-from replab.patching.task import PatchTask, load_task, task_from_rows
+from replab.patching.task import PatchTask, task_from_rows
 
 __all__ = ["Intervention", "PatchTask", "SweepResult", "Variant", "load_task", "run_variants",
            "sweep", "task_from_rows"]

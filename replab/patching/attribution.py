@@ -112,12 +112,12 @@ def exact_effects(model, task, rows: pd.DataFrame) -> np.ndarray:
     from replab.patching.metrics import metric_values, normalized, readout
 
     variants = [Variant((_intervention(r),)) for r in rows.itertuples(index=False)]
-    finals, runs = run_variants(model, task.clean, task.corrupt, variants)
+    finals, forwards = run_variants(model, task.clean, task.corrupt, variants)
     v, n, d = finals.shape
     with torch.inference_mode():
         patched = metric_values("logit_diff", readout(model, finals.reshape(v * n, d),
                                                       task.candidates.repeat(v, 1), False))
-        base = {k: float(metric_values("logit_diff", readout(model, runs[k].final, task.candidates, False)).mean())
+        base = {k: float(metric_values("logit_diff", readout(model, forwards[k].final, task.candidates, False)).mean())
                 for k in ("clean", "corrupt")}
     return normalized(patched.reshape(v, n).mean(1).numpy(), base["clean"], base["corrupt"])
 

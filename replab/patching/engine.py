@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,10 +43,18 @@ _PREFIX_UNSAFE_ARCH = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM
 @dataclass(frozen=True)
 class Variant:
     """A patched run: interventions applied together. ``start`` forces the entry layer
-    (used by the empty-patch sanity check, which has no interventions)."""
+    (used by the empty-patch sanity check, which has no interventions).
+
+    ``name``, ``group`` and ``info`` are the caller's labels (the engine ignores them):
+    :func:`replab.patching.plan.run_plan` copies them into every row of its result table,
+    e.g. ``Variant((iv,), name="L5H3", group="head", info={"layer": 5, "head": 3})``.
+    """
 
     interventions: tuple[Intervention, ...] = ()
     start: int | None = None
+    name: str = ""
+    group: str = ""
+    info: dict = field(default_factory=dict, compare=False, hash=False)
 
     def start_layer(self, n_layers: int) -> int:
         layers = [iv.layer for iv in self.interventions]
@@ -79,7 +87,7 @@ def prefix_ok(model) -> bool:
             and not getattr(cfg, "use_split_qkv_input", False) and not getattr(cfg, "use_attn_in", False))
 
 
-class RunCache:
+class ForwardCache:
     """Activations of one run (clean or corrupt) at the hooks a set of variants needs."""
 
     def __init__(self, model, tokens: torch.Tensor, names: set[str]):
@@ -103,16 +111,16 @@ def _derangement(n: int, seed: int) -> torch.Tensor:
             return perm
 
 
-def _source(iv: Intervention, runs: dict[str, RunCache], base: str) -> torch.Tensor | None:
+def _source(iv: Intervention, forwards: dict[str, ForwardCache], base: str) -> torch.Tensor | None:
     """The source activation ``[N, ...]`` (absolute positions) of ``iv``, or None."""
     if iv.source.startswith("custom:"):
         name = iv.source.split(":", 1)[1]
-        if name not in runs.get("custom", {}):
+        if name not in forwards.get("custom", {}):
             raise ReplabError(f"intervention source {iv.source!r} was not passed in sources=")
-        return runs["custom"][name]
+        return forwards["custom"][name]
     if iv.source in ("clean", "corrupt"):
-        return runs[iv.source][iv.hook]
-    b = runs[base][iv.hook]
+        return forwards[iv.source][iv.hook]
+    b = forwards[base][iv.hook]
     if iv.source == "zero":
         return torch.zeros_like(b)
     if iv.source == "mean":
@@ -159,16 +167,16 @@ def needed_hooks(model, variants: list[Variant], base: str, use_prefix: bool) ->
     return need
 
 
-def make_runs(model, clean: torch.Tensor, corrupt: torch.Tensor, need: dict[str, set[str]]) -> dict:
-    return {"clean": RunCache(model, clean, need["clean"]),
-            "corrupt": RunCache(model, corrupt, need["corrupt"])}
+def cache_forwards(model, clean: torch.Tensor, corrupt: torch.Tensor, need: dict[str, set[str]]) -> dict:
+    return {"clean": ForwardCache(model, clean, need["clean"]),
+            "corrupt": ForwardCache(model, corrupt, need["corrupt"])}
 
 
-def _kv_entry(runs, base: str, layer: int, p: int, n_rep: int):
+def _kv_entry(forwards, base: str, layer: int, p: int, n_rep: int):
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    k = runs[base][f"blocks.{layer}.attn.hook_k"][:, :p]
-    v = runs[base][f"blocks.{layer}.attn.hook_v"][:, :p]
+    k = forwards[base][f"blocks.{layer}.attn.hook_k"][:, :p]
+    v = forwards[base][f"blocks.{layer}.attn.hook_v"][:, :p]
     return TransformerLensKeyValueCacheEntry(k.repeat(n_rep, 1, 1, 1), v.repeat(n_rep, 1, 1, 1),
                                              frozen=True)
 
@@ -198,7 +206,7 @@ def _block_hooks(model, fns: dict):
             h.remove()
 
 
-def _run_group(model, group: list[tuple[int, Variant]], runs: dict, base: str, p: int,
+def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: str, p: int,
                n_prompts: int) -> dict[int, torch.Tensor]:
     """Pipelined forward of variants sharing prefix length ``p``; {variant index: final [N, d]}."""
     n_layers = model.cfg.n_layers
@@ -211,7 +219,7 @@ def _run_group(model, group: list[tuple[int, Variant]], runs: dict, base: str, p
     for k in range(first, n_layers):
         entering = by_start.get(k, [])
         if entering:
-            new = runs[base][f"blocks.{k}.hook_resid_pre"][:, p:].repeat(len(entering), 1, 1)
+            new = forwards[base][f"blocks.{k}.hook_resid_pre"][:, p:].repeat(len(entering), 1, 1)
             start_row = 0 if x is None else x.shape[0]
             for j, (vi, _) in enumerate(entering):
                 rows[vi] = start_row + j * n_prompts
@@ -224,13 +232,13 @@ def _run_group(model, group: list[tuple[int, Variant]], runs: dict, base: str, p
                 continue
             for iv in v.interventions:
                 if iv.layer == k:
-                    full_src = _source(iv, runs, base)
-                    like = runs[base][iv.hook] if iv.source == "noise" else None
+                    full_src = _source(iv, forwards, base)
+                    like = forwards[base][iv.hook] if iv.source == "noise" else None
                     hooks[iv.hook].append((rows[vi], rows[vi] + n_prompts, iv,
                                            _slice_positions(full_src, iv, p),
                                            _slice_positions(_noise(iv, like) if like is not None else None, iv, p)))
         n_rep = x.shape[0] // n_prompts
-        entry = _kv_entry(runs, base, k, p, n_rep) if p > 0 else None
+        entry = _kv_entry(forwards, base, k, p, n_rep) if p > 0 else None
         with _block_hooks(model, {name: _hook_fn(pl, p) for name, pl in hooks.items()}):
             x = model.blocks[k](x, past_kv_cache_entry=entry)
     out = {}
@@ -242,16 +250,16 @@ def _run_group(model, group: list[tuple[int, Variant]], runs: dict, base: str, p
 
 @torch.inference_mode()
 def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
-                 base: str = "corrupt", runs: dict | None = None, max_tokens: int = 65536,
+                 base: str = "corrupt", forwards: dict | None = None, max_tokens: int = 65536,
                  use_prefix: bool | None = None, progress=None,
                  sources: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
-    """Final-position residuals of every variant: ``([V, N, d_model], runs)``.
+    """Final-position residuals of every variant: ``([V, N, d_model], forwards)``.
 
     Args:
         clean, corrupt: token ids ``[N, T]`` (same shape).
         variants: the patched runs (each applied to all N prompts).
         base: ``"corrupt"`` (denoising: patch clean into corrupt) or ``"clean"`` (noising).
-        runs: cached :class:`RunCache` per run (made when None; pass them to reuse).
+        forwards: cached :class:`ForwardCache` per run (made when None; pass them to reuse).
         max_tokens: bound on rows × positions in one block call (memory); groups are split.
         use_prefix: force the cached-prefix shortcut on/off (default: :func:`prefix_ok`).
         progress: optional callable ``advance(n_variants)``.
@@ -265,16 +273,16 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
         for iv in v.interventions:
             validate(model, iv, t)
     use_prefix = prefix_ok(model) if use_prefix is None else (use_prefix and prefix_ok(model))
-    if runs is None:
-        runs = make_runs(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
-    runs = {**runs, "custom": dict(sources or {})}
+    if forwards is None:
+        forwards = cache_forwards(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
+    forwards = {**forwards, "custom": dict(sources or {})}
     n_layers = model.cfg.n_layers
     shared = shared_prefix(clean, corrupt) if use_prefix else 0
     finals: dict[int, torch.Tensor] = {}
     groups = defaultdict(list)
     for vi, v in enumerate(variants):
         if v.start_layer(n_layers) >= n_layers or v.is_noop(t, shared):
-            finals[vi] = runs[base].final
+            finals[vi] = forwards[base].final
             continue
         groups[min(v.first_position(shared), t - 1) if use_prefix else 0].append((vi, v))
     if progress is not None and finals:
@@ -285,9 +293,9 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
         chunk = max(1, max_tokens // per_variant)
         for s in range(0, len(members), chunk):
             part = members[s:s + chunk]
-            finals.update(_run_group(model, part, runs, base, p, n))
+            finals.update(_run_group(model, part, forwards, base, p, n))
             if progress is not None:
                 progress(len(part))
     if not variants:
-        return torch.empty(0, n, model.cfg.d_model), runs
-    return torch.stack([finals[i] for i in range(len(variants))]), runs
+        return torch.empty(0, n, model.cfg.d_model), forwards
+    return torch.stack([finals[i] for i in range(len(variants))]), forwards

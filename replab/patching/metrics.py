@@ -9,7 +9,7 @@ All metrics read the logits at the last position of each prompt:
 * ``class_mass``: log Σ_{w∈A} p(w) − log Σ_{w∈B} p(w), the log-probability mass on class
   A's words minus class B's, = logsumexp(candidate logits of A) − logsumexp(of B) (the
   full-vocabulary normaliser cancels). Which candidate columns are class A is the task's
-  ``PatchTask.class_a`` mask (the super-class task of :mod:`replab.features.superclass`).
+  ``PatchTask.class_a`` mask (the super-class task of :mod:`replab.patching.superclass`).
 
 A metric is computed from a :class:`Readout` (candidate logits, plus the log-softmax
 statistics that the full-vocabulary metrics need). ``normalized_effect`` is the ratio of
@@ -138,18 +138,18 @@ def bootstrap_ci(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, n_
     return ratio_ci(weights, patched, clean, corrupt, level=level)
 
 
-def task_metrics(model, task, metric: str, finals: torch.Tensor, runs: dict):
+def task_metrics(model, task, metric: str, finals: torch.Tensor, forwards: dict):
     """Per-prompt metrics of the clean and corrupt runs and of every patched variant.
 
     ``finals`` ``[V, N, d]`` from :func:`replab.patching.engine.run_variants` (with its
-    ``runs``). Returns ``({"clean": [N], "corrupt": [N], "patched": [V, N]}, cand [V, N, C])``
+    ``forwards``). Returns ``({"clean": [N], "corrupt": [N], "patched": [V, N]}, cand [V, N, C])``
     as float64 numpy arrays (``cand``: candidate logits of each variant).
     """
     n_var, n, d = finals.shape
     need_full, need_logp = metric in FULL_VOCAB, metric == "kl"
     cls = getattr(task, "class_a", None)
     with torch.inference_mode():
-        base = {k: readout(model, runs[k].final, task.candidates, need_full, need_logp)
+        base = {k: readout(model, forwards[k].final, task.candidates, need_full, need_logp)
                 for k in ("clean", "corrupt")}
         clean_logp = base["clean"].logp
         out = {k: metric_values(metric, r, clean_logp, cls).numpy().astype(np.float64)

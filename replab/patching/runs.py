@@ -13,13 +13,13 @@ import pandas as pd
 import torch
 
 from replab.errors import ReplabError
-from replab.patching.report import finish_run, start_run, write_table
+from replab.rundir import finish_run, start_run, write_table
 
 
 def load(model_name: str | None, task: str, template: str | None = None, limit: int | None = None):
     """``(model, PatchTask)``: the model (default SmolLM2) and a task on its tokenizer."""
     from replab.models import load_model, load_tokenizer
-    from replab.patching.task import load_task
+    from replab.patching.catalog import load_task
 
     model = load_model(model_name, device="cpu")
     tok = model.tokenizer or load_tokenizer(model_name)

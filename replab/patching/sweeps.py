@@ -11,25 +11,24 @@ prompt means: 1 = clean behaviour, 0 = corrupt behaviour. Its 95% CI resamples p
 the people each pair names when the task says (the super-class task; see
 :mod:`replab.patching.bootstrap`).
 
-Every sweep runs the sanity checks of :mod:`replab.patching.sanity` in the same batch and
-stops with a ReplabError if one fails.
+A sweep is a list of labelled variants (one per cell) handed to the one experiment loop,
+:func:`replab.patching.plan.run_plan`, which runs the engine checks of
+:mod:`replab.patching.checks` in the same batch (plus the identity check for the swept site)
+and stops with a ReplabError if one fails.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
-import torch
 
 from replab.errors import ReplabError
-from replab.hooks import canonical_site, parse_layers, query_heads_of
-from replab.patching.bootstrap import describe_groups, task_groups
-from replab.patching.engine import Variant, run_variants
+from replab.hooks import canonical_site, parse_layers, query_heads_of, site_kind
+from replab.patching.engine import Variant
 from replab.patching.interventions import Intervention
-from replab.patching.metrics import bootstrap_ci, check_metric, normalized, task_metrics
+from replab.patching.metrics import check_metric
+from replab.patching.plan import run_plan
 from replab.patching.task import PatchTask
 
 BY = {"layer": ("layer",), "layer,position": ("layer", "position"), "layer,head": ("layer", "head"),
@@ -48,10 +47,17 @@ class SweepResult:
     summary: dict = field(default_factory=dict)
 
     def save(self, out, model=None) -> dict:
-        """Write the run directory (see :func:`replab.patching.report.save_sweep`)."""
-        from replab.patching.report import save_sweep
+        """Write the run directory: ``sweep`` and ``per_prompt`` tables, the heatmap, then
+        ``summary.json`` (with the model identity)."""
+        from replab.patching.plots import save_figure, sweep_heatmap
+        from replab.rundir import finish_run, start_run, write_table
 
-        return save_sweep(self, out, model)
+        out = start_run(out)
+        files = write_table(self.table, out, "sweep") + write_table(self.per_prompt, out, "per_prompt")
+        s = self.summary
+        title = f"{s['direction']} patching of {s['site']} ({s['metric']}), task {s['task']['name']}"
+        files += save_figure(sweep_heatmap(self.table, title), out / "heatmap")
+        return finish_run(out, {**s, "kind": "patch_sweep", "files": files}, model)
 
 
 def parse_by(by: str, site: str) -> tuple[str, ...]:
@@ -59,9 +65,7 @@ def parse_by(by: str, site: str) -> tuple[str, ...]:
     if key not in BY:
         raise ReplabError(f"unknown --by {by!r} (known: {', '.join(BY)})")
     axes = BY[key]
-    from replab.hooks import SITES
-
-    kind = SITES[site].kind
+    kind = site_kind(site)
     if kind != "vector" and "head" not in axes:
         raise ReplabError(f"site {site} is per head: use --by layer,head or layer,head,position")
     if kind == "vector" and "head" in axes:
@@ -70,11 +74,9 @@ def parse_by(by: str, site: str) -> tuple[str, ...]:
 
 
 def _cells(model, task: PatchTask, site: str, axes, layers, heads, positions):
-    from replab.hooks import SITES
-
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads
-    n_heads = n_kv if SITES[site].kind == "kv_head" else cfg.n_heads
+    n_heads = n_kv if site_kind(site) == "kv_head" else cfg.n_heads
     head_list = list(range(n_heads)) if heads is None else list(heads)
     pos_list = list(range(task.n_tokens)) if positions is None else list(positions)
     for h in head_list:
@@ -108,9 +110,6 @@ def sweep(model, task: PatchTask, site: str = "resid_pre", by: str = "layer,posi
     Returns:
         :class:`SweepResult`.
     """
-    from replab._progress import progress_bar
-    from replab.patching import sanity
-
     site, _ = canonical_site(site)
     check_metric(metric)
     if direction not in ("denoise", "noise"):
@@ -119,78 +118,44 @@ def sweep(model, task: PatchTask, site: str = "resid_pre", by: str = "layer,posi
     src = source or ("clean" if direction == "denoise" else "corrupt")
     axes = parse_by(by, site)
     layer_list = parse_layers(layers, model.cfg.n_layers)
-    cells = _cells(model, task, site, axes, layer_list, heads, positions)
-    variants = [Variant((Intervention(site, layer, head=h, positions=None if p is None else (p,),
-                                      source=src, scale=scale, seed=seed),)) for layer, h, p in cells]
-    extra = sanity.variants_for(layer_list[0], base) if checks else []
-    t0 = time.time()
-    runs = sanity.runs_for(model, task, variants + extra, base, site, layer_list[0]) if checks else None
-    with progress_bar(len(variants) + len(extra), f"patch {site}", "patch", enabled=progress) as bar:
-        finals, runs = run_variants(model, task.clean, task.corrupt, variants + extra, base=base,
-                                    runs=runs, max_tokens=max_tokens, progress=bar.advance)
-    elapsed = time.time() - t0
-    values, cand = _metric_rows(model, task, metric, finals, runs)
-    clean_m, corrupt_m = values["clean"], values["corrupt"]
-    patched = values["patched"]
-    n_cells = len(cells)
-    effect = normalized(patched[:n_cells].mean(1), float(clean_m.mean()), float(corrupt_m.mean()))
+    variants = [_cell_variant(model, task, site, layer, h, p, src, scale, seed)
+                for layer, h, p in _cells(model, task, site, axes, layer_list, heads, positions)]
+    res = run_plan(model, task, variants, metric, base=base, checks=checks,
+                   identity=(site, layer_list[0]) if checks else None, n_boot=n_boot, seed=seed,
+                   max_tokens=max_tokens, progress=progress, label=f"patch {site}", unit="patch")
+    d = res.describe()
     summary = {"site": site, "by": ",".join(axes), "direction": direction, "base": base,
                "source": src, "metric": metric, "task": task.describe(),
-               "clean_metric": float(clean_m.mean()), "corrupt_metric": float(corrupt_m.mean()),
-               "base_metric": float(values[base].mean()), "n_cells": n_cells,
-               "seconds": round(elapsed, 3)}
+               "clean_metric": d["clean_metric"], "corrupt_metric": d["corrupt_metric"],
+               "base_metric": d["base_metric"], "n_cells": len(variants), "seconds": d["seconds"]}
     if checks:
-        summary["checks"] = sanity.evaluate(model, task, site, layer_list[0], base, metric,
-                                            patched[n_cells:], values, runs)
-    groups = task_groups(task)
-    summary["bootstrap"] = describe_groups(groups, task.n_prompts)
-    low, high = bootstrap_ci(patched[:n_cells], clean_m, corrupt_m, n_boot=n_boot, seed=seed,
-                             groups=groups)
-    table = _table(model, task, site, cells, patched[:n_cells], cand[:n_cells], effect, low, high,
-                   float(values[base].mean()), metric)
-    return SweepResult(table, _per_prompt(task, cells, patched[:n_cells], cand[:n_cells]), summary)
+        summary["checks"] = d["checks"]
+    summary["bootstrap"] = d["bootstrap"]
+    table = res.table()[TABLE_COLUMNS]
+    per_prompt = res.per_prompt()[["layer", "head", "position", "prompt_id", "metric_after", "candidate_ids",
+                                   "candidate_logits"]]
+    return SweepResult(table, per_prompt, summary)
 
 
-def _metric_rows(model, task: PatchTask, metric: str, finals: torch.Tensor, runs: dict):
-    """Per-prompt metrics ``{clean, corrupt, patched [V, N]}`` and candidate logits ``[V, N, C]``."""
-    return task_metrics(model, task, metric, finals, runs)
+TABLE_COLUMNS = ["site", "layer", "component", "head", "query_heads", "position", "token", "metric",
+                 "metric_before", "metric_after", "normalized_effect", "ci_low", "ci_high", "answer_logit",
+                 "foil_logit", "max_other_logit", "candidate_logits"]
+
+
+def _cell_variant(model, task: PatchTask, site: str, layer: int, h, p, src: str, scale, seed: int) -> Variant:
+    """One sweep cell as a labelled variant."""
+    cfg = model.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    kv = site_kind(site) == "kv_head"
+    component = f"L{layer}" + ("" if h is None else f"{'KV' if kv else 'H'}{h}")
+    info = {"site": site, "layer": layer, "component": component, "head": h,
+            "query_heads": ",".join(map(str, query_heads_of(h, cfg.n_heads, n_kv))) if kv and h is not None else None,
+            "position": p, "token": _token_label(task, p)}
+    iv = Intervention(site, layer, head=h, positions=None if p is None else (p,), source=src, scale=scale, seed=seed)
+    return Variant((iv,), name=component if p is None else f"{component}@{p}", group="cell", info=info)
 
 
 def _token_label(task: PatchTask, p) -> str:
     if p is None:
         return "all"
     return f"{p}:{task.str_tokens[p]}" if task.str_tokens else str(p)
-
-
-def _table(model, task, site, cells, patched, cand, effect, low, high, base_metric, metric):
-    cfg = model.cfg
-    n_kv = cfg.n_key_value_heads or cfg.n_heads
-    from replab.hooks import SITES
-
-    kv = SITES[site].kind == "kv_head"
-    cand_means = cand.mean(1).tolist()      # [cells, C]: every candidate slot's prompt-mean logit
-    rows = []
-    for i, (layer, h, p) in enumerate(cells):
-        rows.append({
-            "site": site, "layer": layer, "component": f"L{layer}" + ("" if h is None else f"{'KV' if kv else 'H'}{h}"),
-            "head": h, "query_heads": ",".join(map(str, query_heads_of(h, cfg.n_heads, n_kv))) if kv and h is not None else None,
-            "position": p, "token": _token_label(task, p), "metric": metric,
-            "metric_before": base_metric, "metric_after": float(patched[i].mean()),
-            "normalized_effect": float(effect[i]), "ci_low": float(low[i]), "ci_high": float(high[i]),
-            "answer_logit": float(cand[i, :, 0].mean()), "foil_logit": float(cand[i, :, 1].mean()),
-            "max_other_logit": float(cand[i, :, 1:].max(-1).mean()),
-            "candidate_logits": cand_means[i],
-        })
-    return pd.DataFrame(rows)
-
-
-def _per_prompt(task: PatchTask, cells, patched, cand) -> pd.DataFrame:
-    """One row per cell × prompt: the metric and every candidate's id and logit."""
-    n = task.n_prompts
-    layer, head, pos = ([c[k] for c in cells for _ in range(n)] for k in range(3))
-    ids = task.candidates.tolist()
-    return pd.DataFrame({"layer": layer, "head": head, "position": pos,
-                         "prompt_id": np.tile(np.arange(n), len(cells)),
-                         "metric_after": patched.reshape(-1).astype(float),
-                         "candidate_ids": ids * len(cells),
-                         "candidate_logits": list(cand.reshape(len(cells) * n, -1).tolist())})

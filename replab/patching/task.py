@@ -14,7 +14,7 @@ Builtin task names select a same-length slice of a builtin prompt set (``next_da
 ``today_tomorrow`` template of the next_day set: "Today it is Monday so tomorrow it is"
 → " Tuesday", with the day swapped by +3 in the corrupt prompt). ``superclass`` (or
 ``superclass:artist,writer``) is the super-class task of
-:func:`replab.features.superclass.build_superclass_task`: clean and corrupt prompts differ
+:func:`replab.patching.superclass.build_superclass_task`: clean and corrupt prompts differ
 only in the person's name (class A vs class B); its candidates carry a class mask
 ``class_a`` for the ``class_mass`` metric. Any prompt set or user
 file with ``corrupt_prompt`` works too, given ``template=`` when its templates differ in
@@ -29,12 +29,6 @@ import numpy as np
 import torch
 
 from replab.errors import ReplabError
-
-#: Builtin tasks: name -> (dataset, default template or None).
-TASKS: dict[str, tuple[str, str | None]] = {
-    "next_day": ("next_day", "today_tomorrow"),
-    "fact_recall": ("fact_recall", None),
-}
 
 
 @dataclass
@@ -145,39 +139,25 @@ def task_from_rows(rows, tokenizer, name: str = "task", prepend_bos: bool = Fals
                      torch.tensor(foil), torch.tensor(cand), prompts, cprompts, toks, meta or {})
 
 
-def load_task(name_or_path: str, tokenizer, template: str | None = None, limit: int | None = None,
-              prepend_bos: bool = False) -> PatchTask:
-    """Load a builtin task (``next_day``, ``fact_recall``, ``superclass[:A,B]``), a builtin
-    prompt set, or a user file.
-
-    ``template`` keeps one template's rows (builtin tasks default to a same-length template);
-    ``limit`` keeps the first N prompts. Rows without a clean/corrupt pair are dropped.
-    """
-    from replab.prompts import load_prompts
-
-    if str(name_or_path) == "superclass" or str(name_or_path).startswith("superclass:"):
-        from replab.features.superclass import build_superclass_task, parse_classes
-
-        a, b = parse_classes(str(name_or_path).partition(":")[2] or None)
-        if limit is not None and limit < 1:
-            raise ReplabError("--limit must be at least 1")
-        return build_superclass_task(tokenizer, a, b, templates=[template] if template else None,
-                                     max_pairs=limit or 64, prepend_bos=prepend_bos)
-
-    dataset, default_template = TASKS.get(str(name_or_path), (str(name_or_path), None))
-    ps = load_prompts(dataset, tokenizer, prepend_bos=prepend_bos)
-    rows = ps.rows
-    rows = rows[[isinstance(c, str) and bool(c) for c in rows["corrupt_prompt"]]]
-    template = template or default_template
-    if template is not None:
-        known = sorted({str(t) for t in rows["template"].dropna()})
-        if template not in known:
-            raise ReplabError(f"unknown template {template!r} in {dataset} (known: {', '.join(known)})")
-        rows = rows[rows["template"] == template]
-    if limit is not None:
-        if limit < 1:
-            raise ReplabError("--limit must be at least 1")
-        rows = rows.head(limit)
-    name = str(name_or_path) if template is None else f"{ps.name}/{template}"
-    meta = {"dataset": ps.name, "template": template, "content_hash": ps.content_hash()}
-    return task_from_rows(rows.reset_index(drop=True), tokenizer, name, prepend_bos, meta)
+def task_positions(task: PatchTask, rule: str | None) -> tuple[int, ...] | None:
+    """Positions for a rule: ``all`` (None), ``last``, a name in ``task.meta["positions"]``
+    (``entity_last``, ``name_first``), or a comma list of integers (negative from the end)."""
+    if rule is None or str(rule).strip() in ("", "last"):
+        return (task.n_tokens - 1,)
+    rule = str(rule).strip()
+    if rule == "all":
+        return None
+    named = task.meta.get("positions", {})
+    if rule in named:
+        return (int(named[rule]),)
+    try:
+        pos = [int(x) for x in rule.split(",") if x.strip()]
+    except ValueError:
+        known = ", ".join(["all", "last", *named]) or "all, last"
+        raise ReplabError(f"unknown position rule {rule!r} for task {task.name} (known: {known}, or "
+                          "integers)") from None
+    pos = [p + task.n_tokens if p < 0 else p for p in pos]
+    bad = [p for p in pos if not 0 <= p < task.n_tokens]
+    if bad or not pos:
+        raise ReplabError(f"position {bad[0] if bad else rule!r} is out of range 0-{task.n_tokens - 1}")
+    return tuple(pos)

@@ -19,8 +19,8 @@ Formats and metric definitions: ``docs/features.md``.
 from replab.features.sae.artifact import cached_sae_dir, load_sae, read_meta, save_sae
 from replab.features.sae.config import ARCHS, SAETrainConfig
 from replab.features.sae.decompose import decompose_direction, read_direction
-from replab.features.sae.evaluate import evaluate_sae, run_sae_eval
-from replab.features.sae.run import run_decompose
+from replab.features.sae.evaluate import evaluate_sae
+from replab.features.sae.run import run_decompose, run_sae_eval
 from replab.features.sae.splice import (
                                         Split,
                                         decoder_rows,

@@ -1,4 +1,5 @@
-"""Run directories for ``replab sae decompose`` (tables, figure, summary.json)."""
+"""Runs of ``replab sae eval`` and ``replab sae decompose``: each writes a run directory
+(tables, figures, then its summary/eval JSON last)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import os
 import shutil
 import time
 from pathlib import Path
+
+import pandas as pd
+
+from replab.features.sae.evaluate import DEAD_THRESHOLD, DENSE_THRESHOLD, evaluate_sae
 
 
 def _write_table(df, out: Path, name: str) -> list[str]:
@@ -74,3 +79,124 @@ def run_decompose(sae_dir=None, direction=None, store=None, label: str | None = 
     (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     replace_dir(tmp, out)
     return summary
+
+
+def check_sae_lens_tokens(n: int, batch_size: int, seq_len: int | None = None,
+                          n_windows: int | None = None) -> None:
+    """ReplabError unless ``--sae-lens n`` is 0 (off) or gives at least ``batch_size`` windows of
+    ``seq_len`` tokens (of the ``n_windows`` evaluated): the cross-check runs whole batches."""
+    from replab.errors import ReplabError
+
+    if int(batch_size) < 1:
+        raise ReplabError(f"--batch-size must be at least 1, got {batch_size}")
+    if int(n) < 0:
+        raise ReplabError(f"--sae-lens must be >= 0 (0: no cross-check), got {n}")
+    if not n or seq_len is None:
+        return
+    have = int(n) // int(seq_len)
+    if have < batch_size:
+        raise ReplabError(f"--sae-lens {n} gives {have} windows of {seq_len} tokens; the SAELens cross-check "
+                          f"needs at least --batch-size ({batch_size}): use --sae-lens {batch_size * seq_len} "
+                          "or more")
+    if n_windows is not None and n_windows < batch_size:
+        raise ReplabError(f"--tokens gives only {n_windows} windows of {seq_len} tokens; the SAELens cross-check "
+                          f"needs at least --batch-size ({batch_size}): raise --tokens")
+
+
+def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens: int = 8192,
+                 seq_len: int | None = None, skip_first: int | None = None, batch_size: int = 4,
+                 out=None, layer: int | None = None, hook: str = "resid_post",
+                 dead_threshold: float = DEAD_THRESHOLD, dense_threshold: float = DENSE_THRESHOLD,
+                 progress: bool = True, force: bool = False,
+                 sae_lens_tokens: int = 0) -> tuple[dict, pd.DataFrame]:
+    """Evaluate a saved SAE (``path``, or the cached SAE of ``model`` at ``hook``/``layer``).
+
+    An ``out`` that already holds an evaluation of the same SAE weights (sha256) on the same
+    held-out text (sha256) with the same settings is reused (``summary["cached"]``) unless
+    ``force``. ``sae_lens_tokens > 0`` adds ``summary["sae_lens_crosscheck"]``: the overlapping
+    metrics next to ``sae_lens.evals.run_evals`` on that many held-out tokens (every position
+    scored by both; :mod:`replab.features.sae.crosscheck`).
+
+    Writes ``eval.json`` (metrics, config, SAE path, model identity, seconds),
+    ``latents.parquet`` / ``latents.csv`` and ``latent_frequency.png`` to ``out``
+    (default ``<SAE dir>/eval``). ``seq_len`` / ``skip_first`` default to the SAE's training
+    values. Returns ``(summary, latents DataFrame)``; ``summary["metrics"]`` holds the numbers.
+    """
+    import json
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    from replab._version import __version__
+    from replab.features.sae.acts import corpus_windows
+    from replab.features.sae.artifact import (
+        check_replaceable,
+        load_sae,
+        model_for,
+        read_meta,
+        replace_dir,
+        resolve_sae_dir,
+    )
+    from replab.features.sae.plots import frequency_plot
+    from replab.models import load_model
+
+    t0 = time.perf_counter()
+    check_sae_lens_tokens(sae_lens_tokens, batch_size)
+    if path is None and (model is None or isinstance(model, str)):
+        model = load_model(model, device="cpu")
+    path = resolve_sae_dir(path, model, hook, layer)
+    meta = read_meta(path)
+    cfg = meta.get("config", {})
+    seq_len = int(seq_len or cfg.get("seq_len", 128))
+    skip_first = int(cfg.get("skip_first", 1) if skip_first is None else skip_first)
+    check_sae_lens_tokens(sae_lens_tokens, batch_size, seq_len)   # before loading the model
+    out = Path(out) if out is not None else Path(path) / "eval"
+    check_replaceable(out, "eval.json", "an SAE eval directory")
+    model = model_for(meta, model)
+    sae, meta = load_sae(path)
+    from replab.features.sae.artifact import WEIGHTS
+    from replab.io import sha256_file
+    from replab.prompts.corpus import corpus_sha256
+
+    run_cfg = {"corpus": corpus, "tokens": None, "seq_len": seq_len, "skip_first": skip_first,
+               "batch_size": batch_size, "dead_threshold": dead_threshold, "dense_threshold": dense_threshold,
+               "sae_lens_tokens": int(sae_lens_tokens),
+               "sae_weights_sha256": sha256_file(Path(path) / WEIGHTS),
+               "corpus_sha256": corpus_sha256(corpus)}
+    windows = corpus_windows(model.tokenizer, corpus, seq_len, tokens, seed=0)
+    run_cfg["tokens"] = int(windows.numel())
+    check_sae_lens_tokens(sae_lens_tokens, batch_size, seq_len, len(windows))
+    if not force and (out / "eval.json").is_file():
+        try:
+            old = json.loads((out / "eval.json").read_text())
+        except ValueError:
+            old = {}
+        if {k: old.get("config", {}).get(k) for k in run_cfg} == run_cfg and (out / "latents.parquet").is_file():
+            return {**old, "cached": True}, pd.read_parquet(out / "latents.parquet")
+    metrics, latents = evaluate_sae(sae, model, meta["hook_name"], windows, skip_first, batch_size,
+                                    dead_threshold, dense_threshold, progress)
+    cross = None
+    if sae_lens_tokens:
+        from replab.features.sae.crosscheck import sae_lens_crosscheck
+
+        cross = sae_lens_crosscheck(sae, model, meta["hook_name"], windows[:sae_lens_tokens // seq_len],
+                                    batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    latents.to_parquet(tmp / "latents.parquet", index=False)
+    latents.to_csv(tmp / "latents.csv", index=False)
+    frequency_plot(latents, tmp / "latent_frequency.png",
+                         f"{meta['hook_name']} {meta['architecture']} d_sae={meta['d_sae']}",
+                         dense_threshold)
+    summary = {"kind": "sae_eval", "sae": str(path), "hook_name": meta["hook_name"],
+               "architecture": meta["architecture"], "d_sae": meta["d_sae"],
+               "metrics": metrics, "config": run_cfg, "sae_lens_crosscheck": cross,
+               "model": model.replab_identity.to_dict(), "replab_version": __version__,
+               "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
+    (tmp / "eval.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    replace_dir(tmp, out)
+    return {**summary, "cached": False}, latents

@@ -184,30 +184,6 @@ def build_superclass_task(tokenizer, class_a: str = "artist", class_b: str = "sc
                      dec(clean[0]), meta, tuple(mask))
 
 
-def task_positions(task: PatchTask, rule: str | None) -> tuple[int, ...] | None:
-    """Positions for a rule: ``all`` (None), ``last``, a name in ``task.meta["positions"]``
-    (``entity_last``, ``name_first``), or a comma list of integers (negative from the end)."""
-    if rule is None or str(rule).strip() in ("", "last"):
-        return (task.n_tokens - 1,)
-    rule = str(rule).strip()
-    if rule == "all":
-        return None
-    named = task.meta.get("positions", {})
-    if rule in named:
-        return (int(named[rule]),)
-    try:
-        pos = [int(x) for x in rule.split(",") if x.strip()]
-    except ValueError:
-        known = ", ".join(["all", "last", *named]) or "all, last"
-        raise ReplabError(f"unknown position rule {rule!r} for task {task.name} (known: {known}, or "
-                          "integers)") from None
-    pos = [p + task.n_tokens if p < 0 else p for p in pos]
-    bad = [p for p in pos if not 0 <= p < task.n_tokens]
-    if bad or not pos:
-        raise ReplabError(f"position {bad[0] if bad else rule!r} is out of range 0-{task.n_tokens - 1}")
-    return tuple(pos)
-
-
 def separation_table(model, task: PatchTask, metric: str = "class_mass") -> pd.DataFrame:
     """Per prompt pair: the metric on the clean and on the corrupt prompt (one forward each)."""
     from replab.patching.metrics import FULL_VOCAB, check_metric, metric_values, readout

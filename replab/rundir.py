@@ -1,7 +1,10 @@
-"""Run directories for patching results: tables, figures, then ``summary.json`` last.
+"""Run directories: what every command writes, and how a finished one is recognised.
 
-A run directory is complete only when ``summary.json`` exists (it is removed first and
-written atomically last), so an interrupted run never looks finished.
+A *run* is one execution of a command (``replab patch sweep``, ``replab features scan`` ...);
+it writes a run directory: tables (Parquet + CSV), figures (PNG + SVG), then
+``summary.json`` **last**, with the model identity and the replab version. The directory is
+complete only when ``summary.json`` exists: :func:`start_run` removes an old one first and
+:func:`finish_run` writes the new one atomically, so an interrupted run never looks finished.
 """
 
 from __future__ import annotations
@@ -43,15 +46,3 @@ def finish_run(out: Path, summary: dict, model=None) -> dict:
     summary["replab_version"] = __version__
     write_json_atomic(out / "summary.json", summary)
     return summary
-
-
-def save_sweep(result, out, model=None) -> dict:
-    """Write a :class:`~replab.patching.sweeps.SweepResult`: table, per-prompt table, heatmap."""
-    from replab.patching.plots import save_figure, sweep_heatmap
-
-    out = start_run(out)
-    files = write_table(result.table, out, "sweep") + write_table(result.per_prompt, out, "per_prompt")
-    s = result.summary
-    title = (f"{s['direction']} patching of {s['site']} ({s['metric']}), task {s['task']['name']}")
-    files += save_figure(sweep_heatmap(result.table, title), out / "heatmap")
-    return finish_run(out, {**s, "kind": "patch_sweep", "files": files}, model)
