@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from replab.errors import ReplabError
 from replab.features.direction_inputs import DirectionInput, load_direction, shuffled_direction
-from replab.features.direction_patch import complement_basis, direction_patch, random_bases
+from replab.features.direction_patch import complement_basis, patch_direction, random_bases
 from replab.patching.metrics import Readout, class_mass, metric_values
 from replab.patching.superclass import build_superclass_task, check_separation, separation_table
 
@@ -96,19 +96,19 @@ def test_planted_direction_gives_the_full_patch(tiny, task):
     diff = (acts["clean"][:, pos] - acts["corrupt"][:, pos]).numpy()
     d = DirectionInput(diff, site="resid_post", layer=layer, position="entity_last")
     assert d.k == task.n_prompts
-    s = direction_patch(tiny, task, d, metric="logit_diff", **FAST).summary
+    s = patch_direction(tiny, task, d, metric="logit_diff", **FAST).summary
     assert s["positions"] == [pos]
     assert s["of_full"] == pytest.approx(1.0, abs=1e-3)
     assert s["effect"] == pytest.approx(s["full_residual_effect"], abs=1e-4)
     one = task.subset([0])
     d1 = DirectionInput(diff[0], site="resid_post", layer=layer, position="entity_last")
-    s1 = direction_patch(tiny, one, d1, metric="logit_diff", **FAST).summary
+    s1 = patch_direction(tiny, one, d1, metric="logit_diff", **FAST).summary
     assert s1["effect"] == pytest.approx(s1["full_residual_effect"], abs=1e-4)
 
 
 def test_identity_subspace_and_checks(tiny, task):
     d = DirectionInput(np.eye(tiny.cfg.d_model), site="resid_post", layer=2)
-    res = direction_patch(tiny, task, d, positions="entity_last", metric="logit_diff", **FAST)
+    res = patch_direction(tiny, task, d, positions="entity_last", metric="logit_diff", **FAST)
     s = res.summary
     assert s["of_full"] == pytest.approx(1.0, abs=1e-4)
     assert all(c["ok"] for c in s["checks"].values())
@@ -122,7 +122,7 @@ def test_random_directions_average_about_zero(tiny, task):
     """Last layer, last position: the full patch restores everything; random 1-d patches ~0."""
     v = np.random.default_rng(3).normal(size=tiny.cfg.d_model)
     d = DirectionInput(v, site="resid_post", layer=tiny.cfg.n_layers - 1)
-    res = direction_patch(tiny, task, d, positions="last", metric="logit_diff", **{**FAST, "n_random": 100})
+    res = patch_direction(tiny, task, d, positions="last", metric="logit_diff", **{**FAST, "n_random": 100})
     s = res.summary
     assert s["full_residual_effect"] == pytest.approx(1.0, abs=1e-4)
     assert abs(s["random_mean"]) < 0.1 and s["n_random"] == 100
@@ -183,8 +183,8 @@ def test_direction_sources_shuffled_and_leace(tiny, task, tmp_path):
     assert max(gaps) < 1e-6 * np.abs(x).max()
     # the synthetic store's position rule means nothing to the task: an error, not a fallback
     with pytest.raises(ReplabError, match="position rule 'synthetic'"):
-        direction_patch(tiny, task, d, metric="logit_diff", **FAST)
-    res = direction_patch(tiny, task, d, positions="last", metric="logit_diff", shuffled=shuf, leace=eraser,
+        patch_direction(tiny, task, d, metric="logit_diff", **FAST)
+    res = patch_direction(tiny, task, d, positions="last", metric="logit_diff", shuffled=shuf, leace=eraser,
                           **FAST)
     s = res.summary
     eff = res.effects.set_index("name")
@@ -205,15 +205,15 @@ def test_direction_sources_shuffled_and_leace(tiny, task, tmp_path):
     with pytest.raises(ReplabError, match="does not exist"):
         load_direction(tmp_path / "nope.npy")
     with pytest.raises(ReplabError, match="dims"):
-        direction_patch(tiny, task, DirectionInput(np.ones(7), site="resid_post", layer=1), **FAST)
+        patch_direction(tiny, task, DirectionInput(np.ones(7), site="resid_post", layer=1), **FAST)
     with pytest.raises(ReplabError, match="d_model sites"):
-        direction_patch(tiny, task, DirectionInput(np.ones(64), site="z", layer=1), **FAST)
+        patch_direction(tiny, task, DirectionInput(np.ones(64), site="z", layer=1), **FAST)
     # a direction.json whose position is a label text (older runs) fails loudly
     bad = Direction(vector=d.vector, hook="blocks.2.hook_resid_post", layer=2, position="5:' Picasso'",
                     label="label", positive_class="class0", classes=[], kind="meandiff",
                     model={}).save(tmp_path / "dirs" / "old")
     with pytest.raises(ReplabError, match="position rule"):
-        direction_patch(tiny, task, load_direction(bad), metric="logit_diff", **FAST)
+        patch_direction(tiny, task, load_direction(bad), metric="logit_diff", **FAST)
 
 
 def _cli():
@@ -266,7 +266,7 @@ def test_smollm2_mean_difference_direction_is_causal(smol):
     acts = _site_acts(smol, t, f"blocks.{layer}.hook_resid_post")
     v = (acts["clean"][:, pos] - acts["corrupt"][:, pos]).mean(0).numpy()
     d = DirectionInput(v, site="resid_post", layer=layer, position="entity_last")
-    s = direction_patch(smol, t, d, n_random=30, n_random_ablate=3, n_random_steer=0, alphas=(0.0,),
+    s = patch_direction(smol, t, d, n_random=30, n_random_ablate=3, n_random_steer=0, alphas=(0.0,),
                         n_boot=200).summary
     assert s["full_residual_effect"] > 0.3
     assert s["percentile"] == 100 and s["ci_low"] > s["random_p95"]
@@ -277,5 +277,5 @@ def test_lazy_exports_are_the_functions_even_after_submodule_imports():
     import replab.features.direction_patch  # noqa: F401  (the submodule shadows a same-named attribute)
     from replab.features import DirectionPatchResult, patch_direction, scan_layers
 
-    assert callable(patch_direction) and patch_direction.__name__ == "direction_patch"
+    assert callable(patch_direction) and patch_direction.__name__ == "patch_direction"
     assert callable(scan_layers) and isinstance(DirectionPatchResult, type)

@@ -9,7 +9,7 @@ import torch
 
 from replab.errors import ReplabError
 from replab.features.direction_inputs import DirectionInput
-from replab.features.direction_patch import direction_patch
+from replab.features.direction_patch import patch_direction
 from replab.patching.superclass import build_superclass_task
 
 LAYER = 1
@@ -51,7 +51,7 @@ def test_noising_ablation_steering_shuffled_match_hand_computation(tiny, task, s
     hook, acts, pos, d, shuf, write_store = setup
     store = write_store(tmp_path / "s", n_rows=200, d=tiny.cfg.d_model, n_layers=3, seed=1)
     eraser, _ = fit_leace(store.path, LAYER, "label")
-    res = direction_patch(tiny, task, d, metric="logit_diff", alphas=(-1.5, 0.0, 2.0), alpha_unit="gap",
+    res = patch_direction(tiny, task, d, metric="logit_diff", alphas=(-1.5, 0.0, 2.0), alpha_unit="gap",
                           shuffled=shuf, leace=eraser, **FAST)
     eff = res.effects.set_index("name")
     u = torch.tensor(d.basis[0], dtype=acts["clean"].dtype)
@@ -112,7 +112,7 @@ def test_steering_curve_rises_with_alpha(tiny, task, mean_diff_last):
 
     assert DEFAULT_ALPHA_UNIT == "gap" and DEFAULT_ALPHAS == (-2.0, -1.0, 0.0, 1.0, 2.0)
     d = mean_diff_last
-    s = direction_patch(tiny, task, d, metric="logit_diff", **FAST).summary
+    s = patch_direction(tiny, task, d, metric="logit_diff", **FAST).summary
     curve = [r["normalized_effect"] for r in s["steering"]]
     assert [r["alpha"] for r in s["steering"]] == [-2.0, -1.0, 0.0, 1.0, 2.0]
     assert np.all(np.diff(curve) > 0), curve
@@ -166,11 +166,11 @@ def test_a_biased_random_baseline_stops_the_run(tiny, task, mean_diff_last, monk
     import replab.features.direction_patch as DP
 
     d = mean_diff_last
-    ok = direction_patch(tiny, task, d, metric="logit_diff", alphas=(0.0,), **FAST).summary
+    ok = patch_direction(tiny, task, d, metric="logit_diff", alphas=(0.0,), **FAST).summary
     assert ok["checks"]["random_mean"]["ok"] and ok["effect"] > 0.3
     monkeypatch.setattr(DP, "random_bases", lambda n, k, dim, seed=0: np.repeat(d.basis[None], n, 0))
     with pytest.raises(ReplabError, match="sanity check 'random_mean' failed"):
-        direction_patch(tiny, task, d, metric="logit_diff", alphas=(0.0,), **FAST)
+        patch_direction(tiny, task, d, metric="logit_diff", alphas=(0.0,), **FAST)
 
 
 # ------------------------------------------------------------------ people-level bootstrap
@@ -213,7 +213,7 @@ def test_task_groups_follow_subset_and_swap(tiny, task):
     assert list(gs[0]) == [g[0][3], g[0][1]] and list(gs[1]) == [g[1][3], g[1][1]]
     sw = task_groups(task.swapped())
     assert list(sw[0]) == list(g[1])
-    s = direction_patch(tiny, task, DirectionInput(np.ones(tiny.cfg.d_model), site="resid_post", layer=1),
+    s = patch_direction(tiny, task, DirectionInput(np.ones(tiny.cfg.d_model), site="resid_post", layer=1),
                         positions="entity_last", metric="logit_diff", alphas=(0.0,), **FAST).summary
     n_a, n_b = len(set(g[0])), len(set(g[1]))
     assert s["bootstrap"].startswith(f"people (two-way cluster bootstrap: {n_a} clean × {n_b} corrupt")

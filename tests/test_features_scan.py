@@ -66,7 +66,7 @@ def test_probe_run_direction_is_the_runs_own_artifact(tiny, probe_run):
 
 def test_scan_table_rule_and_consistency(tiny, task, probe_run):
     from replab.features.direction_inputs import load_direction, probe_shuffled
-    from replab.features.direction_patch import direction_patch
+    from replab.features.direction_patch import patch_direction
     from replab.features.scan import choose_layer, scan_layers
 
     run, _ = probe_run
@@ -87,7 +87,7 @@ def test_scan_table_rule_and_consistency(tiny, task, probe_run):
     row = table[table["layer"] == 1].iloc[0]
     d = load_direction(run, layer=1, cls="artist")
     shuf, _ = probe_shuffled(d)
-    p = direction_patch(tiny, task, d, metric="logit_diff", n_random=3, n_random_ablate=1, n_random_steer=0,
+    p = patch_direction(tiny, task, d, metric="logit_diff", n_random=3, n_random_ablate=1, n_random_steer=0,
                         alphas=(0.0,), n_boot=100, random_tol=10.0, shuffled=shuf).summary
     assert row["full_effect"] == pytest.approx(p["full_residual_effect"], abs=1e-5)
     assert row["direction_effect"] == pytest.approx(p["effect"], abs=1e-5)
@@ -187,7 +187,7 @@ def test_smollm2_probe_direction_artifact(smol, tmp_path):
     Direction artifact at layer 14; patching it at the name token (16 pairs, 30 random
     directions) beats every random direction, with the sanity checks passing."""
     from replab.features.direction_inputs import load_direction
-    from replab.features.direction_patch import direction_patch
+    from replab.features.direction_patch import patch_direction
     from replab.harvesting import harvest
     from replab.patching.superclass import build_superclass_task
     from replab.probes import train_probes
@@ -207,7 +207,7 @@ def test_smollm2_probe_direction_artifact(smol, tmp_path):
     d = load_direction(tmp_path / "run", layer=14, cls="artist")
     assert d.kind == "direction:logistic" and d.position == "entity_last"
     t = build_superclass_task(smol.tokenizer, "artist", "scientist", max_pairs=16)
-    s = direction_patch(smol, t, d, n_random=30, n_random_ablate=3, n_random_steer=0, alphas=(0.0, 1.0),
+    s = patch_direction(smol, t, d, n_random=30, n_random_ablate=3, n_random_steer=0, alphas=(0.0, 1.0),
                         n_boot=200).summary
     assert s["full_residual_effect"] > 0.5
     assert s["percentile"] == 100 and s["ci_low"] > s["random_p95"]

@@ -26,11 +26,11 @@ def sae_and_task(tiny, tmp_path_factory):
 
 
 def test_latent_patch_matches_the_sae_patch_hook(tiny, sae_and_task):
-    from replab.features.latent_patch import latent_patch
+    from replab.features.latent_patch import patch_latents
     from replab.features.sae.splice import patch_latents_hook, sae_encode
 
     sae, meta, task, _ = sae_and_task
-    table, s = latent_patch(tiny, sae, meta, task, top=3, positions=[3, 5], n_random=20, n_boot=50)
+    table, s = patch_latents(tiny, sae, meta, task, top=3, positions=[3, 5], n_random=20, n_boot=50)
     t = table.set_index("name")
     # the engine's batched latent patches = plain forwards with the SAE's own patch hook
     # (chosen latents; every latent, which keeps the corrupt run's error term)
@@ -75,7 +75,7 @@ def test_a_wrong_decoder_rows_fails_the_decoder_check(tiny, sae_and_task, monkey
 
     import replab.features.sae.splice as splice
     from replab.errors import ReplabError
-    from replab.features.latent_patch import latent_patch
+    from replab.features.latent_patch import patch_latents
 
     sae, meta, task, _ = sae_and_task
     assert sae.cfg.rescale_acts_by_decoder_norm
@@ -83,24 +83,25 @@ def test_a_wrong_decoder_rows_fails_the_decoder_check(tiny, sae_and_task, monkey
         sae = copy.deepcopy(sae)
         with torch.no_grad():
             sae.W_dec.mul_(torch.linspace(0.5, 2.0, sae.W_dec.shape[0])[:, None])
-    _, s = latent_patch(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=5, n_boot=20)
+    _, s = patch_latents(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=5, n_boot=20)
     assert s["checks"]["decoder_rows"]["value"] < 1e-5
     bad = splice.decoder_rows(sae) * 1.01 if wrong == "scaled" else sae.W_dec.detach().float()
     monkeypatch.setattr(splice, "decoder_rows", lambda s: bad)
     with pytest.raises(ReplabError, match="sanity check 'decoder_rows' failed"):
-        latent_patch(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=5, n_boot=20)
+        patch_latents(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=5, n_boot=20)
 
 
 def test_position_view_sources_equal_full_copies(tiny, sae_and_task):
     """The engine gives the same result with the position-only source views as with full
     ``[N, T, d]`` copies (corrupt activation with the patched positions replaced)."""
-    from replab.features.latent_patch import _Sources, hook_runs
+    from replab.features.latent_patch import _Sources
     from replab.patching.engine import Variant, run_variants
     from replab.patching.interventions import Intervention
+    from replab.patching.plan import plan_forwards
 
     sae, meta, task, _ = sae_and_task
     hook, pos = meta["hook_name"], [1, 3, 5]
-    forwards = hook_runs(tiny, task, hook)
+    forwards = plan_forwards(tiny, task, [], hooks=(hook,))
     src = _Sources(sae, forwards["clean"][hook], forwards["corrupt"][hook], pos)
     sets = {"a": ([1, 2, 3], False), "b": ([], True), "c": (list(range(20)), True)}
     views = {k: src.make(ids, err) for k, (ids, err) in sets.items()}
@@ -119,11 +120,11 @@ def test_position_view_sources_equal_full_copies(tiny, sae_and_task):
 
 def test_latent_verdict_is_the_direction_rule(tiny, sae_and_task):
     """Same rule and keys as direction patching; a site that carries nothing is uninformative."""
-    from replab.features.latent_patch import latent_patch
+    from replab.features.latent_patch import patch_latents
     from replab.features.verdict import sufficiency
 
     sae, meta, task, _ = sae_and_task
-    _, s = latent_patch(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=10, n_boot=50)
+    _, s = patch_latents(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=10, n_boot=50)
     n = len(s["latents"])
     assert s["verdict"] == sufficiency(s, f"{n} latents {s['latents']}", f"random sets of {n} active latents",
                                        plural=True)
@@ -135,17 +136,17 @@ def test_latent_verdict_is_the_direction_rule(tiny, sae_and_task):
         assert key in s, key
     # position 0 is the same token in clean and corrupt prompts: nothing to patch there
     assert torch.equal(task.clean[:, 0], task.corrupt[:, 0])
-    _, s0 = latent_patch(tiny, sae, meta, task, top=2, positions=[0], n_random=5, n_boot=50)
+    _, s0 = patch_latents(tiny, sae, meta, task, top=2, positions=[0], n_random=5, n_boot=50)
     assert s0["full_residual_effect"] == pytest.approx(0, abs=1e-6)
     assert s0["verdict"].startswith("uninformative")
 
 
 @pytest.mark.parametrize("metric", ["logprob", "prob", "kl", "margin"])
 def test_every_metric_runs(tiny, sae_and_task, metric):
-    from replab.features.latent_patch import attribution, latent_patch
+    from replab.features.latent_patch import attribution, patch_latents
 
     sae, meta, task, _ = sae_and_task
-    _, s = latent_patch(tiny, sae, meta, task, top=2, positions=[3, 5], metric=metric, n_random=5, n_boot=50)
+    _, s = patch_latents(tiny, sae, meta, task, top=2, positions=[3, 5], metric=metric, n_random=5, n_boot=50)
     assert s["metric"] == metric and np.isfinite(s["effect"])
     assert s["checks"]["all_latents_plus_error"]["ok"]
     # attribution = the first-order effect: it matches a central finite difference

@@ -1,6 +1,6 @@
 """Features: is a direction or a set of features what the model actually uses?
 
-WORKFLOWS W3 step 6. Two halves:
+W3 step 6. Two halves:
 
 * :mod:`replab.features.sae` — sparse autoencoders with SAELens: train on a hook's
   activations over a text corpus, evaluate (L0, FVU, CE loss recovered, KL, dead and
@@ -16,8 +16,6 @@ Submodules are imported lazily (``import replab.features`` stays cheap).
 
 # Direction patching and the super-class task (lazy: resolved on first attribute access).
 _DIRECTION_EXPORTS = {
-    "build_superclass_task": "superclass", "check_separation": "superclass",
-    "separation_table": "superclass", "task_positions": "superclass",
     "DirectionInput": "direction_inputs", "load_direction": "direction_inputs",
     "shuffled_direction": "direction_inputs", "fit_leace": "direction_inputs",
     "DirectionPatchResult": "direction_patch", "patch_direction": "direction_patch",
@@ -27,15 +25,10 @@ _DIRECTION_EXPORTS = {
 }
 
 
-# ``replab.features.direction_patch`` is also a submodule, which shadows a lazy attribute of
-# the same name once imported, so the function is exported as ``patch_direction``.
-_ALIASES = {"patch_direction": "direction_patch"}
-
-
 def __getattr__(name):
     if name in _DIRECTION_EXPORTS:
         import importlib
 
         module = importlib.import_module(f"replab.features.{_DIRECTION_EXPORTS[name]}")
-        return getattr(module, _ALIASES.get(name, name))
+        return getattr(module, name)
     raise AttributeError(f"module 'replab.features' has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""Direction patching: does the model *use* a direction? (WORKFLOWS W3 step 6)
+"""Direction patching: does the model *use* a direction? (W3 step 6)
 
 >>> d = load_direction("runs/probe/directions/meandiff_L15_artist.json")   # doctest: +SKIP
->>> res = direction_patch(model, task, d)                                  # doctest: +SKIP
+>>> res = patch_direction(model, task, d)                                  # doctest: +SKIP
 >>> res.summary["verdict"]                                                 # doctest: +SKIP
 'sufficient: restores 71% [64, 78] of the full-residual effect; above all 100 random directions'
 
@@ -37,7 +37,6 @@ orthogonal), so it runs as one extra hooked forward of the clean prompts.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,9 +46,10 @@ import torch
 from replab.errors import ReplabError
 from replab.features.direction_inputs import DirectionInput
 from replab.hooks import canonical_site
-from replab.patching.engine import Variant, run_variants
+from replab.patching.engine import Variant
 from replab.patching.interventions import Intervention
-from replab.patching.metrics import check_metric, normalized, task_metrics
+from replab.patching.metrics import check_metric
+from replab.patching.plan import plan_forwards, run_plan
 from replab.patching.task import PatchTask
 
 TOL = 1e-3           # sanity checks, in units of the normalised effect
@@ -83,71 +83,58 @@ def complement_basis(b: np.ndarray) -> np.ndarray:
     return q[:, b.shape[0]:d].T
 
 
-def _plan(site, layer, pos, d: DirectionInput, n_random, n_ablate, n_steer, alphas, unit, shuffled, seed):
-    """[(name, group, mode, alpha, Variant)] for every run of the experiment."""
+def _plan(site, layer, pos, d: DirectionInput, n_random, n_ablate, n_steer, alphas, unit, shuffled, seed,
+          leace: bool = False) -> list[Variant]:
+    """Every run of the experiment as a labelled variant (``group`` and ``info["mode"]``,
+    ``info["alpha"]`` say what it is; see the module docstring)."""
     iv = lambda src, u=None, **kw: Intervention(site, layer, positions=pos, source=src,  # noqa: E731
                                                 direction=None if u is None else u, **kw)
     to_clean = Intervention("resid_pre", layer, source="clean")
-    on_clean = lambda *ivs: Variant((to_clean, *ivs))  # noqa: E731
+
+    def var(name, group, mode, ivs, alpha=None, on_clean=False, start=None):
+        return Variant(((to_clean,) if on_clean else ()) + tuple(ivs), start=start, name=name, group=group,
+                       info={"mode": mode, "alpha": alpha})
     comp = complement_basis(d.basis)
     # a full-rank "direction" has an empty complement: patching it is the unpatched run
     c_den = (iv("clean", comp),) if len(comp) else ()
     c_noise = (iv("corrupt", comp),) if len(comp) else ()
-    plan = [("direction", "direction", "denoise", None, Variant((iv("clean", d.basis),))),
-            ("full", "full", "denoise", None, Variant((iv("clean"),))),
-            ("complement", "complement", "denoise", None, Variant(c_den, start=layer)),
-            ("identity", "sanity", "denoise", None, Variant((iv("clean", np.eye(d.d)),))),
-            ("split", "sanity", "denoise", None, Variant((iv("clean", d.basis), *c_den))),
-            ("clean_run", "sanity", "noise", None, on_clean()),
-            ("direction_noise", "direction", "noise", None, on_clean(iv("corrupt", d.basis))),
-            ("full_noise", "full", "noise", None, on_clean(iv("corrupt"))),
-            ("complement_noise", "complement", "noise", None, on_clean(*c_noise)),
-            ("ablate_direction", "direction", "ablate", None, on_clean(iv("zero", d.basis)))]
+    plan = [var("direction", "direction", "denoise", [iv("clean", d.basis)]),
+            var("full", "full", "denoise", [iv("clean")]),
+            var("complement", "complement", "denoise", c_den, start=layer),
+            var("identity", "sanity", "denoise", [iv("clean", np.eye(d.d))]),
+            var("split", "sanity", "denoise", [iv("clean", d.basis), *c_den]),
+            var("clean_run", "sanity", "noise", [], on_clean=True),
+            var("direction_noise", "direction", "noise", [iv("corrupt", d.basis)], on_clean=True),
+            var("full_noise", "full", "noise", [iv("corrupt")], on_clean=True),
+            var("complement_noise", "complement", "noise", c_noise, on_clean=True),
+            var("ablate_direction", "direction", "ablate", [iv("zero", d.basis)], on_clean=True)]
     if shuffled is not None:
-        plan.append(("shuffled", "shuffled", "denoise", None, Variant((iv("clean", shuffled),))))
+        plan.append(var("shuffled", "shuffled", "denoise", [iv("clean", shuffled)]))
     rand = random_bases(max(n_random, n_ablate, n_steer), d.k, d.d, seed)
-    plan += [(f"random_{i}", "random", "denoise", None, Variant((iv("clean", rand[i]),))) for i in range(n_random)]
-    plan += [(f"ablate_random_{i}", "random", "ablate", None, on_clean(iv("zero", rand[i])))
+    plan += [var(f"random_{i}", "random", "denoise", [iv("clean", rand[i])]) for i in range(n_random)]
+    plan += [var(f"ablate_random_{i}", "random", "ablate", [iv("zero", rand[i])], on_clean=True)
              for i in range(n_ablate)]
     for a in alphas:
-        plan.append((f"steer_{a:g}", "direction", "steer", a,
-                     Variant((iv("steer", d.vector, scale=a * unit),))))
+        plan.append(var(f"steer_{a:g}", "direction", "steer", [iv("steer", d.vector, scale=a * unit)], alpha=a))
         for i in range(n_steer):
-            v = rand[i][0]
-            plan.append((f"steer_random_{i}_{a:g}", "random", "steer", a,
-                         Variant((iv("steer", v, scale=a * unit),))))
+            plan.append(var(f"steer_random_{i}_{a:g}", "random", "steer", [iv("steer", rand[i][0], scale=a * unit)],
+                            alpha=a))
+    if leace:   # LEACE's oblique projection, precomputed on the clean activations (a custom source)
+        plan.append(var("leace", "leace", "ablate", [iv("custom:leace")], on_clean=True))
     return plan
 
 
-def _metrics(model, task: PatchTask, metric: str, finals: torch.Tensor, forwards: dict):
-    """Per-prompt ``{clean, corrupt [N], patched [V, N]}``."""
-    return task_metrics(model, task, metric, finals, forwards)[0]
+def leace_source(eraser, clean_acts: torch.Tensor, pos) -> torch.Tensor:
+    """The clean activations ``[N, T, d]`` with LEACE applied at ``pos`` (every position when
+    None): the ``custom:leace`` source of the LEACE variant."""
+    out = clean_acts.clone()
+    idx = slice(None) if pos is None else list(pos)
+    x = out[:, idx]
+    out[:, idx] = eraser(x.reshape(-1, x.shape[-1]).double()).to(out.dtype).reshape(x.shape)
+    return out
 
 
-def leace_final(model, task: PatchTask, eraser, site: str, layer: int, pos) -> torch.Tensor:
-    """Final residuals ``[N, d]`` of the clean run with LEACE applied at ``site``/``layer``/``pos``."""
-    from replab.hooks import SITES
-
-    hook = SITES[site].hook(layer)
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    keep = {}
-
-    def erase(act, hook):
-        act = act.clone()
-        idx = slice(None) if pos is None else list(pos)
-        x = act[:, idx]
-        act[:, idx] = eraser(x.reshape(-1, x.shape[-1]).double()).to(act.dtype).reshape(x.shape)
-        return act
-
-    def grab(act, hook):
-        keep["final"] = act[:, -1].clone()
-
-    with torch.inference_mode():
-        model.run_with_hooks(task.clean, fwd_hooks=[(hook, erase), (last, grab)], return_type=None)
-    return keep["final"]
-
-
-def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str | None = None,
+def patch_direction(model, task: PatchTask, direction: DirectionInput, site: str | None = None,
                     layer: int | None = None, positions=None, metric: str | None = None,
                     n_random: int = 100, alphas=DEFAULT_ALPHAS, n_random_ablate: int = 10,
                     n_random_steer: int = 5, alpha_unit: str = DEFAULT_ALPHA_UNIT,
@@ -178,8 +165,7 @@ def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str
         :class:`DirectionPatchResult`; ``summary`` has ``effect``, ``ci_low``, ``ci_high``,
         ``full_residual_effect``, ``random_mean``, ``random_p95``, ``percentile``, ``verdict``.
     """
-    from replab._progress import progress_bar
-    from replab.features import verdict as V
+    from replab.features import verdict
 
     site = site or direction.site
     layer = direction.layer if layer is None else int(layer)
@@ -200,51 +186,32 @@ def direction_patch(model, task: PatchTask, direction: DirectionInput, site: str
     if alpha_unit not in ("raw", "gap"):
         raise ReplabError(f"unknown alpha unit {alpha_unit!r} (raw or gap)")
     hook = Intervention(site, layer).hook
-    with torch.inference_mode():
-        acts = {k: model.run_with_cache(tok, names_filter=hook, stop_at_layer=layer + 1,
-                                        return_type=None)[1][hook] for k, tok in
-                (("clean", task.clean), ("corrupt", task.corrupt))}
-    scale = V.projection_stats(acts, direction.vector, pos)
+    plan = _plan(site, layer, pos, direction, n_random, n_random_ablate, n_random_steer, alphas, 1.0,
+                 shuffled, seed, leace=leace is not None)
+    forwards = plan_forwards(model, task, plan, hooks=(hook,))
+    acts = {k: forwards[k][hook] for k in ("clean", "corrupt")}
+    scale = verdict.projection_stats(acts, direction.vector, pos)
     unit = 1.0 if alpha_unit == "raw" else scale["gap"]
-    plan = _plan(site, layer, pos, direction, n_random, n_random_ablate, n_random_steer, alphas, unit,
-                 shuffled, seed)
-    from replab.patching import sanity
-
-    variants = [p[4] for p in plan] + sanity.variants_for(layer, "corrupt")
-    t0 = time.time()
-    with progress_bar(len(variants), "direction patch", "run", enabled=progress) as bar:
-        finals, forwards = run_variants(model, task.clean, task.corrupt, variants, base="corrupt",
-                                    max_tokens=max_tokens, progress=bar.advance)
-    seconds = time.time() - t0
-    vals = _metrics(model, task, metric, finals, forwards)
-    clean, corrupt, patched = vals["clean"], vals["corrupt"], vals["patched"]
-    c_mean, x_mean = float(clean.mean()), float(corrupt.mean())
-    names = [p[0] for p in plan]
-    if leace is not None:
-        final = leace_final(model, task, leace, site, layer, pos)
-        lv = task_metrics(model, task, metric, final[None], forwards)[0]["patched"][0]
-        patched = np.concatenate([patched[:len(plan)], lv[None], patched[len(plan):]])
-        plan.append(("leace", "leace", "ablate", None, None))
-        names.append("leace")
-    n_plan = len(plan)
-    from replab.patching.bootstrap import describe_groups, resample_weights, task_groups
-
-    groups = task_groups(task)
-    weights = resample_weights(task.n_prompts, groups, n_boot, seed)
-    table = _effects(plan, patched[:n_plan], clean, corrupt, metric, weights)
-    checks = V.sanity_checks(table, patched[n_plan:], c_mean, x_mean, TOL)
-    random_tbl = V.random_table(table)
-    steering = V.steering_table(table, patched[:n_plan], c_mean, x_mean, weights)
-    keep = [i for i, n in enumerate(names) if not n.startswith(("random_", "steer_random_", "ablate_random_"))]
-    per_prompt = pd.DataFrame([{"name": names[i], "prompt_id": j,
+    if unit != 1.0:   # the steering coefficients depend on the measured gap
+        plan = _plan(site, layer, pos, direction, n_random, n_random_ablate, n_random_steer, alphas, unit,
+                     shuffled, seed, leace=leace is not None)
+    sources = {"leace": leace_source(leace, acts["clean"], pos)} if leace is not None else None
+    res = run_plan(model, task, plan, metric, forwards=forwards, sources=sources, n_boot=n_boot, seed=seed,
+                   max_tokens=max_tokens, progress=progress, label="direction patch", unit="run",
+                   extra_checks=lambda r: verdict.direction_checks(r, TOL))
+    table = _effects(res)
+    random_tbl = verdict.random_table(table)
+    steering = verdict.steering_table(table, res.patched, res.clean_metric, res.corrupt_metric, res.weights)
+    keep = [i for i, v in enumerate(plan) if not v.name.startswith(("random_", "steer_random_", "ablate_random_"))]
+    per_prompt = pd.DataFrame([{"name": plan[i].name, "prompt_id": j,
                                 "prompt": task.prompts[j] if task.prompts else None,
-                                "metric_after": float(patched[i, j])} for i in keep for j in range(task.n_prompts)])
+                                "metric_after": float(res.patched[i, j])}
+                               for i in keep for j in range(task.n_prompts)])
     steering["coef"] = steering["alpha"] * unit
     scale.update(alpha_unit=alpha_unit, unit=float(unit))
-    summary = V.summarize(table, random_tbl, steering, direction, task, site, layer, pos, pos_rule, metric,
-                          c_mean, x_mean, checks, scale, seconds, len(variants),
-                          random_tol=V.RANDOM_MEAN_TOL if random_tol is None else random_tol,
-                          bootstrap=describe_groups(groups, task.n_prompts), shuffled_source=shuffled_source)
+    summary = verdict.summarize(table, random_tbl, steering, direction, task, site, layer, pos, pos_rule, metric,
+                                res, scale, random_tol=verdict.RANDOM_MEAN_TOL if random_tol is None else random_tol,
+                                shuffled_source=shuffled_source)
     return DirectionPatchResult(table, random_tbl, steering, per_prompt, summary)
 
 
@@ -266,29 +233,29 @@ def resolve_positions(task: PatchTask, direction: DirectionInput, positions=None
                           f"not defined for task {task.name} ({e}); pass --positions") from None
 
 
-def _effects(plan, patched, clean, corrupt, metric, weights) -> pd.DataFrame:
-    """One row per variant: normalised effect with CI, and ``of_full`` (see module docstring).
-    ``weights [B, N]``: bootstrap weights (:func:`replab.patching.bootstrap.resample_weights`)."""
+def _effects(res) -> pd.DataFrame:
+    """One row per variant of a :class:`~replab.patching.plan.PlanResult`: normalised effect
+    with CI, and ``of_full``: the fraction of the full denoising patch (denoise, steer) or of
+    the full noising drop (noise, ablate), with CIs from the same bootstrap resamples."""
     from replab.patching.bootstrap import ratio_ci
 
-    c_mean, x_mean = float(clean.mean()), float(corrupt.mean())
-    effect = normalized(patched.mean(1), c_mean, x_mean)
-    low, high = ratio_ci(weights, patched, clean, corrupt)
-    names = [p[0] for p in plan]
-    up = np.array([p[2] in ("denoise", "steer") for p in plan])
-    ref_up, ref_down = patched[names.index("full")], patched[names.index("full_noise")]
-    of_lo, of_hi = np.full(len(plan), np.nan), np.full(len(plan), np.nan)
+    names = [v.name for v in res.variants]
+    modes = [v.info["mode"] for v in res.variants]
+    up = np.array([m in ("denoise", "steer") for m in modes])
+    c_mean, x_mean = res.clean_metric, res.corrupt_metric
+    ref_up, ref_down = res.patched[names.index("full")], res.patched[names.index("full_noise")]
+    of_lo, of_hi = np.full(len(names), np.nan), np.full(len(names), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
-        for sel, ref, base in ((up, ref_up, corrupt), (~up, ref_down, clean)):
+        for sel, ref, base in ((up, ref_up, res.corrupt), (~up, ref_down, res.clean)):
             if sel.any():
-                of_lo[sel], of_hi[sel] = ratio_ci(weights, patched[sel], ref, base)
+                of_lo[sel], of_hi[sel] = ratio_ci(res.weights, res.patched[sel], ref, base)
     rows = []
-    for i, (name, group, mode, alpha, _) in enumerate(plan):
+    for i, v in enumerate(res.variants):
         base, ref = (x_mean, ref_up.mean()) if up[i] else (c_mean, ref_down.mean())
-        rows.append({"name": name, "group": group, "mode": mode, "alpha": alpha, "metric": metric,
-                     "metric_after": float(patched[i].mean()), "normalized_effect": float(effect[i]),
-                     "ci_low": float(low[i]), "ci_high": float(high[i]),
-                     "of_full": _ratio(patched[i].mean() - base, ref - base),
+        rows.append({"name": v.name, "group": v.group, "mode": modes[i], "alpha": v.info["alpha"],
+                     "metric": res.metric, "metric_after": float(res.patched[i].mean()),
+                     "normalized_effect": float(res.effect[i]), "ci_low": float(res.ci_low[i]),
+                     "ci_high": float(res.ci_high[i]), "of_full": _ratio(res.patched[i].mean() - base, ref - base),
                      "of_full_low": float(of_lo[i]), "of_full_high": float(of_hi[i])})
     return pd.DataFrame(rows)
 

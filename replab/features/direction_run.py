@@ -81,13 +81,13 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
         resolve_store,
         shuffled_direction,
     )
-    from replab.features.direction_patch import direction_patch
+    from replab.features.direction_patch import patch_direction
     from replab.features.direction_plots import dose_response, random_histogram
     from replab.models import load_model
     from replab.patching.catalog import load_task
     from replab.patching.plots import save_figure
-    from replab.rundir import finish_run, start_run, write_table
     from replab.patching.superclass import check_separation, separation_table
+    from replab.rundir import finish_run, start_run, write_table
 
     alphas = parse_alphas(alphas)
     layer_arg, layer = layer, resolve_layer(layer)
@@ -120,7 +120,7 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
             notes.append(f"no LEACE ({e})")
     elif leace:
         notes.append("no LEACE: it needs an activation store of the patched hook (--store)")
-    res = direction_patch(m, t, d, site=site, layer=layer, positions=positions, metric=metric,
+    res = patch_direction(m, t, d, site=site, layer=layer, positions=positions, metric=metric,
                           n_random=n_random, alphas=alphas, alpha_unit=alpha_unit,
                           shuffled=shuffled_vec, leace=eraser, seed=seed, progress=progress,
                           random_tol=random_tol, shuffled_source=how)

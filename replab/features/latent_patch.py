@@ -57,35 +57,21 @@ positions (:func:`_position_view`).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import torch
 
 from replab.errors import ReplabError
 from replab.hooks import canonical_site
-from replab.patching.engine import Variant, run_variants
+from replab.patching.checks import Check, enforce
+from replab.patching.engine import Variant
 from replab.patching.interventions import Intervention
-from replab.patching.metrics import FULL_VOCAB, Readout, check_metric, metric_values, normalized, task_metrics
+from replab.patching.metrics import FULL_VOCAB, Readout, check_metric, metric_values
+from replab.patching.plan import plan_forwards, run_plan
 
 TOL = 1e-3
 DECODER_TOL = 1e-4
 DOSE_K = (1, 2, 5, 10, 20, 50)
-
-
-def hook_runs(model, task, hook: str, variants=()) -> dict:
-    """The engine's cached clean and corrupt runs (one forward each): ``hook`` in both, plus
-    everything ``variants`` (denoising, base ``corrupt``) need, so the attribution, the
-    sources and :func:`~replab.patching.engine.run_variants` share them."""
-    from replab.patching.engine import cache_forwards, needed_hooks, prefix_ok
-
-    need = needed_hooks(model, list(variants), "corrupt", prefix_ok(model)) if variants else \
-        {"clean": set(), "corrupt": set()}
-    for names in need.values():
-        names.add(hook)
-    with torch.inference_mode():
-        return cache_forwards(model, task.clean, task.corrupt, need)
 
 
 def attribution(model, sae, task, hook: str, positions: list[int], metric: str,
@@ -93,13 +79,14 @@ def attribution(model, sae, task, hook: str, positions: list[int], metric: str,
     """First-order effect ``[d_sae]`` of patching each latent clean → corrupt (module docstring).
 
     Works for every metric: full-vocabulary ones (``logprob``, ``prob``, ``kl``) read the whole
-    log-softmax. ``runs``: cached clean/corrupt runs holding ``hook`` (:func:`hook_runs`;
+    log-softmax. ``forwards``: cached clean/corrupt forwards holding ``hook``
+    (:func:`~replab.patching.plan.plan_forwards`;
     made when None). The gradient needs one more forward of the corrupt prompts.
     """
     from replab.features.sae.splice import decoder_rows, sae_encode
     from replab.patching.metrics import final_logits
 
-    forwards = forwards if forwards is not None else hook_runs(model, task, hook)
+    forwards = forwards if forwards is not None else plan_forwards(model, task, [], hooks=(hook,))
     clean, corrupt = forwards["clean"][hook], forwards["corrupt"][hook]
     store = {}
 
@@ -186,7 +173,7 @@ class _Sources:
         return worst
 
 
-def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None, top: int = 5,
+def patch_latents(model, sae, meta: dict, task, latents: list[int] | None = None, top: int = 5,
                  positions: list[int] | None = None, metric: str = "logit_diff", n_random: int = 100,
                  seed: int = 0, n_boot: int = 1000, position_rule: str | None = None,
                  progress: bool = False) -> tuple[pd.DataFrame, dict]:
@@ -203,9 +190,6 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
         summary (module docstring keys, plus ``latents``, ``latent_attribution``,
         ``all_latents_effect``, ``error_term_effect``, ``complement_effect``, ``checks``).
     """
-    from replab.patching import sanity
-    from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
-
     metric = check_metric(metric)
     hook = meta["hook_name"]
     site, layer = canonical_site(hook)
@@ -213,10 +197,10 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
         raise ReplabError(f"SAE hook {hook} is not a per-layer site the patching engine can use")
     positions = list(range(task.n_tokens)) if positions is None else [int(p) for p in positions]
     iv = lambda source: Intervention(site, layer, positions=tuple(positions), source=source)  # noqa: E731
-    extra = [Variant((iv("clean"),)), *sanity.variants_for(layer, "corrupt")]   # the ceiling, engine checks
-    forwards = hook_runs(model, task, hook, [Variant((iv("custom:latents"),)), *extra])
+    ceiling = Variant((iv("clean"),), name="full", group="ceiling", info={"k": None, "latents": None})
+    forwards = plan_forwards(model, task, [Variant((iv("custom:latents"),)), ceiling], hooks=(hook,))
     src = _Sources(sae, forwards["clean"][hook], forwards["corrupt"][hook], positions)
-    decoder = _decoder_check(src.decoder_error(sae))
+    decoder = enforce([_decoder_check(src.decoder_error(sae))])
     attr = attribution(model, sae, task, hook, positions, metric, forwards=forwards)
     d_sae = attr.shape[0]
     chosen = [int(i) for i in latents] if latents is not None else [int(i) for i in np.argsort(-np.abs(attr))[:top]]
@@ -246,68 +230,44 @@ def latent_patch(model, sae, meta: dict, task, latents: list[int] | None = None,
         plan.append((f"random_{i}", "random", size, sorted(rng.choice(pool, size=size, replace=False).tolist()),
                      False))
     sources = {name: src.make(ids, err) for name, _, _, ids, err in plan}
-    variants = [Variant((iv(f"custom:{p[0]}"),)) for p in plan] + extra
-    t0 = time.time()
-    finals, forwards = run_variants(model, task.clean, task.corrupt, variants, forwards=forwards, sources=sources)
-    seconds = time.time() - t0
-    vals = task_metrics(model, task, metric, finals, forwards)[0]
-    c_vals, x_vals, pr = vals["clean"], vals["corrupt"], vals["patched"]
-    c, x = float(c_vals.mean()), float(x_vals.mean())
-    eff = normalized(pr.mean(1), c, x)
-    n_plan = len(plan)
-    groups = task_groups(task)
-    weights = resample_weights(task.n_prompts, groups, n_boot, seed)
-    lo, hi = ratio_ci(weights, pr, c_vals, x_vals)
-    ref = pr[n_plan]
-    of_lo, of_hi = ratio_ci(weights, pr[:n_plan + 1], ref, x_vals)
-    full = float(eff[n_plan])
-    checks = {"decoder_rows": decoder, **_checks(eff, plan, full, TOL)}
-    rows = [{"name": name, "kind": kind, "k": k, "latents": ids if kind in ("chosen", "top_k", "random") else None,
-             "normalized_effect": float(eff[i]), "ci_low": float(lo[i]), "ci_high": float(hi[i]),
-             "of_full": float(eff[i] / full) if abs(full) > 1e-9 else np.nan,
-             "of_full_low": float(of_lo[i]), "of_full_high": float(of_hi[i])}
-            for i, (name, kind, k, ids, _) in enumerate(plan)]
-    rows.append({"name": "full", "kind": "ceiling", "k": None, "latents": None, "normalized_effect": full,
-                 "ci_low": float(lo[n_plan]), "ci_high": float(hi[n_plan]), "of_full": 1.0,
-                 "of_full_low": 1.0, "of_full_high": 1.0})
+    variants = [Variant((iv(f"custom:{name}"),), name=name, group=kind,
+                        info={"k": k, "latents": ids if kind in ("chosen", "top_k", "random") else None})
+                for name, kind, k, ids, _ in plan] + [ceiling]
+    res = run_plan(model, task, variants, metric, forwards=forwards, sources=sources, n_boot=n_boot, seed=seed,
+                   progress=progress, label="latent patch", unit="run", extra_checks=_latent_checks)
+    full_i = res.index("full")
+    of_lo, of_hi = res.ratio_ci(range(len(variants)), full_i)
+    rows = [{"name": v.name, "kind": v.group, "k": v.info["k"], "latents": v.info["latents"],
+             "normalized_effect": float(res.effect[i]), "ci_low": float(res.ci_low[i]),
+             "ci_high": float(res.ci_high[i]), "of_full": res.of(i, full_i),
+             "of_full_low": float(of_lo[i]), "of_full_high": float(of_hi[i])} for i, v in enumerate(variants)]
+    rows[full_i].update(of_full=1.0, of_full_low=1.0, of_full_high=1.0)
     table = pd.DataFrame(rows)
     pos_label = ",".join(f"{p}:{task.str_tokens[p]!r}" if task.str_tokens else str(p) for p in positions)
-    s = _summary(table, chosen, attr, hook, site, layer, positions, position_rule, pos_label, metric, c, x,
-                 task, checks, describe_groups(groups, task.n_prompts), seconds, len(variants))
+    s = _summary(table, chosen, attr, hook, site, layer, positions, position_rule, pos_label, metric, task, res)
+    s["checks"] = {**decoder, **s["checks"]}
     s["verdict"], s["verdict_detail"] = latent_verdict(s)
     return table, s
 
 
-def _decoder_check(err: float, tol: float = DECODER_TOL) -> dict:
-    """The ``decoder_rows`` check (module docstring): ReplabError when ``err > tol``."""
-    what = "decode(z) = z @ decoder_rows + b_dec on the corrupt and clean codes (relative error)"
-    if not err <= tol:
-        raise ReplabError(f"sanity check 'decoder_rows' failed: relative error {err:.3g} > {tol:g} ({what}); "
-                          "the latent moves would not be the SAE's (decoder_rows disagrees with sae.decode)")
-    return {"value": float(err), "expected": 0.0, "ok": True, "what": what, "tolerance": tol}
+def _decoder_check(err: float, tol: float = DECODER_TOL) -> Check:
+    """The ``decoder_rows`` check (module docstring): relative error at most ``tol``."""
+    return Check("decoder_rows", float(err), 0.0, tol,
+                 "decode(z) = z @ decoder_rows + b_dec on the corrupt and clean codes (relative error); "
+                 "otherwise the latent moves would not be the SAE's")
 
 
-def _checks(eff: np.ndarray, plan, full: float, tol: float) -> dict:
-    idx = {p[0]: i for i, p in enumerate(plan)}
-    n = len(plan)
-    items = {"empty_latent_set": (eff[idx["empty"]], 0.0, "patching no latent (error term kept) = the corrupt run"),
-             "all_latents_plus_error": (eff[idx["all_plus_error"]], full,
-                                        "every latent plus the error term (= the clean activation, by the "
-                                        "error term's definition) = the engine's full patch at that site"),
-             "engine_full": (eff[n + 1], 1.0, "full resid_pre patch (every position) = clean"),
-             "engine_empty": (eff[n + 2], 0.0, "empty patch = corrupt")}
-    out = {}
-    for name, (value, want, what) in items.items():
-        ok = abs(float(value) - want) <= tol
-        out[name] = {"value": float(value), "expected": float(want), "ok": ok, "what": what}
-        if not ok:
-            raise ReplabError(f"sanity check '{name}' failed: {float(value):.6f}, expected {want:.6f} ± {tol} "
-                              f"({what}); the latent patch or the engine is inconsistent")
-    return out
+def _latent_checks(res) -> list[Check]:
+    """Latent patching's own checks on the run's result (module docstring)."""
+    full = float(res.effect[res.index("full")])
+    return [Check("empty_latent_set", float(res.effect[res.index("empty")]), 0.0, TOL,
+                  "patching no latent (error term kept) = the corrupt run"),
+            Check("all_latents_plus_error", float(res.effect[res.index("all_plus_error")]), full, TOL,
+                  "every latent plus the error term (= the clean activation, by the error term's definition) "
+                  "= the engine's full patch at that site")]
 
 
-def _summary(table, chosen, attr, hook, site, layer, positions, rule, pos_label, metric, c, x, task, checks,
-             bootstrap, seconds, n_variants) -> dict:
+def _summary(table, chosen, attr, hook, site, layer, positions, rule, pos_label, metric, task, res) -> dict:
     t = table.set_index("name")
     ch, full = t.loc["chosen"], t.loc["full"]
     rand = table[table["kind"] == "random"]["normalized_effect"].to_numpy()
@@ -316,7 +276,7 @@ def _summary(table, chosen, attr, hook, site, layer, positions, rule, pos_label,
     dose = table[table["kind"] == "top_k"][["k", "normalized_effect", "ci_low", "ci_high", "of_full"]]
     return {"hook_name": hook, "hook": hook, "site": site, "layer": int(layer), "positions": positions,
             "position_rule": rule, "position_label": pos_label, "metric": metric, "task": task.describe(),
-            "clean_metric": c, "corrupt_metric": x, "latents": chosen,
+            "clean_metric": res.clean_metric, "corrupt_metric": res.corrupt_metric, "latents": chosen,
             "latent_attribution": [float(attr[i]) for i in chosen],
             "effect": e, "ci_low": float(ch["ci_low"]), "ci_high": float(ch["ci_high"]),
             "of_full": float(ch["of_full"]), "of_full_low": float(ch["of_full_low"]),
@@ -332,8 +292,8 @@ def _summary(table, chosen, attr, hook, site, layer, positions, rule, pos_label,
             "random_sd": float(rand.std()) if len(rand) else None,
             "random_p95": float(np.quantile(rand, 0.95)) if len(rand) else None,
             "random_max": float(rand.max()) if len(rand) else None, "percentile": pct,
-            "top_k": dose.to_dict("records"), "checks": checks, "bootstrap": bootstrap,
-            "n_variants": int(n_variants), "seconds": round(float(seconds), 3)}
+            "top_k": dose.to_dict("records"), "checks": res.checks_dict(), "bootstrap": res.bootstrap,
+            "n_variants": res.describe()["n_variants"], "seconds": round(res.seconds, 3)}
 
 
 def latent_verdict(s: dict) -> tuple[str, list[str]]:

@@ -36,20 +36,20 @@ def run_latent_patch(sae_dir=None, layer: int | None = None, hook: str = "resid_
                      seed: int = 0, dataset: str | None = None) -> dict:
     """Load the SAE (a directory, or the cached one at ``hook``/``layer``), the task and the
     latents (``latents`` "12,34", ``from_dir`` a decompose run, else the ``top`` by
-    attribution), run :func:`replab.features.latent_patch.latent_patch`, write ``out``.
+    attribution), run :func:`replab.features.latent_patch.patch_latents`, write ``out``.
 
     ``positions``: a rule of the task (``entity_last``, ``last``, ``all``) or "3,4"; default
     the person's last name token for the super-class task, else every position. ``dataset``:
     a prompt file for the task (superset schema for ``superclass``, e.g. a known-only JSONL).
     """
     from replab._figures import pyplot
-    from replab.features.latent_patch import latent_patch
+    from replab.features.latent_patch import patch_latents
     from replab.features.sae.artifact import load_sae, model_for, read_meta, resolve_sae_dir
     from replab.models import load_model
     from replab.patching.catalog import load_task
     from replab.patching.plots import save_figure
-    from replab.rundir import finish_run, start_run, write_table
     from replab.patching.task import task_positions
+    from replab.rundir import finish_run, start_run, write_table
 
     m = load_model(model, device="cpu")
     path = resolve_sae_dir(sae_dir, m, hook, layer)
@@ -60,7 +60,7 @@ def run_latent_patch(sae_dir=None, layer: int | None = None, hook: str = "resid_
     rule = positions or ("entity_last" if "entity_last" in t.meta.get("positions", {}) else "all")
     pos = task_positions(t, rule)
     chosen = _parse_ints(latents) or (_latents_from(from_dir)[:top] if from_dir else None)
-    table, summary = latent_patch(m, sae, meta, t, latents=chosen, top=top,
+    table, summary = patch_latents(m, sae, meta, t, latents=chosen, top=top,
                                   positions=None if pos is None else list(pos), metric=metric,
                                   n_random=n_random, seed=seed, position_rule=rule)
     out = start_run(Path(out or "runs/sae-patch"))

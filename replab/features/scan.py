@@ -27,7 +27,6 @@ where the direction works best would bias that verdict upward).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -116,11 +115,10 @@ def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None
         ``chosen_layer`` and ``reason``.
     """
     from replab.hooks import canonical_site
-    from replab.patching import sanity
-    from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
-    from replab.patching.engine import Variant, run_variants
+    from replab.patching.engine import Variant
     from replab.patching.interventions import Intervention
-    from replab.patching.metrics import check_metric, normalized, task_metrics
+    from replab.patching.metrics import check_metric
+    from replab.patching.plan import run_plan
     from replab.patching.task import task_positions
 
     run = Path(run)
@@ -141,49 +139,38 @@ def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None
     try:
         pos = task_positions(task, rule)
     except ReplabError as e:
-        raise ReplabError(f"position rule {rule!r} is not defined for task {task.name} ({e}); pass --positions") from None
+        raise ReplabError(f"position rule {rule!r} is not defined for task {task.name} ({e}); "
+                          "pass --positions") from None
     metric = check_metric(metric or task.meta.get("metric") or "logit_diff")
     rng = np.random.default_rng(seed)
-    plan = []   # (layer, what, Variant)
+    variants = []
     for layer in layers:
-        iv = lambda u=None, L=layer: Intervention(site, L, positions=pos, source="clean", direction=u)  # noqa: E731
-        plan.append((layer, "full", Variant((iv(),))))
-        plan.append((layer, "direction", Variant((iv(dirs[layer].vector),))))
+        def v(what, u=None, layer=layer):
+            iv = Intervention(site, layer, positions=pos, source="clean", direction=u)
+            return Variant((iv,), name=f"L{layer}:{what}", group=what, info={"layer": layer})
+        variants += [v("full"), v("direction", dirs[layer].vector)]
         if layer in shuf:
-            plan.append((layer, "shuffled", Variant((iv(shuf[layer]),))))
+            variants.append(v("shuffled", shuf[layer]))
         for _ in range(n_random):
-            v = rng.standard_normal(model.cfg.d_model)
-            plan.append((layer, "random", Variant((iv(v / np.linalg.norm(v)),))))
-    variants = [p[2] for p in plan] + sanity.variants_for(min(layers), "corrupt")
-    from replab._progress import progress_bar
-
-    t0 = time.time()
-    with progress_bar(len(variants), "layer scan", "run", enabled=progress) as bar:
-        finals, forwards = run_variants(model, task.clean, task.corrupt, variants, base="corrupt",
-                                    max_tokens=max_tokens, progress=bar.advance)
-    seconds = time.time() - t0
-    vals = task_metrics(model, task, metric, finals, forwards)[0]
-    clean, corrupt, patched = vals["clean"], vals["corrupt"], vals["patched"]
-    c, x = float(clean.mean()), float(corrupt.mean())
-    eff = normalized(patched.mean(1), c, x)
-    checks = _engine_checks(eff[len(plan):])
-    groups = task_groups(task)
-    weights = resample_weights(task.n_prompts, groups, n_boot, seed)
-    lo, hi = ratio_ci(weights, patched[:len(plan)], clean, corrupt)
+            r = rng.standard_normal(model.cfg.d_model)
+            variants.append(v("random", r / np.linalg.norm(r)))
+    res = run_plan(model, task, variants, metric, n_boot=n_boot, seed=seed, max_tokens=max_tokens,
+                   progress=progress, label="layer scan", unit="run")
+    eff = res.effect
     rows = []
     for layer in layers:
-        idx = {w: [i for i, p in enumerate(plan) if p[0] == layer and p[1] == w]
-               for w in ("full", "direction", "shuffled", "random")}
-        f, d = idx["full"][0], idx["direction"][0]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            of_lo, of_hi = ratio_ci(weights, patched[[d]], patched[f], corrupt)
-        rnd = eff[idx["random"]]
+        f, d = res.index(f"L{layer}:full"), res.index(f"L{layer}:direction")
+        of_lo, of_hi = res.ratio_ci([d], f)
+        rnd = eff[res.rows("random", layer=layer)]
+        sh = res.rows("shuffled", layer=layer)
         rows.append({"layer": layer, "hook": Intervention(site, layer).hook,
-                     "full_effect": float(eff[f]), "full_ci_low": float(lo[f]), "full_ci_high": float(hi[f]),
-                     "direction_effect": float(eff[d]), "ci_low": float(lo[d]), "ci_high": float(hi[d]),
-                     "direction_of_full": float(eff[d] / eff[f]) if abs(eff[f]) > 1e-9 else float("nan"),
+                     "full_effect": float(eff[f]), "full_ci_low": float(res.ci_low[f]),
+                     "full_ci_high": float(res.ci_high[f]),
+                     "direction_effect": float(eff[d]), "ci_low": float(res.ci_low[d]),
+                     "ci_high": float(res.ci_high[d]),
+                     "direction_of_full": res.of(d, f),
                      "of_full_low": float(of_lo[0]), "of_full_high": float(of_hi[0]),
-                     "shuffled_effect": float(eff[idx["shuffled"][0]]) if idx["shuffled"] else None,
+                     "shuffled_effect": float(eff[sh[0]]) if sh else None,
                      "random_mean": float(rnd.mean()) if len(rnd) else None,
                      "random_p95": float(np.quantile(rnd, 0.95)) if len(rnd) else None})
     table = pd.DataFrame(rows).merge(acc, on="layer", how="left")
@@ -204,29 +191,15 @@ def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None
                "max_full_layer": int(table.loc[table["full_effect"].idxmax(), "layer"]),
                "max_direction_layer": int(table.loc[table["direction_effect"].idxmax(), "layer"]),
                "accuracy_column": acc_col, "probe_kind": kind, "class": cls, "site": site, "position_rule": rule,
-               "positions": None if pos is None else list(pos), "metric": metric, "clean_metric": c,
-               "corrupt_metric": x, "directions": how, "shuffled": bool(shuf), "n_random": n_random,
-               "layers": layers, "probe_run": str(run), "task": task.describe(), "checks": checks,
-               "bootstrap": describe_groups(groups, task.n_prompts), "n_variants": len(variants),
-               "seconds": round(seconds, 3)}
+               "positions": None if pos is None else list(pos), "directions": how, "shuffled": bool(shuf),
+               "n_random": n_random, "layers": layers, "probe_run": str(run), "task": task.describe(),
+               **res.describe()}
     if chosen is not None:
         row = table[table["layer"] == chosen].iloc[0]
         summary.update(chosen_full_effect=float(row["full_effect"]),
                        chosen_direction_effect=float(row["direction_effect"]),
                        chosen_probe_accuracy=float(row["probe_accuracy"]))
     return table, summary
-
-
-def _engine_checks(effects: np.ndarray, tol: float = 1e-3) -> dict:
-    """The engine's full (= 1) and empty (= 0) patches, run in the same call."""
-    out = {}
-    for name, value, want in (("engine_full", effects[0], 1.0), ("engine_empty", effects[1], 0.0)):
-        ok = abs(float(value) - want) <= tol
-        out[name] = {"value": float(value), "expected": want, "ok": ok}
-        if not ok:
-            raise ReplabError(f"sanity check '{name}' failed: {float(value):.6f}, expected {want} ± {tol}; "
-                              "the patching engine is inconsistent")
-    return out
 
 
 def scan_figure(table: pd.DataFrame, summary: dict, title: str):
@@ -269,8 +242,8 @@ def run_scan(probe, out=None, task: str = "superclass", classes: str | None = No
     from replab.models import load_model
     from replab.patching.catalog import load_task
     from replab.patching.plots import save_figure
-    from replab.rundir import finish_run, start_run, write_table
     from replab.patching.superclass import check_separation
+    from replab.rundir import finish_run, start_run, write_table
 
     run = Path(probe)
     if not (run / "probes").is_dir():

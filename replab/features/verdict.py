@@ -27,8 +27,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from replab.errors import ReplabError
-
 MIN_FULL = 0.10
 SUFFICIENT = 0.50
 PARTIAL = 0.20
@@ -41,35 +39,24 @@ def _row(table: pd.DataFrame, name: str) -> pd.Series | None:
     return None if hit.empty else hit.iloc[0]
 
 
-def sanity_checks(table: pd.DataFrame, engine_rows: np.ndarray, clean: float, corrupt: float,
-                  tol: float) -> dict:
-    """Engine-consistency checks; ReplabError on a failure (see the module docstrings).
+def direction_checks(res, tol: float) -> list:
+    """Direction patching's own sanity checks on a :class:`~replab.patching.plan.PlanResult`
+    (the engine's full/empty checks run with them in :func:`~replab.patching.plan.run_plan`)."""
+    from replab.patching.checks import Check
 
-    ``engine_rows`` ``[2, N]``: the patching engine's own full-resid_pre and empty variants.
-    """
-    full = float(_row(table, "full")["normalized_effect"])
-    norm = lambda x: float((np.mean(x) - corrupt) / (clean - corrupt))  # noqa: E731
-    checks = {
-        "identity_subspace": (float(_row(table, "identity")["normalized_effect"]), full,
-                              "the identity basis through the direction tool = the full-residual patch"),
-        "direction_plus_complement": (float(_row(table, "split")["normalized_effect"]), full,
-                                      "the direction then its complement = the full-residual patch"),
-        "clean_run": (float(_row(table, "clean_run")["normalized_effect"]), 1.0,
-                      "the clean residual at resid_pre reproduces the clean run"),
-        "engine_full": (norm(engine_rows[0]), 1.0, "full resid_pre patch (every position) = clean"),
-        "engine_empty": (norm(engine_rows[1]), 0.0, "empty patch = corrupt"),
-    }
-    zero = table[(table["mode"] == "steer") & (table["alpha"] == 0) & (table["group"] == "direction")]
-    if not zero.empty:
-        checks["steer_zero"] = (float(zero.iloc[0]["normalized_effect"]), 0.0, "steering with α = 0 = corrupt")
-    out = {}
-    for name, (value, expected, what) in checks.items():
-        ok = abs(value - expected) <= tol
-        out[name] = {"value": value, "expected": expected, "ok": ok, "what": what}
-        if not ok:
-            raise ReplabError(f"sanity check '{name}' failed: {value:.6f}, expected {expected:.6f} ± {tol} "
-                              f"({what}); the patching engine is inconsistent")
-    return out
+    eff = lambda name: float(res.effect[res.index(name)])  # noqa: E731
+    full = eff("full")
+    checks = [Check("identity_subspace", eff("identity"), full, tol,
+                    "the identity basis through the direction tool = the full-residual patch"),
+              Check("direction_plus_complement", eff("split"), full, tol,
+                    "the direction then its complement = the full-residual patch"),
+              Check("clean_run", eff("clean_run"), 1.0, tol,
+                    "the clean residual at resid_pre reproduces the clean run")]
+    zero = [i for i, v in enumerate(res.variants) if v.group == "direction" and v.info.get("mode") == "steer"
+            and v.info.get("alpha") == 0]
+    if zero:
+        checks.append(Check("steer_zero", float(res.effect[zero[0]]), 0.0, tol, "steering with α = 0 = corrupt"))
+    return checks
 
 
 def random_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -148,17 +135,15 @@ def random_mean_check(random_mean: float, full: float, n: int, what: str = "rand
     10% of the full-residual effect, whichever is larger). A larger deviation means the
     baseline (or the engine) is broken, and every percentile against it would mislead.
     """
+    from replab.patching.checks import Check, enforce
+
     expected = expected_fraction * full if np.isfinite(full) else 0.0
     tol = max(tol_abs, tol_rel * abs(full)) if np.isfinite(full) else tol_abs
-    ok = bool(np.isfinite(random_mean) and abs(random_mean - expected) <= tol)
-    out = {"value": float(random_mean), "expected": float(expected), "tolerance": float(tol), "ok": ok,
-           "what": f"the mean effect of {n} {what} is about {expected_fraction:.3g} x the full effect "
-                   f"(|mean - expected| <= max({tol_abs}, {tol_rel} x |full effect|))"}
-    if not ok:
-        raise ReplabError(f"sanity check 'random_mean' failed: {n} {what} restore {random_mean:+.4f} on "
-                          f"average, expected {expected:+.4f} ± {tol:.4f}; the random baseline is not about "
-                          "0 (pass a larger --random-tol only if you know why)")
-    return out
+    check = Check("random_mean", float(random_mean), float(expected), float(tol),
+                  f"the mean effect of {n} {what} is about {expected_fraction:.3g} x the full effect "
+                  f"(|mean - expected| <= max({tol_abs}, {tol_rel} x |full effect|)); a larger --random-tol "
+                  "only if you know why")
+    return enforce([check])["random_mean"]
 
 
 def sufficiency(s: dict, subject: str = "the direction", random_what: str = "random directions",
@@ -192,10 +177,11 @@ def sufficiency(s: dict, subject: str = "the direction", random_what: str = "ran
         return f"weak: {subject} {verb} only {ratio}, though {rank}"
     p95 = s["random_p95"] / full if n and full else np.nan
     return (f"not sufficient: {subject} {verb} {ratio}; {rank} (percentile "
-            f"{s['percentile'] if s['percentile'] is not None else float('nan'):.0f}, random p95 {_pct(p95)} of the full effect)")
+            f"{s['percentile'] if s['percentile'] is not None else float('nan'):.0f}, random p95 {_pct(p95)} of the "
+            "full effect)")
 
 
-def verdict(s: dict) -> tuple[str, list[str]]:
+def direction_verdict(s: dict) -> tuple[str, list[str]]:
     """``(verdict, detail sentences)`` from a summary's numbers (see the module docstring)."""
     v = sufficiency(s)
     if v.startswith("uninformative"):
@@ -225,10 +211,10 @@ def verdict(s: dict) -> tuple[str, list[str]]:
 
 
 def summarize(table, random_tbl, steering, direction, task, site, layer, pos, pos_rule, metric,
-              clean, corrupt, checks, projection, seconds, n_variants, random_tol=RANDOM_MEAN_TOL,
-              bootstrap: str = "pairs", shuffled_source: str | None = None) -> dict:
-    """The summary dict (JSON-safe), verdict included; ReplabError if the random-direction
-    mean is not about 0 (:func:`random_mean_check`, added to ``checks``)."""
+              res, projection, random_tol=RANDOM_MEAN_TOL, shuffled_source: str | None = None) -> dict:
+    """The summary dict (JSON-safe), verdict included, from the tables and the
+    :class:`~replab.patching.plan.PlanResult` ``res``; ReplabError if the random-direction mean
+    is not about 0 (:func:`random_mean_check`, reported with the other checks)."""
     d, f = _row(table, "direction"), _row(table, "full")
     rnd = random_tbl["normalized_effect"].to_numpy()
     e = float(d["normalized_effect"])
@@ -260,19 +246,19 @@ def summarize(table, random_tbl, steering, direction, task, site, layer, pos, po
     s["leace"] = None if le is None else {"effect": float(le["normalized_effect"]),
                                           "drop": 1 - float(le["normalized_effect"]),
                                           "drop_low": 1 - float(le["ci_high"]), "drop_high": 1 - float(le["ci_low"])}
-    s.update({"site": site, "layer": int(layer), "hook": None, "positions": None if pos is None else list(pos),
-              "position_rule": pos_rule, "position_label": pos_label, "metric": metric,
-              "clean_metric": clean, "corrupt_metric": corrupt, "steering": steering.to_dict("records"),
-              "projection": projection, "checks": checks,
-              "task": task.describe(), "direction": direction.describe(), "n_variants": int(n_variants),
-              "seconds": round(float(seconds), 3)})
-    from replab.hooks import SITES
+    from replab.hooks import hook_name
 
-    s["hook"] = SITES[site].hook(layer)
-    s["bootstrap"] = bootstrap
-    s["shuffled_source"] = shuffled_source if s["shuffled_effect"] is not None else None
-    checks["random_mean"] = random_mean_check(s["random_mean"], s["full_residual_effect"], s["n_random"],
-                                              tol_abs=random_tol, expected_fraction=direction.k / direction.d)
-    s["random_mean_ok"] = checks["random_mean"]["ok"]
-    s["verdict"], s["verdict_detail"] = verdict(s)
+    d = res.describe()
+    s.update({"site": site, "layer": int(layer), "hook": hook_name(site, layer),
+              "positions": None if pos is None else list(pos), "position_rule": pos_rule,
+              "position_label": pos_label, "metric": metric, "clean_metric": d["clean_metric"],
+              "corrupt_metric": d["corrupt_metric"], "steering": steering.to_dict("records"),
+              "projection": projection, "checks": d["checks"], "task": task.describe(),
+              "direction": direction.describe(), "n_variants": d["n_variants"], "seconds": d["seconds"],
+              "bootstrap": d["bootstrap"],
+              "shuffled_source": shuffled_source if s["shuffled_effect"] is not None else None})
+    s["checks"]["random_mean"] = random_mean_check(s["random_mean"], s["full_residual_effect"], s["n_random"],
+                                                   tol_abs=random_tol, expected_fraction=direction.k / direction.d)
+    s["random_mean_ok"] = s["checks"]["random_mean"]["ok"]
+    s["verdict"], s["verdict_detail"] = direction_verdict(s)
     return s

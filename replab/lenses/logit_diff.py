@@ -1,4 +1,4 @@
-"""Logit-difference curves by layer (WORKFLOWS W2 step 3), for the logit and tuned lens.
+"""Logit-difference curves by layer (W2 step 3), for the logit and tuned lens.
 
 For each prompt with an answer and a foil (``corrupt_answer``, else ``foils[0]``), at the
 last position:

@@ -173,7 +173,7 @@ def plan_layer(variants: list[Variant], n_layers: int) -> int:
     return min(starts) if starts else 0
 
 
-def cached_runs(model, task, variants: list[Variant], base: str = "corrupt", hooks=(),
+def plan_forwards(model, task, variants: list[Variant], base: str = "corrupt", hooks=(),
                 identity: tuple[str, int] | None = None) -> dict:
     """The clean and corrupt forwards (one each) caching what ``variants`` (plus the engine
     checks, the identity check and the extra ``hooks``, cached in both runs) need. Pass the
@@ -211,7 +211,7 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
         extra_checks: a callable ``(PlanResult) -> list[Check]`` or a list of them, evaluated
             and enforced with the engine checks.
         sources: values of ``custom:NAME`` interventions (see the engine).
-        runs: cached forwards from :func:`cached_runs` or an earlier result's ``runs``.
+        runs: cached forwards from :func:`plan_forwards` or an earlier result's ``runs``.
     Returns:
         :class:`PlanResult`.
     """
@@ -224,7 +224,7 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
     layer = plan_layer(variants, model.cfg.n_layers)
     extra = engine_variants(layer, base) if checks else []
     if forwards is None and identity is not None:
-        forwards = cached_runs(model, task, variants, base, identity=identity)
+        forwards = plan_forwards(model, task, variants, base, identity=identity)
     t0 = time.time()
     with progress_bar(len(variants) + len(extra), label, unit, enabled=progress) as bar:
         finals, forwards = run_variants(model, task.clean, task.corrupt, variants + extra, base=base, forwards=forwards,

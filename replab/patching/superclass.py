@@ -1,4 +1,4 @@
-"""The super-class task (WORKFLOWS W3): clean and corrupt prompts differ only in the name.
+"""The super-class task (W3): clean and corrupt prompts differ only in the name.
 
 >>> task = build_superclass_task(model.tokenizer, "artist", "scientist")   # doctest: +SKIP
 >>> check_separation(model, task)                                          # doctest: +SKIP
