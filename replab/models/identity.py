@@ -19,6 +19,11 @@ class ModelIdentity:
     ``weights_sha256`` is the sha256 of the weights file(s) the model came from
     (the GGUF for the embedded model; the concatenated per-file hashes for a
     multi-file checkpoint; a hash of the seed and config for the tiny model).
+    ``config_sha256`` hashes the model's ``config.json`` (canonical JSON, see
+    :func:`replab.models.source.config_sha256`); ``architecture`` is its HF class name;
+    ``device`` where it was loaded; ``parity`` the load-time check against the Hugging Face
+    model (:mod:`replab.models.parity`: ``max_abs_logit_diff``, ``tolerance``, ...; None for
+    the random ``tiny`` model, which has no HF counterpart).
     """
 
     name: str
@@ -32,14 +37,22 @@ class ModelIdentity:
     d_vocab: int
     prepend_bos: bool
     processing: dict
+    architecture: str = ""
+    config_sha256: str | None = None
+    device: str = "cpu"
+    parity: dict | None = None
     replab_version: str = __version__
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def same_model(self, other: dict) -> bool:
-        """True when ``other`` (a dict from an artifact) names the same weights and processing."""
+        """True when ``other`` (a dict from an artifact) names the same weights, config and
+        processing. (Artifacts written before replab recorded ``config_sha256`` are compared
+        without it.)"""
         keys = ("name", "weights_sha256", "dtype", "processing", "prepend_bos")
+        if other.get("config_sha256") is not None:
+            keys += ("config_sha256",)
         return all(other.get(k) == getattr(self, k) for k in keys)
 
 
@@ -57,9 +70,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
             table = {}
     if key in table:
         return table[key]
-    from replab.store.format import sha256_file as plain_sha256
-
-    table[key] = plain_sha256(path, chunk)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    table[key] = digest.hexdigest()
     tmp = memo.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(table, indent=0))
     os.replace(tmp, memo)

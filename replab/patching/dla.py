@@ -11,7 +11,10 @@ everything it does through later layers) is not counted. The final norm is the m
 applied with the frozen scale: ``x / scale`` (RMSNormPre, norms folded into ``W_U``),
 ``x / scale * w`` (RMSNorm), ``(x − mean x) / scale`` (LayerNormPre), ``(x − mean x) / scale * w``
 (LayerNorm, whose ``b`` joins the bias term). The ``check`` table compares the sum of the
-components with the logit difference of the model's real forward pass (its logits).
+components with the logit difference of the model's real forward pass (its logits). A model
+with an output soft cap (Gemma-2: ``cap · tanh(logits / cap)``) is decomposed before the cap,
+and checked against its logits before the cap. Parallel attention + MLP blocks (GPT-NeoX, Phi)
+have no ``resid_mid`` point.
 
 Three views, each a tidy DataFrame with one row per prompt:
 
@@ -48,12 +51,15 @@ def _cache(model, tokens):
     L = model.cfg.n_layers
     want = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
     for layer in range(L):
-        want |= {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",
+        want |= {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",   # mid: if any
                  f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out",
                  f"blocks.{layer}.attn.hook_z"}
     want.add(f"blocks.{L - 1}.hook_resid_post")
     with torch.inference_mode():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in want)
+        if (getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0:   # logits before the cap
+            final = model.ln_final(cache[f"blocks.{L - 1}.hook_resid_post"][:, -1:])[:, 0]
+            return final @ model.W_U + model.b_U, cache
     return logits[:, -1], cache
 
 
@@ -82,6 +88,8 @@ def dla(model, task) -> dict[str, pd.DataFrame]:
             proj = lambda x: (_frozen_norm(model, x[:, -1], scale) * u).sum(-1)   # noqa: E731  [N]
             for layer in range(L):
                 for site, depth in (("pre", layer), ("mid", layer + 0.5)):
+                    if f"blocks.{layer}.hook_resid_{site}" not in cache.cache_dict:
+                        continue                      # parallel attention + MLP: no mid point
                     v = proj(cache[f"blocks.{layer}.hook_resid_{site}"]) + bias
                     out_acc += _rows(v, run, point=f"{layer}_{site}", depth=depth)
             final = proj(cache[f"blocks.{L - 1}.hook_resid_post"]) + bias
@@ -104,8 +112,8 @@ def dla(model, task) -> dict[str, pd.DataFrame]:
             out_layers += _rows(bias, run, layer=L, component="unembed_bias")
             actual = logits.gather(1, task.answer[:, None])[:, 0] - logits.gather(1, task.foil[:, None])[:, 0]
             checks = pd.DataFrame({"prompt_id": np.arange(task.n_prompts),
-                                   "logit_diff": actual.numpy(),
-                                   "sum_of_components": (total + bias).numpy()})
+                                   "logit_diff": actual.float().cpu().numpy(),
+                                   "sum_of_components": (total + bias).float().cpu().numpy()})
     checks["abs_error"] = (checks["logit_diff"] - checks["sum_of_components"]).abs()
     worst = float(checks["abs_error"].max())
     if worst > 1e-3 * max(1.0, float(checks["logit_diff"].abs().max())):
@@ -116,7 +124,8 @@ def dla(model, task) -> dict[str, pd.DataFrame]:
 
 
 def _rows(values: torch.Tensor, run: str, **cols) -> list[dict]:
-    return [{"prompt_id": i, "run": run, **cols, "logit_diff": float(v)} for i, v in enumerate(values.tolist())]
+    return [{"prompt_id": i, "run": run, **cols, "logit_diff": float(v)}
+            for i, v in enumerate(values.float().tolist())]
 
 
 def top_heads(heads: pd.DataFrame, n: int = 6) -> pd.DataFrame:

@@ -53,15 +53,19 @@ def check_metric(metric: str) -> str:
 
 
 def final_logits(model, resid_final: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits from the final residual ``[R, d]``: the model's own final norm, then ``W_U``.
+    """Logits from the final residual ``[R, d]``: the model's own final norm, then ``W_U``,
+    then its output soft cap if it has one (Gemma-2), as the model's forward does.
 
     ``cols`` ``[R, C]`` picks per-row vocabulary columns (cheap); None gives all ``[R, V]``.
     """
     x = model.ln_final(resid_final[:, None, :])[:, 0]
     if cols is None:
-        return x @ model.W_U + model.b_U
-    w = model.W_U[:, cols]                      # [d, R, C]
-    return torch.einsum("rd,drc->rc", x, w) + model.b_U[cols]
+        logits = x @ model.W_U + model.b_U
+    else:
+        w = model.W_U[:, cols]                      # [d, R, C]
+        logits = torch.einsum("rd,drc->rc", x, w) + model.b_U[cols]
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
 
 def readout(model, resid_final: torch.Tensor, candidates: torch.Tensor, need_full: bool,
