@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from replab.cli import datasets, plot, probe, store
+from replab.cli import datasets, models, plot, probe, store
 from replab.cli import features, lens, patch, sae, sae_patch  # noqa: F401 (sae_patch adds `sae patch`)
 from replab.cli._common import examples
 from replab.cli.harvest import HARVEST_EPILOG, harvest_cmd
@@ -38,6 +38,8 @@ app.add_typer(features.app, name="features")
 app.add_typer(sae.app, name="sae")
 app.command("test-prompt", epilog=patch.TEST_PROMPT_EPILOG)(patch.test_prompt_cmd)
 app.command("harvest", epilog=HARVEST_EPILOG)(harvest_cmd)
+app.add_typer(models.app, name="models")
+models.add_model_options(app)   # --dtype/--device/--n-devices on every model-running command
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
     alphas = parse_alphas(alphas)
     layer_arg, layer = layer, resolve_layer(layer)
     d = DI.load_direction(direction, layer, cls, label, kind)
-    m = load_model(model, device="cpu")
+    m = load_model(model)
     t = load_task_for(m.tokenizer, task, classes, template, pairs, dataset, bool(m.cfg.default_prepend_bos))
     notes = []
     warn = DI.check_model(d, m)

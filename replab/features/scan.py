@@ -274,7 +274,7 @@ def run_scan(probe, out=None, task: str = "superclass", classes: str | None = No
     run = Path(probe)
     if not (run / "probes").is_dir():
         raise ReplabError(f"{probe} is not a probe run directory (replab probe train --out ...)")
-    m = load_model(model, device="cpu")
+    m = load_model(model)
     t = load_task_for(m.tokenizer, task, classes, template, pairs, dataset, bool(m.cfg.default_prepend_bos))
     layer_list = None
     if layers:

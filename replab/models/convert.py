@@ -122,7 +122,7 @@ def convert_and_cache(src_dir: Path, out_dir: Path, tokenizer, prepend_bos: bool
     try:
         tmp.mkdir(parents=True)
         save_file(params, str(tmp / WEIGHTS))
-        save_reference(tmp, tokens, reference)
+        save_reference(tmp, tokens, reference, check)
         meta = {"cfg": _cfg_to_json(model.cfg), "processing": processing(arch),
                 "version": CONVERSION_VERSION, "architecture": arch,
                 "conversion_parity": check, **(extra_meta or {})}
@@ -138,12 +138,16 @@ def convert_and_cache(src_dir: Path, out_dir: Path, tokenizer, prepend_bos: bool
 
 def ensure_reference(out_dir: Path, src_dir: Path, tokenizer, prepend_bos: bool, n_ctx: int) -> None:
     """Add the HF parity reference to a cache entry written before replab stored one."""
-    if load_reference(out_dir) is not None:
+    ref = load_reference(out_dir)
+    if ref is not None and ref[2]:
         return
     hf_model = _load_hf(Path(src_dir), False)
     tokens = parity_tokens(tokenizer, prepend_bos, n_ctx)
     reference = hf_reference(hf_model, tokens)
-    save_reference(out_dir, tokens, reference)
+    del hf_model
+    model = load_cached(out_dir, tokenizer)            # float32 on CPU, as at conversion
+    check = enforce(measure(model, tokens, reference), str(src_dir))
+    save_reference(out_dir, tokens, reference, check)
 
 
 def read_meta(out_dir: Path) -> dict:

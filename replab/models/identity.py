@@ -11,6 +11,8 @@ from pathlib import Path
 from replab._version import __version__
 from replab.models.cache import cache_dir
 
+STABLE_PARITY_KEYS = ("conversion_max_abs_logit_diff", "conversion_tolerance", "passed", "prompt")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelIdentity:
@@ -44,7 +46,16 @@ class ModelIdentity:
     replab_version: str = __version__
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """What artifacts record: every field except the load's ``device`` and, of ``parity``,
+        only the parts that do not change from one load to the next (the float32 conversion
+        check; ``passed``), so that resuming a harvest or reusing a cached result does not
+        depend on the device or thread count of the load. The full load-time check stays
+        on ``.parity``."""
+        out = dataclasses.asdict(self)
+        out.pop("device", None)
+        if self.parity is not None:
+            out["parity"] = {k: self.parity[k] for k in STABLE_PARITY_KEYS if k in self.parity}
+        return out
 
     def same_model(self, other: dict) -> bool:
         """True when ``other`` (a dict from an artifact) names the same weights, config and

@@ -30,6 +30,7 @@ from replab.models.convert import (
     PROCESSING,
     convert_and_cache,
     ensure_reference,
+    is_converted,
     load_cached,
     read_meta,
 )
@@ -37,7 +38,7 @@ from replab.models.identity import ModelIdentity, sha256_files
 from replab.models.layout import linear_layout
 from replab.models.parity import enforce, load_reference, measure
 from replab.models.placement import current_options, place, resolve_device, resolve_dtype
-from replab.models.source import cache_key, config_sha256, open_source, tokenizer_sha256
+from replab.models.source import cache_key, config_sha256, open_source, refuse_pickle, tokenizer_sha256
 
 TINY = "tiny"
 # Kept for callers that imported the old private helper.
@@ -112,8 +113,9 @@ def load_model(name: str | None = None, device=None, dtype=None, n_devices: int 
     model.eval()
     check = None
     if ref_dir is not None:
-        tokens, reference = load_reference(ref_dir)
-        check = enforce(measure(model, tokens, reference), identity["name"])
+        tokens, reference, conversion = load_reference(ref_dir)
+        check = {**enforce(measure(model, tokens, reference), identity["name"]), **conversion,
+                 "passed": True}
     model.replab_identity = ModelIdentity(**{**identity, "dtype": str(torch_dtype).removeprefix("torch."),
                                              "device": str(model.cfg.device), "parity": check})
     return model
@@ -246,10 +248,11 @@ def _local_source(name: str) -> Path:
         ) from None
 
 
-def local_cache_dir(src: Path, allow_bin: bool = False) -> tuple[Path, dict]:
+def local_cache_dir(src: Path) -> tuple[Path, dict]:
     """The conversion cache folder of a local model and the facts its key is made of
-    (``weights_sha256``, ``config_sha256``, ``tokenizer_sha256``, ``conversion_version``)."""
-    source = open_source(src, allow_bin)
+    (``weights_sha256``, ``config_sha256``, ``tokenizer_sha256``, ``conversion_version``), plus
+    ``source`` (the checked :class:`~replab.models.source.ModelSource`)."""
+    source = open_source(src)
     facts = {"weights_sha256": sha256_files(source.weights),
              "config_sha256": config_sha256(source.config),
              "tokenizer_sha256": tokenizer_sha256(src),
@@ -263,9 +266,11 @@ def _load_local(name: str, dtype, allow_bin: bool):
     from replab.models.architectures import check_supported
 
     src = _local_source(name)
-    folder, facts = local_cache_dir(src, allow_bin)
+    folder, facts = local_cache_dir(src)
     source = facts.pop("source")
     check_supported(source.architecture)           # before any file is read or written
+    if source.pickle_weights and not allow_bin and not is_converted(folder):
+        refuse_pickle(source)
     tok = load_tokenizer(str(src))
     bos = bool(getattr(tok, "add_bos_token", False))
     convert_and_cache(src, folder, tok, prepend_bos=bos, config=source.config,

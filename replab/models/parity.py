@@ -43,26 +43,33 @@ def hf_reference(hf_model, tokens: torch.Tensor) -> torch.Tensor:
     return hf_model(input_ids=tokens).logits[0].float()
 
 
-def save_reference(folder: Path, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-    """Write ``parity.safetensors`` into ``folder`` (through a temporary file and a rename)."""
+def save_reference(folder: Path, tokens: torch.Tensor, logits: torch.Tensor, conversion: dict) -> None:
+    """Write ``parity.safetensors`` into ``folder`` (through a temporary file and a rename):
+    the tokens, the HF logits, and the float32 conversion check (:func:`measure`) as metadata."""
     import os
 
     from safetensors.torch import save_file
 
+    meta = {"conversion_max_abs_logit_diff": repr(conversion["max_abs_logit_diff"]),
+            "conversion_tolerance": repr(conversion["tolerance"])}
     tmp = Path(folder) / f".{FILE}.tmp{os.getpid()}"
-    save_file({"tokens": tokens.contiguous(), "logits": logits.contiguous()}, str(tmp))
+    save_file({"tokens": tokens.contiguous(), "logits": logits.contiguous()}, str(tmp), metadata=meta)
     os.replace(tmp, Path(folder) / FILE)
 
 
-def load_reference(folder: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(tokens [1, T], logits [T, d_vocab])`` saved at conversion, or None."""
+def load_reference(folder: Path) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+    """``(tokens [1, T], logits [T, d_vocab], conversion)`` saved at conversion, or None;
+    ``conversion`` has the float32 check's ``conversion_max_abs_logit_diff`` and
+    ``conversion_tolerance``."""
     path = Path(folder) / FILE
     if not path.exists():
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    data = load_file(str(path))
-    return data["tokens"], data["logits"]
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tokens, logits = f.get_tensor("tokens"), f.get_tensor("logits")
+    return tokens, logits, {k: float(v) for k, v in meta.items() if k.startswith("conversion_")}
 
 
 def tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:

@@ -8,13 +8,12 @@
 * ``n_devices > 1`` splits the blocks over ``cuda:0..n-1`` in contiguous runs, exactly the
   block -> device rule TransformerLens's forward uses (:func:`block_devices`); the embedding
   sits with the first block, the final norm and unembedding with the last.
-* :func:`auto_batch_size` picks a batch size that fits the device's free memory.
+* :func:`auto_batch_size` picks a batch size that fits the device's memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -125,15 +124,20 @@ def place(model, n_devices: int, device: str) -> None:
             getattr(model, name).to(plan[-1])
 
 
-def _free_bytes(device: str) -> int:
+DEFAULT_CPU_BATCH = 32     # CPU throughput stops improving well before memory runs out
+
+
+def device_memory(device: str) -> int:
+    """Total memory of ``device`` in bytes (a CUDA device's capacity; for CPU the machine's
+    ``MemTotal``). Total, not free: the batch size must not change between a run and its
+    resumption."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return int(free)
+        return int(torch.cuda.get_device_properties(dev.index or 0).total_memory)
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return info.get("MemAvailable", info.get("MemFree", 8 << 30))
+        return info.get("MemTotal", 8 << 30)
     except OSError:
         return 8 << 30
 
@@ -141,7 +145,7 @@ def _free_bytes(device: str) -> int:
 def bytes_per_token(cfg, keep_layers: int | None = None) -> int:
     """A generous estimate of activation memory per token in one forward (no autograd):
     every hook-sized tensor of a block, kept for ``keep_layers`` blocks (all when None), plus
-    the attention scores and the logits row."""
+    the logits row."""
     size = torch.finfo(cfg.dtype).bits // 8
     d_mlp = cfg.d_mlp or 4 * cfg.d_model
     per_block = (8 * cfg.d_model + 3 * d_mlp + 4 * cfg.n_heads * cfg.d_head) * size
@@ -149,20 +153,24 @@ def bytes_per_token(cfg, keep_layers: int | None = None) -> int:
     return per_block * max(1, layers) + 4 * cfg.d_vocab
 
 
-def auto_batch_size(model, seq_len: int, device: str | None = None, fraction: float = 0.5,
-                    keep_layers: int | None = None, cap: int = 256, floor: int = 1) -> int:
-    """Prompts per forward for sequences of ``seq_len`` tokens: ``fraction`` of the device's
-    free memory divided by the per-prompt estimate (:func:`bytes_per_token`, attention scores
-    ``n_heads × seq_len²`` included), clipped to ``[floor, cap]``.
+def auto_batch_size(model, seq_len: int, fraction: float = 0.5, keep_layers: int | None = None,
+                    cap: int = 1024) -> int:
+    """Prompts per forward for sequences of up to ``seq_len`` tokens.
 
-    ``$REPLAB_BATCH_SIZE`` overrides it (as every command's ``--batch-size`` does).
+    On CUDA: ``fraction`` of the device's memory left after the weights, divided by the
+    per-prompt estimate (:func:`bytes_per_token` × ``seq_len`` + attention scores
+    ``n_heads × seq_len²``), rounded down to a power of two in ``[1, cap]``. On CPU: 32 (more
+    does not raise throughput), fewer only if memory is that short. Deterministic for a given
+    model, device and ``seq_len``. Every command's ``--batch-size`` overrides it.
     """
-    env = os.environ.get("REPLAB_BATCH_SIZE")
-    if env:
-        return max(1, int(env))
     cfg = model.cfg
-    device = device or str(cfg.device)
+    device = str(cfg.device)
     size = torch.finfo(cfg.dtype).bits // 8
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     per_prompt = seq_len * bytes_per_token(cfg, keep_layers) + 2 * cfg.n_heads * seq_len ** 2 * size
-    budget = fraction * _free_bytes(device)
-    return int(max(floor, min(cap, budget // max(per_prompt, 1))))
+    budget = fraction * max(device_memory(device) - weights, 0)
+    fits = int(budget // max(per_prompt, 1))
+    if torch.device(device).type != "cuda":
+        fits = min(fits, DEFAULT_CPU_BATCH)
+    fits = max(1, min(cap, fits))
+    return 1 << (fits.bit_length() - 1)

@@ -9,7 +9,8 @@ before any conversion starts:
   named here rather than deep inside ``transformers``;
 * a directory with only ``pytorch_model*.bin`` (pickle) files is refused unless the caller
   passes ``allow_bin=True``; those files are then read with ``torch.load(weights_only=True)``
-  (no code runs) and the converted model is cached as safetensors.
+  (no code runs) and the converted model is cached as safetensors, so later loads of the same
+  files (same cache key) read no pickle and need no flag.
 
 The conversion cache key (:func:`cache_key`) covers the weights, ``config.json``, the
 tokenizer files and replab's conversion version, so editing any of them reconverts.
@@ -109,8 +110,9 @@ def _indexed(path: Path, index_name: str) -> list[Path] | None:
     return [path / f for f in files]
 
 
-def weight_files(path: Path, allow_bin: bool = False) -> tuple[list[Path], bool]:
-    """``(files, pickle)``: the model's weight files and whether they are ``.bin`` pickles."""
+def weight_files(path: Path) -> tuple[list[Path], bool]:
+    """``(files, pickle)``: the model's weight files and whether they are ``.bin`` pickles
+    (only when there is no safetensors file). Nothing is unpickled here."""
     st = _indexed(path, "model.safetensors.index.json") or sorted(path.glob("*.safetensors"))
     if st:
         for f in st:
@@ -120,18 +122,21 @@ def weight_files(path: Path, allow_bin: bool = False) -> tuple[list[Path], bool]
     bins = [b for b in bins if b.name != "training_args.bin"]
     if not bins:
         raise ReplabError(f"{path} has no weight files (*.safetensors)")
-    if not allow_bin:
-        raise ReplabError(
-            f"{path} has only PyTorch pickle weights ({bins[0].name}); replab loads no pickle by "
-            "default: convert them to safetensors, or pass --allow-bin (allow_bin=True) to read "
-            "them with torch.load(weights_only=True)")
     return bins, True
 
 
-def open_source(path: Path, allow_bin: bool = False) -> ModelSource:
+def refuse_pickle(source: ModelSource) -> None:
+    """The one-line error for a directory whose only weights are pickles."""
+    raise ReplabError(
+        f"{source.path} has only PyTorch pickle weights ({source.weights[0].name}); replab loads no "
+        "pickle by default: convert them to safetensors, or convert once with --allow-bin "
+        "(allow_bin=True), which reads them with torch.load(weights_only=True)")
+
+
+def open_source(path: Path) -> ModelSource:
     """Check the model directory ``path`` (see the module docstring)."""
     config = read_config(path)
-    files, pickled = weight_files(path, allow_bin)
+    files, pickled = weight_files(path)
     return ModelSource(path=path, config=config, architecture=config["architectures"][0],
                        weights=tuple(files), pickle_weights=pickled)
 

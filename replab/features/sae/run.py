@@ -45,7 +45,7 @@ def run_decompose(sae_dir=None, direction=None, store=None, label: str | None = 
         _, prov = read_direction(direction)
         if prov.get("hook") is None:
             raise ReplabError("a raw vector has no hook or layer: give the SAE directory")
-        model = model if model is not None and not isinstance(model, str) else load_model(model, device="cpu")
+        model = model if model is not None and not isinstance(model, str) else load_model(model)
         sae_dir = resolve_sae_dir(None, model, prov["hook"], prov["layer"])
     res = decompose_direction(sae_dir, direction, store, label, positive_class, top, n_examples,
                               n_tokens, model=model, where=where)

@@ -209,7 +209,7 @@ def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.Pa
     if out is not None:  # fail before an expensive run, not after it
         check_replaceable(Path(out), META, "an SAE directory")
     if model is None or isinstance(model, str):
-        model = load_model(model, device="cpu")
+        model = load_model(model)
     identity = model.replab_identity.to_dict()
     hook_name = sae_hook_name(model, cfg.hook, cfg.layer)
     from replab.features.sae.artifact import cached_sae_dir
