@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
-from models_testutil import build
 from replab_testutil import run_cli
 
 from replab.errors import ReplabError
+from replab.models.zoo import build_tiny as build
 
 
 @pytest.fixture()

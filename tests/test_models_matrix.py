@@ -24,7 +24,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from models_testutil import LAYERNORM, SUPPORTED, UNSUPPORTED, build
+
+from replab.models.zoo import TINY_LAYERNORM as LAYERNORM
+from replab.models.zoo import TINY_SUPPORTED as SUPPORTED
+from replab.models.zoo import TINY_UNSUPPORTED as UNSUPPORTED
+from replab.models.zoo import build_tiny as build
 
 ARCH_NAMES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
@@ -268,3 +272,37 @@ def test_unsupported_architecture_is_one_line_and_leaves_no_cache(zoo, cache, ar
     code, out, errtext = run_cli(["models", "info", "--model", str(folder)], capsys)
     assert code == 2 and errtext.count("error:") == 1 and "Traceback" not in errtext
     assert ARCH_NAMES[arch] in errtext
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_bfloat16_within_documented_tolerances(zoo, arch, tmp_path, one_thread):
+    """bfloat16 against float32 (docs/models.md, "Precision"): the parity check passes, the
+    harvest's relative error is below 5%, the sweep's sanity checks pass and its normalised
+    effects stay within 0.1 of float32's wherever clean and corrupt differ by more than 0.5,
+    and DLA's sum check passes."""
+    from replab.harvest import harvest
+    from replab.models import load_model
+    from replab.patching import sweep
+    from replab.patching.dla import dla
+
+    tl32, _ = pair(zoo, arch)
+    tl16 = load_model(str(zoo(arch)), device="cpu", dtype="bfloat16")
+    par = tl16.replab_identity.parity
+    assert par["dtype"] == "bfloat16" and par["max_abs_logit_diff"] <= par["tolerance"]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    stores = [harvest(m, str(data), hooks="resid_post", layers="all", positions="all",
+                      out=tmp_path / f"s{i}", progress=False) for i, m in enumerate((tl32, tl16))]
+    for hook in stores[0].hooks:
+        a, b = (np.asarray(s.acts(hook)) for s in stores)
+        assert np.linalg.norm(b - a) / np.linalg.norm(a) < 0.05, hook
+    task = _task(tl32)
+    r32, r16 = (sweep(m, task, site="resid_pre", by="layer,position", n_boot=10) for m in (tl32, tl16))
+    assert all(c["ok"] for c in r16.summary["checks"].values())
+    gap = abs(r32.summary["clean_metric"] - r32.summary["corrupt_metric"])
+    e32 = r32.table.sort_values(["layer", "position"])["normalized_effect"].to_numpy()
+    e16 = r16.table.sort_values(["layer", "position"])["normalized_effect"].to_numpy()
+    if gap > 0.5:                  # normalised effects divide by the clean - corrupt gap
+        assert np.abs(e16 - e32).max() < 0.1, gap
+    d16 = dla(tl16, task)["check"]
+    assert (d16["abs_error"] <= 0.02 * np.maximum(1, d16["component_mass"])).all()

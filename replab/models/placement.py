@@ -3,7 +3,8 @@
 * :func:`model_options` sets process-wide defaults for :func:`replab.load_model`'s ``dtype``,
   ``device`` and ``n_devices`` (the CLI's ``--dtype``/``--device``/``--n-devices`` set them once
   per command, so every library call that loads a model honours them). An explicit argument to
-  ``load_model`` always wins.
+  ``load_model`` always wins. ``$REPLAB_DTYPE``, ``$REPLAB_DEVICE`` and ``$REPLAB_N_DEVICES``
+  give the starting defaults (used by ``bench/gpu.sh`` to run the other benchmarks).
 * ``device=None`` means CUDA when it is available, else CPU.
 * ``n_devices > 1`` splits the blocks over ``cuda:0..n-1`` in contiguous runs, exactly the
   block -> device rule TransformerLens's forward uses (:func:`block_devices`); the embedding
@@ -14,13 +15,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 from replab.errors import ReplabError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_OPTIONS: dict = {"dtype": None, "device": None, "n_devices": None}
+# Process defaults: $REPLAB_DTYPE / $REPLAB_DEVICE / $REPLAB_N_DEVICES when set (benchmarks and
+# scripts), else None; model_options() and explicit load_model() arguments take precedence.
+_OPTIONS: dict = {"dtype": os.environ.get("REPLAB_DTYPE") or None,
+                  "device": os.environ.get("REPLAB_DEVICE") or None,
+                  "n_devices": int(os.environ["REPLAB_N_DEVICES"]) if os.environ.get("REPLAB_N_DEVICES") else None}
 
 
 @contextlib.contextmanager

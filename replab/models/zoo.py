@@ -1,5 +1,6 @@
-"""Tiny random-weight Hugging Face models, one per architecture, for the architecture matrix
-(tests/test_models_matrix.py) and the model-loading tests.
+"""Tiny random-weight Hugging Face models, one per architecture: the architecture matrix
+(tests/test_models_matrix.py), the model-loading tests and the dtype benchmark
+(bench/bench_dtype.py) build them with :func:`build_tiny`.
 
 Each is 2 layers, d_model 64, the SmolLM2 tokenizer (vocabulary 49,152), seed 0, with its norm
 weights (and biases, where the architecture has them) drawn away from their init values, so
@@ -67,18 +68,18 @@ def _configs(vocab: int, bos: int | None, eos: int | None) -> dict:
     }
 
 
-SUPPORTED = ("gpt2", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3",
+TINY_SUPPORTED = ("gpt2", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3",
              "phi", "olmo3")
-UNSUPPORTED = ("falcon", "gpt_bigcode")
-LAYERNORM = ("gpt2", "gpt_neox", "phi")
+TINY_UNSUPPORTED = ("falcon", "gpt_bigcode")
+TINY_LAYERNORM = ("gpt2", "gpt_neox", "phi")
 
 
-def build(arch: str, folder: Path, seed: int = 0) -> Path:
+def build_tiny(arch: str, folder: Path, seed: int = 0) -> Path:
     """Write the tiny ``arch`` model (config, safetensors weights, tokenizer) to ``folder``."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from replab.models import load_tokenizer
+    from replab.models.loading import load_tokenizer
 
     tok = load_tokenizer(None)
     config = _configs(len(tok), tok.bos_token_id, tok.eos_token_id)[arch]()
