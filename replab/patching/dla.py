@@ -6,8 +6,9 @@ final norm's scale **frozen** at the value of the actual forward pass (the cache
 ``ln_final.hook_scale``), the final norm is linear, so each component's direct effect on
 ``logit(answer) − logit(foil)`` is ``(component / scale) · (W_U[:, answer] − W_U[:, foil])``
 and the effects sum exactly to the model's logit difference minus the unembedding-bias term.
-Projections are computed in float32 whatever the model's dtype. The approximation is the frozen scale: a component's effect on the norm's scale (and
-everything it does through later layers) is not counted. The final norm is the model's own,
+Projections are computed in float32 whatever the model's dtype. The approximation is the
+frozen scale: a component's effect on the norm's scale (and everything it does through later
+layers) is not counted. The final norm is the model's own,
 applied with the frozen scale: ``x / scale`` (RMSNormPre, norms folded into ``W_U``),
 ``x / scale * w`` (RMSNorm), ``(x − mean x) / scale`` (LayerNormPre), ``(x − mean x) / scale * w``
 (LayerNorm, whose ``b`` joins the bias term). The ``check`` table compares the sum of the
