@@ -12,7 +12,9 @@ same model in float32 on the same device:
   layer; ``harvest_max_err_over_rms`` = max |Δ| / RMS of the float32 activations, worst layer
   (large where a few dimensions carry outsized values);
 * ``sweep``: ``resid_pre`` by layer × position on the ``next_day`` task (SmolLM2: 7 prompts;
-  tiny: 3): max |Δ normalised effect| over cells, and whether the sweep's sanity checks passed;
+  tiny: 3): max |Δ normalised effect| over cells, the float32 effects' range (max − min: it
+  grows as the clean − corrupt gap the effects are divided by shrinks), and whether the
+  sweep's sanity checks passed;
 * ``dla``: per-head DLA of the logit difference: max |Δ| relative to the largest float32 head
   effect; and the DLA sum-check error (sum of components vs the model's logit difference).
 """
@@ -128,8 +130,8 @@ def main() -> None:
                 rows.append({**r, "model": "SmolLM2-135M-Instruct"})
                 print(json.dumps(rows[-1]), flush=True)
     cols = ["model", "dtype", "parity_max_abs_logit_diff", "parity_relative", "harvest_rel_error",
-            "harvest_max_err_over_rms",
-            "sweep_max_abs_effect_diff", "sweep_checks_ok", "dla_head_max_diff_rel", "dla_sum_check_error"]
+            "harvest_max_err_over_rms", "sweep_max_abs_effect_diff", "sweep_effect_range", "sweep_checks_ok",
+            "dla_head_max_diff_rel", "dla_sum_check_error"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
