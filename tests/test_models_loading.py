@@ -266,3 +266,20 @@ def test_auto_batch_size(tiny, monkeypatch):
     monkeypatch.setattr(placement, "device_memory", lambda device: 64 << 20)
     small = placement.auto_batch_size(tiny, 256)
     assert 1 <= small < big
+
+
+def test_harvest_cli_model_dtype_and_store_dtype(tmp_path, capsys):
+    import numpy as np
+
+    from replab.store import open_store
+
+    out = tmp_path / "s"
+    code, _, err = run_cli(["harvest", "--model", "tiny", "--dataset", "next_day", "--layers", "1",
+                            "--dtype", "bfloat16", "--store-dtype", "float16", "--out", out, "--json"], capsys)
+    assert code == 0, err
+    store = open_store(out)
+    assert store.model["dtype"] == "bfloat16" and store.manifest["config"]["dtype"] == "float16"
+    assert np.asarray(store.acts("blocks.1.hook_resid_post")).dtype == np.float16
+    assert store.manifest["config"]["batch_size"] == 32                # auto on CPU
+    _one_line_cli_error(["harvest", "--model", "tiny", "--dataset", "next_day", "--store-dtype", "int8",
+                         "--out", tmp_path / "t"], capsys, "int8")

@@ -36,7 +36,7 @@ def harvest_cmd(
 
     loaded = load_model(model, device=device, dtype=dtype, n_devices=n_devices)
     if store_dtype is None:
-        store_dtype = "float16" if loaded.cfg.dtype.itemsize == 2 and dtype == "float16" else "float32"
+        store_dtype = "float16" if str(loaded.cfg.dtype) == "torch.float16" else "float32"
     store = harvest(loaded, dataset=dataset, hooks=hooks, layers=layers, positions=positions,
                     dtype=store_dtype, batch_size=batch_size, out=out, progress=not json_out)
     summary = store.summary()

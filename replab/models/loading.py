@@ -248,27 +248,27 @@ def _local_source(name: str) -> Path:
         ) from None
 
 
-def local_cache_dir(src: Path) -> tuple[Path, dict]:
+def local_cache_dir(src: Path, source=None) -> tuple[Path, dict]:
     """The conversion cache folder of a local model and the facts its key is made of
-    (``weights_sha256``, ``config_sha256``, ``tokenizer_sha256``, ``conversion_version``), plus
-    ``source`` (the checked :class:`~replab.models.source.ModelSource`)."""
-    source = open_source(src)
+    (``weights_sha256``, ``config_sha256``, ``tokenizer_sha256``, ``conversion_version``).
+    ``source``: the already checked :class:`~replab.models.source.ModelSource` of ``src``."""
+    source = source or open_source(src)
     facts = {"weights_sha256": sha256_files(source.weights),
              "config_sha256": config_sha256(source.config),
              "tokenizer_sha256": tokenizer_sha256(src),
              "conversion_version": CONVERSION_VERSION}
     key = cache_key(facts["weights_sha256"], facts["config_sha256"], facts["tokenizer_sha256"],
                     CONVERSION_VERSION)
-    return cache_dir() / "models" / f"local-{key[:24]}", {**facts, "source": source}
+    return cache_dir() / "models" / f"local-{key[:24]}", facts
 
 
 def _load_local(name: str, dtype, allow_bin: bool):
     from replab.models.architectures import check_supported
 
     src = _local_source(name)
-    folder, facts = local_cache_dir(src)
-    source = facts.pop("source")
-    check_supported(source.architecture)           # before any file is read or written
+    source = open_source(src)                      # config and weight files checked
+    check_supported(source.architecture)           # before any weights are hashed or read
+    folder, facts = local_cache_dir(src, source)
     if source.pickle_weights and not allow_bin and not is_converted(folder):
         refuse_pickle(source)
     tok = load_tokenizer(str(src))
