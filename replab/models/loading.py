@@ -37,7 +37,7 @@ from replab.models.convert import (
 from replab.models.identity import ModelIdentity, sha256_files
 from replab.models.layout import linear_layout
 from replab.models.parity import enforce, load_reference, measure
-from replab.models.placement import current_options, place, resolve_device, resolve_dtype
+from replab.models.placement import check_placement, current_options, place, resolve_device, resolve_dtype
 from replab.models.source import cache_key, config_sha256, open_source, refuse_pickle, tokenizer_sha256
 
 TINY = "tiny"
@@ -89,7 +89,7 @@ def load_model(name: str | None = None, device=None, dtype=None, n_devices: int 
         model's raw logits), checked against the HF model and cached in float32 under a key
         of weights, ``config.json``, tokenizer files and replab's conversion version; a later
         load reads the safetensors, casts to ``dtype`` and re-runs the parity check (one
-        forward of ~16 tokens). ``F.linear`` weights are stored transposed
+        forward of ~24 tokens). ``F.linear`` weights are stored transposed
         (:mod:`replab.models.layout`: no copy per forward, identical results).
 
     Raises:
@@ -99,6 +99,7 @@ def load_model(name: str | None = None, device=None, dtype=None, n_devices: int 
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     n_devices = int(n_devices or current_options()["n_devices"] or 1)
+    check_placement(n_devices, device)              # before anything is loaded
     # TransformerLens prints "Moving model to device" on stdout; keep stdout for --json.
     with contextlib.redirect_stdout(io.StringIO()), _quiet_transformers():
         if name == TINY:

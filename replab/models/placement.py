@@ -104,12 +104,10 @@ def block_devices(n_layers: int, n_devices: int, device: str = "cuda") -> list[s
     return [f"{dev.type}:{first + (i * n_devices) // n_layers}" for i in range(n_layers)]
 
 
-def place(model, n_devices: int, device: str) -> None:
-    """Move ``model``'s modules to their devices (:func:`block_devices`) and set its config.
-
-    TransformerLens 3.9's own ``move_model_modules_to_device`` puts every module on the one
-    device with the most free memory, so replab places the blocks itself.
-    """
+def check_placement(n_devices: int, device: str) -> None:
+    """A one-line ReplabError unless ``n_devices`` devices from ``device`` are available."""
+    if n_devices < 1:
+        raise ReplabError("n_devices must be at least 1")
     if n_devices > 1:
         if not device.startswith("cuda"):
             raise ReplabError("n_devices > 1 needs CUDA devices (device='cuda')")
@@ -117,6 +115,15 @@ def place(model, n_devices: int, device: str) -> None:
         if torch.cuda.device_count() < need:
             raise ReplabError(f"n_devices={n_devices} needs {need} CUDA devices; "
                               f"{torch.cuda.device_count()} are visible")
+
+
+def place(model, n_devices: int, device: str) -> None:
+    """Move ``model``'s modules to their devices (:func:`block_devices`) and set its config.
+
+    TransformerLens 3.9's own ``move_model_modules_to_device`` puts every module on the one
+    device with the most free memory, so replab places the blocks itself.
+    """
+    check_placement(n_devices, device)
     plan = block_devices(model.cfg.n_layers, n_devices, device)
     model.cfg.device = device if n_devices == 1 else plan[0]
     model.cfg.n_devices = n_devices
