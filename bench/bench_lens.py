@@ -104,10 +104,10 @@ def bench_table(model, dataset: str, out: str) -> int:
 def compare_init(model, fit_tokens: int = 1024) -> int:
     """Validation KL per layer: logit lens, KL phase from the identity, least squares, least
     squares + KL phase (the default config's steps, lr and batch, on a smaller pool)."""
-    from replab.threads import limit_threads
     from replab.lenses.tuned import quiet_hf_model
     from replab.models import load_tokenizer
     from replab.models.tiny_hf import resolve
+    from replab.threads import limit_threads
 
     name = resolve(model)
     hf, tok = quiet_hf_model(name), load_tokenizer(name)

@@ -18,6 +18,7 @@ from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`)
     features,
     heads,
     lens,
+    models,
     patch,
     plot,
     probe,
@@ -51,6 +52,8 @@ app.add_typer(heads.app, name="heads")
 app.add_typer(circuit.app, name="circuit")
 app.command("test-prompt", epilog=patch.TEST_PROMPT_EPILOG)(patch.test_prompt_cmd)
 app.command("harvest", epilog=HARVEST_EPILOG)(harvest_cmd)
+app.add_typer(models.app, name="models")
+models.add_model_options(app)   # --dtype/--device/--n-devices on every model-running command
 
 
 def main() -> None:

@@ -19,18 +19,26 @@ def harvest_cmd(
     layers: str = typer.Option("all", "--layers", help="all | 5 | -1 | 0-9 | 10- | 0,5,10"),
     positions: str = typer.Option("last", "--positions",
                                   help="last | all | 0,-1 | SPAN_last (e.g. entity_last)"),
-    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 or float16."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Prompts per forward pass."),
-    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
+    dtype: str = typer.Option(None, "--dtype", help="Model dtype: float32 (default), bfloat16 or float16."),
+    store_dtype: str = typer.Option(None, "--store-dtype",
+                                    help="Storage dtype: float32 or float16 (default: float16 for a "
+                                         "float16 model, else float32)."),
+    batch_size: int = typer.Option(None, "--batch-size",
+                                   help="Prompts per forward pass (default: auto, 32 on CPU, what fits "
+                                        "the GPU's memory on CUDA)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
+    n_devices: int = typer.Option(None, "--n-devices", help="Split the model's blocks over N GPUs."),
     json_out: bool = JSON_OPT,
 ):
     """Harvest a model's activations on a prompt set into an on-disk store."""
     from replab.harvesting import harvest
     from replab.models import load_model
 
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, dtype=dtype, n_devices=n_devices)
+    if store_dtype is None:
+        store_dtype = "float16" if str(loaded.cfg.dtype) == "torch.float16" else "float32"
     store = harvest(loaded, dataset=dataset, hooks=hooks, layers=layers, positions=positions,
-                    dtype=dtype, batch_size=batch_size, out=out, progress=not json_out)
+                    dtype=store_dtype, batch_size=batch_size, out=out, progress=not json_out)
     summary = store.summary()
     if json_out:
         print_json(summary)
@@ -43,4 +51,5 @@ HARVEST_EPILOG = examples(
     "replab harvest --dataset superset --hooks resid_post --layers all --positions entity_last --out runs/superset",
     "replab harvest --dataset sequence_types --hooks resid_post,mlp_out --layers 0-9 --out runs/seq",
     "replab harvest --dataset my_prompts.jsonl --hooks blocks.3.hook_resid_pre --positions all --out runs/mine",
+    "replab harvest --dataset next_day --dtype bfloat16 --device cuda --batch-size 64 --out runs/nd_bf16",
 )

@@ -92,7 +92,7 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
     alphas = parse_alphas(alphas)
     layer_arg, layer = layer, resolve_layer(layer)
     d = load_direction(direction, layer, cls, label, kind)
-    m = load_model(model, device="cpu")
+    m = load_model(model)
     t = load_task(task, m.tokenizer, template, pairs, bool(m.cfg.default_prepend_bos), classes, dataset)
     notes = []
     warn = check_model(d, m)

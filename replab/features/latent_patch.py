@@ -118,7 +118,7 @@ def attribution(model, sae, task, hook: str, positions: list[int], metric: str,
     rows = decoder_rows(sae)                                                 # [S, d]
     # the gradient of the prompt *mean* already carries 1/N: summing over prompts gives the
     # first-order change of the mean metric
-    return (dz * (grad @ rows.T)).sum(1).sum(0).numpy()
+    return (dz * (grad @ rows.T)).sum(1).sum(0).cpu().numpy()
 
 
 def _position_view(values: torch.Tensor, positions: list[int], n_tokens: int) -> torch.Tensor:
@@ -210,7 +210,7 @@ def patch_latents(model, sae, meta: dict, task, latents: list[int] | None = None
     if not chosen:
         raise ReplabError("no latents to patch")
     active = (src.zc != 0) | (src.zx != 0)
-    active = torch.nonzero(active.reshape(-1, d_sae).any(0)).flatten().numpy()
+    active = torch.nonzero(active.reshape(-1, d_sae).any(0)).flatten().cpu().numpy()
     rng = np.random.default_rng(seed)
     pool = np.setdiff1d(active, chosen)
     order = [int(i) for i in np.argsort(-np.abs(attr))]

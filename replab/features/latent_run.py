@@ -51,7 +51,7 @@ def run_latent_patch(sae_dir=None, layer: int | None = None, hook: str = "resid_
     from replab.patching.task import task_positions
     from replab.rundir import finish_run, start_run, write_table
 
-    m = load_model(model, device="cpu")
+    m = load_model(model)
     path = resolve_sae_dir(sae_dir, m, hook, layer)
     m = model_for(read_meta(path), m)
     sae, meta = load_sae(path)

@@ -248,7 +248,7 @@ def run_scan(probe, out=None, task: str = "superclass", classes: str | None = No
     run = Path(probe)
     if not (run / "probes").is_dir():
         raise ReplabError(f"{probe} is not a probe run directory (replab probe train --out ...)")
-    m = load_model(model, device="cpu")
+    m = load_model(model)
     t = load_task(task, m.tokenizer, template, pairs, bool(m.cfg.default_prepend_bos), classes, dataset)
     layer_list = None
     if layers:

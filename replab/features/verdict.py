@@ -102,7 +102,7 @@ def projection_stats(acts: dict, vector: np.ndarray, pos) -> dict:
 
     v = torch.as_tensor(np.asarray(vector), dtype=acts["clean"].dtype)
     sel = slice(None) if pos is None else list(pos)
-    proj = {k: (a[:, sel] @ v).mean(1).numpy() for k, a in acts.items()}
+    proj = {k: (a[:, sel] @ v).mean(1).cpu().numpy() for k, a in acts.items()}
     norm = float(acts["clean"][:, sel].norm(dim=-1).mean())
     return {"clean_mean": float(proj["clean"].mean()), "corrupt_mean": float(proj["corrupt"].mean()),
             "gap": float((proj["clean"] - proj["corrupt"]).mean()),

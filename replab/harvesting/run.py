@@ -36,7 +36,8 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
         layers: ``"all"``, ``"0-9"``, ``"10-"``, ``"3,7"``...
         positions: ``"last"``, ``"all"``, ``"0,-1"``, or a span rule like ``"entity_last"``.
         dtype: storage dtype, ``"float32"`` (default) or ``"float16"``.
-        batch_size: prompts per forward (default 32).
+        batch_size: prompts per forward (default: :func:`replab.models.auto_batch_size`,
+            32 on CPU, as many as fit half the GPU's memory on CUDA).
         out: the store directory. An interrupted harvest into ``out`` resumes.
         progress: show a progress bar (stderr) with tokens/s.
 
@@ -63,13 +64,17 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
     if len(ps) == 0:
         raise ReplabError(f"dataset {ps.name} is empty")
     store_dtype = _store_dtype(dtype)
-    batch_size = int(batch_size or DEFAULT_BATCH)
-    if batch_size < 1:
-        raise ReplabError("batch size must be at least 1")
     names = resolve_hooks(model, hooks, layers)
     stop = stop_at_layer(names, model.cfg.n_layers)
 
     token_lists = [token_ids(tok, p, prepend_bos=prepend_bos) for p in ps.rows["prompt"]]
+    if batch_size is None:
+        from replab.models import auto_batch_size
+
+        batch_size = auto_batch_size(model, max(len(t) for t in token_lists), keep_layers=stop)
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ReplabError("batch size must be at least 1")
     if max(len(t) for t in token_lists) > model.cfg.n_ctx:
         raise ReplabError(f"a prompt is longer than the model's context ({model.cfg.n_ctx})")
     chosen = select_positions(positions, ps.rows, [len(t) for t in token_lists], tok, prepend_bos)

@@ -188,13 +188,13 @@ def _group_arrays(decoder: Decoder, ids, targets, k: int, max_rows: int,
         for i, logp in _each_point(decoder, resid, s, e, final, max_rows):
             st = cell_stats(logp, final_p, neg_h, k)
             for key in u_out:
-                u_out[key][i, s:e] = st[key].numpy()
+                u_out[key][i, s:e] = st[key].cpu().numpy()
             for q in range(0, len(sel), max_rows):  # bounded [rows, vocab] comparisons
                 cells = sel[q:q + max_rows]
                 rows = torch.from_numpy(c_u[cells] - s)
                 t_logp = logp[rows, torch.from_numpy(c_tgt[cells])]
-                t_rank[i, cells] = (logp[rows] > t_logp.unsqueeze(-1)).sum(-1).numpy()
-                t_prob[i, cells] = t_logp.exp().numpy()
+                t_rank[i, cells] = (logp[rows] > t_logp.unsqueeze(-1)).sum(-1).cpu().numpy()
+                t_prob[i, cells] = t_logp.exp().cpu().numpy()
             if bar is not None:  # in prompts: this group's share of the decoding done
                 bar.advance(len(ids) * (e - s) / (n_u * n_points))
     # rows: for each prompt, for each point, its cells in position order

@@ -59,7 +59,7 @@ def make_decoder(kind: str, model_name: str | None, mid: bool = False, lens_path
         from replab.models.tiny_hf import resolve
 
         model_name = resolve(model_name)
-    model = load_model(model_name, device="cpu")
+    model = load_model(model_name)
     identity = model.replab_identity.to_dict()
     if kind == "logit":
         return LogitLens(model, mid=mid), model, identity

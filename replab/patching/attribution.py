@@ -119,7 +119,7 @@ def exact_effects(model, task, rows: pd.DataFrame) -> np.ndarray:
                                                       task.candidates.repeat(v, 1), False))
         base = {k: float(metric_values("logit_diff", readout(model, forwards[k].final, task.candidates, False)).mean())
                 for k in ("clean", "corrupt")}
-    return normalized(patched.reshape(v, n).mean(1).numpy(), base["clean"], base["corrupt"])
+    return normalized(patched.reshape(v, n).mean(1).cpu().numpy(), base["clean"], base["corrupt"])
 
 
 def atp_with_exact(model, task, top: int = 20, all_heads: bool = True) -> tuple[pd.DataFrame, dict]:

@@ -134,7 +134,7 @@ def _noise(iv: Intervention, like: torch.Tensor) -> torch.Tensor | None:
     if iv.source != "noise":
         return None
     g = torch.Generator().manual_seed(iv.seed)
-    return torch.randn(like.shape, generator=g, dtype=like.dtype)
+    return torch.randn(like.shape, generator=g, dtype=like.dtype).to(like.device)
 
 
 def _slice_positions(t: torch.Tensor, iv: Intervention, p: int) -> torch.Tensor:

@@ -197,10 +197,10 @@ def apply(act: torch.Tensor, src: torch.Tensor | None, iv: Intervention, offset:
     elif iv.source == "steer":   # along the given vector itself (first row), unit-normalised
         d = torch.as_tensor(np.asarray(iv.direction, dtype=np.float64))
         d = d[0] if d.ndim > 1 else d
-        new = a + (iv.scale * d / d.norm()).to(act.dtype)
+        new = a + (iv.scale * d / d.norm()).to(act.device, act.dtype)
     else:
         new = src[idx].to(act.dtype)
         if iv.direction is not None:
-            u = basis(iv.direction, act.dtype)               # [k, d]
+            u = basis(iv.direction, act.dtype).to(act.device)   # [k, d]
             new = a + ((new - a) @ u.T) @ u
     act[idx] = new

@@ -53,15 +53,20 @@ def check_metric(metric: str) -> str:
 
 
 def final_logits(model, resid_final: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits from the final residual ``[R, d]``: the model's own final norm, then ``W_U``.
+    """Logits from the final residual ``[R, d]``: the model's own final norm, then ``W_U``,
+    then its output soft cap if it has one (Gemma-2), as the model's forward does. The
+    unembedding is computed in float32 whatever the model's dtype (bfloat16 / float16 models).
 
     ``cols`` ``[R, C]`` picks per-row vocabulary columns (cheap); None gives all ``[R, V]``.
     """
-    x = model.ln_final(resid_final[:, None, :])[:, 0]
+    x = model.ln_final(resid_final[:, None, :])[:, 0].float()   # float32 logits in any dtype
     if cols is None:
-        return x @ model.W_U + model.b_U
-    w = model.W_U[:, cols]                      # [d, R, C]
-    return torch.einsum("rd,drc->rc", x, w) + model.b_U[cols]
+        logits = x @ model.W_U.float() + model.b_U.float()
+    else:
+        w = model.W_U[:, cols].float()              # [d, R, C]
+        logits = torch.einsum("rd,drc->rc", x, w) + model.b_U[cols].float()
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
 
 def readout(model, resid_final: torch.Tensor, candidates: torch.Tensor, need_full: bool,
@@ -152,14 +157,14 @@ def task_metrics(model, task, metric: str, finals: torch.Tensor, forwards: dict)
         base = {k: readout(model, forwards[k].final, task.candidates, need_full, need_logp)
                 for k in ("clean", "corrupt")}
         clean_logp = base["clean"].logp
-        out = {k: metric_values(metric, r, clean_logp, cls).numpy().astype(np.float64)
+        out = {k: metric_values(metric, r, clean_logp, cls).cpu().numpy().astype(np.float64)
                for k, r in base.items()}
         if n_var:
             r = readout(model, finals.reshape(n_var * n, d), task.candidates.repeat(n_var, 1),
                         need_full, need_logp)
             rep = clean_logp.repeat(n_var, 1) if clean_logp is not None else None
-            out["patched"] = metric_values(metric, r, rep, cls).numpy().astype(np.float64).reshape(n_var, n)
-            cand = r.cand.numpy().reshape(n_var, n, -1)
+            out["patched"] = metric_values(metric, r, rep, cls).cpu().numpy().astype(np.float64).reshape(n_var, n)
+            cand = r.cand.cpu().numpy().reshape(n_var, n, -1)
         else:
             out["patched"], cand = np.zeros((0, n)), np.zeros((0, n, task.candidates.shape[1]))
     return out, cand

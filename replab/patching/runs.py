@@ -21,7 +21,7 @@ def load(model_name: str | None, task: str, template: str | None = None, limit: 
     from replab.models import load_model, load_tokenizer
     from replab.patching.catalog import load_task
 
-    model = load_model(model_name, device="cpu")
+    model = load_model(model_name)
     tok = model.tokenizer or load_tokenizer(model_name)
     return model, load_task(task, tok, template=template, limit=limit,
                             prepend_bos=bool(model.cfg.default_prepend_bos))
@@ -239,7 +239,7 @@ def run_patterns(task: str = "next_day", heads: str | None = None, from_dir=None
     third = lambda layer: ("early", "middle", "late")[min(2, layer * 3 // L)]  # noqa: E731
     pats, groups, rows = {}, {}, []
     for layer, h in sorted(chosen):
-        p = cache[f"blocks.{layer}.attn.hook_pattern"][:, h].mean(0).numpy()
+        p = cache[f"blocks.{layer}.attn.hook_pattern"][:, h].mean(0).cpu().numpy()
         key = f"L{layer}H{h}"
         pats[key], groups[key] = p, third(layer)
         last = p[-1]
@@ -291,7 +291,7 @@ def test_prompt(prompt: str, answer: str | None = None, k: int = 10, model: str 
 
     if not prompt:
         raise ReplabError("empty prompt")
-    m = load_model(model, device="cpu")
+    m = load_model(model)
     ids = token_ids(m.tokenizer, prompt, bool(m.cfg.default_prepend_bos))
     with torch.inference_mode():
         logits = m(torch.tensor([ids]))[0, -1]

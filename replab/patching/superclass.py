@@ -199,7 +199,7 @@ def separation_table(model, task: PatchTask, metric: str = "class_mass") -> pd.D
             finals[run] = cache[f"blocks.{n_layers - 1}.hook_resid_post"][:, -1]
         rs = {k: readout(model, v, task.candidates, metric in FULL_VOCAB, metric == "kl") for k, v in finals.items()}
         for k, r in rs.items():
-            out[k] = metric_values(metric, r, rs["clean"].logp, class_a=task.class_a).numpy().astype(np.float64)
+            out[k] = metric_values(metric, r, rs["clean"].logp, class_a=task.class_a).cpu().numpy().astype(np.float64)
     return pd.DataFrame({"pair": np.arange(task.n_prompts), "clean_prompt": task.prompts or None,
                          "corrupt_prompt": task.corrupt_prompts or None, f"clean_{metric}": out["clean"],
                          f"corrupt_{metric}": out["corrupt"], "gap": out["clean"] - out["corrupt"]})

@@ -140,7 +140,7 @@ def model_for(meta: dict, model=None):
     ident = meta.get("model", {})
     if model is None or isinstance(model, str):
         name = model if isinstance(model, str) else ident.get("name")
-        model = load_model(name, device="cpu")
+        model = load_model(name)
     got = model.replab_identity.to_dict()
     if got.get("weights_sha256") != ident.get("weights_sha256"):
         raise ReplabError(f"this SAE was trained on model {ident.get('name')!r} "

@@ -91,12 +91,12 @@ class SAETrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
-def training_sae_config(cfg: SAETrainConfig, d_in: int, metadata: dict):
+def training_sae_config(cfg: SAETrainConfig, d_in: int, metadata: dict, device: str = "cpu"):
     """The SAELens ``TrainingSAEConfig`` for ``cfg`` (``metadata`` goes to ``cfg.metadata``)."""
     from sae_lens import BatchTopKTrainingSAEConfig, StandardTrainingSAEConfig, TopKTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    common = dict(d_in=d_in, d_sae=cfg.d_sae, dtype="float32", device="cpu",
+    common = dict(d_in=d_in, d_sae=cfg.d_sae, dtype="float32", device=device,
                   apply_b_dec_to_input=True, normalize_activations="none",
                   metadata=SAEMetadata(**metadata))
     if cfg.arch == "topk":
@@ -110,7 +110,7 @@ def training_sae_config(cfg: SAETrainConfig, d_in: int, metadata: dict):
                                      l1_warm_up_steps=warm, **common)
 
 
-def trainer_config(cfg: SAETrainConfig):
+def trainer_config(cfg: SAETrainConfig, device: str = "cpu"):
     """SAELens ``SAETrainerConfig``: Adam, warm-up, linear decay ("constant" + decay steps)."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
@@ -120,7 +120,7 @@ def trainer_config(cfg: SAETrainConfig):
         total_training_samples=steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
         lr=cfg.lr, lr_end=0.0, lr_scheduler_name="constant",
         lr_warm_up_steps=min(cfg.lr_warm_up_steps, max(0, steps - decay - 1)),
-        lr_decay_steps=decay, device="cpu", autocast=False,
+        lr_decay_steps=decay, device=device, autocast=False,
         dead_feature_window=cfg.dead_feature_window,
         feature_sampling_window=max(steps + 1, 1), n_checkpoints=0, save_final_checkpoint=False,
         logger=LoggingConfig(log_to_wandb=False))

@@ -124,7 +124,7 @@ def decompose_direction(sae_dir, direction, store=None, label: str | None = None
     if vec.shape[0] != int(sae.cfg.d_in):
         raise ReplabError(f"direction has {vec.shape[0]} dimensions but the SAE reads {sae.cfg.d_in}")
     _check_site(prov, meta)
-    rows = decoder_rows(sae).numpy()
+    rows = decoder_rows(sae).cpu().numpy()
     dots = rows @ vec
     cos = dots / np.maximum(np.linalg.norm(rows, axis=1), 1e-12)
     cosine = pd.DataFrame({"latent": np.arange(len(cos)), "cosine": cos, "abs_cosine": np.abs(cos),

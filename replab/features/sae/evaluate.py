@@ -152,10 +152,10 @@ def _finish(acc: _Acc, dead_threshold: float, dense_threshold: float) -> tuple[d
     fvu = mse / total_var if total_var > 0 else float("nan")
     ce = {k: v / acc.n_pred for k, v in acc.ce.items()}
     kl = {k: v / acc.n_kl for k, v in acc.kl.items()}
-    freq = (acc.count / n).numpy()
-    mean_act = np.where(acc.count.numpy() > 0, (acc.total / acc.count.clamp_min(1)).numpy(), 0.0)
+    freq = (acc.count / n).cpu().numpy()
+    mean_act = np.where(acc.count.cpu().numpy() > 0, (acc.total / acc.count.clamp_min(1)).cpu().numpy(), 0.0)
     latents = pd.DataFrame({"latent": np.arange(len(freq)), "frequency": freq,
-                            "mean_activation": mean_act, "max_activation": acc.max.numpy(),
+                            "mean_activation": mean_act, "max_activation": acc.max.cpu().numpy(),
                             "dead": freq <= dead_threshold, "dense": freq > dense_threshold})
     denom = ce["zero"] - ce["clean"]
     metrics = {

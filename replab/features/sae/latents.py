@@ -62,9 +62,9 @@ def encode_store(sae, acts, groups: dict[str, np.ndarray] | None = None, top_n: 
         idx = torch.cat([top_row, rows])
         best = vals.topk(k, dim=0)
         top_val, top_row = best.values, idx.gather(0, best.indices)
-    return {"sums": {k_: v.numpy() for k_, v in sums.items()},
+    return {"sums": {k_: v.cpu().numpy() for k_, v in sums.items()},
             "counts": {name: int(np.asarray(m, dtype=bool).sum()) for name, m in groups.items()},
-            "freq": (fires / max(int(keep.sum()), 1)).numpy(), "top_val": top_val.numpy(), "top_row": top_row.numpy()}
+            "freq": (fires / max(int(keep.sum()), 1)).cpu().numpy(), "top_val": top_val.cpu().numpy(), "top_row": top_row.cpu().numpy()}
 
 
 def highlight(tokenizer, prompt: str, position: int, prepend_bos: bool = False) -> str:

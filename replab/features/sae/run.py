@@ -50,7 +50,7 @@ def run_decompose(sae_dir=None, direction=None, store=None, label: str | None = 
         _, prov = read_direction(direction)
         if prov.get("hook") is None:
             raise ReplabError("a raw vector has no hook or layer: give the SAE directory")
-        model = model if model is not None and not isinstance(model, str) else load_model(model, device="cpu")
+        model = model if model is not None and not isinstance(model, str) else load_model(model)
         sae_dir = resolve_sae_dir(None, model, prov["hook"], prov["layer"])
     res = decompose_direction(sae_dir, direction, store, label, positive_class, top, n_examples,
                               n_tokens, model=model, where=where)
@@ -144,7 +144,7 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
     t0 = time.perf_counter()
     check_sae_lens_tokens(sae_lens_tokens, batch_size)
     if path is None and (model is None or isinstance(model, str)):
-        model = load_model(model, device="cpu")
+        model = load_model(model)
     path = resolve_sae_dir(path, model, hook, layer)
     meta = read_meta(path)
     cfg = meta.get("config", {})

@@ -40,20 +40,28 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _batches(acts: torch.Tensor, batch_size: int, gen: torch.Generator):
-    """Endless data provider: reshuffled epochs of ``[batch_size, d]`` batches."""
+def _batches(acts: torch.Tensor, batch_size: int, gen: torch.Generator, device: str = "cpu"):
+    """Endless data provider: reshuffled epochs of ``[batch_size, d]`` batches (on ``device``)."""
     while True:
         perm = torch.randperm(len(acts), generator=gen)
         for s in range(0, len(perm) - batch_size + 1, batch_size):
-            yield acts[perm[s:s + batch_size]]
+            yield acts[perm[s:s + batch_size]].to(device)
 
 
-def _training_sae(cfg: SAETrainConfig, d_in: int, metadata: dict):
+def train_device() -> str:
+    """Where SAEs train: the ``--device`` / :func:`replab.models.model_options` device, else CUDA
+    when available, else CPU (the CPU path is unchanged)."""
+    from replab.models import current_options
+
+    return str(current_options()["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _training_sae(cfg: SAETrainConfig, d_in: int, metadata: dict, device: str = "cpu"):
     from sae_lens import BatchTopKTrainingSAE, StandardTrainingSAE, TopKTrainingSAE
 
     cls = {"topk": TopKTrainingSAE, "batchtopk": BatchTopKTrainingSAE,
            "relu": StandardTrainingSAE}[cfg.arch]
-    return cls(training_sae_config(cfg, d_in, metadata))
+    return cls(training_sae_config(cfg, d_in, metadata, device))
 
 
 def fit_sae(acts: torch.Tensor, cfg: SAETrainConfig, metadata: dict | None = None,
@@ -89,13 +97,16 @@ def fit_sae(acts: torch.Tensor, cfg: SAETrainConfig, metadata: dict | None = Non
     if mean_norm == 0:
         raise ReplabError("activations are all zero")
     scale = math.sqrt(d_in) / mean_norm
+    device = train_device()
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        sae = _training_sae(cfg, d_in, metadata or {})
+        sae = _training_sae(cfg, d_in, metadata or {}, "cpu")
+    if device != "cpu":           # same seeded init, then moved
+        sae = sae.to(device)
     with torch.no_grad():
         sae.b_dec.copy_(acts.mean(0) * scale)
-    tcfg = trainer_config(cfg)
-    trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=_batches(acts, cfg.batch_size, gen))
+    tcfg = trainer_config(cfg, device)
+    trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=_batches(acts, cfg.batch_size, gen, device))
     trainer.activation_scaler.scaling_factor = scale
     steps = cfg.steps
     every = max(1, steps // 100)
@@ -122,6 +133,8 @@ def fit_sae(acts: torch.Tensor, cfg: SAETrainConfig, metadata: dict | None = Non
     trainer.set_final_sae_metadata()
     dead = int(trainer.dead_neurons.sum())
     sae.fold_activation_norm_scaling_factor(scale)
+    if device != "cpu":
+        sae = sae.to("cpu")
     sae.eval()
     stats = {"steps": steps, "tokens_trained": steps * cfg.batch_size,
              "unique_vectors": int(len(acts)), "epochs": round(steps * cfg.batch_size / len(acts), 3),
@@ -208,7 +221,7 @@ def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.Pa
     if out is not None:  # fail before an expensive run, not after it
         check_replaceable(Path(out), META, "an SAE directory")
     if model is None or isinstance(model, str):
-        model = load_model(model, device="cpu")
+        model = load_model(model)
     identity = model.replab_identity.to_dict()
     hook_name = sae_hook_name(model, cfg.hook, cfg.layer)
     from replab.features.sae.artifact import cached_sae_dir
