@@ -89,11 +89,11 @@ def test_scan_table_rule_and_consistency(tiny, task, probe_run):
     shuf, _ = probe_shuffled(d)
     p = patch_direction(tiny, task, d, metric="logit_diff", n_random=3, n_random_ablate=1, n_random_steer=0,
                         alphas=(0.0,), n_boot=100, random_tol=10.0, shuffled=shuf).summary
-    assert row["full_effect"] == pytest.approx(p["full_residual_effect"], abs=1e-5)
-    assert row["direction_effect"] == pytest.approx(p["effect"], abs=1e-5)
+    assert row["full_effect"] == pytest.approx(p.full_residual_effect, abs=1e-5)
+    assert row["direction_effect"] == pytest.approx(p.effect, abs=1e-5)
     # the scan's shuffled row is the shuffled-label probe's patch at that layer, not the direction's
-    assert p["shuffled_effect"] is not None
-    assert row["shuffled_effect"] == pytest.approx(p["shuffled_effect"], abs=1e-5)
+    assert p.shuffled_effect is not None
+    assert row["shuffled_effect"] == pytest.approx(p.shuffled_effect, abs=1e-5)
     assert abs(row["shuffled_effect"] - row["direction_effect"]) > 1e-4
     # a layer with a full patch of ~0 (tiny model, last layer at the name) is never chosen
     last = table[table["layer"] == 3].iloc[0]
@@ -209,7 +209,7 @@ def test_smollm2_probe_direction_artifact(smol, tmp_path):
     t = build_superclass_task(smol.tokenizer, "artist", "scientist", max_pairs=16)
     s = patch_direction(smol, t, d, n_random=30, n_random_ablate=3, n_random_steer=0, alphas=(0.0, 1.0),
                         n_boot=200).summary
-    assert s["full_residual_effect"] > 0.5
-    assert s["percentile"] == 100 and s["ci_low"] > s["random_p95"]
-    assert all(c["ok"] for c in s["checks"].values()) and abs(s["random_mean"]) < 0.05
-    assert s["steering"][1]["normalized_effect"] > 0.05
+    assert s.full_residual_effect > 0.5
+    assert s.percentile == 100 and s.ci_low > s.random_p95
+    assert all(c["ok"] for c in s.checks.values()) and abs(s.random_mean) < 0.05
+    assert s.steering[1]["normalized_effect"] > 0.05

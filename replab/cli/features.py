@@ -1,8 +1,8 @@
 """``replab features scan|patch``: where is a probe's direction used, and is it causally
 sufficient there? (W3 step 6)
 
-Only parses options and prints; the work is :func:`replab.features.scan.run_scan` and
-:func:`replab.features.direction_run.run_direction_patch`.
+Only parses options into a config (:mod:`replab.features.config`) and prints; the work is
+:func:`replab.features.scan.run_scan` and :func:`replab.features.direction_run.run_direction_patch`.
 """
 
 from __future__ import annotations
@@ -52,14 +52,13 @@ def scan_cmd(
         model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Per layer, in one batched run: the full-residual patch at the probe's position, the probe
     direction's patch, and the probe's accuracy; choose the layer to test (documented rule)."""
-    from replab.errors import ReplabError
+    from replab.features.config import ScanConfig, ScanRunConfig
     from replab.features.scan import run_scan
 
-    if n_random < 0 or not 0 < min_full <= 1:
-        raise ReplabError("--random must be >= 0 and --min-full in (0, 1]")
-    s = run_scan(probe, out=out, task=task, classes=classes, cls=cls, kind=kind, positions=positions,
-                 layers=layers, metric=metric, n_random=n_random, min_full=min_full, pairs=pairs,
-                 template=template, dataset=dataset, model=model, seed=seed, progress=not json_out)
+    config = ScanRunConfig(probe=probe, task=task, classes=classes, pairs=pairs, template=template, dataset=dataset,
+                           scan=ScanConfig(kind=kind, cls=cls, positions=positions, layers=layers, metric=metric,
+                                           n_random=n_random, min_full=min_full, seed=seed))
+    s = run_scan(config=config, out=out, model=model, progress=not json_out)
     if json_out:
         print_json({k: s.get(k) for k in SCAN_KEYS})
         return
@@ -150,13 +149,15 @@ def patch_cmd(
         model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Patch only a direction clean→corrupt (and noise, ablate, steer), against random, complement
     and shuffled-label baselines; print the verdict with the numbers that drive it."""
+    from replab.features.config import DirectionPatchConfig, DirectionRunConfig
     from replab.features.direction_run import run_direction_patch
 
-    s = run_direction_patch(direction, out=out, task=task, classes=classes, cls=cls, label=label,
-                            layer=layer, site=site, positions=positions, metric=metric, n_random=n_random,
-                            alphas=alphas, alpha_unit=alpha_unit, shuffled=shuffled, store=store, leace=leace,
-                            template=template, pairs=pairs, dataset=dataset, model=model, seed=seed,
-                            progress=not json_out, kind=kind, random_tol=random_tol)
+    config = DirectionRunConfig(
+        direction=direction, cls=cls, label=label, layer=layer, kind=kind, shuffled=shuffled, store=store,
+        leace=leace, task=task, classes=classes, pairs=pairs, template=template, dataset=dataset,
+        patch=DirectionPatchConfig(site=site, positions=positions, metric=metric, n_random=n_random, alphas=alphas,
+                                   alpha_unit=alpha_unit, random_tol=random_tol, seed=seed))
+    s = run_direction_patch(config=config, out=out, model=model, progress=not json_out)
     if json_out:
         print_json({k: s.get(k) for k in JSON_KEYS})
         return

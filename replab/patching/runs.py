@@ -187,10 +187,10 @@ def run_atp(task: str = "next_day", out=None, model: str | None = None, template
 
 
 def _atp_figure(table: pd.DataFrame, out: Path, name: str) -> list[str]:
-    from replab._figures import pyplot as _plt
+    from replab._figures import pyplot
     from replab.patching.plots import save_figure
 
-    plt = _plt()
+    plt = pyplot()
     done = table[table["exact_effect"].notna()]
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     for kind, sub in done.groupby("kind"):

@@ -210,24 +210,38 @@ def _prompt_sentences(rng: random.Random, split: str, tokenizer) -> list[str]:
     return out
 
 
-def _sequence_doc(rng: random.Random) -> str:
+def _draw_sequence(rng: random.Random) -> tuple[int, object]:
+    """One random sequence or sum for a corpus sentence: ``(kind, what)``: 0 days, 1 months
+    (lists of names), 2 ``(step, numbers)``, 3 number words, 4 ``(a, b)``. Both splits draw
+    the same way; only their sentence frames differ."""
     kind = rng.randrange(5)
     n = rng.randint(4, 8)
     if kind == 0:
         start = rng.randrange(len(_DAYS))
-        seq = [_DAYS[(start + i) % 7] for i in range(n)]
-        return f"The days go {', '.join(seq)}."
+        return kind, [_DAYS[(start + i) % 7] for i in range(n)]
     if kind == 1:
         start = rng.randrange(12)
-        seq = [_MONTHS[(start + i) % 12] for i in range(n)]
-        return f"After {seq[0]} comes {', then '.join(seq[1:])}."
+        return kind, [_MONTHS[(start + i) % 12] for i in range(n)]
     if kind == 2:
         start, step = rng.randint(0, 50), rng.choice([1, 2, 3, 5, 10, -1, -2])
-        return "Count: " + ", ".join(str(start + i * step) for i in range(n)) + "."
+        return kind, (step, [str(start + i * step) for i in range(n)])
     if kind == 3:
         start = rng.randint(0, len(_NUMS) - n)
-        return "We counted " + ", ".join(_NUMS[start:start + n]) + "."
-    a, b = rng.randint(1, 40), rng.randint(1, 40)
+        return kind, _NUMS[start:start + n]
+    return kind, (rng.randint(1, 40), rng.randint(1, 40))
+
+
+def _sequence_doc(rng: random.Random) -> str:
+    kind, what = _draw_sequence(rng)
+    if kind == 0:
+        return f"The days go {', '.join(what)}."
+    if kind == 1:
+        return f"After {what[0]} comes {', then '.join(what[1:])}."
+    if kind == 2:
+        return "Count: " + ", ".join(what[1]) + "."
+    if kind == 3:
+        return "We counted " + ", ".join(what) + "."
+    a, b = what
     return f"{a} plus {b} equals {a + b}, and {a} times {b} equals {a * b}."
 
 
@@ -238,25 +252,18 @@ def _and_list(items: list[str]) -> str:
 def _heldout_sequence_doc(rng: random.Random) -> str:
     """The held-out split's sequences and arithmetic, in frames the training split never uses
     (its own ``_sequence_doc`` sentences repeat often: a week has only 7 start days)."""
-    kind = rng.randrange(5)
-    n = rng.randint(4, 8)
+    kind, what = _draw_sequence(rng)
     if kind == 0:
-        start = rng.randrange(len(_DAYS))
-        seq = [_DAYS[(start + i) % 7] for i in range(n)]
-        return f"A week that begins on {seq[0]} goes on with {_and_list(seq[1:])}."
+        return f"A week that begins on {what[0]} goes on with {_and_list(what[1:])}."
     if kind == 1:
-        start = rng.randrange(12)
-        seq = [_MONTHS[(start + i) % 12] for i in range(n)]
-        return f"On the calendar, {seq[0]} is followed by {_and_list(seq[1:])}."
+        return f"On the calendar, {what[0]} is followed by {_and_list(what[1:])}."
     if kind == 2:
-        start, step = rng.randint(0, 50), rng.choice([1, 2, 3, 5, 10, -1, -2])
+        step, nums = what
         verb = "Counting up" if step > 0 else "Counting down"
-        nums = [str(start + i * step) for i in range(n)]
         return f"{verb} by {abs(step)} from {nums[0]} gives {_and_list(nums[1:])}."
     if kind == 3:
-        start = rng.randint(0, len(_NUMS) - n)
-        return f"The children said the numbers {_and_list(_NUMS[start:start + n])} out loud."
-    a, b = rng.randint(1, 40), rng.randint(1, 40)
+        return f"The children said the numbers {_and_list(what)} out loud."
+    a, b = what
     return f"The sum of {a} and {b} is {a + b}; their product is {a * b}."
 
 

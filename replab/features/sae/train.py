@@ -202,13 +202,12 @@ def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.Pa
 
     from replab.features.sae.acts import sae_hook_name
     from replab.features.sae.artifact import META, check_replaceable
-    from replab.models import load_model
+    from replab.models.coerce import as_model
 
     cfg = dataclasses.replace(config or SAETrainConfig(), **overrides)
     if out is not None:  # fail before an expensive run, not after it
         check_replaceable(Path(out), META, "an SAE directory")
-    if model is None or isinstance(model, str):
-        model = load_model(model, device="cpu")
+    model = as_model(model)
     identity = model.replab_identity.to_dict()
     hook_name = sae_hook_name(model, cfg.hook, cfg.layer)
     from replab.features.sae.artifact import cached_sae_dir
