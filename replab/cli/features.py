@@ -1,5 +1,5 @@
 """``replab features scan|patch``: where is a probe's direction used, and is it causally
-sufficient there? (W3 step 6)
+sufficient there? (W3 step 6 of docs/workflows.md)
 
 Only parses options into a config (:mod:`replab.features.config`) and prints; the work is
 :func:`replab.features.scan.run_scan` and :func:`replab.features.direction_run.run_direction_patch`.

@@ -1,4 +1,4 @@
-"""Direction patching: does the model *use* a direction? (W3 step 6)
+"""Direction patching: does the model *use* a direction? (W3 step 6 of docs/workflows.md)
 
 >>> d = load_direction("runs/probe/directions/meandiff_L15_artist.json")   # doctest: +SKIP
 >>> res = patch_direction(model, task, d)                                  # doctest: +SKIP

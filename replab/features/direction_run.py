@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from replab.errors import ReplabError
 from replab.features.config import DirectionRunConfig, build_run_config
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def resolve_layer(layer) -> int | None:
@@ -37,15 +41,15 @@ def resolve_layer(layer) -> int | None:
     raise ReplabError(f"bad --layer {layer!r}: give a layer number or a `replab features scan` run directory")
 
 
-def run_direction_patch(direction=None, out=None, model: str | None = None, progress: bool = True,
-                        config: DirectionRunConfig | None = None, **options) -> dict:
+def run_direction_patch(direction=None, out=None, model: HookedTransformer | str | None = None,
+                        progress: bool = True, config: DirectionRunConfig | None = None, **options) -> dict:
     """Direction patching end to end (:func:`replab.features.direction_patch.patch_direction`),
     written to the run directory ``out`` (default ``runs/features-patch-L<layer>``).
 
     Args:
         direction: what to patch (``config.direction``): a Direction/probe artifact, raw vector
             file, probe run or store (:func:`replab.features.direction_inputs.load_direction`).
-        model: a model name (default SmolLM2).
+        model: a loaded model or a model name (default SmolLM2; :func:`replab.models.coerce.as_model`).
         config: a :class:`~replab.features.config.DirectionRunConfig` (the task, the
             direction's class/label/layer/kind, the baselines' sources, and the experiment's
             options as ``config.patch``); ``**options`` set its fields or, for the others, those

@@ -5,9 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from replab.errors import ReplabError
 from replab.features.config import LatentRunConfig, build_run_config
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def latents_from(path) -> list[int]:
@@ -21,8 +25,8 @@ def latents_from(path) -> list[int]:
     return [int(x) for x in pd.read_parquet(table)["latent"].tolist()]
 
 
-def run_latent_patch(sae_dir=None, out=None, model: str | None = None, progress: bool = False,
-                     config: LatentRunConfig | None = None, **options) -> dict:
+def run_latent_patch(sae_dir=None, out=None, model: HookedTransformer | str | None = None,
+                     progress: bool = False, config: LatentRunConfig | None = None, **options) -> dict:
     """``replab sae patch`` end to end, written to the run directory ``out`` (default
     ``runs/sae-patch``).
 

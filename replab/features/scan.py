@@ -244,7 +244,7 @@ def scan_figure(table: pd.DataFrame, summary: dict, title: str):
     return fig
 
 
-def run_scan(probe=None, out=None, model: str | None = None, progress: bool = True,
+def run_scan(probe=None, out=None, model: HookedTransformer | str | None = None, progress: bool = True,
              config: ScanRunConfig | None = None, **options) -> dict:
     """``replab features scan`` end to end: load, scan, write ``scan.parquet/.csv``,
     ``scan.png/.svg`` and ``summary.json`` (last) to ``out`` (default ``runs/features-scan``).

@@ -24,14 +24,19 @@ Three views, each a tidy DataFrame with one row per prompt:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
 
 from replab.errors import ReplabError
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
-def _frozen_norm(model, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+
+def _frozen_norm(model: HookedTransformer, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The final norm's linear part with its scale frozen: ``x`` ``[..., d]``, ``scale``
     broadcastable to ``x`` (see the module docstring)."""
     kind = model.cfg.normalization_type
@@ -44,7 +49,7 @@ def _frozen_norm(model, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * w if w is not None else x
 
 
-def _cache(model, tokens):
+def _cache(model: HookedTransformer, tokens):
     L = model.cfg.n_layers
     want = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
     for layer in range(L):
@@ -57,7 +62,7 @@ def _cache(model, tokens):
     return logits[:, -1], cache
 
 
-def _direction(model, task):
+def _direction(model: HookedTransformer, task):
     u = model.W_U[:, task.answer] - model.W_U[:, task.foil]        # [d, N]
     bias = model.b_U[task.answer] - model.b_U[task.foil]           # [N]
     b_ln = getattr(model.ln_final, "b", None)
@@ -66,7 +71,7 @@ def _direction(model, task):
     return u.T, bias
 
 
-def dla(model, task) -> dict[str, pd.DataFrame]:
+def dla(model: HookedTransformer, task) -> dict[str, pd.DataFrame]:
     """``{"accumulated", "layers", "heads", "check"}`` DataFrames; see the module docstring.
 
     ``check`` has, per prompt, the model's logit difference, the sum of the ``layers``

@@ -20,10 +20,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from replab._version import __version__
 from replab.errors import ReplabError
 from replab.io import atomic_dir
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -102,7 +106,7 @@ def load_sae(path: str | os.PathLike, device: str = "cpu"):
     return sae, meta
 
 
-def resolve_sae_dir(path: str | os.PathLike | None, model=None, hook: str = "resid_post",
+def resolve_sae_dir(path: str | os.PathLike | None, model: HookedTransformer | None = None, hook: str = "resid_post",
                     layer: int | None = None) -> Path:
     """``path`` if given, else the cached SAE of ``model`` at ``hook``/``layer``."""
     if path is not None:
@@ -119,7 +123,7 @@ def resolve_sae_dir(path: str | os.PathLike | None, model=None, hook: str = "res
     return cached
 
 
-def model_for(meta: dict, model=None):
+def model_for(meta: dict, model: HookedTransformer | str | None = None):
     """The model an SAE was trained on (``model`` if given; checked against ``meta``)."""
     from replab.models.coerce import as_model
 

@@ -12,11 +12,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
 
 from replab.errors import ReplabError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 OPEN, CLOSE = "«", "»"
 
@@ -113,7 +118,7 @@ def top_examples(encoded: dict, index: pd.DataFrame, latents, tokenizer=None,
 
 
 @torch.no_grad()
-def logit_effects(sae, model, latents, n_tokens: int = 10) -> pd.DataFrame:
+def logit_effects(sae, model: HookedTransformer, latents, n_tokens: int = 10) -> pd.DataFrame:
     """Direct logit effect of each latent's decoder row: ``row @ W_U``, top and bottom tokens.
 
     Returns one row per (latent, side, rank): ``latent, side ("top" | "bottom"), rank,

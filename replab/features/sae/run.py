@@ -7,12 +7,16 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from replab.features.sae.evaluate import DEAD_THRESHOLD, DENSE_THRESHOLD, evaluate_sae
 from replab.io import atomic_dir
 from replab.rundir import write_table
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def _table_files(df: pd.DataFrame | None, folder: Path, stem: str) -> list[str]:
@@ -22,7 +26,8 @@ def _table_files(df: pd.DataFrame | None, folder: Path, stem: str) -> list[str]:
 
 def run_decompose(sae_dir=None, direction=None, store=None, label: str | None = None,
                   positive_class: str | None = None, top: int = 10, n_examples: int = 5,
-                  n_tokens: int = 10, out=None, where: str | None = None, model=None) -> dict:
+                  n_tokens: int = 10, out=None, where: str | None = None,
+                  model: HookedTransformer | str | None = None) -> dict:
     """:func:`decompose_direction` + a run directory.
 
     ``sae_dir`` None: the cached SAE at the Direction's hook and layer. Writes (atomically:
@@ -96,8 +101,8 @@ def check_sae_lens_tokens(n: int, batch_size: int, seq_len: int | None = None,
                           f"needs at least --batch-size ({batch_size}): raise --tokens")
 
 
-def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens: int = 8192,
-                 seq_len: int | None = None, skip_first: int | None = None, batch_size: int = 4,
+def run_sae_eval(path=None, model: HookedTransformer | str | None = None, corpus: str = "builtin-heldout",
+                 tokens: int = 8192, seq_len: int | None = None, skip_first: int | None = None, batch_size: int = 4,
                  out=None, layer: int | None = None, hook: str = "resid_post",
                  dead_threshold: float = DEAD_THRESHOLD, dense_threshold: float = DENSE_THRESHOLD,
                  progress: bool = True, force: bool = False,

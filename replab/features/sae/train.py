@@ -26,11 +26,15 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from replab.errors import ReplabError
 from replab.features.sae.config import SAETrainConfig, trainer_config, training_sae_config
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def _cpu_seconds() -> float:
@@ -172,8 +176,9 @@ def cached_training(path: Path, cfg: SAETrainConfig, identity: dict, source: dic
     return meta if same else None
 
 
-def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.PathLike | None = None,
-              activations: torch.Tensor | None = None, progress: bool = True, force: bool = False,
+def train_sae(model: HookedTransformer | str | None = None, config: SAETrainConfig | None = None,
+              out: str | os.PathLike | None = None, activations: torch.Tensor | None = None,
+              progress: bool = True, force: bool = False,
               **overrides) -> tuple[Path, dict]:
     """Train an SAE on ``model``'s ``config.hook`` at ``config.layer`` and save it.
 
@@ -230,7 +235,7 @@ def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.Pa
     return path, {**stats, "cached": False}
 
 
-def _train(model, cfg, identity, hook_name, path, activations, progress, source):
+def _train(model: HookedTransformer, cfg, identity, hook_name, path, activations, progress, source):
     from replab.features.sae.acts import corpus_windows, harvest_acts
     from replab.features.sae.artifact import save_sae
     from replab.hooks import parse_hook_name
