@@ -6,22 +6,12 @@ import math
 
 import pytest
 import torch
+from lens_testutil import PROMPT, one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from replab.lenses.decoders import LogitLens, TunedLensDecoder
 
 pytestmark = pytest.mark.integration
 
-PROMPT = "Today it is Monday so tomorrow it is"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread, as the lens CLI uses: on a busy 2-core machine two threads made
-    these tests ~10x slower (threads waiting for each other at every small op)."""
-    from replab.threads import limit_threads
-
-    with limit_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
 
 app = typer.Typer(help="Feature-level patching: a layer scan, and direction patching with baselines "
                        "and a verdict.", no_args_is_help=True)
@@ -23,6 +23,17 @@ SCAN_KEYS = ("chosen_layer", "reason", "rule", "probe_best_layer", "probe_best_a
              "chosen_full_effect", "chosen_direction_effect", "chosen_probe_accuracy", "max_full_layer",
              "max_direction_layer", "probe_kind", "class", "position_rule", "metric", "directions", "shuffled",
              "bootstrap", "separation", "table", "checks", "seconds", "out")
+
+
+def _json_or_console(s: dict, keys, json_out: bool):
+    """``--json``: print the summary's ``keys`` and return None; else a console for the human
+    report, with the task's separation check already printed."""
+    if json_out:
+        print_json({k: s.get(k) for k in keys})
+        return None
+    console = human_console()
+    console.print(s["separation"]["text"])
+    return console
 
 
 @app.command("scan", epilog=examples(
@@ -59,14 +70,11 @@ def scan_cmd(
                            scan=ScanConfig(kind=kind, cls=cls, positions=positions, layers=layers, metric=metric,
                                            n_random=n_random, min_full=min_full, seed=seed))
     s = run_scan(config=config, out=out, model=model, progress=not json_out)
-    if json_out:
-        print_json({k: s.get(k) for k in SCAN_KEYS})
+    console = _json_or_console(s, SCAN_KEYS, json_out)
+    if console is None:
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
-    console.print(s["separation"]["text"])
     t = Table(title=f"{s['class']} {s['probe_kind']} probe at {s['position_rule']} ({s['metric']}; {s['directions']})")
     for c in ("layer", "probe acc", "full patch", "direction", "of full", "shuffled"):
         t.add_column(c, justify="right")
@@ -158,13 +166,9 @@ def patch_cmd(
         patch=DirectionPatchConfig(site=site, positions=positions, metric=metric, n_random=n_random, alphas=alphas,
                                    alpha_unit=alpha_unit, random_tol=random_tol, seed=seed))
     s = run_direction_patch(config=config, out=out, model=model, progress=not json_out)
-    if json_out:
-        print_json({k: s.get(k) for k in JSON_KEYS})
+    console = _json_or_console(s, JSON_KEYS, json_out)
+    if console is None:
         return
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    console.print(s["separation"]["text"])
     console.print(f"{s['hook']} at {s['position_label']}, metric {s['metric']}: clean {s['clean_metric']:.3f}, "
                   f"corrupt {s['corrupt_metric']:.3f}; {s['n_variants']} patched runs in {s['seconds']:.1f} s")
     console.print(f"[bold]{s['verdict']}[/bold]")
