@@ -265,7 +265,9 @@ def patch_latents(model: HookedTransformer, sae, meta: dict, task: PatchTask, co
     rows[full_i].update(of_full=1.0, of_full_low=1.0, of_full_high=1.0)
     table = pd.DataFrame(rows)
     pos_label = ",".join(f"{p}:{task.str_tokens[p]!r}" if task.str_tokens else str(p) for p in positions)
-    s = _summary(table, chosen, attr, hook, site, layer, positions, position_rule, pos_label, metric, task, res)
+    where = {"hook_name": hook, "hook": hook, "site": site, "layer": int(layer), "positions": positions,
+             "position_rule": position_rule, "position_label": pos_label, "metric": metric, "task": task.describe()}
+    s = {**where, **_summary(table, chosen, attr, res)}
     s["checks"] = {**decoder, **s["checks"]}
     s["verdict"], s["verdict_detail"] = latent_verdict(s)
     return table, s
@@ -288,16 +290,16 @@ def _latent_checks(res) -> list[Check]:
                   "= the engine's full patch at that site")]
 
 
-def _summary(table, chosen, attr, hook, site, layer, positions, rule, pos_label, metric, task, res) -> dict:
+def _summary(table: pd.DataFrame, chosen: list[int], attr: np.ndarray, res) -> dict:
+    """The numbers of a latent-patching run (the chosen set against the full patch and random
+    sets) from its table and :class:`~replab.patching.plan.PlanResult` ``res``."""
     t = table.set_index("name")
     ch, full = t.loc["chosen"], t.loc["full"]
     rand = table[table["kind"] == "random"]["normalized_effect"].to_numpy()
     e = float(ch["normalized_effect"])
     pct = float(100 * ((rand < e).sum() + 0.5 * (rand == e).sum()) / len(rand)) if len(rand) else None
     dose = table[table["kind"] == "top_k"][["k", "normalized_effect", "ci_low", "ci_high", "of_full"]]
-    return {"hook_name": hook, "hook": hook, "site": site, "layer": int(layer), "positions": positions,
-            "position_rule": rule, "position_label": pos_label, "metric": metric, "task": task.describe(),
-            "clean_metric": res.clean_metric, "corrupt_metric": res.corrupt_metric, "latents": chosen,
+    return {"clean_metric": res.clean_metric, "corrupt_metric": res.corrupt_metric, "latents": chosen,
             "latent_attribution": [float(attr[i]) for i in chosen],
             "effect": e, "ci_low": float(ch["ci_low"]), "ci_high": float(ch["ci_high"]),
             "of_full": float(ch["of_full"]), "of_full_low": float(ch["of_full_low"]),
