@@ -254,6 +254,7 @@ def test_cli_json_keys_and_errors(tiny, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_smollm2_mean_difference_direction_is_causal(smol):
     """SmolLM2: the model separates artist/scientist prompts, and the mean clean − corrupt
     difference at the name's last token (layer 12) restores much of the full patch,

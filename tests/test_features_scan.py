@@ -100,6 +100,7 @@ def test_scan_table_rule_and_consistency(tiny, task, probe_run):
     assert abs(last["full_effect"]) < 1e-6 and not last["eligible"]
 
 
+@pytest.mark.slow
 def test_scan_then_patch_at_the_chosen_layer(tiny, probe_run, tmp_path, capsys):
     from replab_testutil import run_cli
 
@@ -141,6 +142,7 @@ def two_class_run(probe_run, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_class_probe_run_gives_every_class_direction(tiny, task, two_class_run, tmp_path, capsys):
     """A two-class run has a direction for each class (opposite signs) and for A-B; the scan and
     `features patch` accept all three (component patching does not depend on the sign)."""
@@ -182,6 +184,7 @@ def test_two_class_probe_run_gives_every_class_direction(tiny, task, two_class_r
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_smollm2_probe_direction_artifact(smol, tmp_path):
     """SmolLM2: a logistic probe trained on a small store of artists and scientists writes a
     Direction artifact at layer 14; patching it at the name token (16 pairs, 30 random

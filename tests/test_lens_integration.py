@@ -125,6 +125,7 @@ def test_default_tuned_lens_loads_with_tuned_lens_loader(hf):
     assert read_meta(path)["stats"]["fit_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_acceptance_tuned_lens_beats_logit_lens_on_heldout(smol, hf):
     """Issue acceptance, small: the real training code (least squares on 1,024 tokens, then
     4 steps of tuned-lens's KL objective) gives a lens whose KL to the final distribution on
