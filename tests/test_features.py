@@ -97,23 +97,23 @@ def test_planted_direction_gives_the_full_patch(tiny, task):
     d = DirectionInput(diff, site="resid_post", layer=layer, position="entity_last")
     assert d.k == task.n_prompts
     s = patch_direction(tiny, task, d, metric="logit_diff", **FAST).summary
-    assert s["positions"] == [pos]
-    assert s["of_full"] == pytest.approx(1.0, abs=1e-3)
-    assert s["effect"] == pytest.approx(s["full_residual_effect"], abs=1e-4)
+    assert s.positions == [pos]
+    assert s.of_full == pytest.approx(1.0, abs=1e-3)
+    assert s.effect == pytest.approx(s.full_residual_effect, abs=1e-4)
     one = task.subset([0])
     d1 = DirectionInput(diff[0], site="resid_post", layer=layer, position="entity_last")
     s1 = patch_direction(tiny, one, d1, metric="logit_diff", **FAST).summary
-    assert s1["effect"] == pytest.approx(s1["full_residual_effect"], abs=1e-4)
+    assert s1.effect == pytest.approx(s1.full_residual_effect, abs=1e-4)
 
 
 def test_identity_subspace_and_checks(tiny, task):
     d = DirectionInput(np.eye(tiny.cfg.d_model), site="resid_post", layer=2)
     res = patch_direction(tiny, task, d, positions="entity_last", metric="logit_diff", **FAST)
     s = res.summary
-    assert s["of_full"] == pytest.approx(1.0, abs=1e-4)
-    assert all(c["ok"] for c in s["checks"].values())
+    assert s.of_full == pytest.approx(1.0, abs=1e-4)
+    assert all(c["ok"] for c in s.checks.values())
     assert {"identity_subspace", "direction_plus_complement", "clean_run", "engine_full",
-            "engine_empty", "steer_zero"} <= set(s["checks"])
+            "engine_empty", "steer_zero"} <= set(s.checks)
     assert set(res.effects["name"]) >= {"direction", "full", "complement", "direction_noise",
                                         "ablate_direction", "steer_2"}
 
@@ -124,15 +124,15 @@ def test_random_directions_average_about_zero(tiny, task):
     d = DirectionInput(v, site="resid_post", layer=tiny.cfg.n_layers - 1)
     res = patch_direction(tiny, task, d, positions="last", metric="logit_diff", **{**FAST, "n_random": 100})
     s = res.summary
-    assert s["full_residual_effect"] == pytest.approx(1.0, abs=1e-4)
-    assert abs(s["random_mean"]) < 0.1 and s["n_random"] == 100
-    assert s["checks"]["random_mean"]["ok"] and s["random_mean_ok"]
+    assert s.full_residual_effect == pytest.approx(1.0, abs=1e-4)
+    assert abs(s.random_mean) < 0.1 and s.n_random == 100
+    assert s.checks["random_mean"]["ok"] and s.random_mean_ok
     rnd = res.random["normalized_effect"].to_numpy()
-    hand = 100 * ((rnd < s["effect"]).sum() + 0.5 * (rnd == s["effect"]).sum()) / len(rnd)
-    assert s["percentile"] == pytest.approx(hand)
-    assert s["random_p95"] == pytest.approx(np.quantile(rnd, 0.95))
+    hand = 100 * ((rnd < s.effect).sum() + 0.5 * (rnd == s.effect).sum()) / len(rnd)
+    assert s.percentile == pytest.approx(hand)
+    assert s.random_p95 == pytest.approx(np.quantile(rnd, 0.95))
     # a random direction is no better than the other random directions
-    assert s["verdict"].startswith("not sufficient") == (s["ci_low"] <= s["random_p95"])
+    assert s.verdict.startswith("not sufficient") == (s.ci_low <= s.random_p95)
 
 
 def test_geometry_helpers_and_steering_sign(tiny):
@@ -188,9 +188,9 @@ def test_direction_sources_shuffled_and_leace(tiny, task, tmp_path):
                           **FAST)
     s = res.summary
     eff = res.effects.set_index("name")
-    assert s["shuffled_effect"] == pytest.approx(eff.loc["shuffled", "normalized_effect"])
-    assert s["leace"]["drop"] == pytest.approx(1 - eff.loc["leace", "normalized_effect"])
-    assert s["direction"]["kind"] == "store:class_mean_diff" and s["positions"] == [task.n_tokens - 1]
+    assert s.shuffled_effect == pytest.approx(eff.loc["shuffled", "normalized_effect"])
+    assert s.leace["drop"] == pytest.approx(1 - eff.loc["leace", "normalized_effect"])
+    assert s.direction["kind"] == "store:class_mean_diff" and s.positions == [task.n_tokens - 1]
     # a Direction artifact, a raw .npy and a safetensors vector
     art = Direction(vector=d.vector, hook="blocks.2.hook_resid_post", layer=2, position="entity_last",
                     label="label", positive_class="class0", classes=["class0", "class1"], kind="meandiff",
@@ -254,6 +254,7 @@ def test_cli_json_keys_and_errors(tiny, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_smollm2_mean_difference_direction_is_causal(smol):
     """SmolLM2: the model separates artist/scientist prompts, and the mean clean − corrupt
     difference at the name's last token (layer 12) restores much of the full patch,
@@ -268,9 +269,9 @@ def test_smollm2_mean_difference_direction_is_causal(smol):
     d = DirectionInput(v, site="resid_post", layer=layer, position="entity_last")
     s = patch_direction(smol, t, d, n_random=30, n_random_ablate=3, n_random_steer=0, alphas=(0.0,),
                         n_boot=200).summary
-    assert s["full_residual_effect"] > 0.3
-    assert s["percentile"] == 100 and s["ci_low"] > s["random_p95"]
-    assert s["of_full"] > 0.3 and s["verdict"].split(":")[0] in ("sufficient", "partly sufficient")
+    assert s.full_residual_effect > 0.3
+    assert s.percentile == 100 and s.ci_low > s.random_p95
+    assert s.of_full > 0.3 and s.verdict.split(":")[0] in ("sufficient", "partly sufficient")
 
 
 def test_lazy_exports_are_the_functions_even_after_submodule_imports():

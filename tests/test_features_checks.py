@@ -72,7 +72,7 @@ def test_noising_ablation_steering_shuffled_match_hand_computation(tiny, task, s
     assert eff.loc["ablate_direction", "metric_after"] == pytest.approx(ablate, abs=1e-4)
     # steering in gap units: corrupt + α · mean((clean − corrupt)·u) · u
     gap = float(((c - x) @ u).mean())
-    assert res.summary["projection"]["gap"] == pytest.approx(gap, rel=1e-5)
+    assert res.summary.projection["gap"] == pytest.approx(gap, rel=1e-5)
     for alpha in (-1.5, 2.0):
         steer = _run(tiny, task, task.corrupt, hook, at_pos(lambda a, al=alpha: a + al * gap * u))
         assert eff.loc[f"steer_{alpha:g}", "metric_after"] == pytest.approx(steer, abs=1e-4), alpha
@@ -89,7 +89,7 @@ def test_noising_ablation_steering_shuffled_match_hand_computation(tiny, task, s
         cm = _ld(tiny(task.clean)[:, -1], task).double().mean().item()
         xm = _ld(tiny(task.corrupt)[:, -1], task).double().mean().item()
     assert eff.loc["direction_noise", "normalized_effect"] == pytest.approx((noise - xm) / (cm - xm), abs=1e-4)
-    assert res.summary["shuffled_effect"] == pytest.approx((eff.loc["shuffled", "metric_after"] - xm) / (cm - xm),
+    assert res.summary.shuffled_effect == pytest.approx((eff.loc["shuffled", "metric_after"] - xm) / (cm - xm),
                                                           abs=1e-6)
 
 
@@ -108,16 +108,16 @@ def mean_diff_last(tiny, task):
 def test_steering_curve_rises_with_alpha(tiny, task, mean_diff_last):
     """Last layer, last position, the mean clean − corrupt direction: the default gap-unit
     dose–response is monotone and has α's sign (a flipped steering sign would reverse it)."""
-    from replab.features.direction_patch import DEFAULT_ALPHA_UNIT, DEFAULT_ALPHAS
+    from replab.features.config import DEFAULT_ALPHA_UNIT, DEFAULT_ALPHAS
 
     assert DEFAULT_ALPHA_UNIT == "gap" and DEFAULT_ALPHAS == (-2.0, -1.0, 0.0, 1.0, 2.0)
     d = mean_diff_last
     s = patch_direction(tiny, task, d, metric="logit_diff", **FAST).summary
-    curve = [r["normalized_effect"] for r in s["steering"]]
-    assert [r["alpha"] for r in s["steering"]] == [-2.0, -1.0, 0.0, 1.0, 2.0]
+    curve = [r["normalized_effect"] for r in s.steering]
+    assert [r["alpha"] for r in s.steering] == [-2.0, -1.0, 0.0, 1.0, 2.0]
     assert np.all(np.diff(curve) > 0), curve
     assert curve[0] < 0 < curve[-1] and curve[2] == pytest.approx(0, abs=1e-6)
-    assert s["projection"]["alpha_unit"] == "gap" and s["projection"]["unit"] == pytest.approx(s["projection"]["gap"])
+    assert s.projection["alpha_unit"] == "gap" and s.projection["unit"] == pytest.approx(s.projection["gap"])
 
 
 # ------------------------------------------------------------------ the verdict rule
@@ -167,7 +167,7 @@ def test_a_biased_random_baseline_stops_the_run(tiny, task, mean_diff_last, monk
 
     d = mean_diff_last
     ok = patch_direction(tiny, task, d, metric="logit_diff", alphas=(0.0,), **FAST).summary
-    assert ok["checks"]["random_mean"]["ok"] and ok["effect"] > 0.3
+    assert ok.checks["random_mean"]["ok"] and ok.effect > 0.3
     monkeypatch.setattr(DP, "random_bases", lambda n, k, dim, seed=0: np.repeat(d.basis[None], n, 0))
     with pytest.raises(ReplabError, match="sanity check 'random_mean' failed"):
         patch_direction(tiny, task, d, metric="logit_diff", alphas=(0.0,), **FAST)
@@ -216,4 +216,4 @@ def test_task_groups_follow_subset_and_swap(tiny, task):
     s = patch_direction(tiny, task, DirectionInput(np.ones(tiny.cfg.d_model), site="resid_post", layer=1),
                         positions="entity_last", metric="logit_diff", alphas=(0.0,), **FAST).summary
     n_a, n_b = len(set(g[0])), len(set(g[1]))
-    assert s["bootstrap"].startswith(f"people (two-way cluster bootstrap: {n_a} clean × {n_b} corrupt")
+    assert s.bootstrap.startswith(f"people (two-way cluster bootstrap: {n_a} clean × {n_b} corrupt")

@@ -89,17 +89,18 @@ def test_scan_table_rule_and_consistency(tiny, task, probe_run):
     shuf, _ = probe_shuffled(d)
     p = patch_direction(tiny, task, d, metric="logit_diff", n_random=3, n_random_ablate=1, n_random_steer=0,
                         alphas=(0.0,), n_boot=100, random_tol=10.0, shuffled=shuf).summary
-    assert row["full_effect"] == pytest.approx(p["full_residual_effect"], abs=1e-5)
-    assert row["direction_effect"] == pytest.approx(p["effect"], abs=1e-5)
+    assert row["full_effect"] == pytest.approx(p.full_residual_effect, abs=1e-5)
+    assert row["direction_effect"] == pytest.approx(p.effect, abs=1e-5)
     # the scan's shuffled row is the shuffled-label probe's patch at that layer, not the direction's
-    assert p["shuffled_effect"] is not None
-    assert row["shuffled_effect"] == pytest.approx(p["shuffled_effect"], abs=1e-5)
+    assert p.shuffled_effect is not None
+    assert row["shuffled_effect"] == pytest.approx(p.shuffled_effect, abs=1e-5)
     assert abs(row["shuffled_effect"] - row["direction_effect"]) > 1e-4
     # a layer with a full patch of ~0 (tiny model, last layer at the name) is never chosen
     last = table[table["layer"] == 3].iloc[0]
     assert abs(last["full_effect"]) < 1e-6 and not last["eligible"]
 
 
+@pytest.mark.slow
 def test_scan_then_patch_at_the_chosen_layer(tiny, probe_run, tmp_path, capsys):
     from replab_testutil import run_cli
 
@@ -141,6 +142,7 @@ def two_class_run(probe_run, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_class_probe_run_gives_every_class_direction(tiny, task, two_class_run, tmp_path, capsys):
     """A two-class run has a direction for each class (opposite signs) and for A-B; the scan and
     `features patch` accept all three (component patching does not depend on the sign)."""
@@ -182,6 +184,7 @@ def test_two_class_probe_run_gives_every_class_direction(tiny, task, two_class_r
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_smollm2_probe_direction_artifact(smol, tmp_path):
     """SmolLM2: a logistic probe trained on a small store of artists and scientists writes a
     Direction artifact at layer 14; patching it at the name token (16 pairs, 30 random
@@ -209,7 +212,7 @@ def test_smollm2_probe_direction_artifact(smol, tmp_path):
     t = build_superclass_task(smol.tokenizer, "artist", "scientist", max_pairs=16)
     s = patch_direction(smol, t, d, n_random=30, n_random_ablate=3, n_random_steer=0, alphas=(0.0, 1.0),
                         n_boot=200).summary
-    assert s["full_residual_effect"] > 0.5
-    assert s["percentile"] == 100 and s["ci_low"] > s["random_p95"]
-    assert all(c["ok"] for c in s["checks"].values()) and abs(s["random_mean"]) < 0.05
-    assert s["steering"][1]["normalized_effect"] > 0.05
+    assert s.full_residual_effect > 0.5
+    assert s.percentile == 100 and s.ci_low > s.random_p95
+    assert all(c["ok"] for c in s.checks.values()) and abs(s.random_mean) < 0.05
+    assert s.steering[1]["normalized_effect"] > 0.05

@@ -94,7 +94,7 @@ def test_a_wrong_decoder_rows_fails_the_decoder_check(tiny, sae_and_task, monkey
 def test_position_view_sources_equal_full_copies(tiny, sae_and_task):
     """The engine gives the same result with the position-only source views as with full
     ``[N, T, d]`` copies (corrupt activation with the patched positions replaced)."""
-    from replab.features.latent_patch import _Sources
+    from replab.features.latent_patch import LatentSources
     from replab.patching.engine import Variant, run_variants
     from replab.patching.interventions import Intervention
     from replab.patching.plan import plan_forwards
@@ -102,7 +102,7 @@ def test_position_view_sources_equal_full_copies(tiny, sae_and_task):
     sae, meta, task, _ = sae_and_task
     hook, pos = meta["hook_name"], [1, 3, 5]
     forwards = plan_forwards(tiny, task, [], hooks=(hook,))
-    src = _Sources(sae, forwards["clean"][hook], forwards["corrupt"][hook], pos)
+    src = LatentSources(sae, forwards["clean"][hook], forwards["corrupt"][hook], pos)
     sets = {"a": ([1, 2, 3], False), "b": ([], True), "c": (list(range(20)), True)}
     views = {k: src.make(ids, err) for k, (ids, err) in sets.items()}
     full = {}

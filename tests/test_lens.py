@@ -9,28 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from lens_testutil import PROMPT, one_torch_thread  # noqa: F401 (an autouse fixture)
 from replab_testutil import run_cli
 
 from replab.errors import ReplabError
 from replab.lenses.decoders import LogitLens, TunedLensDecoder, lens_points
-
-PROMPT = "Today it is Monday so tomorrow it is"
 
 
 def _ids(model, text=PROMPT):
     from replab.prompts import token_ids
 
     return torch.tensor([token_ids(model.tokenizer, text)])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread, as the lens CLI uses: on a busy 2-core machine two threads made
-    these tests ~10x slower (threads waiting for each other at every small op)."""
-    from replab.threads import limit_threads
-
-    with limit_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,12 @@ import math
 
 import pytest
 import torch
+from lens_testutil import PROMPT, one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from replab.lenses.decoders import LogitLens, TunedLensDecoder
 
 pytestmark = pytest.mark.integration
 
-PROMPT = "Today it is Monday so tomorrow it is"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread, as the lens CLI uses: on a busy 2-core machine two threads made
-    these tests ~10x slower (threads waiting for each other at every small op)."""
-    from replab.threads import limit_threads
-
-    with limit_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +125,7 @@ def test_default_tuned_lens_loads_with_tuned_lens_loader(hf):
     assert read_meta(path)["stats"]["fit_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_acceptance_tuned_lens_beats_logit_lens_on_heldout(smol, hf):
     """Issue acceptance, small: the real training code (least squares on 1,024 tokens, then
     4 steps of tuned-lens's KL objective) gives a lens whose KL to the final distribution on

@@ -8,19 +8,10 @@ import logging
 import pandas as pd
 import pytest
 import torch
+from lens_testutil import PROMPT, one_torch_thread  # noqa: F401 (an autouse fixture)
 from replab_testutil import run_cli
 
 from replab.errors import ReplabError
-
-PROMPT = "Today it is Monday so tomorrow it is"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    from replab.threads import limit_threads
-
-    with limit_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

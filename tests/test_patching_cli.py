@@ -25,6 +25,7 @@ def test_sweep_json_records(tmp_path, capsys):
     assert (tmp_path / "s" / "summary.json").exists() and (tmp_path / "s" / "heatmap.svg").exists()
 
 
+@pytest.mark.slow
 def test_heads_patterns_dla_atp_baseline(tmp_path, capsys):
     heads = _json(["patch", "heads", "--model", "tiny", "--limit", "3", "--out", tmp_path / "h", "--json"], capsys)
     assert (tmp_path / "h" / "scatter_z_vs_v.png").exists() and (tmp_path / "h" / "pattern" / "sweep.parquet").exists()
@@ -47,6 +48,7 @@ def test_heads_patterns_dla_atp_baseline(tmp_path, capsys):
     assert set(base["mean"]) == {"clean", "corrupt"}
 
 
+@pytest.mark.slow
 def test_grid_is_step_5_in_one_command(tmp_path, capsys):
     s = _json(["patch", "grid", "--model", "tiny", "--limit", "3", "--out", tmp_path / "g", "--json"], capsys)
     for part in ("resid_pre", "attn_out", "mlp_out"):

@@ -96,6 +96,7 @@ def test_train_from_a_store(tiny, tmp_path):
                   tokens=64 * 5, store=str(store.path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, cls", [("topk", "TopKSAE"), ("batchtopk", "JumpReLUSAE"),
                                        ("relu", "StandardSAE")])
 def test_each_architecture_saves_and_reloads(arch, cls, tiny, tmp_path):

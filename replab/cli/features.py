@@ -1,15 +1,15 @@
 """``replab features scan|patch``: where is a probe's direction used, and is it causally
-sufficient there? (W3 step 6)
+sufficient there? (W3 step 6 of docs/workflows.md)
 
-Only parses options and prints; the work is :func:`replab.features.scan.run_scan` and
-:func:`replab.features.direction_run.run_direction_patch`.
+Only parses options into a config (:mod:`replab.features.config`) and prints; the work is
+:func:`replab.features.scan.run_scan` and :func:`replab.features.direction_run.run_direction_patch`.
 """
 
 from __future__ import annotations
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
 
 app = typer.Typer(help="Feature-level patching: a layer scan, and direction patching with baselines "
                        "and a verdict.", no_args_is_help=True)
@@ -23,6 +23,17 @@ SCAN_KEYS = ("chosen_layer", "reason", "rule", "probe_best_layer", "probe_best_a
              "chosen_full_effect", "chosen_direction_effect", "chosen_probe_accuracy", "max_full_layer",
              "max_direction_layer", "probe_kind", "class", "position_rule", "metric", "directions", "shuffled",
              "bootstrap", "separation", "table", "checks", "seconds", "out")
+
+
+def _json_or_console(s: dict, keys, json_out: bool):
+    """``--json``: print the summary's ``keys`` and return None; else a console for the human
+    report, with the task's separation check already printed."""
+    if json_out:
+        print_json({k: s.get(k) for k in keys})
+        return None
+    console = human_console()
+    console.print(s["separation"]["text"])
+    return console
 
 
 @app.command("scan", epilog=examples(
@@ -52,22 +63,18 @@ def scan_cmd(
         model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Per layer, in one batched run: the full-residual patch at the probe's position, the probe
     direction's patch, and the probe's accuracy; choose the layer to test (documented rule)."""
-    from replab.errors import ReplabError
+    from replab.features.config import ScanConfig, ScanRunConfig
     from replab.features.scan import run_scan
 
-    if n_random < 0 or not 0 < min_full <= 1:
-        raise ReplabError("--random must be >= 0 and --min-full in (0, 1]")
-    s = run_scan(probe, out=out, task=task, classes=classes, cls=cls, kind=kind, positions=positions,
-                 layers=layers, metric=metric, n_random=n_random, min_full=min_full, pairs=pairs,
-                 template=template, dataset=dataset, model=model, seed=seed, progress=not json_out)
-    if json_out:
-        print_json({k: s.get(k) for k in SCAN_KEYS})
+    config = ScanRunConfig(probe=probe, task=task, classes=classes, pairs=pairs, template=template, dataset=dataset,
+                           scan=ScanConfig(kind=kind, cls=cls, positions=positions, layers=layers, metric=metric,
+                                           n_random=n_random, min_full=min_full, seed=seed))
+    s = run_scan(config=config, out=out, model=model, progress=not json_out)
+    console = _json_or_console(s, SCAN_KEYS, json_out)
+    if console is None:
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
-    console.print(s["separation"]["text"])
     t = Table(title=f"{s['class']} {s['probe_kind']} probe at {s['position_rule']} ({s['metric']}; {s['directions']})")
     for c in ("layer", "probe acc", "full patch", "direction", "of full", "shuffled"):
         t.add_column(c, justify="right")
@@ -150,20 +157,18 @@ def patch_cmd(
         model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Patch only a direction clean→corrupt (and noise, ablate, steer), against random, complement
     and shuffled-label baselines; print the verdict with the numbers that drive it."""
+    from replab.features.config import DirectionPatchConfig, DirectionRunConfig
     from replab.features.direction_run import run_direction_patch
 
-    s = run_direction_patch(direction, out=out, task=task, classes=classes, cls=cls, label=label,
-                            layer=layer, site=site, positions=positions, metric=metric, n_random=n_random,
-                            alphas=alphas, alpha_unit=alpha_unit, shuffled=shuffled, store=store, leace=leace,
-                            template=template, pairs=pairs, dataset=dataset, model=model, seed=seed,
-                            progress=not json_out, kind=kind, random_tol=random_tol)
-    if json_out:
-        print_json({k: s.get(k) for k in JSON_KEYS})
+    config = DirectionRunConfig(
+        direction=direction, cls=cls, label=label, layer=layer, kind=kind, shuffled=shuffled, store=store,
+        leace=leace, task=task, classes=classes, pairs=pairs, template=template, dataset=dataset,
+        patch=DirectionPatchConfig(site=site, positions=positions, metric=metric, n_random=n_random, alphas=alphas,
+                                   alpha_unit=alpha_unit, random_tol=random_tol, seed=seed))
+    s = run_direction_patch(config=config, out=out, model=model, progress=not json_out)
+    console = _json_or_console(s, JSON_KEYS, json_out)
+    if console is None:
         return
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    console.print(s["separation"]["text"])
     console.print(f"{s['hook']} at {s['position_label']}, metric {s['metric']}: clean {s['clean_metric']:.3f}, "
                   f"corrupt {s['corrupt_metric']:.3f}; {s['n_variants']} patched runs in {s['seconds']:.1f} s")
     console.print(f"[bold]{s['verdict']}[/bold]")

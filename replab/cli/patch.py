@@ -107,7 +107,7 @@ def grid_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPLA
              limit: int = _LIMIT, out: str = _OUT,
              direction: str = typer.Option("denoise", "--direction", help="denoise or noise"),
              model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
-    """W2 step 5 in one command: resid_pre / attn_out / mlp_out layer × position heatmaps, and
+    """W2 step 5 (docs/workflows.md) in one command: resid_pre / attn_out / mlp_out layer × position heatmaps, and
     head output / value / pattern heatmaps with the z-vs-v and z-vs-pattern scatters."""
     from replab.patching.runs import run_grid
 

@@ -11,10 +11,10 @@ from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, pri
 app = typer.Typer(help="Sparse autoencoders (SAELens): train on a hook, evaluate, decompose a "
                        "direction onto latents.", no_args_is_help=True)
 
-_LAYER = typer.Option(None, "--layer", "-l", help="Block index of the hook (e.g. 15).")
-_HOOK = typer.Option("resid_post", "--hook",
-                     help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|mlp_post or a full hook name.")
-_SAE_DIR = typer.Argument(None, help="SAE directory (default: the cached SAE of --model at --layer/--hook).")
+LAYER_OPT = typer.Option(None, "--layer", "-l", help="Block index of the hook (e.g. 15).")
+HOOK_OPT = typer.Option("resid_post", "--hook",
+                        help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|mlp_post or a full hook name.")
+SAE_DIR_ARG = typer.Argument(None, help="SAE directory (default: the cached SAE of --model at --layer/--hook).")
 
 
 @app.command("train", epilog=examples(
@@ -25,7 +25,7 @@ _SAE_DIR = typer.Argument(None, help="SAE directory (default: the cached SAE of 
     "replab sae train --layer 15 --arch relu --l1 5 --corpus my_texts/ --out runs/sae-relu",
 ))
 def train_cmd(layer: int = typer.Option(15, "--layer", "-l", help="Block index of the hook."),
-              hook: str = _HOOK,
+              hook: str = HOOK_OPT,
               arch: str = typer.Option("topk", "--arch", help="topk | batchtopk | relu (ReLU + L1)."),
               k: float = typer.Option(64, "--k", help="Active latents per token (topk; batchtopk: on average)."),
               d_sae: int = typer.Option(4096, "--d-sae", help="Number of latents."),
@@ -91,7 +91,7 @@ def _train(layer, hook, arch, k, d_sae, tokens, corpus, corpus_tokens, l1, lr, b
     "replab sae eval ~/.cache/replab/saes/SmolLM2-135M-Instruct-<sha>/blocks.15.hook_resid_post "
     "--tokens 16384 --out runs/sae-eval",
 ))
-def eval_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
+def eval_cmd(sae_dir: Path = SAE_DIR_ARG, layer: int = LAYER_OPT, hook: str = HOOK_OPT,
              corpus: str = typer.Option("builtin-heldout", "--corpus",
                                         help="Held-out text: 'builtin-heldout', a file or a directory."),
              tokens: int = typer.Option(8192, "--tokens", help="Held-out tokens to score."),
@@ -156,7 +156,7 @@ def _eval(sae_dir, layer, hook, corpus, tokens, batch_size, dense, model, out, j
     "--class artist --top 15 --json",
     "replab sae decompose runs/sae-l15 --direction v.safetensors",
 ))
-def decompose_cmd(sae_dir: Path = _SAE_DIR,
+def decompose_cmd(sae_dir: Path = SAE_DIR_ARG,
                   direction: Path = typer.Option(..., "--direction", "-d",
                                                  help="Direction .json/.safetensors, or a raw "
                                                       ".npy/.safetensors vector."),

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
-from replab.cli.sae import _HOOK, _LAYER, _SAE_DIR, app
+from replab.cli.sae import HOOK_OPT, LAYER_OPT, SAE_DIR_ARG, app
 
 
 @app.command("patch", epilog=examples(
@@ -18,7 +18,7 @@ from replab.cli.sae import _HOOK, _LAYER, _SAE_DIR, app
     "replab sae patch --layer 20 --from runs/demo/w3/decompose --top 5 --json",
     "replab sae patch --layer 20 --dataset runs/demo/superset_known.jsonl --metric logprob --top 10",
     "replab sae patch runs/sae-l15 --task next_day --latents 12,345 --positions all"))
-def patch_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
+def patch_cmd(sae_dir: Path = SAE_DIR_ARG, layer: int = LAYER_OPT, hook: str = HOOK_OPT,
               task: str = typer.Option("superclass", "--task", "-t",
                                        help="superclass (with --classes), next_day, or a pairs file."),
               classes: str = typer.Option(None, "--classes", help="Super-class task: CLEAN,CORRUPT classes."),
@@ -45,19 +45,20 @@ def patch_cmd(sae_dir: Path = _SAE_DIR, layer: int = _LAYER, hook: str = _HOOK,
     of_full_low, of_full_high, full_residual_effect, random_mean, random_p95, percentile, verdict,
     verdict_detail, plus latents, all_latents_effect, error_term_effect, complement_effect, checks.
     """
-    from replab.errors import ReplabError
+    from replab.features.config import LatentPatchConfig, LatentRunConfig
     from replab.features.latent_run import run_latent_patch
 
-    if top < 1 or n_random < 0:
-        raise ReplabError("--top must be at least 1 and --random at least 0")
-    s = run_latent_patch(sae_dir, layer, hook, task, classes, latents, from_dir, top, positions, metric,
-                         n_random, pairs, template, out, model, seed, dataset)
+    config = LatentRunConfig(sae=sae_dir, layer=layer, hook=hook, from_dir=from_dir, task=task, classes=classes,
+                             pairs=pairs, template=template, dataset=dataset,
+                             patch=LatentPatchConfig(latents=latents, top=top, positions=positions, metric=metric,
+                                                     n_random=n_random, seed=seed))
+    s = run_latent_patch(config=config, out=out, model=model)
     if json_out:
         print_json(s)
         return
 
     console = human_console()
-    console.print(f"latents {s['latents']} at {s['hook_name']} (positions {s['config']['positions']}), "
+    console.print(f"latents {s['latents']} at {s['hook_name']} (positions {s['position_rule']}), "
                   f"task {s['task']['name']}, metric {s['metric']}")
     console.print(f"[bold]{s['verdict']}[/bold]")
     for line in s["verdict_detail"][1:]:

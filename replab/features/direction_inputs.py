@@ -28,10 +28,14 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from replab.errors import ReplabError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 @dataclass
@@ -334,7 +338,7 @@ def fit_leace(store, layer: int, label: str = "superclass", site: str = "resid_p
     return fit_eraser(x, codes, len(classes)), {"rows": int(len(rows)), "classes": classes, "label": label}
 
 
-def check_model(direction: DirectionInput, model) -> str | None:
+def check_model(direction: DirectionInput, model: HookedTransformer) -> str | None:
     """A warning text when the direction was made by a different model (weights hash), else None."""
     ident = getattr(model, "replab_identity", None)
     want = (direction.model or {}).get("weights_sha256")

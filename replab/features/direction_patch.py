@@ -1,8 +1,8 @@
-"""Direction patching: does the model *use* a direction? (W3 step 6)
+"""Direction patching: does the model *use* a direction? (W3 step 6 of docs/workflows.md)
 
 >>> d = load_direction("runs/probe/directions/meandiff_L15_artist.json")   # doctest: +SKIP
 >>> res = patch_direction(model, task, d)                                  # doctest: +SKIP
->>> res.summary["verdict"]                                                 # doctest: +SKIP
+>>> res.summary.verdict                                                    # doctest: +SKIP
 'sufficient: restores 71% [64, 78] of the full-residual effect; above all 100 random directions'
 
 Everything below runs in **one** batched call of the patching engine (base = the corrupt
@@ -31,42 +31,52 @@ corrupt, 1 = clean); ``of_full`` divides by the full-residual patch's effect (de
 gives the fraction of the full noising drop (noising and ablation). CIs are bootstrap over
 people (the two-way cluster bootstrap of :mod:`replab.patching.bootstrap`; pairs for tasks
 without people), with the same resamples for every variant. LEACE erasure (an oblique projection,
-``x − M(x − μ)``) is not expressible as an engine intervention (``a + (s − a)PᵀP`` is
-orthogonal), so it runs as one extra hooked forward of the clean prompts.
+``x − M(x − μ)``) is not an orthogonal subspace patch (``a + (s − a)PᵀP``), so it is applied
+to the cached clean activations first (:func:`leace_source`) and patched in as a ``custom:``
+source, in the same batch.
+
+Options: :class:`~replab.features.config.DirectionPatchConfig`; the result's ``summary`` is a
+:class:`~replab.features.verdict.DirectionSummary`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
 from replab.errors import ReplabError
+from replab.features.config import DirectionPatchConfig, DirectionSetup, check_direction_site, with_overrides
 from replab.features.direction_inputs import DirectionInput
-from replab.hooks import canonical_site
 from replab.patching.engine import Variant
 from replab.patching.interventions import Intervention
 from replab.patching.metrics import check_metric
 from replab.patching.plan import plan_forwards, run_plan
 from replab.patching.task import PatchTask
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from replab.features.verdict import DirectionSummary
+
 TOL = 1e-3           # sanity checks, in units of the normalised effect
-DEFAULT_ALPHAS = (-2.0, -1.0, 0.0, 1.0, 2.0)   # in gap units (DEFAULT_ALPHA_UNIT)
-DEFAULT_ALPHA_UNIT = "gap"
 
 
 @dataclass
 class DirectionPatchResult:
     """``effects``: one row per named variant; ``random``: one row per random direction;
-    ``steering``: dose–response rows; ``per_prompt``: named variants × prompts; ``summary``."""
+    ``steering``: dose–response rows; ``per_prompt``: named variants × prompts; ``summary``:
+    the numbers, checks and verdict (:class:`~replab.features.verdict.DirectionSummary`;
+    ``summary.to_dict()`` is what ``summary.json`` holds)."""
 
     effects: pd.DataFrame
     random: pd.DataFrame
     steering: pd.DataFrame
     per_prompt: pd.DataFrame
-    summary: dict = field(default_factory=dict)
+    summary: DirectionSummary
 
 
 def random_bases(n: int, k: int, d: int, seed: int = 0) -> np.ndarray:
@@ -83,10 +93,10 @@ def complement_basis(b: np.ndarray) -> np.ndarray:
     return q[:, b.shape[0]:d].T
 
 
-def _plan(site, layer, pos, d: DirectionInput, n_random, n_ablate, n_steer, alphas, unit, shuffled, seed,
-          leace: bool = False) -> list[Variant]:
+def _plan(setup: DirectionSetup, unit: float, shuffled: np.ndarray | None, leace: bool) -> list[Variant]:
     """Every run of the experiment as a labelled variant (``group`` and ``info["mode"]``,
-    ``info["alpha"]`` say what it is; see the module docstring)."""
+    ``info["alpha"]`` say what it is; see the module docstring). ``unit``: the steering unit."""
+    site, layer, pos, d, cfg = setup.site, setup.layer, setup.positions, setup.direction, setup.config
     iv = lambda src, u=None, **kw: Intervention(site, layer, positions=pos, source=src,  # noqa: E731
                                                 direction=None if u is None else u, **kw)
     to_clean = Intervention("resid_pre", layer, source="clean")
@@ -110,11 +120,12 @@ def _plan(site, layer, pos, d: DirectionInput, n_random, n_ablate, n_steer, alph
             var("ablate_direction", "direction", "ablate", [iv("zero", d.basis)], on_clean=True)]
     if shuffled is not None:
         plan.append(var("shuffled", "shuffled", "denoise", [iv("clean", shuffled)]))
-    rand = random_bases(max(n_random, n_ablate, n_steer), d.k, d.d, seed)
+    n_random, n_ablate, n_steer = cfg.n_random, cfg.n_random_ablate, cfg.n_random_steer
+    rand = random_bases(max(n_random, n_ablate, n_steer), d.k, d.d, cfg.seed)
     plan += [var(f"random_{i}", "random", "denoise", [iv("clean", rand[i])]) for i in range(n_random)]
     plan += [var(f"ablate_random_{i}", "random", "ablate", [iv("zero", rand[i])], on_clean=True)
              for i in range(n_ablate)]
-    for a in alphas:
+    for a in cfg.alphas:
         plan.append(var(f"steer_{a:g}", "direction", "steer", [iv("steer", d.vector, scale=a * unit)], alpha=a))
         for i in range(n_steer):
             plan.append(var(f"steer_random_{i}_{a:g}", "random", "steer", [iv("steer", rand[i][0], scale=a * unit)],
@@ -134,84 +145,71 @@ def leace_source(eraser, clean_acts: torch.Tensor, pos) -> torch.Tensor:
     return out
 
 
-def patch_direction(model, task: PatchTask, direction: DirectionInput, site: str | None = None,
-                    layer: int | None = None, positions=None, metric: str | None = None,
-                    n_random: int = 100, alphas=DEFAULT_ALPHAS, n_random_ablate: int = 10,
-                    n_random_steer: int = 5, alpha_unit: str = DEFAULT_ALPHA_UNIT,
-                    shuffled: np.ndarray | None = None, leace=None,
-                    seed: int = 0, n_boot: int = 1000, max_tokens: int = 65536,
-                    progress: bool = False, random_tol: float | None = None,
-                    shuffled_source: str | None = None) -> DirectionPatchResult:
-    """Patch, noise, ablate and steer along ``direction``, with baselines; see the module docstring.
-
-    Args:
-        site, layer: default the direction's own (a probe's hook), else ReplabError.
-        positions: a tuple of positions, a rule (``entity_last``, ``last``, ``all``, ``3,4``);
-            default the direction's own position rule (ReplabError when the task does not
-            know it), or ``last`` for a direction without one (a raw vector).
-        metric: default the task's (``class_mass`` for the superclass task), else logit_diff.
-        n_random: random subspaces (same rank) for the denoising baseline (≥ 1);
-            ``n_random_ablate`` / ``n_random_steer``: random baselines for ablation / steering.
-        alphas, alpha_unit: steering adds ``α · unit · direction``; ``unit`` is the mean
-            clean-minus-corrupt projection onto the direction at the positions (``gap``, the
-            default: α = 1 moves a corrupt prompt by the average class gap along the direction)
-            or 1 (``raw``: residual norms grow with depth, so a fixed raw α means little).
-        random_tol: tolerance of the random-mean sanity check (default
-            :data:`replab.features.verdict.RANDOM_MEAN_TOL`); CIs resample people when the task
-            says who each pair names (:mod:`replab.patching.bootstrap`), else pairs.
-        shuffled: a shuffled-label direction ``[d]`` (baseline), or None.
-        leace: a fitted LEACE eraser for this site/layer (``fit_leace``), or None.
-    Returns:
-        :class:`DirectionPatchResult`; ``summary`` has ``effect``, ``ci_low``, ``ci_high``,
-        ``full_residual_effect``, ``random_mean``, ``random_p95``, ``percentile``, ``verdict``.
-    """
-    from replab.features import verdict
-
-    site = site or direction.site
-    layer = direction.layer if layer is None else int(layer)
+def resolve_setup(model: HookedTransformer, task: PatchTask, direction: DirectionInput,
+                  config: DirectionPatchConfig, shuffled_source: str | None = None) -> DirectionSetup:
+    """Where ``config`` patches ``direction`` on ``task`` (defaults filled in from the
+    direction and the task), checked against ``model``; ReplabError when something does not fit."""
+    site = config.site or direction.site
+    layer = direction.layer if config.layer is None else config.layer
     if site is None or layer is None:
         raise ReplabError("this direction does not say where it lives: give --site and --layer")
-    site, _ = canonical_site(site)
-    if site not in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
-        raise ReplabError(f"direction patching works on d_model sites (resid_*, attn_out, mlp_out), not {site}")
+    site = check_direction_site(site)
     if direction.d != model.cfg.d_model:
         raise ReplabError(f"the direction has {direction.d} dims; this model's residual has {model.cfg.d_model}")
     if not 0 <= layer < model.cfg.n_layers:
         raise ReplabError(f"layer {layer} is out of range: this model has layers 0-{model.cfg.n_layers - 1}")
-    if n_random < 1:
-        raise ReplabError("--random must be at least 1")
-    metric = check_metric(metric or task.meta.get("metric") or "logit_diff")
-    pos_rule, pos = resolve_positions(task, direction, positions)
-    alphas = [float(a) for a in alphas]
-    if alpha_unit not in ("raw", "gap"):
-        raise ReplabError(f"unknown alpha unit {alpha_unit!r} (raw or gap)")
-    hook = Intervention(site, layer).hook
-    plan = _plan(site, layer, pos, direction, n_random, n_random_ablate, n_random_steer, alphas, 1.0,
-                 shuffled, seed, leace=leace is not None)
+    metric = check_metric(config.metric or task.meta.get("metric") or "logit_diff")
+    rule, pos = resolve_positions(task, direction, config.positions)
+    return DirectionSetup(direction, task, site, int(layer), pos, rule, metric, config, shuffled_source)
+
+
+def patch_direction(model: HookedTransformer, task: PatchTask, direction: DirectionInput,
+                    config: DirectionPatchConfig | None = None, *, shuffled: np.ndarray | None = None,
+                    leace=None, shuffled_source: str | None = None, progress: bool = False,
+                    **overrides) -> DirectionPatchResult:
+    """Patch, noise, ablate and steer along ``direction``, with baselines; see the module docstring.
+
+    Args:
+        direction: a :class:`~replab.features.direction_inputs.DirectionInput` (basis ``[k, d]``).
+        config: a :class:`~replab.features.config.DirectionPatchConfig` (site, layer, positions,
+            metric, random baselines, steering α, bootstrap); ``**overrides`` set its fields
+            (``patch_direction(model, task, d, n_random=20, metric="logit_diff")``).
+        shuffled: a shuffled-label direction ``[d]`` (baseline), or None; ``shuffled_source``
+            says where it came from (recorded in the summary).
+        leace: a fitted LEACE eraser for this site/layer (``fit_leace``), or None.
+    Returns:
+        :class:`DirectionPatchResult`; ``summary.effect``, ``ci_low``, ``ci_high``,
+        ``full_residual_effect``, ``random_mean``, ``random_p95``, ``percentile``, ``verdict``, ...
+        CIs resample people when the task says who each pair names
+        (:mod:`replab.patching.bootstrap`), else pairs.
+    """
+    from replab.features import verdict
+
+    cfg = with_overrides(DirectionPatchConfig, config, overrides)
+    setup = resolve_setup(model, task, direction, cfg, shuffled_source)
+    pos, hook = setup.positions, setup.hook
+    plan = _plan(setup, 1.0, shuffled, leace is not None)
     forwards = plan_forwards(model, task, plan, hooks=(hook,))
     acts = {k: forwards[k][hook] for k in ("clean", "corrupt")}
-    scale = verdict.projection_stats(acts, direction.vector, pos)
-    unit = 1.0 if alpha_unit == "raw" else scale["gap"]
+    stats = verdict.projection_stats(acts, direction.vector, pos)
+    unit = 1.0 if cfg.alpha_unit == "raw" else stats["gap"]
     if unit != 1.0:   # the steering coefficients depend on the measured gap
-        plan = _plan(site, layer, pos, direction, n_random, n_random_ablate, n_random_steer, alphas, unit,
-                     shuffled, seed, leace=leace is not None)
+        plan = _plan(setup, unit, shuffled, leace is not None)
     sources = {"leace": leace_source(leace, acts["clean"], pos)} if leace is not None else None
-    res = run_plan(model, task, plan, metric, forwards=forwards, sources=sources, n_boot=n_boot, seed=seed,
-                   max_tokens=max_tokens, progress=progress, label="direction patch", unit="run",
-                   extra_checks=lambda r: verdict.direction_checks(r, TOL))
+    res = run_plan(model, task, plan, setup.metric, forwards=forwards, sources=sources, n_boot=cfg.n_boot,
+                   seed=cfg.seed, max_tokens=cfg.max_tokens, progress=progress, label="direction patch",
+                   unit="run", extra_checks=lambda r: verdict.direction_checks(r, TOL))
     table = _effects(res)
     random_tbl = verdict.random_table(table)
     steering = verdict.steering_table(table, res.patched, res.clean_metric, res.corrupt_metric, res.weights)
+    steering["coef"] = steering["alpha"] * unit
     keep = [i for i, v in enumerate(plan) if not v.name.startswith(("random_", "steer_random_", "ablate_random_"))]
     per_prompt = pd.DataFrame([{"name": plan[i].name, "prompt_id": j,
                                 "prompt": task.prompts[j] if task.prompts else None,
                                 "metric_after": float(res.patched[i, j])}
                                for i in keep for j in range(task.n_prompts)])
-    steering["coef"] = steering["alpha"] * unit
-    scale.update(alpha_unit=alpha_unit, unit=float(unit))
-    summary = verdict.summarize(table, random_tbl, steering, direction, task, site, layer, pos, pos_rule, metric,
-                                res, scale, random_tol=verdict.RANDOM_MEAN_TOL if random_tol is None else random_tol,
-                                shuffled_source=shuffled_source)
+    projection = {**stats, "alpha_unit": cfg.alpha_unit, "unit": float(unit)}
+    summary = verdict.summarize(setup, res, verdict.DirectionTables(table, random_tbl, steering), projection)
     return DirectionPatchResult(table, random_tbl, steering, per_prompt, summary)
 
 

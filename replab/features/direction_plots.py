@@ -6,16 +6,21 @@ and return a matplotlib Figure; save with :func:`replab.patching.plots.save_figu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
-from replab._figures import pyplot as _plt
+from replab._figures import pyplot
+
+if TYPE_CHECKING:
+    from replab.features.verdict import DirectionSummary
 
 
 def dose_response(steering: pd.DataFrame, title: str, metric: str, unit: str = "raw"):
     """Metric vs steering coefficient α (with 95% CI), and the random vectors' 5–95% band
     (in normalised-effect units on the right axis: 0 = corrupt, 1 = clean)."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.4, 3.8))
     a = steering["alpha"].to_numpy()
     ax.plot(a, steering["metric_after"], marker="o", color="C0", label="direction")
@@ -42,23 +47,21 @@ def dose_response(steering: pd.DataFrame, title: str, metric: str, unit: str = "
     return fig
 
 
-def random_histogram(random: pd.DataFrame, summary: dict, title: str):
+def random_histogram(random: pd.DataFrame, summary: DirectionSummary, title: str):
     """Random directions' denoising effects, with the direction, its CI, the complement,
     the shuffled-label direction and the full-residual patch marked."""
-    plt = _plt()
+    plt = pyplot()
+    s = summary
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     vals = random["normalized_effect"].to_numpy()
     ax.hist(vals, bins=max(10, min(40, len(vals) // 3)), color="grey", alpha=0.7,
             label=f"{len(vals)} random directions")
-    ax.axvline(summary["effect"], color="C0", lw=2, label=f"direction ({summary['effect']:.2f})")
-    ax.axvspan(summary["ci_low"], summary["ci_high"], color="C0", alpha=0.15)
-    ax.axvline(summary["full_residual_effect"], color="black", ls="--",
-               label=f"full residual ({summary['full_residual_effect']:.2f})")
-    ax.axvline(summary["complement_effect"], color="C2", ls=":",
-               label=f"complement ({summary['complement_effect']:.2f})")
-    if summary.get("shuffled_effect") is not None:
-        ax.axvline(summary["shuffled_effect"], color="C3", ls="-.",
-                   label=f"shuffled ({summary['shuffled_effect']:.2f})")
+    ax.axvline(s.effect, color="C0", lw=2, label=f"direction ({s.effect:.2f})")
+    ax.axvspan(s.ci_low, s.ci_high, color="C0", alpha=0.15)
+    ax.axvline(s.full_residual_effect, color="black", ls="--", label=f"full residual ({s.full_residual_effect:.2f})")
+    ax.axvline(s.complement_effect, color="C2", ls=":", label=f"complement ({s.complement_effect:.2f})")
+    if s.shuffled_effect is not None:
+        ax.axvline(s.shuffled_effect, color="C3", ls="-.", label=f"shuffled ({s.shuffled_effect:.2f})")
     ax.axvline(float(np.quantile(vals, 0.95)), color="grey", ls=":", lw=1, label="random p95")
     ax.set_xlabel("normalised effect of the denoising patch (0 = corrupt, 1 = clean)")
     ax.set_ylabel("count")

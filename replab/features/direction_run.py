@@ -14,10 +14,15 @@ Run directory (``summary.json`` written last; no pickles)::
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from replab.errors import ReplabError
-from replab.features.direction_patch import DEFAULT_ALPHA_UNIT, DEFAULT_ALPHAS
+from replab.features.config import DirectionRunConfig, build_run_config
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def resolve_layer(layer) -> int | None:
@@ -36,44 +41,27 @@ def resolve_layer(layer) -> int | None:
     raise ReplabError(f"bad --layer {layer!r}: give a layer number or a `replab features scan` run directory")
 
 
-def parse_alphas(spec) -> list[float]:
-    """``"-8,-4,0,4,8"`` -> floats (ReplabError on a bad list)."""
-    if spec is None:
-        return list(DEFAULT_ALPHAS)
-    if isinstance(spec, str):
-        try:
-            vals = [float(x) for x in spec.split(",") if x.strip()]
-        except ValueError:
-            raise ReplabError(f"bad --alphas {spec!r}; use numbers separated by commas, e.g. -8,-4,0,4,8") from None
-    else:
-        vals = [float(x) for x in spec]
-    return vals
-
-
-def run_direction_patch(direction, out=None, task: str = "superclass", classes: str | None = None,
-                        cls: str | None = None, label: str = "superclass", layer=None,
-                        site: str | None = None, positions: str | None = None, metric: str | None = None,
-                        n_random: int = 100, alphas=None, alpha_unit: str = DEFAULT_ALPHA_UNIT,
-                        shuffled: str | None = None,
-                        store: str | None = None, leace: bool = True, template: str | None = None,
-                        pairs: int = 64, dataset: str | None = None, model: str | None = None,
-                        seed: int = 0, progress: bool = True, kind: str = "logistic",
-                        random_tol: float | None = None) -> dict:
-    """Direction patching end to end (see :func:`replab.features.direction_patch.direction_patch`).
+def run_direction_patch(direction=None, out=None, model: HookedTransformer | str | None = None,
+                        progress: bool = True, config: DirectionRunConfig | None = None, **options) -> dict:
+    """Direction patching end to end (:func:`replab.features.direction_patch.patch_direction`),
+    written to the run directory ``out`` (default ``runs/features-patch-L<layer>``).
 
     Args:
-        direction: a Direction/probe artifact, raw vector file, probe run or store (see
-            :func:`replab.features.direction_inputs.load_direction`); ``cls``/``label``/``layer``
-            pick a probe's or store's class and layer; ``layer`` may be a ``features scan`` run
-            directory (its chosen layer); ``kind``: the probe of a probe run directory.
-        task: ``superclass`` (with ``classes`` ``"artist,scientist"``, ``dataset``, ``template``) or
-            any patching task; ``pairs``: at most this many prompt pairs.
-        shuffled: shuffled-label baseline: a direction file or a store (default: the direction's
-            own store, when it is known and present); ``store``: the store for LEACE (default
-            the direction's own); ``leace``: fit and apply LEACE when a store is available.
+        direction: what to patch (``config.direction``): a Direction/probe artifact, raw vector
+            file, probe run or store (:func:`replab.features.direction_inputs.load_direction`).
+        model: a loaded model or a model name (default SmolLM2; :func:`replab.models.coerce.as_model`).
+        config: a :class:`~replab.features.config.DirectionRunConfig` (the task, the
+            direction's class/label/layer/kind, the baselines' sources, and the experiment's
+            options as ``config.patch``); ``**options`` set its fields or, for the others, those
+            of ``config.patch`` (``run_direction_patch("runs/probe", cls="artist", layer=20,
+            n_random=20)``).
     Returns:
-        The summary dict written to ``<out>/summary.json`` (plus ``out``).
+        The summary dict written to ``<out>/summary.json`` (plus ``out``); its ``config`` is
+        ``config.to_dict()``.
     """
+    if direction is not None:
+        options["direction"] = direction
+    cfg = build_run_config(DirectionRunConfig, config, options)
     from replab.features.direction_inputs import (
         check_model,
         fit_leace,
@@ -83,74 +71,65 @@ def run_direction_patch(direction, out=None, task: str = "superclass", classes: 
     )
     from replab.features.direction_patch import patch_direction
     from replab.features.direction_plots import dose_response, random_histogram
-    from replab.models import load_model
-    from replab.patching.catalog import load_task
+    from replab.models.coerce import as_model
     from replab.patching.plots import save_figure
     from replab.patching.superclass import check_separation, separation_table
     from replab.rundir import finish_run, start_run, write_table
 
-    alphas = parse_alphas(alphas)
-    layer_arg, layer = layer, resolve_layer(layer)
-    d = load_direction(direction, layer, cls, label, kind)
-    m = load_model(model)
-    t = load_task(task, m.tokenizer, template, pairs, bool(m.cfg.default_prepend_bos), classes, dataset)
+    layer = resolve_layer(cfg.layer)
+    patch = cfg.patch if layer is None else dataclasses.replace(cfg.patch, layer=layer)
+    d = load_direction(cfg.direction, patch.layer, cfg.cls, cfg.label, cfg.kind)
+    m = as_model(model)
+    t = cfg.load_task(m)
     notes = []
     warn = check_model(d, m)
     if warn:
         notes.append(warn)
-    metric_name = metric or t.meta.get("metric") or "logit_diff"
+    metric_name = patch.metric or t.meta.get("metric") or "logit_diff"
     separation = check_separation(m, t, metric_name)
     sep_table = separation_table(m, t, metric_name)
     shuffled_vec, how = None, None
     try:
-        shuffled_vec, how = shuffled_direction(shuffled, d, seed)
+        shuffled_vec, how = shuffled_direction(cfg.shuffled, d, patch.seed)
         notes.append(f"shuffled-label baseline: {how}")
     except ReplabError as e:
-        if shuffled is not None:
+        if cfg.shuffled is not None:
             raise
         notes.append(f"no shuffled-label baseline: {e}")
     eraser, leace_info = None, None
-    use_layer = d.layer if layer is None else int(layer)
-    lstore = resolve_store(store or d.store)
-    if leace and lstore is not None and (site or d.site or "resid_post") == "resid_post" and use_layer is not None:
+    use_layer = d.layer if patch.layer is None else patch.layer
+    lstore = resolve_store(cfg.store or d.store)
+    if cfg.leace and lstore is not None and (patch.site or d.site or "resid_post") == "resid_post" \
+            and use_layer is not None:
         try:
-            eraser, leace_info = fit_leace(lstore, use_layer, d.label or label)
+            eraser, leace_info = fit_leace(lstore, use_layer, d.label or cfg.label)
             leace_info["store"] = str(lstore)
         except ReplabError as e:
             notes.append(f"no LEACE ({e})")
-    elif leace:
+    elif cfg.leace:
         notes.append("no LEACE: it needs an activation store of the patched hook (--store)")
-    res = patch_direction(m, t, d, site=site, layer=layer, positions=positions, metric=metric,
-                          n_random=n_random, alphas=alphas, alpha_unit=alpha_unit,
-                          shuffled=shuffled_vec, leace=eraser, seed=seed, progress=progress,
-                          random_tol=random_tol, shuffled_source=how)
+    res = patch_direction(m, t, d, patch, shuffled=shuffled_vec, leace=eraser, shuffled_source=how,
+                          progress=progress)
     s = res.summary
-    out = start_run(Path(out or f"runs/features-patch-L{s['layer']}"))
+    out = start_run(Path(out or f"runs/features-patch-L{s.layer}"))
     files = []
     for df, stem in ((res.effects, "effects"), (res.random, "random"), (res.steering, "steering"),
                      (res.per_prompt, "per_prompt"), (sep_table, "separation")):
         files += write_table(df, out, stem)
-    title = (f"{d.cls or 'direction'} ({d.kind}) at {s['hook']} pos {s['position_label']}, task {t.name}")
-    files += save_figure(dose_response(res.steering, title, s["metric"], alpha_unit), out / "dose_response")
+    title = (f"{d.cls or 'direction'} ({d.kind}) at {s.hook} pos {s.position_label}, task {t.name}")
+    files += save_figure(dose_response(res.steering, title, s.metric, patch.alpha_unit), out / "dose_response")
     files += save_figure(random_histogram(res.random, s, title), out / "random_baseline")
     if d.k == 1:   # the direction actually patched, as a Direction artifact (for `sae decompose`)
         from replab.probes.directions import Direction
 
         # the position *rule* (e.g. entity_last), so feeding this file back means the same positions
-        rule = s.get("position_rule") or ",".join(map(str, s["positions"] or [])) or "all"
-        Direction(vector=d.vector, hook=s["hook"], layer=int(s["layer"]), position=str(rule),
-                  label=d.label or label, positive_class=d.cls or "", classes=[], kind=d.kind,
+        rule = s.position_rule or ",".join(map(str, s.positions or [])) or "all"
+        Direction(vector=d.vector, hook=s.hook, layer=s.layer, position=str(rule),
+                  label=d.label or cfg.label, positive_class=d.cls or "", classes=[], kind=d.kind,
                   model=m.replab_identity.to_dict(),
-                  config={"source": d.source, "position_label": s.get("position_label")}
+                  config={"source": d.source, "position_label": s.position_label}
                   ).save(out / "direction.json")
         files += [str(out / "direction.json"), str(out / "direction.safetensors")]
-    config = {"direction": str(direction), "class": cls, "label": label, "layer": layer,
-              "layer_arg": None if layer_arg is None else str(layer_arg), "kind": kind, "site": site,
-              "positions": positions, "metric": metric, "n_random": n_random, "alphas": alphas,
-              "alpha_unit": alpha_unit,
-              "shuffled": shuffled, "store": store, "leace": leace, "task": task, "classes": classes,
-              "template": template, "pairs": pairs, "dataset": dataset, "seed": seed,
-              "random_tol": random_tol}
-    summary = {"kind": "features_direction_patch", **s, "separation": separation, "leace_fit": leace_info,
-               "notes": notes, "config": config, "files": files}
+    summary = {"kind": "features_direction_patch", **s.to_dict(), "separation": separation,
+               "leace_fit": leace_info, "notes": notes, "config": cfg.to_dict(), "files": files}
     return {**finish_run(out, summary, m), "out": str(out)}

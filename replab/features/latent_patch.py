@@ -57,11 +57,14 @@ positions (:func:`_position_view`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
 
 from replab.errors import ReplabError
+from replab.features.config import LatentPatchConfig, with_overrides
 from replab.hooks import canonical_site
 from replab.patching.checks import Check, enforce
 from replab.patching.engine import Variant
@@ -69,12 +72,17 @@ from replab.patching.interventions import Intervention
 from replab.patching.metrics import FULL_VOCAB, Readout, check_metric, metric_values
 from replab.patching.plan import plan_forwards, run_plan
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from replab.patching.task import PatchTask
+
 TOL = 1e-3
 DECODER_TOL = 1e-4
 DOSE_K = (1, 2, 5, 10, 20, 50)
 
 
-def attribution(model, sae, task, hook: str, positions: list[int], metric: str,
+def attribution(model: HookedTransformer, sae, task: PatchTask, hook: str, positions: list[int], metric: str,
                 forwards: dict | None = None) -> np.ndarray:
     """First-order effect ``[d_sae]`` of patching each latent clean → corrupt (module docstring).
 
@@ -138,8 +146,9 @@ def _position_view(values: torch.Tensor, positions: list[int], n_tokens: int) ->
     return buf.as_strided((n, n_tokens, d), (span * d, d, 1))
 
 
-class _Sources:
-    """``custom:`` source tensors: the corrupt activation with chosen parts moved to the clean run's."""
+class LatentSources:
+    """``custom:`` source tensors: the corrupt activation with chosen parts moved to the clean run's
+    (:meth:`make`), built from the clean and corrupt activations ``[N, T, d]`` at ``positions``."""
 
     def __init__(self, sae, clean: torch.Tensor, corrupt: torch.Tensor, positions: list[int]):
         from replab.features.sae.splice import decoder_rows, sae_encode
@@ -173,35 +182,47 @@ class _Sources:
         return worst
 
 
-def patch_latents(model, sae, meta: dict, task, latents: list[int] | None = None, top: int = 5,
-                 positions: list[int] | None = None, metric: str = "logit_diff", n_random: int = 100,
-                 seed: int = 0, n_boot: int = 1000, position_rule: str | None = None,
-                 progress: bool = False) -> tuple[pd.DataFrame, dict]:
-    """Patch ``latents`` (default: the ``top`` by attribution) clean → corrupt; see module doc.
+def patch_latents(model: HookedTransformer, sae, meta: dict, task: PatchTask, config: LatentPatchConfig | None = None,
+                  *, position_rule: str | None = None, progress: bool = False,
+                  **overrides) -> tuple[pd.DataFrame, dict]:
+    """Patch the chosen latents clean → corrupt (default: the ``top`` by attribution); see the
+    module docstring.
 
     Args:
         sae, meta: from :func:`replab.features.sae.load_sae`.
-        task: a :class:`~replab.patching.task.PatchTask`; ``positions``: the patched positions
-            (default every position); ``metric``: any patching metric (``class_mass``, ``logprob``,
-            ``prob``, ``kl``, ...).
+        task: a :class:`~replab.patching.task.PatchTask`.
+        config: a :class:`~replab.features.config.LatentPatchConfig`: ``latents`` (or ``top``),
+            ``positions`` (a list or a rule of the task; default every position), ``metric``
+            (any patching metric; default the task's), ``n_random``, ``seed``, ``n_boot``;
+            ``**overrides`` set its fields (``patch_latents(model, sae, meta, task, top=3)``).
+        position_rule: the rule the positions came from, recorded in the summary (default: the
+            config's rule when it gives one).
     Returns:
         ``(table, summary)``: one row per variant (``name, kind, k, latents,
         normalized_effect, ci_low, ci_high, of_full, of_full_low, of_full_high``) and the
         summary (module docstring keys, plus ``latents``, ``latent_attribution``,
         ``all_latents_effect``, ``error_term_effect``, ``complement_effect``, ``checks``).
     """
-    metric = check_metric(metric)
+    from replab.patching.task import task_positions
+
+    cfg = with_overrides(LatentPatchConfig, config, overrides)
+    metric = check_metric(cfg.metric or ("class_mass" if task.class_a is not None else "logit_diff"))
     hook = meta["hook_name"]
     site, layer = canonical_site(hook)
     if layer is None:
         raise ReplabError(f"SAE hook {hook} is not a per-layer site the patching engine can use")
+    positions = cfg.positions
+    if isinstance(positions, str):
+        position_rule = position_rule or positions
+        positions = task_positions(task, positions)
     positions = list(range(task.n_tokens)) if positions is None else [int(p) for p in positions]
     iv = lambda source: Intervention(site, layer, positions=tuple(positions), source=source)  # noqa: E731
     ceiling = Variant((iv("clean"),), name="full", group="ceiling", info={"k": None, "latents": None})
     forwards = plan_forwards(model, task, [Variant((iv("custom:latents"),)), ceiling], hooks=(hook,))
-    src = _Sources(sae, forwards["clean"][hook], forwards["corrupt"][hook], positions)
+    src = LatentSources(sae, forwards["clean"][hook], forwards["corrupt"][hook], positions)
     decoder = enforce([_decoder_check(src.decoder_error(sae))])
     attr = attribution(model, sae, task, hook, positions, metric, forwards=forwards)
+    top, latents = cfg.top, cfg.latents
     d_sae = attr.shape[0]
     chosen = [int(i) for i in latents] if latents is not None else [int(i) for i in np.argsort(-np.abs(attr))[:top]]
     bad = [i for i in chosen if not 0 <= i < d_sae]
@@ -211,7 +232,6 @@ def patch_latents(model, sae, meta: dict, task, latents: list[int] | None = None
         raise ReplabError("no latents to patch")
     active = (src.zc != 0) | (src.zx != 0)
     active = torch.nonzero(active.reshape(-1, d_sae).any(0)).flatten().cpu().numpy()
-    rng = np.random.default_rng(seed)
     pool = np.setdiff1d(active, chosen)
     order = [int(i) for i in np.argsort(-np.abs(attr))]
     every = list(range(d_sae))
@@ -226,14 +246,15 @@ def patch_latents(model, sae, meta: dict, task, latents: list[int] | None = None
         if k <= len(active):
             plan.append((f"top_{k}", "top_k", k, order[:k], False))
     size = len(chosen) if len(pool) >= len(chosen) else 0
-    for i in range(n_random if size else 0):
+    rng = np.random.default_rng(cfg.seed)
+    for i in range(cfg.n_random if size else 0):
         plan.append((f"random_{i}", "random", size, sorted(rng.choice(pool, size=size, replace=False).tolist()),
                      False))
     sources = {name: src.make(ids, err) for name, _, _, ids, err in plan}
     variants = [Variant((iv(f"custom:{name}"),), name=name, group=kind,
                         info={"k": k, "latents": ids if kind in ("chosen", "top_k", "random") else None})
                 for name, kind, k, ids, _ in plan] + [ceiling]
-    res = run_plan(model, task, variants, metric, forwards=forwards, sources=sources, n_boot=n_boot, seed=seed,
+    res = run_plan(model, task, variants, metric, forwards=forwards, sources=sources, n_boot=cfg.n_boot, seed=cfg.seed,
                    progress=progress, label="latent patch", unit="run", extra_checks=_latent_checks)
     full_i = res.index("full")
     of_lo, of_hi = res.ratio_ci(range(len(variants)), full_i)
@@ -244,7 +265,9 @@ def patch_latents(model, sae, meta: dict, task, latents: list[int] | None = None
     rows[full_i].update(of_full=1.0, of_full_low=1.0, of_full_high=1.0)
     table = pd.DataFrame(rows)
     pos_label = ",".join(f"{p}:{task.str_tokens[p]!r}" if task.str_tokens else str(p) for p in positions)
-    s = _summary(table, chosen, attr, hook, site, layer, positions, position_rule, pos_label, metric, task, res)
+    where = {"hook_name": hook, "hook": hook, "site": site, "layer": int(layer), "positions": positions,
+             "position_rule": position_rule, "position_label": pos_label, "metric": metric, "task": task.describe()}
+    s = {**where, **_summary(table, chosen, attr, res)}
     s["checks"] = {**decoder, **s["checks"]}
     s["verdict"], s["verdict_detail"] = latent_verdict(s)
     return table, s
@@ -267,16 +290,16 @@ def _latent_checks(res) -> list[Check]:
                   "= the engine's full patch at that site")]
 
 
-def _summary(table, chosen, attr, hook, site, layer, positions, rule, pos_label, metric, task, res) -> dict:
+def _summary(table: pd.DataFrame, chosen: list[int], attr: np.ndarray, res) -> dict:
+    """The numbers of a latent-patching run (the chosen set against the full patch and random
+    sets) from its table and :class:`~replab.patching.plan.PlanResult` ``res``."""
     t = table.set_index("name")
     ch, full = t.loc["chosen"], t.loc["full"]
     rand = table[table["kind"] == "random"]["normalized_effect"].to_numpy()
     e = float(ch["normalized_effect"])
     pct = float(100 * ((rand < e).sum() + 0.5 * (rand == e).sum()) / len(rand)) if len(rand) else None
     dose = table[table["kind"] == "top_k"][["k", "normalized_effect", "ci_low", "ci_high", "of_full"]]
-    return {"hook_name": hook, "hook": hook, "site": site, "layer": int(layer), "positions": positions,
-            "position_rule": rule, "position_label": pos_label, "metric": metric, "task": task.describe(),
-            "clean_metric": res.clean_metric, "corrupt_metric": res.corrupt_metric, "latents": chosen,
+    return {"clean_metric": res.clean_metric, "corrupt_metric": res.corrupt_metric, "latents": chosen,
             "latent_attribution": [float(attr[i]) for i in chosen],
             "effect": e, "ci_low": float(ch["ci_low"]), "ci_high": float(ch["ci_high"]),
             "of_full": float(ch["of_full"]), "of_full_low": float(ch["of_full_low"]),
@@ -299,20 +322,20 @@ def _summary(table, chosen, attr, hook, site, layer, positions, rule, pos_label,
 def latent_verdict(s: dict) -> tuple[str, list[str]]:
     """``(verdict, detail sentences)``: :func:`replab.features.verdict.sufficiency` (the rule of
     direction patching) with latent-specific details."""
-    from replab.features.verdict import _ci, _pct, sufficiency
+    from replab.features.verdict import ci_text, pct_text, sufficiency
 
     n = len(s["latents"])
     subject = f"{n} latent{'s' if n != 1 else ''} {s['latents'] if n <= 10 else ''}".strip()
     v = sufficiency(s, subject, f"random sets of {n} active latents", plural=n != 1)
     if v.startswith("uninformative"):
         return v, [v]
-    detail = [v, f"full patch at {s['hook']} ({s['position_label']}): {_pct(s['full_residual_effect'])} "
-                 f"{_ci(s['full_ci_low'], s['full_ci_high'])} of the clean-vs-corrupt gap"]
+    detail = [v, f"full patch at {s['hook']} ({s['position_label']}): {pct_text(s['full_residual_effect'])} "
+                 f"{ci_text(s['full_ci_low'], s['full_ci_high'])} of the clean-vs-corrupt gap"]
     if s["n_random"]:
-        detail.append(f"random sets of {n} active latents: mean {_pct(s['random_mean'])}, p95 "
-                      f"{_pct(s['random_p95'])}; the chosen set is above {s['percentile']:.0f}% of them")
+        detail.append(f"random sets of {n} active latents: mean {pct_text(s['random_mean'])}, p95 "
+                      f"{pct_text(s['random_p95'])}; the chosen set is above {s['percentile']:.0f}% of them")
     detail.append(f"every latent (the SAE reconstruction, error term kept corrupt) restores "
-                  f"{_pct(s['all_latents_effect'])}, {_pct(s['all_latents_of_full'])} of the full patch; the "
-                  f"error term alone {_pct(s['error_term_effect'])}; everything but the chosen latents "
-                  f"{_pct(s['complement_effect'])}")
+                  f"{pct_text(s['all_latents_effect'])}, {pct_text(s['all_latents_of_full'])} of the full patch; the "
+                  f"error term alone {pct_text(s['error_term_effect'])}; everything but the chosen latents "
+                  f"{pct_text(s['complement_effect'])}")
     return v, detail

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from replab.errors import ReplabError
+from replab.features.config import LatentRunConfig, build_run_config
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
-def _latents_from(path) -> list[int]:
+def latents_from(path) -> list[int]:
     """Top latents of a ``replab sae decompose`` run (its ``top_latents`` table, in order)."""
     import pandas as pd
 
@@ -19,50 +25,43 @@ def _latents_from(path) -> list[int]:
     return [int(x) for x in pd.read_parquet(table)["latent"].tolist()]
 
 
-def _parse_ints(spec) -> list[int] | None:
-    if spec is None:
-        return None
-    try:
-        return [int(x) for x in str(spec).split(",") if x.strip()]
-    except ValueError:
-        raise ReplabError(f"bad list {spec!r}; use integers separated by commas") from None
+def run_latent_patch(sae_dir=None, out=None, model: HookedTransformer | str | None = None,
+                     progress: bool = False, config: LatentRunConfig | None = None, **options) -> dict:
+    """``replab sae patch`` end to end, written to the run directory ``out`` (default
+    ``runs/sae-patch``).
 
-
-def run_latent_patch(sae_dir=None, layer: int | None = None, hook: str = "resid_post",
-                     task: str = "superclass", classes: str | None = None, latents=None,
-                     from_dir=None, top: int = 5, positions: str | None = None,
-                     metric: str | None = None, n_random: int = 100, pairs: int = 64,
-                     template: str | None = None, out=None, model: str | None = None,
-                     seed: int = 0, dataset: str | None = None) -> dict:
-    """Load the SAE (a directory, or the cached one at ``hook``/``layer``), the task and the
-    latents (``latents`` "12,34", ``from_dir`` a decompose run, else the ``top`` by
-    attribution), run :func:`replab.features.latent_patch.patch_latents`, write ``out``.
-
-    ``positions``: a rule of the task (``entity_last``, ``last``, ``all``) or "3,4"; default
-    the person's last name token for the super-class task, else every position. ``dataset``:
-    a prompt file for the task (superset schema for ``superclass``, e.g. a known-only JSONL).
+    ``config``: a :class:`~replab.features.config.LatentRunConfig`: the SAE (``sae_dir``, else
+    the cached one at ``hook``/``layer``), the task, ``from_dir`` (a ``sae decompose`` run whose
+    top latents are patched when ``patch.latents`` is not given; else the ``patch.top`` by
+    attribution), and :func:`replab.features.latent_patch.patch_latents`'s options as
+    ``config.patch``; ``**options`` set its fields or those of ``config.patch``
+    (``run_latent_patch(layer=20, latents="12,34", n_random=50)``). ``patch.positions``
+    defaults to the task's ``entity_last`` when it has one (the super-class task), else every
+    position; ``patch.metric`` to the task's (``class_mass`` for superclass), else
+    ``logit_diff``. Returns the summary; its ``config`` is ``config.to_dict()``.
     """
     from replab._figures import pyplot
     from replab.features.latent_patch import patch_latents
     from replab.features.sae.artifact import load_sae, model_for, read_meta, resolve_sae_dir
-    from replab.models import load_model
-    from replab.patching.catalog import load_task
+    from replab.models.coerce import as_model
     from replab.patching.plots import save_figure
-    from replab.patching.task import task_positions
     from replab.rundir import finish_run, start_run, write_table
 
-    m = load_model(model)
-    path = resolve_sae_dir(sae_dir, m, hook, layer)
+    if sae_dir is not None:
+        options["sae"] = sae_dir
+    cfg = build_run_config(LatentRunConfig, config, options)
+    m = as_model(model)
+    path = resolve_sae_dir(cfg.sae, m, cfg.hook, cfg.layer)
     m = model_for(read_meta(path), m)
     sae, meta = load_sae(path)
-    t = load_task(task, m.tokenizer, template, pairs, bool(m.cfg.default_prepend_bos), classes, dataset)
-    metric = metric or ("class_mass" if t.class_a is not None else "logit_diff")
-    rule = positions or ("entity_last" if "entity_last" in t.meta.get("positions", {}) else "all")
-    pos = task_positions(t, rule)
-    chosen = _parse_ints(latents) or (_latents_from(from_dir)[:top] if from_dir else None)
-    table, summary = patch_latents(m, sae, meta, t, latents=chosen, top=top,
-                                  positions=None if pos is None else list(pos), metric=metric,
-                                  n_random=n_random, seed=seed, position_rule=rule)
+    t = cfg.load_task(m)
+    rule = cfg.patch.positions or ("entity_last" if "entity_last" in t.meta.get("positions", {}) else "all")
+    latents = cfg.patch.latents
+    if latents is None and cfg.from_dir:
+        latents = latents_from(cfg.from_dir)[:cfg.patch.top]
+    patch = dataclasses.replace(cfg.patch, latents=latents, positions=rule)
+    table, summary = patch_latents(m, sae, meta, t, patch, progress=progress,
+                                   position_rule=rule if isinstance(rule, str) else None)
     out = start_run(Path(out or "runs/sae-patch"))
     files = write_table(table.assign(latents=table["latents"].map(
         lambda v: json.dumps(v) if v is not None else None)), out, "latent_patch")
@@ -84,8 +83,5 @@ def run_latent_patch(sae_dir=None, layer: int | None = None, hook: str = "resid_
     ax.legend(fontsize=7)
     fig.tight_layout()
     files += save_figure(fig, out / "dose_response")
-    summary = {"kind": "sae_latent_patch", "sae": str(path), "config": {
-        "top": top, "n_random": n_random, "positions": rule, "pairs": pairs, "seed": seed, "task": task,
-        "classes": classes, "dataset": dataset, "template": template, "metric": metric,
-        "latents": latents, "from": str(from_dir) if from_dir else None}, **summary, "files": files}
+    summary = {"kind": "sae_latent_patch", "sae": str(path), "config": cfg.to_dict(), **summary, "files": files}
     return {**finish_run(out, summary, m), "out": str(out)}

@@ -28,13 +28,19 @@ where the direction works best would bias that verdict upward).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
+from replab.features.config import MIN_FULL, ScanConfig, ScanRunConfig, build_run_config, with_overrides
 
-MIN_FULL = 0.5
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from replab.patching.task import PatchTask
+
 ACCURACY_COLUMNS = ("heldout_balanced_accuracy", "balanced_accuracy", "accuracy")
 
 
@@ -96,36 +102,42 @@ def layer_directions(run: Path, kind: str, cls: str, layers) -> tuple[dict, dict
     return dirs, shuf, " + ".join(sorted(sources))
 
 
-def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None,
-                positions: str | None = None, layers=None, metric: str | None = None,
-                n_random: int = 0, min_full: float = MIN_FULL, seed: int = 0, n_boot: int = 1000,
-                max_tokens: int = 65536, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+def scan_layers(model: HookedTransformer, task: PatchTask, run, config: ScanConfig | None = None, *,
+                progress: bool = False, **overrides) -> tuple[pd.DataFrame, dict]:
     """Scan every layer of a probe run (module docstring).
 
     Args:
         task: a :class:`~replab.patching.task.PatchTask` (e.g. the super-class task).
-        run: the probe run directory; ``kind``: its probe; ``cls``: the class whose direction
-            is patched (default: the task's clean class).
-        positions: a position rule of the task (default: the probe's own, e.g. ``entity_last``).
-        layers: the layers to scan (default: every layer of the probe run).
+        run: the probe run directory.
+        config: a :class:`~replab.features.config.ScanConfig`: the probe ``kind``, the class
+            ``cls`` whose direction is patched (default: the task's clean class), the
+            ``positions`` rule (default: the probe's own, e.g. ``entity_last``), the ``layers``
+            (default: every layer of the probe run), ``metric``, ``n_random``, ``min_full``,
+            ``seed``, ``n_boot``; ``**overrides`` set its fields (``scan_layers(model, task, run,
+            cls="artist")``).
     Returns:
         ``(table, summary)``: one row per layer (``layer, hook, probe_accuracy, full_effect,
         full_ci_low, full_ci_high, direction_effect, ci_low, ci_high, direction_of_full,
         shuffled_effect, random_mean, random_p95, eligible, chosen``) and a summary with
         ``chosen_layer`` and ``reason``.
     """
-    from replab.hooks import canonical_site
+    from replab.hooks import canonical_site, parse_layers
     from replab.patching.engine import Variant
     from replab.patching.interventions import Intervention
     from replab.patching.metrics import check_metric
     from replab.patching.plan import run_plan
     from replab.patching.task import task_positions
 
+    cfg = with_overrides(ScanConfig, config, overrides)
+    kind, n_random, min_full, seed = cfg.kind, cfg.n_random, cfg.min_full, cfg.seed
     run = Path(run)
     acc, acc_col = probe_accuracy(run, kind)
-    cls = cls or (task.meta.get("classes") or [None])[0]
+    cls = cfg.cls or (task.meta.get("classes") or [None])[0]
     if not cls:
         raise ReplabError("give --class (the class whose probe direction is patched)")
+    layers = cfg.layers
+    if isinstance(layers, str):
+        layers = parse_layers(layers, model.cfg.n_layers)
     layers = sorted(int(x) for x in (layers if layers is not None else acc["layer"]))
     if not layers:
         raise ReplabError("no layers to scan")
@@ -135,13 +147,13 @@ def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None
     dirs, shuf, how = layer_directions(run, kind, cls, layers)
     first = dirs[layers[0]]               # one probe run: the same site and position rule at every layer
     site, _ = canonical_site(first.site or "resid_post")
-    rule = positions or first.position or "last"
+    rule = cfg.positions or first.position or "last"
     try:
         pos = task_positions(task, rule)
     except ReplabError as e:
         raise ReplabError(f"position rule {rule!r} is not defined for task {task.name} ({e}); "
                           "pass --positions") from None
-    metric = check_metric(metric or task.meta.get("metric") or "logit_diff")
+    metric = check_metric(cfg.metric or task.meta.get("metric") or "logit_diff")
     rng = np.random.default_rng(seed)
     variants = []
     for layer in layers:
@@ -154,7 +166,7 @@ def scan_layers(model, task, run, kind: str = "logistic", cls: str | None = None
         for _ in range(n_random):
             r = rng.standard_normal(model.cfg.d_model)
             variants.append(v("random", r / np.linalg.norm(r)))
-    res = run_plan(model, task, variants, metric, n_boot=n_boot, seed=seed, max_tokens=max_tokens,
+    res = run_plan(model, task, variants, metric, n_boot=cfg.n_boot, seed=seed, max_tokens=cfg.max_tokens,
                    progress=progress, label="layer scan", unit="run")
     eff = res.effect
     rows = []
@@ -232,42 +244,37 @@ def scan_figure(table: pd.DataFrame, summary: dict, title: str):
     return fig
 
 
-def run_scan(probe, out=None, task: str = "superclass", classes: str | None = None, cls: str | None = None,
-             kind: str = "logistic", positions: str | None = None, layers: str | None = None,
-             metric: str | None = None, n_random: int = 0, min_full: float = MIN_FULL,
-             pairs: int = 64, template: str | None = None, dataset: str | None = None,
-             model: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+def run_scan(probe=None, out=None, model: HookedTransformer | str | None = None, progress: bool = True,
+             config: ScanRunConfig | None = None, **options) -> dict:
     """``replab features scan`` end to end: load, scan, write ``scan.parquet/.csv``,
-    ``scan.png/.svg`` and ``summary.json`` (last) to ``out``. Returns the summary."""
-    from replab.models import load_model
-    from replab.patching.catalog import load_task
+    ``scan.png/.svg`` and ``summary.json`` (last) to ``out`` (default ``runs/features-scan``).
+
+    ``config``: a :class:`~replab.features.config.ScanRunConfig` (the probe run, the task, and
+    the scan's options as ``config.scan``); ``**options`` set its fields or those of
+    ``config.scan`` (``run_scan("runs/probe", cls="artist", layers="0-23")``). Returns the
+    summary; its ``config`` is ``config.to_dict()``.
+    """
+    from replab.models.coerce import as_model
     from replab.patching.plots import save_figure
     from replab.patching.superclass import check_separation
     from replab.rundir import finish_run, start_run, write_table
 
-    run = Path(probe)
+    if probe is not None:
+        options["probe"] = probe
+    cfg = build_run_config(ScanRunConfig, config, options)
+    run = Path(cfg.probe)
     if not (run / "probes").is_dir():
-        raise ReplabError(f"{probe} is not a probe run directory (replab probe train --out ...)")
-    m = load_model(model)
-    t = load_task(task, m.tokenizer, template, pairs, bool(m.cfg.default_prepend_bos), classes, dataset)
-    layer_list = None
-    if layers:
-        from replab.hooks import parse_layers
-
-        layer_list = parse_layers(layers, m.cfg.n_layers)
-    sep = check_separation(m, t, metric or t.meta.get("metric") or "logit_diff")
-    table, s = scan_layers(m, t, run, kind, cls, positions, layer_list, metric, n_random, min_full, seed,
-                           progress=progress)
+        raise ReplabError(f"{cfg.probe} is not a probe run directory (replab probe train --out ...)")
+    m = as_model(model)
+    t = cfg.load_task(m)
+    sep = check_separation(m, t, cfg.scan.metric or t.meta.get("metric") or "logit_diff")
+    table, s = scan_layers(m, t, run, cfg.scan, progress=progress)
     out = start_run(Path(out or "runs/features-scan"))
     files = write_table(table, out, "scan")
-    title = (f"{s['class']} probe ({kind}) vs causal reach at {s['position_rule']}, task {t.name}")
+    title = (f"{s['class']} probe ({cfg.scan.kind}) vs causal reach at {s['position_rule']}, task {t.name}")
     files += save_figure(scan_figure(table, s, title), out / "scan")
     summary = {"kind": "features_scan", **s, "separation": sep,
-               "table": table.to_dict("records"), "files": files,
-               "config": {"probe": str(probe), "task": task, "classes": classes, "class": cls, "kind": kind,
-                          "positions": positions, "layers": layers, "metric": metric, "n_random": n_random,
-                          "min_full": min_full, "pairs": pairs, "template": template, "dataset": dataset,
-                          "seed": seed}}
+               "table": table.to_dict("records"), "files": files, "config": cfg.to_dict()}
     return {**finish_run(out, summary, m), "out": str(out)}
 
 

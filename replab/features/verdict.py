@@ -24,8 +24,16 @@ engine check.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from replab.features.config import DirectionSetup
+    from replab.patching.plan import PlanResult
 
 MIN_FULL = 0.10
 SUFFICIENT = 0.50
@@ -109,17 +117,19 @@ def projection_stats(acts: dict, vector: np.ndarray, pos) -> dict:
             "sd": float(np.concatenate([proj["clean"], proj["corrupt"]]).std()), "act_norm": norm}
 
 
-def _num(x) -> str:
+def _whole_pct(x) -> str:
     v = round(100 * float(x))
     return str(v if v != 0 else 0)   # no "-0"
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{_num(x)}%"
+def pct_text(x) -> str:
+    """A fraction as a whole percentage (``0.714`` -> ``"71%"``; ``"n/a"`` when missing)."""
+    return "n/a" if x is None or not np.isfinite(x) else f"{_whole_pct(x)}%"
 
 
-def _ci(lo, hi) -> str:
-    return f"[{_num(lo)}, {_num(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "[n/a]"
+def ci_text(lo, hi) -> str:
+    """A CI of fractions in whole percentages (``"[64, 78]"``; ``"[n/a]"`` when not finite)."""
+    return f"[{_whole_pct(lo)}, {_whole_pct(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "[n/a]"
 
 
 def random_mean_check(random_mean: float, full: float, n: int, what: str = "random directions",
@@ -157,8 +167,8 @@ def sufficiency(s: dict, subject: str = "the direction", random_what: str = "ran
     full, n = s["full_residual_effect"], s["n_random"]
     if not np.isfinite(full) or abs(full) < MIN_FULL:
         return (f"uninformative: the full-residual patch at {s['site']} L{s['layer']} (positions "
-                f"{s['position_label']}) restores only {_pct(full)} of the clean-vs-corrupt gap, so nothing "
-                f"there can carry the effect ({subject}: {_pct(s['effect'])}); try an earlier "
+                f"{s['position_label']}) restores only {pct_text(full)} of the clean-vs-corrupt gap, so nothing "
+                f"there can carry the effect ({subject}: {pct_text(s['effect'])}); try an earlier "
                 "layer, or a position the output still reads")
     if n:
         above = s["ci_low"] > s["random_p95"]
@@ -167,7 +177,7 @@ def sufficiency(s: dict, subject: str = "the direction", random_what: str = "ran
                 else f"above {n_below} of {n} {random_what}")
     else:
         above, rank = s["ci_low"] > 0, "no random baseline"
-    ratio = f"{_pct(s['of_full'])} {_ci(s['of_full_low'], s['of_full_high'])} of the full-residual effect"
+    ratio = f"{pct_text(s['of_full'])} {ci_text(s['of_full_low'], s['of_full_high'])} of the full-residual effect"
     verb = "restore" if plural else "restores"
     if above and s["of_full_low"] >= SUFFICIENT:
         return f"sufficient: {subject} {verb} {ratio}; {rank}"
@@ -176,9 +186,9 @@ def sufficiency(s: dict, subject: str = "the direction", random_what: str = "ran
     if above:
         return f"weak: {subject} {verb} only {ratio}, though {rank}"
     p95 = s["random_p95"] / full if n and full else np.nan
-    return (f"not sufficient: {subject} {verb} {ratio}; {rank} (percentile "
-            f"{s['percentile'] if s['percentile'] is not None else float('nan'):.0f}, random p95 {_pct(p95)} of the "
-            "full effect)")
+    pct = s["percentile"] if s["percentile"] is not None else float("nan")
+    return (f"not sufficient: {subject} {verb} {ratio}; {rank} (percentile {pct:.0f}, random p95 "
+            f"{pct_text(p95)} of the full effect)")
 
 
 def direction_verdict(s: dict) -> tuple[str, list[str]]:
@@ -188,45 +198,123 @@ def direction_verdict(s: dict) -> tuple[str, list[str]]:
         return v, [v]
     sh = s.get("shuffled_of_full")
     if sh is not None and np.isfinite(sh) and s["of_full"] <= sh and not v.startswith("not"):
-        v += f"; but not above the shuffled-label direction ({_pct(sh)})"
+        v += f"; but not above the shuffled-label direction ({pct_text(sh)})"
     full = s["full_residual_effect"]
-    detail = [v, f"full-residual patch: {_pct(full)} {_ci(s['full_ci_low'], s['full_ci_high'])} of the "
-                 f"clean-vs-corrupt gap; random directions: mean {_pct(s['random_mean'])}, p95 "
-                 f"{_pct(s['random_p95'])}"]
-    detail.append(f"complement (everything but the direction) restores {_pct(s['complement_of_full'])} of "
+    detail = [v, f"full-residual patch: {pct_text(full)} {ci_text(s['full_ci_low'], s['full_ci_high'])} of the "
+                 f"clean-vs-corrupt gap; random directions: mean {pct_text(s['random_mean'])}, p95 "
+                 f"{pct_text(s['random_p95'])}"]
+    detail.append(f"complement (everything but the direction) restores {pct_text(s['complement_of_full'])} of "
                   "the full-residual effect")
     if s.get("shuffled_of_full") is not None:
         detail.append(f"shuffled-label direction ({s.get('shuffled_source') or 'shuffled labels'}) restores "
-                      f"{_pct(s['shuffled_of_full'])} of the full-residual effect (above "
+                      f"{pct_text(s['shuffled_of_full'])} of the full-residual effect (above "
                       f"{s['shuffled_percentile']:.0f}% of the random directions)")
     a = s["ablation"]
-    detail.append(f"necessity: projection ablation on the clean run removes {_pct(a['drop'])} "
-                  f"{_ci(a['drop_low'], a['drop_high'])} of the clean-vs-corrupt gap (random: "
-                  f"{_pct(a['random_mean_drop'])}); noising the direction removes {_pct(s['noising']['drop'])} "
-                  f"(the full noising patch: {_pct(s['noising']['full_drop'])})")
+    detail.append(f"necessity: projection ablation on the clean run removes {pct_text(a['drop'])} "
+                  f"{ci_text(a['drop_low'], a['drop_high'])} of the clean-vs-corrupt gap (random: "
+                  f"{pct_text(a['random_mean_drop'])}); noising the direction removes {pct_text(s['noising']['drop'])} "
+                  f"(the full noising patch: {pct_text(s['noising']['full_drop'])})")
     if s.get("leace"):
-        detail.append(f"LEACE erasure on the clean run removes {_pct(s['leace']['drop'])} "
-                      f"{_ci(s['leace']['drop_low'], s['leace']['drop_high'])}")
+        detail.append(f"LEACE erasure on the clean run removes {pct_text(s['leace']['drop'])} "
+                      f"{ci_text(s['leace']['drop_low'], s['leace']['drop_high'])}")
     return v, detail
 
 
-def summarize(table, random_tbl, steering, direction, task, site, layer, pos, pos_rule, metric,
-              res, projection, random_tol=RANDOM_MEAN_TOL, shuffled_source: str | None = None) -> dict:
-    """The summary dict (JSON-safe), verdict included, from the tables and the
-    :class:`~replab.patching.plan.PlanResult` ``res``; ReplabError if the random-direction mean
-    is not about 0 (:func:`random_mean_check`, reported with the other checks)."""
+@dataclass(frozen=True)
+class DirectionTables:
+    """The tables a direction-patching run's summary is read from: ``effects`` (one row per
+    variant), ``random`` (:func:`random_table`) and ``steering`` (:func:`steering_table`)."""
+
+    effects: pd.DataFrame
+    random: pd.DataFrame
+    steering: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class DirectionSummary:
+    """What a direction-patching run found (``summary.json``; docs/features.md lists the keys).
+
+    Effects are normalised (0 = corrupt, 1 = clean); ``of_full*``: fractions of the
+    full-residual patch's effect; ``random_*``: the random directions' effects;
+    ``ablation`` / ``noising`` / ``leace``: the necessity numbers (``drop`` with CI);
+    ``checks``: every sanity check (all passed); ``verdict`` and ``verdict_detail``: the rule of
+    the module docstring in words.
+    """
+
+    effect: float
+    ci_low: float
+    ci_high: float
+    of_full: float
+    of_full_low: float
+    of_full_high: float
+    full_residual_effect: float
+    full_ci_low: float
+    full_ci_high: float
+    random_mean: float
+    random_sd: float
+    random_p95: float
+    random_max: float
+    n_random: int
+    percentile: float
+    complement_effect: float
+    complement_of_full: float
+    shuffled_effect: float | None
+    shuffled_of_full: float | None
+    shuffled_percentile: float | None
+    ablation: dict
+    noising: dict
+    leace: dict | None
+    site: str
+    layer: int
+    hook: str
+    positions: list[int] | None
+    position_rule: str | None
+    position_label: str
+    metric: str
+    clean_metric: float
+    corrupt_metric: float
+    steering: list[dict]
+    projection: dict
+    checks: dict[str, dict]
+    task: dict
+    direction: dict
+    n_variants: int
+    seconds: float
+    bootstrap: str
+    shuffled_source: str | None
+    random_mean_ok: bool
+    verdict: str
+    verdict_detail: list[str]
+
+    def to_dict(self) -> dict:
+        """The JSON-safe summary (a deep copy)."""
+        return dataclasses.asdict(self)
+
+
+def _drop(row: pd.Series) -> dict:
+    """A necessity row (noising, ablation, LEACE on the clean run) as a drop with its CI."""
+    e = float(row["normalized_effect"])
+    return {"effect": e, "drop": 1 - e, "drop_low": 1 - float(row["ci_high"]), "drop_high": 1 - float(row["ci_low"])}
+
+
+def summarize(setup: DirectionSetup, res: PlanResult, tables: DirectionTables, projection: dict) -> DirectionSummary:
+    """The :class:`DirectionSummary`, verdict included, of a direction-patching run: ``setup``
+    (what was patched where, with its config), the run's
+    :class:`~replab.patching.plan.PlanResult` ``res``, its ``tables`` and the ``projection``
+    stats (:func:`projection_stats` plus the steering unit). ReplabError if the
+    random-direction mean is not about 0 (:func:`random_mean_check`, reported with the other
+    checks). Nothing passed in is modified."""
+    table, direction, cfg = tables.effects, setup.direction, setup.config
     d, f = _row(table, "direction"), _row(table, "full")
-    rnd = random_tbl["normalized_effect"].to_numpy()
+    rnd = tables.random["normalized_effect"].to_numpy()
     e = float(d["normalized_effect"])
-    pct = float(100 * ((rnd < e).sum() + 0.5 * (rnd == e).sum()) / len(rnd))
-    pos_label = "all" if pos is None else ",".join(
-        f"{p}:{task.str_tokens[p]!r}" if task.str_tokens else str(p) for p in pos)
     s = {"effect": e, "ci_low": float(d["ci_low"]), "ci_high": float(d["ci_high"]),
          "of_full": float(d["of_full"]), "of_full_low": float(d["of_full_low"]),
          "of_full_high": float(d["of_full_high"]), "full_residual_effect": float(f["normalized_effect"]),
          "full_ci_low": float(f["ci_low"]), "full_ci_high": float(f["ci_high"]),
          "random_mean": float(rnd.mean()), "random_sd": float(rnd.std()), "random_p95": float(np.quantile(rnd, 0.95)),
-         "random_max": float(rnd.max()), "n_random": int(len(rnd)), "percentile": pct,
+         "random_max": float(rnd.max()), "n_random": int(len(rnd)),
+         "percentile": float(100 * ((rnd < e).sum() + 0.5 * (rnd == e).sum()) / len(rnd)),
          "complement_effect": float(_row(table, "complement")["normalized_effect"]),
          "complement_of_full": float(_row(table, "complement")["of_full"])}
     sh = _row(table, "shuffled")
@@ -234,31 +322,25 @@ def summarize(table, random_tbl, steering, direction, task, site, layer, pos, po
     s["shuffled_of_full"] = None if sh is None else float(sh["of_full"])
     s["shuffled_percentile"] = (None if sh is None else float(100 * (rnd < sh["normalized_effect"]).mean()))
     ab, dn, fn = _row(table, "ablate_direction"), _row(table, "direction_noise"), _row(table, "full_noise")
-    ab_rnd = random_tbl["ablate_effect"].dropna().to_numpy()
-    s["ablation"] = {"effect": float(ab["normalized_effect"]), "drop": 1 - float(ab["normalized_effect"]),
-                     "drop_low": 1 - float(ab["ci_high"]), "drop_high": 1 - float(ab["ci_low"]),
-                     "random_mean_drop": float(1 - ab_rnd.mean()) if len(ab_rnd) else None,
+    ab_rnd = tables.random["ablate_effect"].dropna().to_numpy()
+    s["ablation"] = {**_drop(ab), "random_mean_drop": float(1 - ab_rnd.mean()) if len(ab_rnd) else None,
                      "random_p95_drop": float(np.quantile(1 - ab_rnd, 0.95)) if len(ab_rnd) else None}
-    s["noising"] = {"effect": float(dn["normalized_effect"]), "drop": 1 - float(dn["normalized_effect"]),
-                    "drop_low": 1 - float(dn["ci_high"]), "drop_high": 1 - float(dn["ci_low"]),
-                    "of_full": float(dn["of_full"]), "full_drop": 1 - float(fn["normalized_effect"])}
+    s["noising"] = {**_drop(dn), "of_full": float(dn["of_full"]), "full_drop": 1 - float(fn["normalized_effect"])}
     le = _row(table, "leace")
-    s["leace"] = None if le is None else {"effect": float(le["normalized_effect"]),
-                                          "drop": 1 - float(le["normalized_effect"]),
-                                          "drop_low": 1 - float(le["ci_high"]), "drop_high": 1 - float(le["ci_low"])}
-    from replab.hooks import hook_name
-
-    d = res.describe()
-    s.update({"site": site, "layer": int(layer), "hook": hook_name(site, layer),
-              "positions": None if pos is None else list(pos), "position_rule": pos_rule,
-              "position_label": pos_label, "metric": metric, "clean_metric": d["clean_metric"],
-              "corrupt_metric": d["corrupt_metric"], "steering": steering.to_dict("records"),
-              "projection": projection, "checks": d["checks"], "task": task.describe(),
-              "direction": direction.describe(), "n_variants": d["n_variants"], "seconds": d["seconds"],
-              "bootstrap": d["bootstrap"],
-              "shuffled_source": shuffled_source if s["shuffled_effect"] is not None else None})
-    s["checks"]["random_mean"] = random_mean_check(s["random_mean"], s["full_residual_effect"], s["n_random"],
-                                                   tol_abs=random_tol, expected_fraction=direction.k / direction.d)
-    s["random_mean_ok"] = s["checks"]["random_mean"]["ok"]
-    s["verdict"], s["verdict_detail"] = direction_verdict(s)
-    return s
+    s["leace"] = None if le is None else _drop(le)
+    run = res.describe()
+    s.update({"site": setup.site, "layer": setup.layer, "hook": setup.hook,
+              "positions": None if setup.positions is None else list(setup.positions),
+              "position_rule": setup.position_rule, "position_label": setup.position_label, "metric": setup.metric,
+              "clean_metric": run["clean_metric"], "corrupt_metric": run["corrupt_metric"],
+              "steering": tables.steering.to_dict("records"), "projection": dict(projection),
+              "task": setup.task.describe(), "direction": direction.describe(), "n_variants": run["n_variants"],
+              "seconds": run["seconds"], "bootstrap": run["bootstrap"],
+              "shuffled_source": setup.shuffled_source if s["shuffled_effect"] is not None else None})
+    random_tol = RANDOM_MEAN_TOL if cfg.random_tol is None else cfg.random_tol
+    random_mean = random_mean_check(s["random_mean"], s["full_residual_effect"], s["n_random"],
+                                    tol_abs=random_tol, expected_fraction=direction.k / direction.d)
+    s["checks"] = {**run["checks"], "random_mean": random_mean}
+    s["random_mean_ok"] = random_mean["ok"]
+    verdict, detail = direction_verdict(s)
+    return DirectionSummary(**s, verdict=verdict, verdict_detail=detail)

@@ -12,11 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-
-def _plt():
-    from replab._figures import themed_pyplot
-
-    return themed_pyplot()
+from replab._figures import save, themed_pyplot
 
 
 def class_palette(classes) -> dict:
@@ -36,13 +32,6 @@ def projection_palette(values, classes=None) -> dict:
     return {k: v for k, v in full.items() if k in present}
 
 
-def _save(fig, base) -> Path:
-    """``<base>.png`` + ``<base>.svg`` (dots in ``base``, e.g. a ``--color`` name, are kept)."""
-    from replab._figures import save
-
-    return save(fig, Path(base), formats=("png", "svg"))[0]
-
-
 def plot_projection(coords: pd.DataFrame, color: str, base, title: str = "",
                     method: str = "pca", ncols: int | None = None, classes=None) -> Path:
     """One panel per layer of a :func:`~replab.geometry.project.project_layers` table.
@@ -50,7 +39,7 @@ def plot_projection(coords: pd.DataFrame, color: str, base, title: str = "",
     ``classes``: the full class set of the colour column (fixes the colours; default:
     the classes present in ``coords``). The legend lists the classes present.
     """
-    plt, sns = _plt()
+    plt, sns = themed_pyplot()
     layers = sorted(coords["layer"].unique())
     ncols = ncols or min(6, len(layers))
     nrows = math.ceil(len(layers) / ncols)
@@ -77,7 +66,7 @@ def plot_projection(coords: pd.DataFrame, color: str, base, title: str = "",
     fig.legend(handles=handles, title=color, loc="outside lower center",
                ncol=min(len(handles), 8), frameon=False, fontsize=9, title_fontsize=9)
     fig.suptitle(title or f"{method.upper()} by layer, coloured by {color}", fontsize=12)
-    return _save(fig, base)
+    return save(fig, Path(base), formats=("png", "svg"))[0]   # dots in base (a --color name) are kept
 
 
 def plot_cosines(cos: pd.DataFrame, base, title: str = "", ncols: int | None = None) -> Path:
@@ -90,7 +79,7 @@ def plot_cosines(cos: pd.DataFrame, base, title: str = "", ncols: int | None = N
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
-    plt, sns = _plt()
+    plt, sns = themed_pyplot()
     layers = sorted(cos["layer"].unique())
     ncols = ncols or min(6, len(layers))
     nrows = math.ceil(len(layers) / ncols)
@@ -120,7 +109,7 @@ def plot_cosines(cos: pd.DataFrame, base, title: str = "", ncols: int | None = N
     fig.colorbar(sm, ax=axes, shrink=0.6, label=label, ticks=np.unique([-1, centre, 0, 1]))
     fig.suptitle(title or "cosine similarity between class-mean directions", fontsize=12,
                  y=0.93 if nrows > 2 else 1.0)
-    return _save(fig, base)
+    return save(fig, Path(base), formats=("png", "svg"))[0]
 
 
 __all__ = ["class_palette", "projection_palette", "plot_projection", "plot_cosines"]

@@ -10,7 +10,7 @@
   config; :func:`default_lens_dir` is the default lens) and load.
 * :func:`probe_norm`: the model's own final norm, measured (for the least-squares init).
 * :func:`evaluate_lenses` / :func:`run_eval`: KL and CE per layer on held-out text.
-* :func:`logit_diff_curve` / :func:`decoder_logit_diff_curve`: W2 step 3 (logit lens:
+* :func:`logit_diff_curve` / :func:`decoder_logit_diff_curve`: W2 step 3 of docs/workflows.md (logit lens:
   accumulated residual; tuned lens: its translated residual).
 """
 

@@ -26,12 +26,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 from replab._version import __version__
 from replab.errors import ReplabError
+from replab.io import atomic_dir
 
 PARAMS = "params.pt"
 CONFIG = "config.json"
@@ -88,7 +88,7 @@ def is_current(path: str | os.PathLike, identity: dict, key: str) -> bool:
 
 
 def save_lens(lens, path: str | os.PathLike, identity: dict, config: dict, stats: dict) -> Path:
-    """Write ``lens`` (a ``TunedLens``) to ``path`` atomically (temp dir + rename).
+    """Write ``lens`` (a ``TunedLens``) to ``path`` atomically (:func:`replab.io.atomic_dir`).
 
     ``path`` must be absent, empty or an older lens directory (it is replaced); anything
     else is refused with ReplabError, so ``--out`` never deletes unrelated files.
@@ -100,25 +100,16 @@ def save_lens(lens, path: str | os.PathLike, identity: dict, config: dict, stats
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / META).exists())):
         raise ReplabError(f"{path} exists and is not a tuned-lens directory; choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    lens.save(tmp, ckpt=PARAMS, config=CONFIG)
-    state = {k: v.detach().contiguous().cpu() for k, v in lens.layer_translators.state_dict().items()}
-    save_file(state, str(tmp / SAFETENSORS))
-    meta = {"kind": "tuned_lens", "format": "tuned-lens 0.2 (config.json + params.pt) + safetensors",
-            "model": identity, "config": config, "config_key": config_key(config),
-            "corpus_sha256": corpus_sha256(config["corpus"]), "trainer": TRAINER,
-            "stats": stats, "replab_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    old = path.parent / f".{path.name}.old{os.getpid()}"
-    if path.exists():
-        os.replace(path, old)  # readers never see a half-written lens
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_dir(path) as tmp:   # readers never see a half-written lens
+        lens.save(tmp, ckpt=PARAMS, config=CONFIG)
+        state = {k: v.detach().contiguous().cpu() for k, v in lens.layer_translators.state_dict().items()}
+        save_file(state, str(tmp / SAFETENSORS))
+        meta = {"kind": "tuned_lens", "format": "tuned-lens 0.2 (config.json + params.pt) + safetensors",
+                "model": identity, "config": config, "config_key": config_key(config),
+                "corpus_sha256": corpus_sha256(config["corpus"]), "trainer": TRAINER,
+                "stats": stats, "replab_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
     return path
 
 

@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
 from replab.errors import ReplabError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+    from transformers import PreTrainedModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +102,7 @@ class LogitLens(Decoder):
 
     name = "logit"
 
-    def __init__(self, model, mid: bool = False):
+    def __init__(self, model: HookedTransformer, mid: bool = False):
         self.model = model
         self.points = lens_points(model.cfg.n_layers, mid)
 
@@ -143,7 +148,7 @@ class TunedLensDecoder(Decoder):
 
     name = "tuned"
 
-    def __init__(self, hf_model, lens, mid: bool = False):
+    def __init__(self, hf_model: PreTrainedModel, lens, mid: bool = False):
         if mid:
             raise ReplabError("--mid has no tuned-lens equivalent (tuned-lens trains translators "
                               "only for the residual entering each block); use `replab lens logit --mid`")

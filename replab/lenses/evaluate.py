@@ -13,7 +13,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from replab.io import write_text_atomic
 from replab.lenses.decoders import Decoder
+from replab.rundir import start_run
 
 
 @torch.no_grad()
@@ -87,7 +89,7 @@ def run_eval(model: str | None = None, corpus: str = "builtin-heldout", tokens: 
     with limit_threads(threads):
         df = evaluate_lenses([logit, tuned], chunks, batch_size, progress)
     out = Path(out or "runs/lens-eval")
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_run(out)   # an older summary.json (the completion marker) goes first
     df.to_csv(out / "eval.csv", index=False)
     eval_plot(df, out / "eval.png",
                     f"{Path(identity['name']).name}: lenses on {corpus} ({chunks.numel()} tokens)")
@@ -98,5 +100,5 @@ def run_eval(model: str | None = None, corpus: str = "builtin-heldout", tokens: 
                           "lens_path": str(lens_path) if lens_path else None},
                "tuned_better_every_layer": bool((inner["kl_tuned"] < inner["kl_logit"]).all()),
                "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return df, summary

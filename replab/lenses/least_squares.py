@@ -22,11 +22,16 @@ phase, and the first chunks' positions as a validation set.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from replab._progress import progress_bar
 from replab.errors import ReplabError
 from replab.lenses.norms import NormSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: positions per batch on which the progress bar's residual is measured
 RESIDUAL_ROWS = 64
@@ -68,7 +73,7 @@ def relative_residual(w: torch.Tensor, xs: list[torch.Tensor], t: torch.Tensor) 
     return float(sum(((x @ w[i] - t).pow(2).sum() / den).item() for i, x in enumerate(xs)) / len(xs))
 
 
-def check_final_is_output(hf_model, ids: torch.Tensor, out) -> None:
+def check_final_is_output(hf_model: PreTrainedModel, ids: torch.Tensor, out) -> None:
     """ReplabError unless the model's logits are ``lm_head(hidden_states[-1])`` (what the
     tuned lens decodes at the last point and what training matches), e.g. no logit soft cap."""
     head = hf_model.get_output_embeddings()
@@ -80,7 +85,7 @@ def check_final_is_output(hf_model, ids: torch.Tensor, out) -> None:
 
 
 @torch.no_grad()
-def fit_phase(hf_model, chunks: torch.Tensor, cfg, progress: bool = True, n_val_chunks: int = 0,
+def fit_phase(hf_model: PreTrainedModel, chunks: torch.Tensor, cfg, progress: bool = True, n_val_chunks: int = 0,
               spec: NormSpec | None = None):
     """One pass over ``chunks [n, seq_len]``: normal equations, KL pool, validation positions.
 

@@ -1,4 +1,4 @@
-"""Logit-difference curves by layer (W2 step 3), for the logit and tuned lens.
+"""Logit-difference curves by layer (W2 step 3 of docs/workflows.md), for the logit and tuned lens.
 
 For each prompt with an answer and a foil (``corrupt_answer``, else ``foils[0]``), at the
 last position:
@@ -22,11 +22,16 @@ opposite signs when the model is right.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
 
 from replab.errors import ReplabError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def _depth(label: str, n_layers: int) -> float:
@@ -37,7 +42,7 @@ def _depth(label: str, n_layers: int) -> float:
 
 
 @torch.no_grad()
-def logit_diff_batch(model, tokens: torch.Tensor, answers: torch.Tensor,
+def logit_diff_batch(model: HookedTransformer, tokens: torch.Tensor, answers: torch.Tensor,
                      foils: torch.Tensor) -> tuple[list[str], torch.Tensor]:
     """``tokens [batch, pos]`` (equal lengths), ``answers, foils [batch]`` ->
     ``(labels, logit_diff [n_points, batch])`` at the last position."""
@@ -96,7 +101,7 @@ def _curve(items: list[tuple], batch_fn, progress: bool, batch_size: int) -> pd.
     })
 
 
-def logit_diff_curve(model, tokenizer, rows: pd.DataFrame, prepend_bos: bool = False,
+def logit_diff_curve(model: HookedTransformer, tokenizer, rows: pd.DataFrame, prepend_bos: bool = False,
                      progress: bool = False, batch_size: int = 32) -> pd.DataFrame:
     """Logit-lens curves for a prompt set's ``rows`` (needs answer + foil per row) from the
     TransformerLens accumulated residual, incl. mid-layer points. Prompts of equal token

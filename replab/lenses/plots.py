@@ -7,9 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from replab._figures import pyplot
-
-plt = pyplot()
+from replab._figures import pyplot, save
 
 
 def _short(tok: str, n: int = 7) -> str:
@@ -30,6 +28,7 @@ def trajectory_heatmap(table: pd.DataFrame, path: str | Path, prompt_id: int = 0
     points = t.drop_duplicates("depth").set_index("depth")["point"]
     tokens = t.drop_duplicates("position").sort_values("position")["token"].tolist()
     n_rows, n_cols = grid.shape
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 0.95 * n_cols), max(3.2, 1.6 + 0.26 * n_rows)))
     cmap = "viridis_r" if color in ("entropy", "kl_to_final") else "Blues"
     limits = {"vmin": 0.0, "vmax": 1.0} if color.endswith("prob") else {}
@@ -50,7 +49,7 @@ def trajectory_heatmap(table: pd.DataFrame, path: str | Path, prompt_id: int = 0
     lens = t["lens"].iloc[0]
     ax.set_title(title or f"{lens} lens: top-1 prediction per layer and position")
     fig.colorbar(im, ax=ax, label=color.replace("_", " "), fraction=0.04, pad=0.02)
-    return _save(fig, path)
+    return save(fig, path, tight_layout=True)[0]
 
 
 def target_curve(table: pd.DataFrame, path: str | Path, summary: pd.DataFrame | None = None,
@@ -58,6 +57,7 @@ def target_curve(table: pd.DataFrame, path: str | Path, summary: pd.DataFrame | 
     """Target probability and rank by layer at each prompt's last position."""
     last = table[table["position"] == table.groupby("prompt_id")["position"].transform("max")]
     g = last.groupby("depth")
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     many = last["prompt_id"].nunique() > 1
     for _, p in last.groupby("prompt_id"):
@@ -87,13 +87,14 @@ def target_curve(table: pd.DataFrame, path: str | Path, summary: pd.DataFrame | 
     fig.suptitle(title or f"{lens} lens: target {table['target'].dropna().iloc[0]!r}"
                  if last["prompt_id"].nunique() == 1 else
                  title or f"{lens} lens: answer probability and rank by layer (last position)")
-    return _save(fig, path)
+    return save(fig, path, tight_layout=True)[0]
 
 
 def logit_diff_plot(summary: pd.DataFrame, path: str | Path, title: str | None = None,
                     lens: str = "logit") -> Path:
     """Mean (± std) logit difference answer − foil by layer (logit lens: along the accumulated
     residual stream, with mid points; tuned lens: at its translator points)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     for which, color in (("clean", "tab:green"), ("corrupt", "tab:orange")):
         s = summary[summary["which"] == which].sort_values("depth")
@@ -109,11 +110,12 @@ def logit_diff_plot(summary: pd.DataFrame, path: str | Path, title: str | None =
     ax.set_title(title or f"{lens} lens: logit difference (answer − foil) by layer")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path, tight_layout=True)[0]
 
 
 def eval_plot(df: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
     """KL(final ‖ lens) and cross-entropy per layer, logit vs tuned lens."""
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for lens, color in (("logit", "tab:gray"), ("tuned", "tab:purple")):
         s = df[df["lens"] == lens].sort_values("layer")
@@ -130,10 +132,4 @@ def eval_plot(df: pd.DataFrame, path: str | Path, title: str | None = None) -> P
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or "Lens quality on held-out text")
-    return _save(fig, path)
-
-
-def _save(fig, path) -> Path:
-    from replab._figures import save
-
     return save(fig, path, tight_layout=True)[0]

@@ -4,7 +4,7 @@ Run directory (``out``)::
 
     table.parquet / table.csv   tidy lens table (replab.lenses.table; CSV lists as JSON)
     first_top1.csv              per prompt: first layer where the target is top-1
-    logit_diff.csv              (prompt sets with answer + foil) W2 step 3 curve: logit lens
+    logit_diff.csv              (prompt sets with answer + foil) W2 step 3 (docs/workflows.md): logit lens
                                 from the accumulated residual (incl. mid points), tuned lens
                                 from its translated residual (replab.lenses.logit_diff)
     trajectory.png              layer x position heatmap of prompt ``index``
@@ -23,6 +23,8 @@ import pandas as pd
 
 from replab._version import __version__
 from replab.errors import ReplabError
+from replab.io import write_text_atomic
+from replab.rundir import start_run
 
 
 def _inputs(tokenizer, prompt, dataset, target, limit):
@@ -104,7 +106,7 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
         table = lens_table(decoder, tokenizer, prompts, targets, k, bos, extra, progress)
     t_table = time.perf_counter() - t0 - t_load
     out = Path(out or f"runs/lens-{kind}-{dataset or 'prompt'}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_run(out)   # an older summary.json (the completion marker) goes first
     table.to_parquet(out / "table.parquet", index=False)
     csv = table.copy()
     for col in ("top_tokens", "top_probs"):
@@ -146,7 +148,7 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
     summary["seconds_load"] = round(t_load, 1)
     summary["seconds_table"] = round(t_table, 1)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(_no_nan(summary), indent=1, default=str))
+    write_text_atomic(out / "summary.json", json.dumps(_no_nan(summary), indent=1, default=str))
     return summary
 
 

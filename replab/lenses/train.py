@@ -34,12 +34,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from replab._progress import progress_bar
 from replab.errors import ReplabError
 from replab.lenses.least_squares import fit_phase, solve_translators
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclasses.dataclass
@@ -133,7 +137,7 @@ def kl_phase(lens, train_pool: torch.Tensor, cfg: TrainConfig, progress: bool = 
     return losses
 
 
-def train_tuned_lens(hf_model, tokenizer, cfg: TrainConfig | None = None, progress: bool = True):
+def train_tuned_lens(hf_model: PreTrainedModel, tokenizer, cfg: TrainConfig | None = None, progress: bool = True):
     """Train a tuned lens for ``hf_model`` on ``cfg.corpus``.
 
     Returns:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from replab.errors import ReplabError
 from replab.lenses.cache import (
@@ -26,6 +27,9 @@ from replab.lenses.cache import (
 )
 from replab.lenses.train import TrainConfig, train_tuned_lens
 from replab.threads import limit_threads
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def model_identity(model_name: str | None) -> dict:
@@ -61,7 +65,7 @@ def default_lens_dir(identity: dict) -> Path:
 
 def train_lens(model_name: str | None = None, config: TrainConfig | None = None,
                out: str | os.PathLike | None = None, progress: bool = True,
-               identity: dict | None = None, hf_model=None,
+               identity: dict | None = None, hf_model: PreTrainedModel = None,
                threads: int | None = 1, force: bool = False) -> tuple[Path, dict]:
     """Train a tuned lens for ``model_name`` with ``config`` and save it, unless it exists.
 
@@ -99,7 +103,7 @@ def train_lens(model_name: str | None = None, config: TrainConfig | None = None,
     return path, {**stats, "cached": False}
 
 
-def load_tuned_lens(model_name: str | None = None, hf_model=None,
+def load_tuned_lens(model_name: str | None = None, hf_model: PreTrainedModel = None,
                     path: str | os.PathLike | None = None, identity: dict | None = None):
     """The tuned lens at ``path`` or the cached default lens of ``model_name``.
 

@@ -14,6 +14,8 @@ and reports both numbers side by side, with their Spearman correlation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
@@ -22,16 +24,19 @@ from replab.errors import ReplabError
 from replab.patching.engine import Variant, run_variants
 from replab.patching.interventions import Intervention
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 KINDS = ("head", "attn", "mlp", "neuron")
 
 
-def _metric(model, logits_last: torch.Tensor, task) -> torch.Tensor:
+def _metric(model: HookedTransformer, logits_last: torch.Tensor, task) -> torch.Tensor:
     a = logits_last.gather(1, task.answer[:, None])[:, 0]
     f = logits_last.gather(1, task.foil[:, None])[:, 0]
     return (a - f).mean()
 
 
-def _names(model) -> list[str]:
+def _names(model: HookedTransformer) -> list[str]:
     out = []
     for layer in range(model.cfg.n_layers):
         out += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out",
@@ -39,7 +44,7 @@ def _names(model) -> list[str]:
     return out
 
 
-def atp(model, task) -> tuple[pd.DataFrame, dict]:
+def atp(model: HookedTransformer, task) -> tuple[pd.DataFrame, dict]:
     """AtP estimates for every head, attention layer, MLP and neuron (logit-difference metric).
 
     Returns ``(table, summary)``: table columns ``kind, layer, head, neuron, component,
@@ -107,7 +112,7 @@ def _intervention(row) -> Intervention:
     return Intervention("mlp_post", layer, neurons=(int(row.neuron),))
 
 
-def exact_effects(model, task, rows: pd.DataFrame) -> np.ndarray:
+def exact_effects(model: HookedTransformer, task, rows: pd.DataFrame) -> np.ndarray:
     """Exact normalised effects (denoising, logit difference) of AtP table ``rows``."""
     from replab.patching.metrics import metric_values, normalized, readout
 
@@ -122,7 +127,7 @@ def exact_effects(model, task, rows: pd.DataFrame) -> np.ndarray:
     return normalized(patched.reshape(v, n).mean(1).cpu().numpy(), base["clean"], base["corrupt"])
 
 
-def atp_with_exact(model, task, top: int = 20, all_heads: bool = True) -> tuple[pd.DataFrame, dict]:
+def atp_with_exact(model: HookedTransformer, task, top: int = 20, all_heads: bool = True) -> tuple[pd.DataFrame, dict]:
     """AtP for every component, exact patching for the top ``top`` per kind (and every head
     when ``all_heads``), Spearman/Pearson of AtP against exact over the exactly patched heads."""
     from scipy.stats import pearsonr, spearmanr

@@ -28,14 +28,19 @@ Three views, each a tidy DataFrame with one row per prompt:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
 
 from replab.errors import ReplabError
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
-def _frozen_norm(model, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+
+def _frozen_norm(model: HookedTransformer, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The final norm's linear part with its scale frozen: ``x`` ``[..., d]``, ``scale``
     broadcastable to ``x`` (see the module docstring)."""
     kind = model.cfg.normalization_type
@@ -48,7 +53,7 @@ def _frozen_norm(model, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * w.float() if w is not None else x
 
 
-def _cache(model, tokens):
+def _cache(model: HookedTransformer, tokens):
     L = model.cfg.n_layers
     want = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
     for layer in range(L):
@@ -64,7 +69,7 @@ def _cache(model, tokens):
     return logits[:, -1].float(), cache
 
 
-def _direction(model, task):
+def _direction(model: HookedTransformer, task):
     W_U, b_U = model.W_U.float(), model.b_U.float()                # float32 in any model dtype
     u = W_U[:, task.answer] - W_U[:, task.foil]                    # [d, N]
     bias = b_U[task.answer] - b_U[task.foil]                       # [N]
@@ -74,7 +79,7 @@ def _direction(model, task):
     return u.T, bias
 
 
-def dla(model, task) -> dict[str, pd.DataFrame]:
+def dla(model: HookedTransformer, task) -> dict[str, pd.DataFrame]:
     """``{"accumulated", "layers", "heads", "check"}`` DataFrames; see the module docstring.
 
     ``check`` has, per prompt, the model's logit difference, the sum of the ``layers``

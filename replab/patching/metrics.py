@@ -20,11 +20,15 @@ prompt means, (patched − corrupt) / (clean − corrupt), as in TransformerLens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from replab.errors import ReplabError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 METRICS = ("logit_diff", "margin", "logprob", "prob", "kl")
 TASK_METRICS = ("class_mass",)   # need task data beyond answer/foil (PatchTask.class_a)
@@ -52,7 +56,8 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-def final_logits(model, resid_final: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+def final_logits(model: HookedTransformer, resid_final: torch.Tensor,
+                 cols: torch.Tensor | None = None) -> torch.Tensor:
     """Logits from the final residual ``[R, d]``: the model's own final norm, then ``W_U``,
     then its output soft cap if it has one (Gemma-2), as the model's forward does. The
     unembedding is computed in float32 whatever the model's dtype (bfloat16 / float16 models).
@@ -69,7 +74,7 @@ def final_logits(model, resid_final: torch.Tensor, cols: torch.Tensor | None = N
     return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
 
-def readout(model, resid_final: torch.Tensor, candidates: torch.Tensor, need_full: bool,
+def readout(model: HookedTransformer, resid_final: torch.Tensor, candidates: torch.Tensor, need_full: bool,
             need_logp: bool = False, chunk: int = 256) -> Readout:
     """A :class:`Readout` for final residuals ``[R, d]`` and per-row candidates ``[R, C]``."""
     cand = final_logits(model, resid_final, candidates)
@@ -143,7 +148,7 @@ def bootstrap_ci(patched: np.ndarray, clean: np.ndarray, corrupt: np.ndarray, n_
     return ratio_ci(weights, patched, clean, corrupt, level=level)
 
 
-def task_metrics(model, task, metric: str, finals: torch.Tensor, forwards: dict):
+def task_metrics(model: HookedTransformer, task, metric: str, finals: torch.Tensor, forwards: dict):
     """Per-prompt metrics of the clean and corrupt runs and of every patched variant.
 
     ``finals`` ``[V, N, d]`` from :func:`replab.patching.engine.run_variants` (with its

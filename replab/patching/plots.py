@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from replab._figures import pyplot as _plt
+from replab._figures import pyplot
 
 
 def save_figure(fig, path_stem: Path) -> list[str]:
@@ -36,7 +36,7 @@ def _heat(ax, grid: pd.DataFrame, title: str, xlabel: str, ylabel: str, value_la
 
 def sweep_heatmap(table: pd.DataFrame, title: str, value: str = "normalized_effect"):
     """Layer × position (token labels), layer × head, or one layer × position panel per head."""
-    plt = _plt()
+    plt = pyplot()
     has_pos = table["position"].notna().any()
     has_head = table["head"].notna().any()
     label = "normalised effect (0 = corrupt, 1 = clean)" if value == "normalized_effect" else value
@@ -79,7 +79,7 @@ def head_scatter(z: pd.DataFrame, other: pd.DataFrame, other_name: str, title: s
     For ``v`` (one value per KV head) each query head is paired with the effect of its KV
     head, which it shares with the other query heads of its group.
     """
-    plt = _plt()
+    plt = pyplot()
     zz = z.set_index(["layer", "head"])["normalized_effect"]
     group = n_heads // n_kv_heads
     xs, ys, labels = [], [], []
@@ -111,7 +111,7 @@ def attention_patterns(patterns: dict, tokens: list[str], title: str, groups: di
     With ``groups`` (head -> ``early``/``middle``/``late``) the panels are laid out one row
     per group, in layer order; ``labels`` adds a note to a head's panel title (e.g. its DLA).
     """
-    plt = _plt()
+    plt = pyplot()
     import seaborn as sns
 
     names = list(patterns)
@@ -143,32 +143,32 @@ def attention_patterns(patterns: dict, tokens: list[str], title: str, groups: di
     return fig
 
 
-def dla_line(table: pd.DataFrame, title: str):
-    """Accumulated-residual DLA: logit difference against depth, clean and corrupt."""
-    plt = _plt()
-    import seaborn as sns
-
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    sns.lineplot(table, x="depth", y="logit_diff", hue="run", marker="o", ax=ax, errorbar=("ci", 95))
+def _finish_zero_line(fig, ax, title: str, xlabel: str, ylabel: str):
+    """Add a thin grey line at y = 0, the labels (after seaborn, which sets its own) and the
+    title; returns ``fig``."""
     ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xlabel("layer (x.5 = after attention, resid_mid)")
-    ax.set_ylabel("logit difference (answer − foil)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def dla_line(table: pd.DataFrame, title: str):
+    """Accumulated-residual DLA: logit difference against depth, clean and corrupt."""
+    import seaborn as sns
+
+    fig, ax = pyplot().subplots(figsize=(8, 3.6))
+    sns.lineplot(table, x="depth", y="logit_diff", hue="run", marker="o", ax=ax, errorbar=("ci", 95))
+    return _finish_zero_line(fig, ax, title, "layer (x.5 = after attention, resid_mid)",
+                             "logit difference (answer − foil)")
 
 
 def dla_layers(table: pd.DataFrame, title: str):
     """Per-layer DLA: attention and MLP contributions by layer."""
-    plt = _plt()
     import seaborn as sns
 
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = pyplot().subplots(figsize=(9, 3.6))
     sns.barplot(table, x="layer", y="logit_diff", hue="component", ax=ax, errorbar=None)
-    ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("direct effect on logit difference")
-    ax.set_title(title)
     ax.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish_zero_line(fig, ax, title, "layer", "direct effect on logit difference")

@@ -1,4 +1,5 @@
-"""One call per workflow step (W2): load the model and task, run, write a run directory.
+"""One call per workflow step (W2 of docs/workflows.md, whose numbered steps the docstrings
+below cite): load the model and task, run, write a run directory.
 
 These are what the ``replab patch`` / ``replab attribute`` / ``replab test-prompt`` commands
 call; each returns the summary dict that is also written to ``<out>/summary.json``.
@@ -7,6 +8,7 @@ call; each returns the summary dict that is also written to ``<out>/summary.json
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,9 @@ import torch
 
 from replab.errors import ReplabError
 from replab.rundir import finish_run, start_run, write_table
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def load(model_name: str | None, task: str, template: str | None = None, limit: int | None = None):
@@ -48,7 +53,7 @@ def run_heads(task: str = "next_day", out=None, model: str | None = None, templa
     return _heads(m, t, Path(out or "runs/patch-heads"), progress, **kw)
 
 
-def _heads(m, t, out: Path, progress: bool, **kw) -> dict:
+def _heads(m: HookedTransformer, t, out: Path, progress: bool, **kw) -> dict:
     from replab.patching.plots import head_scatter, save_figure
     from replab.patching.sweeps import sweep
 
@@ -187,10 +192,10 @@ def run_atp(task: str = "next_day", out=None, model: str | None = None, template
 
 
 def _atp_figure(table: pd.DataFrame, out: Path, name: str) -> list[str]:
-    from replab._figures import pyplot as _plt
+    from replab._figures import pyplot
     from replab.patching.plots import save_figure
 
-    plt = _plt()
+    plt = pyplot()
     done = table[table["exact_effect"].notna()]
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     for kind, sub in done.groupby("kind"):

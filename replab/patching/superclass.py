@@ -24,6 +24,7 @@ the ``class_mass`` metric reads: log Σ_A p(w) − log Σ_B p(w).
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,9 @@ import torch
 
 from replab.errors import ReplabError
 from replab.patching.task import PatchTask
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 DEFAULT_CLASSES = ("artist", "scientist")
 
@@ -184,7 +188,7 @@ def build_superclass_task(tokenizer, class_a: str = "artist", class_b: str = "sc
                      dec(clean[0]), meta, tuple(mask))
 
 
-def separation_table(model, task: PatchTask, metric: str = "class_mass") -> pd.DataFrame:
+def separation_table(model: HookedTransformer, task: PatchTask, metric: str = "class_mass") -> pd.DataFrame:
     """Per prompt pair: the metric on the clean and on the corrupt prompt (one forward each)."""
     from replab.patching.metrics import FULL_VOCAB, check_metric, metric_values, readout
 
@@ -205,7 +209,7 @@ def separation_table(model, task: PatchTask, metric: str = "class_mass") -> pd.D
                          f"corrupt_{metric}": out["corrupt"], "gap": out["clean"] - out["corrupt"]})
 
 
-def check_separation(model, task: PatchTask, metric: str = "class_mass") -> dict:
+def check_separation(model: HookedTransformer, task: PatchTask, metric: str = "class_mass") -> dict:
     """How well the model separates the classes on ``metric`` before any patching.
 
     Returns ``clean_positive`` (fraction of clean prompts with metric > 0),

@@ -20,6 +20,7 @@ and stops with a ReplabError if one fails.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -30,6 +31,9 @@ from replab.patching.interventions import Intervention
 from replab.patching.metrics import check_metric
 from replab.patching.plan import run_plan
 from replab.patching.task import PatchTask
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 BY = {"layer": ("layer",), "layer,position": ("layer", "position"), "layer,head": ("layer", "head"),
       "layer,head,position": ("layer", "head", "position")}
@@ -46,7 +50,7 @@ class SweepResult:
     per_prompt: pd.DataFrame
     summary: dict = field(default_factory=dict)
 
-    def save(self, out, model=None) -> dict:
+    def save(self, out, model: HookedTransformer | None = None) -> dict:
         """Write the run directory: ``sweep`` and ``per_prompt`` tables, the heatmap, then
         ``summary.json`` (with the model identity)."""
         from replab.patching.plots import save_figure, sweep_heatmap
@@ -73,7 +77,7 @@ def parse_by(by: str, site: str) -> tuple[str, ...]:
     return axes
 
 
-def _cells(model, task: PatchTask, site: str, axes, layers, heads, positions):
+def _cells(model: HookedTransformer, task: PatchTask, site: str, axes, layers, heads, positions):
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     n_heads = n_kv if site_kind(site) == "kv_head" else cfg.n_heads
@@ -93,7 +97,7 @@ def _cells(model, task: PatchTask, site: str, axes, layers, heads, positions):
     return cells
 
 
-def sweep(model, task: PatchTask, site: str = "resid_pre", by: str = "layer,position",
+def sweep(model: HookedTransformer, task: PatchTask, site: str = "resid_pre", by: str = "layer,position",
           direction: str = "denoise", metric: str = "logit_diff", layers="all", heads=None,
           positions=None, source: str | None = None, scale: float | None = None,
           n_boot: int = 1000, seed: int = 0, checks: bool = True, progress: bool = False,
@@ -142,7 +146,8 @@ TABLE_COLUMNS = ["site", "layer", "component", "head", "query_heads", "position"
                  "foil_logit", "max_other_logit", "candidate_logits"]
 
 
-def _cell_variant(model, task: PatchTask, site: str, layer: int, h, p, src: str, scale, seed: int) -> Variant:
+def _cell_variant(model: HookedTransformer, task: PatchTask, site: str, layer: int, h, p, src: str, scale,
+                  seed: int) -> Variant:
     """One sweep cell as a labelled variant."""
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads

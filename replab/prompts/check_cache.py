@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 
 import pandas as pd
 
 from replab._version import __version__
+from replab.io import atomic_dir
 from replab.prompts.check import check_dataset
 from replab.prompts.schema import PromptSet
 
@@ -42,12 +42,10 @@ def check_dataset_cached(model, ps: PromptSet, scoring: str = "first_token",
             shutil.rmtree(folder, ignore_errors=True)
     scores, summary = check_dataset(model, ps, scoring=scoring, batch_size=batch_size,
                                     progress=progress)
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        scores.to_parquet(tmp / "scores.parquet", index=False)
-        (tmp / "summary.json").write_text(json.dumps(summary))
-        os.replace(tmp, folder)
+        with atomic_dir(folder) as tmp:
+            scores.to_parquet(tmp / "scores.parquet", index=False)
+            (tmp / "summary.json").write_text(json.dumps(summary))
     except Exception:  # noqa: BLE001 - caching is best effort (e.g. unusual label types)
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
     return scores, summary

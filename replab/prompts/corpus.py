@@ -210,54 +210,54 @@ def _prompt_sentences(rng: random.Random, split: str, tokenizer) -> list[str]:
     return out
 
 
-def _sequence_doc(rng: random.Random) -> str:
-    kind = rng.randrange(5)
-    n = rng.randint(4, 8)
-    if kind == 0:
-        start = rng.randrange(len(_DAYS))
-        seq = [_DAYS[(start + i) % 7] for i in range(n)]
-        return f"The days go {', '.join(seq)}."
-    if kind == 1:
-        start = rng.randrange(12)
-        seq = [_MONTHS[(start + i) % 12] for i in range(n)]
-        return f"After {seq[0]} comes {', then '.join(seq[1:])}."
-    if kind == 2:
-        start, step = rng.randint(0, 50), rng.choice([1, 2, 3, 5, 10, -1, -2])
-        return "Count: " + ", ".join(str(start + i * step) for i in range(n)) + "."
-    if kind == 3:
-        start = rng.randint(0, len(_NUMS) - n)
-        return "We counted " + ", ".join(_NUMS[start:start + n]) + "."
-    a, b = rng.randint(1, 40), rng.randint(1, 40)
-    return f"{a} plus {b} equals {a + b}, and {a} times {b} equals {a * b}."
+#: per split, one sentence frame per kind of :func:`_draw_sequence` (days, months, numbers,
+#: number words, arithmetic); the held-out frames never occur in training (the training
+#: sentences repeat often: a week has only 7 start days)
+_SEQUENCE_FRAMES = {
+    "train": ("The days go {comma}.", "After {first} comes {then}.", "Count: {comma}.", "We counted {comma}.",
+              "{a} plus {b} equals {sum}, and {a} times {b} equals {product}."),
+    "heldout": ("A week that begins on {first} goes on with {and_rest}.",
+                "On the calendar, {first} is followed by {and_rest}.",
+                "{verb} by {abs_step} from {first} gives {and_rest}.",
+                "The children said the numbers {and_all} out loud.",
+                "The sum of {a} and {b} is {sum}; their product is {product}."),
+}
 
 
 def _and_list(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _heldout_sequence_doc(rng: random.Random) -> str:
-    """The held-out split's sequences and arithmetic, in frames the training split never uses
-    (its own ``_sequence_doc`` sentences repeat often: a week has only 7 start days)."""
+def _draw_sequence(rng: random.Random) -> tuple[int, dict]:
+    """One random sequence or sum for a corpus sentence: ``(kind, fields of the frames)``;
+    kinds 0 days, 1 months, 2 numbers with a step, 3 number words, 4 a sum and a product."""
     kind = rng.randrange(5)
     n = rng.randint(4, 8)
+    if kind == 4:
+        a, b = rng.randint(1, 40), rng.randint(1, 40)
+        return kind, {"a": a, "b": b, "sum": a + b, "product": a * b}
+    extra = {}
     if kind == 0:
         start = rng.randrange(len(_DAYS))
-        seq = [_DAYS[(start + i) % 7] for i in range(n)]
-        return f"A week that begins on {seq[0]} goes on with {_and_list(seq[1:])}."
-    if kind == 1:
+        items = [_DAYS[(start + i) % 7] for i in range(n)]
+    elif kind == 1:
         start = rng.randrange(12)
-        seq = [_MONTHS[(start + i) % 12] for i in range(n)]
-        return f"On the calendar, {seq[0]} is followed by {_and_list(seq[1:])}."
-    if kind == 2:
+        items = [_MONTHS[(start + i) % 12] for i in range(n)]
+    elif kind == 2:
         start, step = rng.randint(0, 50), rng.choice([1, 2, 3, 5, 10, -1, -2])
-        verb = "Counting up" if step > 0 else "Counting down"
-        nums = [str(start + i * step) for i in range(n)]
-        return f"{verb} by {abs(step)} from {nums[0]} gives {_and_list(nums[1:])}."
-    if kind == 3:
+        items = [str(start + i * step) for i in range(n)]
+        extra = {"verb": "Counting up" if step > 0 else "Counting down", "abs_step": abs(step)}
+    else:
         start = rng.randint(0, len(_NUMS) - n)
-        return f"The children said the numbers {_and_list(_NUMS[start:start + n])} out loud."
-    a, b = rng.randint(1, 40), rng.randint(1, 40)
-    return f"The sum of {a} and {b} is {a + b}; their product is {a * b}."
+        items = _NUMS[start:start + n]
+    return kind, {"first": items[0], "comma": ", ".join(items), "then": ", then ".join(items[1:]),
+                  "and_rest": _and_list(items[1:]), "and_all": _and_list(items), **extra}
+
+
+def _sequence_doc(rng: random.Random, split: str) -> str:
+    """A sentence about a random sequence or sum, in one of ``split``'s frames."""
+    kind, fields = _draw_sequence(rng)
+    return _SEQUENCE_FRAMES[split][kind].format(**fields)
 
 
 def _story_doc(rng: random.Random, split: str) -> str:
@@ -290,7 +290,7 @@ def generate_builtin(tokenizer, split: str = "train", n_docs: int = 2500, seed: 
             elif r < 0.75:
                 parts.append(_story_doc(rng, split))
             else:
-                parts.append(_sequence_doc(rng) if split == "train" else _heldout_sequence_doc(rng))
+                parts.append(_sequence_doc(rng, split))
         docs.append(" ".join(parts))
     return docs
 

@@ -9,15 +9,20 @@ the model uses as an attention sink: its residual norm at layer 15 is ~2.4e4 aga
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from replab.errors import ReplabError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 #: hook aliases an SAE can be trained on (one vector per position).
 SAE_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post")
 
 
-def sae_hook_name(model, hook: str, layer: int | None) -> str:
+def sae_hook_name(model: HookedTransformer, hook: str, layer: int | None) -> str:
     """Full TransformerLens hook name for an alias + layer (or a full name), validated."""
     from replab.hooks import SITES, SYNONYMS
 
@@ -41,7 +46,7 @@ def sae_hook_name(model, hook: str, layer: int | None) -> str:
     return name
 
 
-def stop_layer(model, hook_name: str) -> int | None:
+def stop_layer(model: HookedTransformer, hook_name: str) -> int | None:
     """``stop_at_layer`` that still runs ``hook_name`` (None: the whole model)."""
     from replab.hooks import stop_at_layer
 
@@ -57,7 +62,7 @@ def corpus_windows(tokenizer, corpus: str, seq_len: int, max_tokens: int | None 
 
 
 @torch.no_grad()
-def hook_acts(model, hook_name: str, tokens: torch.Tensor) -> torch.Tensor:
+def hook_acts(model: HookedTransformer, hook_name: str, tokens: torch.Tensor) -> torch.Tensor:
     """Activations ``[batch, pos, d]`` of ``hook_name`` on ``tokens [batch, pos]``.
 
     Runs only the blocks up to the hook (``stop_at_layer``), no unembedding.
@@ -75,7 +80,7 @@ def hook_acts(model, hook_name: str, tokens: torch.Tensor) -> torch.Tensor:
     return box["x"]
 
 
-def harvest_acts(model, hook_name: str, windows: torch.Tensor, skip_first: int = 1,
+def harvest_acts(model: HookedTransformer, hook_name: str, windows: torch.Tensor, skip_first: int = 1,
                  batch_size: int = 16, progress: bool = True) -> torch.Tensor:
     """Stack the hook's vectors over ``windows [n, seq_len]``, positions ``>= skip_first``.
 

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from replab._version import __version__
 from replab.errors import ReplabError
+from replab.io import atomic_dir
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -46,19 +50,15 @@ def save_sae(sae, path: str | os.PathLike, identity: dict, hook_name: str, layer
 
     path = Path(path)
     check_replaceable(path, META, "an SAE directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    sae.save_inference_model(tmp)
-    arch = json.loads((tmp / CFG).read_text()).get("architecture")
-    meta = {"format": FORMAT, "hook_name": hook_name, "layer": layer, "architecture": arch,
-            "training_architecture": config.get("arch"), "d_in": int(sae.cfg.d_in),
-            "d_sae": int(sae.cfg.d_sae), "model": identity, "config": config, "stats": stats,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "replab_version": __version__, "sae_lens_version": sae_lens.__version__}
-    (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    replace_dir(tmp, path)
+    with atomic_dir(path) as tmp:
+        sae.save_inference_model(tmp)
+        arch = json.loads((tmp / CFG).read_text()).get("architecture")
+        meta = {"format": FORMAT, "hook_name": hook_name, "layer": layer, "architecture": arch,
+                "training_architecture": config.get("arch"), "d_in": int(sae.cfg.d_in),
+                "d_sae": int(sae.cfg.d_sae), "model": identity, "config": config, "stats": stats,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "replab_version": __version__, "sae_lens_version": sae_lens.__version__}
+        (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
     return path
 
 
@@ -66,16 +66,6 @@ def check_replaceable(path: Path, marker: str, what: str) -> None:
     """ReplabError unless ``path`` is absent, empty, or already holds ``marker`` (our output)."""
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).exists())):
         raise ReplabError(f"{path} exists and is not {what}; choose another --out")
-
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the finished ``tmp`` directory to ``path``, replacing an older one."""
-    old = path.parent / f".{path.name}.old{os.getpid()}"
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -116,7 +106,7 @@ def load_sae(path: str | os.PathLike, device: str = "cpu"):
     return sae, meta
 
 
-def resolve_sae_dir(path: str | os.PathLike | None, model=None, hook: str = "resid_post",
+def resolve_sae_dir(path: str | os.PathLike | None, model: HookedTransformer | None = None, hook: str = "resid_post",
                     layer: int | None = None) -> Path:
     """``path`` if given, else the cached SAE of ``model`` at ``hook``/``layer``."""
     if path is not None:
@@ -133,14 +123,12 @@ def resolve_sae_dir(path: str | os.PathLike | None, model=None, hook: str = "res
     return cached
 
 
-def model_for(meta: dict, model=None):
+def model_for(meta: dict, model: HookedTransformer | str | None = None):
     """The model an SAE was trained on (``model`` if given; checked against ``meta``)."""
-    from replab.models import load_model
+    from replab.models.coerce import as_model
 
     ident = meta.get("model", {})
-    if model is None or isinstance(model, str):
-        name = model if isinstance(model, str) else ident.get("name")
-        model = load_model(name)
+    model = as_model(ident.get("name") if model is None else model)
     got = model.replab_identity.to_dict()
     if got.get("weights_sha256") != ident.get("weights_sha256"):
         raise ReplabError(f"this SAE was trained on model {ident.get('name')!r} "

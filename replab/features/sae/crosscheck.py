@@ -9,7 +9,12 @@ distribution, so these numbers are an implementation check, not the headline met
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 #: replab metric -> (run_evals section, key)
 PAIRS = {"ce_clean": ("model_performance_preservation", "ce_loss_without_sae"),
@@ -40,7 +45,8 @@ class _TokenStore:
         self.i = 0
 
 
-def sae_lens_crosscheck(sae, model, hook_name: str, windows: torch.Tensor, batch_size: int = 4) -> dict:
+def sae_lens_crosscheck(sae, model: HookedTransformer, hook_name: str, windows: torch.Tensor,
+                        batch_size: int = 4) -> dict:
     """``{metric: {"replab", "sae_lens", "rel_diff"}}`` plus ``max_rel_diff``, ``tokens`` and the
     latent-density agreement, on ``windows [n, seq_len]`` (``n`` a multiple of ``batch_size``)."""
     import numpy as np

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def read_direction(direction) -> tuple[np.ndarray, dict]:
@@ -94,7 +98,8 @@ def _check_site(prov: dict, meta: dict) -> None:
 
 def decompose_direction(sae_dir, direction, store=None, label: str | None = None,
                         positive_class: str | None = None, top: int = 10, n_examples: int = 5,
-                        n_tokens: int = 10, model=None, where: str | None = None) -> dict:
+                        n_tokens: int = 10, model: HookedTransformer | str | None = None,
+                        where: str | None = None) -> dict:
     """Decompose ``direction`` onto the latents of the SAE at ``sae_dir``.
 
     Args:

@@ -25,17 +25,22 @@ With ``skip_first=0`` every number equals SAELens's ``run_evals`` on the same to
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
 
 from replab.errors import ReplabError
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 DEAD_THRESHOLD = 0.0
 DENSE_THRESHOLD = 0.1
 
 
-def _continue_from(model, hook_name: str, tokens: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
+def _continue_from(model: HookedTransformer, hook_name: str, tokens: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
     """Logits with the hook's activation replaced by ``x_new``.
 
     For ``resid_pre`` / ``resid_post`` hooks the forward restarts at the next block from
@@ -94,7 +99,7 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_sae(sae, model, hook_name: str, windows: torch.Tensor, skip_first: int = 1,
+def evaluate_sae(sae, model: HookedTransformer, hook_name: str, windows: torch.Tensor, skip_first: int = 1,
                  batch_size: int = 4, dead_threshold: float = DEAD_THRESHOLD,
                  dense_threshold: float = DENSE_THRESHOLD, progress: bool = False
                  ) -> tuple[dict, pd.DataFrame]:

@@ -12,11 +12,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
 
 from replab.errors import ReplabError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 OPEN, CLOSE = "«", "»"
 
@@ -64,7 +69,8 @@ def encode_store(sae, acts, groups: dict[str, np.ndarray] | None = None, top_n: 
         top_val, top_row = best.values, idx.gather(0, best.indices)
     return {"sums": {k_: v.cpu().numpy() for k_, v in sums.items()},
             "counts": {name: int(np.asarray(m, dtype=bool).sum()) for name, m in groups.items()},
-            "freq": (fires / max(int(keep.sum()), 1)).cpu().numpy(), "top_val": top_val.cpu().numpy(), "top_row": top_row.cpu().numpy()}
+            "freq": (fires / max(int(keep.sum()), 1)).cpu().numpy(), "top_val": top_val.cpu().numpy(),
+            "top_row": top_row.cpu().numpy()}
 
 
 def highlight(tokenizer, prompt: str, position: int, prepend_bos: bool = False) -> str:
@@ -113,7 +119,7 @@ def top_examples(encoded: dict, index: pd.DataFrame, latents, tokenizer=None,
 
 
 @torch.no_grad()
-def logit_effects(sae, model, latents, n_tokens: int = 10) -> pd.DataFrame:
+def logit_effects(sae, model: HookedTransformer, latents, n_tokens: int = 10) -> pd.DataFrame:
     """Direct logit effect of each latent's decoder row: ``row @ W_U``, top and bottom tokens.
 
     Returns one row per (latent, side, rank): ``latent, side ("top" | "bottom"), rank,

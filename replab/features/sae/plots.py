@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from replab._figures import pyplot as _plt
+from replab._figures import pyplot, save
+
+DPI = 120
 
 
 def frequency_plot(latents: pd.DataFrame, path: str | Path, title: str = "",
@@ -15,7 +17,7 @@ def frequency_plot(latents: pd.DataFrame, path: str | Path, title: str = "",
     """Histogram of log10 latent firing frequency; dead latents counted in the title."""
     import seaborn as sns
 
-    plt = _plt()
+    plt = pyplot()
     freq = latents["frequency"].to_numpy()
     alive = freq[freq > 0]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -29,7 +31,7 @@ def frequency_plot(latents: pd.DataFrame, path: str | Path, title: str = "",
     ax.set_title(f"{title}\n{len(freq)} latents, {n_dead} dead (never fire), "
                  f"{int((freq > dense_threshold).sum())} dense", fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path, dpi=DPI, tight_layout=True)[0]
 
 
 def top_latents_plot(top: pd.DataFrame, path: str | Path, value: str = "contribution",
@@ -42,7 +44,7 @@ def top_latents_plot(top: pd.DataFrame, path: str | Path, value: str = "contribu
     """
     import seaborn as sns
 
-    plt = _plt()
+    plt = pyplot()
     if value not in top.columns or top[value].isna().all():
         value = "cosine"
     t = top.copy()
@@ -62,10 +64,4 @@ def top_latents_plot(top: pd.DataFrame, path: str | Path, value: str = "contribu
     ax.set_xlabel(value.replace("_", " ") + "   (blue: more active on the class, red: less)")
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
-
-
-def _save(fig, path) -> Path:
-    from replab._figures import save
-
-    return save(fig, path, dpi=120, tight_layout=True)[0]
+    return save(fig, path, dpi=DPI, tight_layout=True)[0]

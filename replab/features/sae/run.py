@@ -5,26 +5,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from replab.features.sae.evaluate import DEAD_THRESHOLD, DENSE_THRESHOLD, evaluate_sae
+from replab.io import atomic_dir
+from replab.rundir import write_table
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
-def _write_table(df, out: Path, name: str) -> list[str]:
-    if df is None:
-        return []
-    df.to_parquet(out / f"{name}.parquet", index=False)
-    df.to_csv(out / f"{name}.csv", index=False)
-    return [f"{name}.parquet", f"{name}.csv"]
+def _table_files(df: pd.DataFrame | None, folder: Path, stem: str) -> list[str]:
+    """:func:`replab.rundir.write_table` into ``folder``; the file names written (none for no table)."""
+    return [] if df is None else [Path(f).name for f in write_table(df, folder, stem)]
 
 
 def run_decompose(sae_dir=None, direction=None, store=None, label: str | None = None,
                   positive_class: str | None = None, top: int = 10, n_examples: int = 5,
-                  n_tokens: int = 10, out=None, where: str | None = None, model=None) -> dict:
+                  n_tokens: int = 10, out=None, where: str | None = None,
+                  model: HookedTransformer | str | None = None) -> dict:
     """:func:`decompose_direction` + a run directory.
 
     ``sae_dir`` None: the cached SAE at the Direction's hook and layer. Writes (atomically:
@@ -35,7 +38,7 @@ def run_decompose(sae_dir=None, direction=None, store=None, label: str | None = 
     from replab._version import __version__
     from replab.errors import ReplabError
     from replab.features.sae import plots
-    from replab.features.sae.artifact import check_replaceable, replace_dir
+    from replab.features.sae.artifact import check_replaceable
     from replab.features.sae.decompose import decompose_direction, read_direction
 
     t0 = time.perf_counter()
@@ -45,39 +48,34 @@ def run_decompose(sae_dir=None, direction=None, store=None, label: str | None = 
     check_replaceable(out, "summary.json", "a decompose run directory")
     if sae_dir is None:
         from replab.features.sae.artifact import resolve_sae_dir
-        from replab.models import load_model
+        from replab.models.coerce import as_model
 
         _, prov = read_direction(direction)
         if prov.get("hook") is None:
             raise ReplabError("a raw vector has no hook or layer: give the SAE directory")
-        model = model if model is not None and not isinstance(model, str) else load_model(model)
+        model = as_model(model)
         sae_dir = resolve_sae_dir(None, model, prov["hook"], prov["layer"])
     res = decompose_direction(sae_dir, direction, store, label, positive_class, top, n_examples,
                               n_tokens, model=model, where=where)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    files = []
-    for key, name in (("cosine", "cosine"), ("attribution", "attribution"), ("top", "top_latents"),
-                      ("examples", "examples"), ("logits", "logit_effects")):
-        files += _write_table(res[key], tmp, name)
-    s = res["summary"]
-    what = f"{s.get('positive_class') or s['direction'].get('positive_class') or 'direction'}"
-    value = "contribution" if res["attribution"] is not None else "cosine"
-    plots.top_latents_plot(res["top"], tmp / "top_latents.png", value,
-                           f"{what}: top SAE latents at {s['hook_name']} by {value}",
-                           examples=res["examples"])
-    files.append("top_latents.png")
-    summary = {"kind": "sae_decompose", **s, "config": {
-        "top": top, "n_examples": n_examples, "n_tokens": n_tokens, "label": label,
-        "positive_class": positive_class, "where": where,
-        "direction": str(direction) if isinstance(direction, (str, os.PathLike)) else None},
-        "top": res["top"].to_dict(orient="records"), "files": files,
-        "replab_version": __version__, "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        files = []
+        for key, name in (("cosine", "cosine"), ("attribution", "attribution"), ("top", "top_latents"),
+                          ("examples", "examples"), ("logits", "logit_effects")):
+            files += _table_files(res[key], tmp, name)
+        s = res["summary"]
+        what = f"{s.get('positive_class') or s['direction'].get('positive_class') or 'direction'}"
+        value = "contribution" if res["attribution"] is not None else "cosine"
+        plots.top_latents_plot(res["top"], tmp / "top_latents.png", value,
+                               f"{what}: top SAE latents at {s['hook_name']} by {value}",
+                               examples=res["examples"])
+        files.append("top_latents.png")
+        summary = {"kind": "sae_decompose", **s, "config": {
+            "top": top, "n_examples": n_examples, "n_tokens": n_tokens, "label": label,
+            "positive_class": positive_class, "where": where,
+            "direction": str(direction) if isinstance(direction, (str, os.PathLike)) else None},
+            "top": res["top"].to_dict(orient="records"), "files": files,
+            "replab_version": __version__, "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
 
@@ -103,8 +101,8 @@ def check_sae_lens_tokens(n: int, batch_size: int, seq_len: int | None = None,
                           f"needs at least --batch-size ({batch_size}): raise --tokens")
 
 
-def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens: int = 8192,
-                 seq_len: int | None = None, skip_first: int | None = None, batch_size: int = 4,
+def run_sae_eval(path=None, model: HookedTransformer | str | None = None, corpus: str = "builtin-heldout",
+                 tokens: int = 8192, seq_len: int | None = None, skip_first: int | None = None, batch_size: int = 4,
                  out=None, layer: int | None = None, hook: str = "resid_post",
                  dead_threshold: float = DEAD_THRESHOLD, dense_threshold: float = DENSE_THRESHOLD,
                  progress: bool = True, force: bool = False,
@@ -122,12 +120,6 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
     (default ``<SAE dir>/eval``). ``seq_len`` / ``skip_first`` default to the SAE's training
     values. Returns ``(summary, latents DataFrame)``; ``summary["metrics"]`` holds the numbers.
     """
-    import json
-    import os
-    import shutil
-    import time
-    from pathlib import Path
-
     from replab._version import __version__
     from replab.features.sae.acts import corpus_windows
     from replab.features.sae.artifact import (
@@ -135,16 +127,15 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
         load_sae,
         model_for,
         read_meta,
-        replace_dir,
         resolve_sae_dir,
     )
     from replab.features.sae.plots import frequency_plot
-    from replab.models import load_model
+    from replab.models.coerce import as_model
 
     t0 = time.perf_counter()
     check_sae_lens_tokens(sae_lens_tokens, batch_size)
-    if path is None and (model is None or isinstance(model, str)):
-        model = load_model(model)
+    if path is None:   # the cached SAE of this model
+        model = as_model(model)
     path = resolve_sae_dir(path, model, hook, layer)
     meta = read_meta(path)
     cfg = meta.get("config", {})
@@ -182,21 +173,14 @@ def run_sae_eval(path=None, model=None, corpus: str = "builtin-heldout", tokens:
 
         cross = sae_lens_crosscheck(sae, model, meta["hook_name"], windows[:sae_lens_tokens // seq_len],
                                     batch_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    latents.to_parquet(tmp / "latents.parquet", index=False)
-    latents.to_csv(tmp / "latents.csv", index=False)
-    frequency_plot(latents, tmp / "latent_frequency.png",
-                         f"{meta['hook_name']} {meta['architecture']} d_sae={meta['d_sae']}",
-                         dense_threshold)
-    summary = {"kind": "sae_eval", "sae": str(path), "hook_name": meta["hook_name"],
-               "architecture": meta["architecture"], "d_sae": meta["d_sae"],
-               "metrics": metrics, "config": run_cfg, "sae_lens_crosscheck": cross,
-               "model": model.replab_identity.to_dict(), "replab_version": __version__,
-               "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
-    (tmp / "eval.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        write_table(latents, tmp, "latents")
+        frequency_plot(latents, tmp / "latent_frequency.png",
+                       f"{meta['hook_name']} {meta['architecture']} d_sae={meta['d_sae']}", dense_threshold)
+        summary = {"kind": "sae_eval", "sae": str(path), "hook_name": meta["hook_name"],
+                   "architecture": meta["architecture"], "d_sae": meta["d_sae"],
+                   "metrics": metrics, "config": run_cfg, "sae_lens_crosscheck": cross,
+                   "model": model.replab_identity.to_dict(), "replab_version": __version__,
+                   "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
+        (tmp / "eval.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return {**summary, "cached": False}, latents

@@ -26,11 +26,15 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from replab.errors import ReplabError
 from replab.features.sae.config import SAETrainConfig, trainer_config, training_sae_config
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def _cpu_seconds() -> float:
@@ -185,8 +189,9 @@ def cached_training(path: Path, cfg: SAETrainConfig, identity: dict, source: dic
     return meta if same else None
 
 
-def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.PathLike | None = None,
-              activations: torch.Tensor | None = None, progress: bool = True, force: bool = False,
+def train_sae(model: HookedTransformer | str | None = None, config: SAETrainConfig | None = None,
+              out: str | os.PathLike | None = None, activations: torch.Tensor | None = None,
+              progress: bool = True, force: bool = False,
               **overrides) -> tuple[Path, dict]:
     """Train an SAE on ``model``'s ``config.hook`` at ``config.layer`` and save it.
 
@@ -215,13 +220,12 @@ def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.Pa
 
     from replab.features.sae.acts import sae_hook_name
     from replab.features.sae.artifact import META, check_replaceable
-    from replab.models import load_model
+    from replab.models.coerce import as_model
 
     cfg = dataclasses.replace(config or SAETrainConfig(), **overrides)
     if out is not None:  # fail before an expensive run, not after it
         check_replaceable(Path(out), META, "an SAE directory")
-    if model is None or isinstance(model, str):
-        model = load_model(model)
+    model = as_model(model)
     identity = model.replab_identity.to_dict()
     hook_name = sae_hook_name(model, cfg.hook, cfg.layer)
     from replab.features.sae.artifact import cached_sae_dir
@@ -244,7 +248,7 @@ def train_sae(model=None, config: SAETrainConfig | None = None, out: str | os.Pa
     return path, {**stats, "cached": False}
 
 
-def _train(model, cfg, identity, hook_name, path, activations, progress, source):
+def _train(model: HookedTransformer, cfg, identity, hook_name, path, activations, progress, source):
     from replab.features.sae.acts import corpus_windows, harvest_acts
     from replab.features.sae.artifact import save_sae
     from replab.hooks import parse_hook_name
