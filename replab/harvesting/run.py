@@ -36,7 +36,7 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
         layers: ``"all"``, ``"0-9"``, ``"10-"``, ``"3,7"``...
         positions: ``"last"``, ``"all"``, ``"0,-1"``, or a span rule like ``"entity_last"``.
         dtype: storage dtype, ``"float32"`` (default) or ``"float16"``.
-        batch_size: prompts per forward (default 32).
+        batch_size: prompts per forward (default 32; must be >= 1).
         out: the store directory. An interrupted harvest into ``out`` resumes.
         progress: show a progress bar (stderr) with tokens/s.
 
@@ -51,6 +51,12 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
 
     if out is None:
         raise ReplabError("harvest needs an output directory (out=...)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ReplabError(f"{out}: --out is a file, not a directory; choose a directory path")
+    batch_size = DEFAULT_BATCH if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ReplabError(f"batch size must be a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
     if model is None or isinstance(model, str):
         model = load_model(model)
     identity = model.replab_identity
@@ -63,15 +69,15 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
     if len(ps) == 0:
         raise ReplabError(f"dataset {ps.name} is empty")
     store_dtype = _store_dtype(dtype)
-    batch_size = int(batch_size or DEFAULT_BATCH)
-    if batch_size < 1:
-        raise ReplabError("batch size must be at least 1")
     names = resolve_hooks(model, hooks, layers)
     stop = stop_at_layer(names, model.cfg.n_layers)
 
     token_lists = [token_ids(tok, p, prepend_bos=prepend_bos) for p in ps.rows["prompt"]]
-    if max(len(t) for t in token_lists) > model.cfg.n_ctx:
-        raise ReplabError(f"a prompt is longer than the model's context ({model.cfg.n_ctx})")
+    longest = max(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    if len(token_lists[longest]) > model.cfg.n_ctx:
+        n_long = sum(len(t) > model.cfg.n_ctx for t in token_lists)
+        raise ReplabError(f"row {longest + 1} of {ps.name} has {len(token_lists[longest])} tokens, more than "
+                          f"the model's context of {model.cfg.n_ctx} ({n_long} prompt(s) too long)")
     chosen = select_positions(positions, ps.rows, [len(t) for t in token_lists], tok, prepend_bos)
     index = build_index(ps, token_lists, chosen, tok)
     dims = _dims(model, names, stop)
@@ -87,8 +93,11 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
     first = writer.start()
     if not writer.complete:
         _run_batches(model, writer, token_lists, chosen, names, stop, batch_size, first, progress)
+        group_source = ps.meta.get("group_source")
         manifest = {"replab_version": __version__, "model": identity.to_dict(),
-                    "dataset": {**dataset_meta, "source": str(ps.source)}, "config": config}
+                    "dataset": {**dataset_meta, "source": str(ps.source),
+                                **({"group_source": group_source} if group_source else {})},
+                    "config": config}
         writer.finish(manifest)
     return open_store(out)
 

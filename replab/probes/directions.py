@@ -217,7 +217,7 @@ def load_probe(path: str | Path, layer: int | None = None):
     """
     from safetensors.numpy import load_file
 
-    from replab.probes.estimators import _LinearProbe
+    from replab.probes.estimators import LoadedProbe
 
     path = Path(path)
     if path.is_dir():
@@ -230,10 +230,11 @@ def load_probe(path: str | Path, layer: int | None = None):
     if layer not in meta["layers"]:
         raise ReplabError(f"this probe has no layer {layer}; it has {meta['layers']}")
     w = load_file(str(base) + ".safetensors")
-    probe = _LinearProbe()
+    probe = LoadedProbe()
     probe.classes_ = np.asarray(meta["classes"], dtype=object)
     probe.coef_ = w[f"L{layer}.coef"]
     probe.intercept_ = w[f"L{layer}.intercept"]
+    probe.n_features_in_ = int(probe.coef_.shape[1])
     meta = {**meta, "layer": layer}
     return probe, meta
 
