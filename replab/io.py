@@ -135,6 +135,22 @@ def read_text(path, what: str = "file") -> str:
         ) from None
 
 
+def read_json(path, what: str = "JSON file") -> dict:
+    """A JSON object from ``path``; one-line ReplabError naming the file when it is missing,
+    not UTF-8, not valid JSON or not an object."""
+    path = Path(path)
+    if not path.exists():
+        raise ReplabError(f"{path}: missing {what}")
+    text = read_text(path, what)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReplabError(f"{path}: unreadable {what} (invalid JSON at line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ReplabError(f"{path}: unreadable {what} (not a JSON object)")
+    return data
+
+
 def writable_dir(path, what: str = "output directory") -> Path:
     """Create ``path`` (and parents) if needed and check it is a writable directory.
 

@@ -14,13 +14,13 @@ filled batch by batch, so ``numpy.load(path, mmap_mode="r")`` reads it without r
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
 from replab.errors import ReplabError
-from replab.io import inside, read_text, sha256_file
+from replab.io import inside, sha256_file
+from replab.io import read_json as _read_json
 
 FORMAT = "replab.activation_store"
 FORMAT_VERSION = 1
@@ -39,18 +39,8 @@ STORE_DTYPES = ("float32", "float16")
 
 
 def read_json(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; one-line ReplabError naming the file otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise ReplabError(f"{path}: missing {what}")
-    text = read_text(path, what)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ReplabError(f"{path}: unreadable {what} (invalid JSON at line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ReplabError(f"{path}: unreadable {what} (not a JSON object)")
-    return data
+    """A JSON object from ``path`` (:func:`replab.io.read_json`)."""
+    return _read_json(path, what)
 
 
 def _is_int(v) -> bool:
