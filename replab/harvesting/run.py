@@ -76,8 +76,8 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
     longest = max(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     if len(token_lists[longest]) > model.cfg.n_ctx:
         n_long = sum(len(t) > model.cfg.n_ctx for t in token_lists)
-        raise ReplabError(f"row {longest + 1} of {ps.name} has {len(token_lists[longest])} tokens, more than "
-                          f"the model's context of {model.cfg.n_ctx} ({n_long} prompt(s) too long)")
+        raise ReplabError(f"{ps.source or ps.name}: row {longest + 1} has {len(token_lists[longest])} tokens, "
+                          f"more than the model's context of {model.cfg.n_ctx} ({n_long} prompt(s) too long)")
     chosen = select_positions(positions, ps.rows, [len(t) for t in token_lists], tok, prepend_bos)
     index = build_index(ps, token_lists, chosen, tok)
     dims = _dims(model, names, stop)

@@ -98,7 +98,7 @@ def split_column(index: pd.DataFrame, split_by: str) -> str:
 
 def split_hint(index: pd.DataFrame, exclude=()) -> str:
     """``"choose another with --split-by COLUMN: template, entity, ..."``: the index columns
-    with at least 2 and fewer than ``len(index)`` distinct values (sensible groups)."""
+    (bookkeeping columns aside) with at least 2 distinct values."""
     cands = []
     for col in index.columns:
         if col in _BOOKKEEPING or col in exclude:
@@ -107,7 +107,7 @@ def split_hint(index: pd.DataFrame, exclude=()) -> str:
             n = index[col].astype(str).nunique()
         except TypeError:
             continue
-        if 2 <= n < len(index):
+        if n >= 2:
             cands.append(col)
     named = {"group": "entity", "token_id": "token"}
     cands = [named.get(c, c) for c in cands]

@@ -152,7 +152,7 @@ def load_prompts(name_or_path: str, tokenizer=None, prepend_bos: bool = False) -
     else:
         records = read_user_rows(path)
     if not records:
-        raise ReplabError(f"dataset {name} is empty")
+        raise ReplabError(f"{path}: dataset {name} is empty (no rows)")
     rows = normalize_rows(records, where=str(path))
     if default_groups(rows):
         meta["group_source"] = "entity"

@@ -206,11 +206,13 @@ class PromptSet:
 
     def to_jsonl(self, path) -> None:
         """Write the rows in the user-file JSONL schema (round-trips through ``load_prompts``)."""
+        from replab.io import writable_dir, write_text_atomic
+
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with p.open("w", encoding="utf-8") as fh:
-            for rec in self.records():
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        if p.is_dir():
+            raise ReplabError(f"{p}: is a directory; --out must be a .jsonl file path")
+        writable_dir(p.parent, "output directory")
+        write_text_atomic(p, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in self.records()))
 
 
 def _to_jsonable(v: Any) -> Any:
