@@ -178,6 +178,19 @@ def test_harvest_into_a_store_made_otherwise(stores, tmp_path, capsys):
     assert (s / "manifest.json").read_bytes() == before
 
 
+def test_datasets_inputs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "short", "answer": " a"},
+                                                 {"prompt": "word " * 400, "answer": " b"}])
+    expect_error(capsys, ["datasets", "check", str(long), "--model", "tiny", "--no-cache"],
+                 r"long\.jsonl: row 2 has 401 tokens, more than the model's context of 256")
+    (tmp_path / "adir").mkdir()
+    expect_error(capsys, ["datasets", "export", "next_day", "--model", "tiny", "--out", str(tmp_path / "adir")],
+                 r"adir: is a directory; --out must be a \.jsonl file path")
+    expect_error(capsys, ["datasets", "check", str(_bytes(tmp_path / "b.csv", b"prompt\n\xff\xfe\n")),
+                          "--model", "tiny"], r"b\.csv: line 2, column 1: byte 0xff is not valid UTF-8")
+
+
 # ------------------------------------------------------- damaged and hostile stores
 def _outside_copy(s: Path, hook: str) -> Path:
     """A valid .npy next to (outside) the store, so following the path would 'work'."""
@@ -210,25 +223,38 @@ def _flip(s: Path) -> None:
     f.write_bytes(bytes(data))
 
 
+def _tensor(s: Path) -> Path:
+    return s / "tensors" / f"{HOOK}.npy"
+
+
+def _set_tensor0(**fields):
+    return lambda s: edit_manifest(s, lambda m: m["tensors"][0].update(**fields))
+
+
+T = re.escape(HOOK)
 STORE_DAMAGE = {
-    # name: (damage(store), match)
+    # name: (damage(store), what the one error line must say)
     "no-manifest": (lambda s: (s / "manifest.json").unlink(), r"not an activation store \(no manifest\.json\)"),
-    "manifest-bad-json": (lambda s: (s / "manifest.json").write_text("{not json"), r"manifest\.json: unreadable manifest \(invalid JSON"),
-    "manifest-not-utf8": (lambda s: (s / "manifest.json").write_bytes(b'{"a": "\xff"}'), r"manifest\.json: line 1.*not valid UTF-8"),
-    "manifest-wrong-types": (lambda s: edit_manifest(s, lambda m: m.update(tensors={"a": 1})), r"malformed manifest.*tensors"),
-    "manifest-bad-shape": (lambda s: edit_manifest(s, lambda m: m["tensors"][0].update(shape=[1, 2, 3])), r"malformed manifest.*shape"),
-    "manifest-object-dtype": (lambda s: edit_manifest(s, lambda m: m["tensors"][0].update(dtype="object")), r"malformed manifest.*dtype"),
-    "tensor-truncated": (lambda s: (s / "tensors" / f"{HOOK}.npy").write_bytes((s / "tensors" / f"{HOOK}.npy").read_bytes()[:-64]),
-                         rf"{re.escape(HOOK)}\.npy: truncated"),
-    "tensor-missing": (lambda s: (s / "tensors" / f"{HOOK}.npy").unlink(), rf"{re.escape(HOOK)}\.npy: tensor file is missing"),
-    "tensor-bad-header": (lambda s: _overwrite(s / "tensors" / f"{HOOK}.npy", 0, b"\x00\x00"), r"corrupted \.npy header"),
+    "manifest-bad-json": (lambda s: (s / "manifest.json").write_text("{not json"),
+                          r"manifest\.json: unreadable manifest \(invalid JSON"),
+    "manifest-not-utf8": (lambda s: (s / "manifest.json").write_bytes(b'{"a": "\xff"}'),
+                          r"manifest\.json: line 1.*not valid UTF-8"),
+    "manifest-wrong-types": (lambda s: edit_manifest(s, lambda m: m.update(tensors={"a": 1})),
+                             r"malformed manifest.*tensors"),
+    "manifest-bad-shape": (_set_tensor0(shape=[1, 2, 3]), r"malformed manifest.*shape"),
+    "manifest-object-dtype": (_set_tensor0(dtype="object"), r"malformed manifest.*dtype"),
+    "tensor-truncated": (lambda s: _tensor(s).write_bytes(_tensor(s).read_bytes()[:-64]), rf"{T}\.npy: truncated"),
+    "tensor-missing": (lambda s: _tensor(s).unlink(), rf"{T}\.npy: tensor file is missing"),
+    "tensor-bad-header": (lambda s: _overwrite(_tensor(s), 0, b"\x00\x00"), r"corrupted \.npy header"),
     "index-missing": (lambda s: (s / "index.parquet").unlink(), r"index\.parquet: index file is missing"),
     "traversal-dotdot": (lambda s: (_outside_copy(s, HOOK), _traverse(s, HOOK, "../outside.npy")),
                          r"'\.\./outside\.npy' points outside the directory"),
     "traversal-absolute": (lambda s: _traverse(s, HOOK, "/etc/passwd"), r"'/etc/passwd' is not a path inside"),
-    "traversal-etc-passwd": (lambda s: _traverse(s, HOOK, "../../../../../../../../etc/passwd"), r"points outside the directory"),
+    "traversal-etc-passwd": (lambda s: _traverse(s, HOOK, "../../../../../../../../etc/passwd"),
+                             r"points outside the directory"),
     "traversal-symlink": (lambda s: _symlink_out(s, HOOK), r"points outside the directory"),
-    "traversal-index": (lambda s: edit_manifest(s, lambda m: m["index"].update(file="../../index.parquet")), r"index file .* points outside"),
+    "traversal-index": (lambda s: edit_manifest(s, lambda m: m["index"].update(file="../../index.parquet")),
+                        r"index file .* points outside"),
 }
 
 
@@ -252,7 +278,8 @@ def test_damaged_store(damage, stores, tmp_path, capsys):
     s = copy_store(stores["tiny"], tmp_path / "s")
     make, match = STORE_DAMAGE[damage]
     make(s)
-    readers = READERS if damage.startswith(("traversal", "manifest-wrong")) else {"store-info": READERS["store-info"]}
+    every = damage.startswith(("traversal", "manifest-wrong"))
+    readers = READERS if every else {"store-info": READERS["store-info"]}
     for name, reader in readers.items():
         line = expect_error(capsys, reader(s), match, fresh=tmp_path / "run")
         assert "passwd" not in line or "traversal" in damage, (name, line)

@@ -211,7 +211,8 @@ class StoreWriter:
             raise self._error
         cast = {}
         for hook in self.dims:
-            arr = np.ascontiguousarray(arrays[hook], dtype=self.dtype)
+            with np.errstate(over="ignore"):      # an overflow is reported below, by row
+                arr = np.ascontiguousarray(arrays[hook], dtype=self.dtype)
             bad = fmt.nonfinite_rows(arr)
             if len(bad):
                 rows = fmt.describe_rows(row_start + bad)
