@@ -42,6 +42,17 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 # ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(autouse=True)
+def reuse_tiny(tiny, monkeypatch):
+    """In-process commands get the session's tiny model instead of loading it again (~1 s
+    each): loading is not what these cases test. The subprocess cases load it for real."""
+    import replab.models as models
+
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model",
+                        lambda name=None, *a, **k: tiny if name == "tiny" else real(name, *a, **k))
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tiny):
     """A tiny-model store (12 prompts, 4 layers) and a synthetic store (60 rows, 2 layers)."""
