@@ -275,38 +275,10 @@ def test_probe_errors_are_value_errors_and_replab_errors():
 # ------------------------------------------------------------ README API (item 7)
 
 
-def test_no_public_name_of_a_package_is_also_one_of_its_submodules():
-    """`replab.harvest` was a lazy function and a subpackage: importing the subpackage
-    replaced the function (`TypeError: 'module' object is not callable` on the second
-    call). Statically: no package's ``__init__`` exports a name that is one of its own
-    submodules, unless the name *is* that submodule."""
-    import ast
-
-    import replab
-
-    root = Path(replab.__file__).parent
-    clashes = []
-    for init in root.rglob("__init__.py"):
-        pkg = init.parent
-        dotted = ".".join(("replab", *pkg.relative_to(root).parts))
-        children = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"} | {
-            p.name for p in pkg.iterdir() if (p / "__init__.py").exists()}
-        tree = ast.parse(init.read_text())
-        exported = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module != dotted and node.level == 0:
-                exported |= {a.asname or a.name for a in node.names}
-            elif isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
-                exported |= {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
-            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "__getattr__":
-                exported.add(node.name)
-        modules_imported = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                            and node.module == dotted for a in node.names}
-        clashes += [f"{dotted}.{n}" for n in exported & children if n not in modules_imported]
-    assert not clashes, clashes
-
-
 def test_top_level_functions_stay_callable_after_their_subpackages_are_imported():
+    """`replab.harvest` was a lazy function and a subpackage of the same name: importing the
+    subpackage replaced the function (`TypeError: 'module' object is not callable` on the
+    second call). The static rule is tests/test_architecture.py's name-clash test (main)."""
     import importlib
 
     import replab
