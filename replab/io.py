@@ -5,6 +5,9 @@
   sees half a file (a kill leaves the old file or the new one);
 * :func:`atomic_dir` builds a directory under a temporary name and renames it into place;
 * :func:`sha256_file` hashes a file in chunks;
+* :func:`read_text` reads UTF-8 text with a one-line error naming the bad byte's line;
+* :func:`writable_dir` / :class:`DirLock`: an output directory that exists, is writable and
+  has one writer at a time;
 * :func:`inside` resolves a file name read from an artifact (a manifest, a run summary)
   against the artifact's directory and refuses anything that would leave it (``..``,
   absolute paths, symlinks pointing outside): loading an artifact never reads other files.
@@ -92,11 +95,137 @@ def inside(root, name, what: str = "file") -> Path:
     refused, so reading an artifact never opens a file elsewhere (``../../etc/passwd``).
     """
     root = Path(root)
+    if not isinstance(name, (str, os.PathLike)):
+        raise ReplabError(f"{root}: {what} {name!r} is not a file name")
     text = str(name)
-    if not text or os.path.isabs(text) or Path(text).is_absolute():
+    if not text or "\x00" in text or os.path.isabs(text) or Path(text).is_absolute():
         raise ReplabError(f"{root}: {what} {text!r} is not a path inside the directory")
     base = root.resolve()
     target = (base / text).resolve()
     if target != base and base not in target.parents:
         raise ReplabError(f"{root}: {what} {text!r} points outside the directory")
     return target
+
+
+def read_text(path, what: str = "file") -> str:
+    """A UTF-8 text file's contents (a leading byte-order mark is dropped).
+
+    Raises ReplabError naming the file when it is missing or unreadable, and naming the
+    line, column and offending byte when it is not valid UTF-8 (a file saved as Latin-1 or
+    UTF-16, a binary file), instead of a ``UnicodeDecodeError`` traceback.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ReplabError(f"{path}: {what} does not exist") from None
+    except IsADirectoryError:
+        raise ReplabError(f"{path}: is a directory, not a {what}") from None
+    except OSError as exc:
+        raise ReplabError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise ReplabError(
+            f"{path}: line {line}, column {column}: byte 0x{data[start]:02x} is not valid UTF-8 "
+            f"({exc.reason}); save the {what} as UTF-8"
+        ) from None
+
+
+def read_json(path, what: str = "JSON file") -> dict:
+    """A JSON object from ``path``; one-line ReplabError naming the file when it is missing,
+    not UTF-8, not valid JSON or not an object."""
+    path = Path(path)
+    if not path.exists():
+        raise ReplabError(f"{path}: missing {what}")
+    text = read_text(path, what)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReplabError(f"{path}: unreadable {what} (invalid JSON at line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ReplabError(f"{path}: unreadable {what} (not a JSON object)")
+    return data
+
+
+def writable_dir(path, what: str = "output directory") -> Path:
+    """Create ``path`` (and parents) if needed and check it is a writable directory.
+
+    One-line ReplabErrors for the usual mistakes: ``path`` is a regular file, a parent is a
+    file, or the location is not writable (permissions, a read-only file system).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ReplabError(f"{path}: {what} is a file, not a directory; choose a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ReplabError(f"{path}: a parent of the {what} is a file, not a directory") from None
+    except NotADirectoryError:
+        raise ReplabError(f"{path}: a parent of the {what} is a file, not a directory") from None
+    except OSError as exc:
+        raise ReplabError(f"{path}: cannot create the {what} ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ReplabError(f"{path}: {what} is not writable")
+    return path
+
+
+class DirLock:
+    """An exclusive advisory lock on a directory (``flock`` on the directory itself).
+
+    No lock file is created, and the lock disappears with the process (``kill -9``
+    included). :meth:`acquire` raises ReplabError when another process holds it;
+    :func:`dir_locked` asks without taking it. On systems without ``fcntl`` it is a no-op.
+    """
+
+    def __init__(self, path, holder: str = "another process"):
+        self.path = Path(path)
+        self.holder = holder
+        self._fd: int | None = None
+
+    def acquire(self, busy_message: str | None = None) -> DirLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on POSIX
+            return self
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ReplabError(busy_message or f"{self.path}: {self.holder} is using this directory") from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)          # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> DirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def dir_locked(path) -> bool:
+    """True when another open descriptor holds a :class:`DirLock` on ``path``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

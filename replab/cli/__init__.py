@@ -26,7 +26,7 @@ from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`)
     sae_patch,
     store,
 )
-from replab.cli._common import examples
+from replab.cli._common import add_verify_options, examples
 from replab.cli.harvest import HARVEST_EPILOG, harvest_cmd
 
 app = typer.Typer(
@@ -54,6 +54,24 @@ app.command("test-prompt", epilog=patch.TEST_PROMPT_EPILOG)(patch.test_prompt_cm
 app.command("harvest", epilog=HARVEST_EPILOG)(harvest_cmd)
 app.add_typer(models.app, name="models")
 models.add_model_options(app)   # --dtype/--device/--n-devices on every model-running command
+add_verify_options(app)   # --verify on every command that reads a store
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True when ``exc`` (typer turns Ctrl-C into ``Exit(130)``) comes from a KeyboardInterrupt."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}\n"
 
 
 def main() -> None:
@@ -61,8 +79,11 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
     from replab.errors import ReplabError
 
+    old_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         app()
     except ReplabError as exc:
@@ -70,5 +91,19 @@ def main() -> None:
         sys.stderr.write(f"error: {message}\n")
         sys.exit(2)
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
+        sys.stderr.write(f"error: {INTERRUPTED}\n")
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130 and _interrupted(exc):
+            sys.stderr.write(f"error: {INTERRUPTED}\n")
+        raise
+    except OSError as exc:
+        # a file-system failure nothing below turned into a ReplabError (disk full, a
+        # permission, a vanished file): still one line, not a traceback
+        if os.environ.get("REPLAB_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        sys.stderr.write(f"error: {where}{exc.strerror or exc}\n")
+        sys.exit(2)
+    finally:
+        warnings.formatwarning = old_format

@@ -54,6 +54,47 @@ def run_guarded(func, *args, **kwargs):
         fail(str(exc))
 
 
+VERIFY_OPT = typer.Option(False, "--verify",
+                          help="Check every file of the store against its sha256 sums (and every "
+                               "value for NaN/inf) before using it; reads the whole store.")
+
+
+def _with_verify(func):
+    """``func`` with a ``--verify`` option: the store(s) it opens are verified
+    (:func:`replab.store.verifying`)."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(func)
+    if "verify" in sig.parameters:
+        return func
+
+    @functools.wraps(func)
+    def wrapper(*args, verify: bool = False, **kwargs):
+        from replab.store import verifying
+
+        with verifying(verify):
+            return func(*args, **kwargs)
+
+    extra = inspect.Parameter("verify", inspect.Parameter.KEYWORD_ONLY, default=VERIFY_OPT, annotation=bool)
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
+    return wrapper
+
+
+def add_verify_options(app: typer.Typer) -> None:
+    """Give every command of ``app`` (and its sub-apps) that takes a ``store`` a ``--verify``
+    option, so any command that reads an activation store can verify it first."""
+    import inspect
+
+    for info in app.registered_commands:
+        cb = info.callback
+        if cb is not None and cb.__name__ != "verify" and "store" in inspect.signature(cb).parameters:
+            info.callback = _with_verify(cb)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            add_verify_options(group.typer_instance)
+
+
 def human_console():
     """A rich console for human output: the terminal's width, or 160 columns when stdout is
     not a terminal (a log file, a pipe), where rich would otherwise cut tables at 80."""

@@ -88,9 +88,12 @@ def _print_table(run) -> None:
     con.print(table)
     data = run.summary["data"]
     con.print(f"rows {data['rows']} ({'; '.join(data['filter']) or 'no filter'}), "
-              f"classes {data['class_counts']}, folds by {data['split_column']}")
+              f"classes {data['class_counts']}, folds by {data['split_column']}"
+              + (f" ({data['split_source']})" if data.get("split_source") else ""))
     if data.get("control_types"):
-        con.print(f"control task: types = {data['control_types']}, {data['control_folds']} "
+        con.print(f"control task: types = {data['control_types']}"
+                  + (f" ({data['control_source']})" if data.get("control_source") else "")
+                  + f", {data['control_folds']} "
                   f"{data['control_split']} folds ({data['control_coverage']:.0%} of rows' types "
                   f"seen in training); selectivity = acc (ctl folds) - control, same folds")
     if run.summary.get("rank"):

@@ -20,7 +20,6 @@ from replab.store.format import split_of
 from replab.store.writer import StoreWriter
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
-DEFAULT_BATCH = 32
 _TEST_DELAY = float(os.environ.get("REPLAB_TEST_BATCH_DELAY", "0") or 0)
 
 
@@ -37,7 +36,7 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
         positions: ``"last"``, ``"all"``, ``"0,-1"``, or a span rule like ``"entity_last"``.
         dtype: storage dtype, ``"float32"`` (default) or ``"float16"``.
         batch_size: prompts per forward (default: :func:`replab.models.auto_batch_size`,
-            32 on CPU, as many as fit half the GPU's memory on CUDA).
+            32 on CPU, as many as fit half the GPU's memory on CUDA; must be >= 1).
         out: the store directory. An interrupted harvest into ``out`` resumes.
         progress: show a progress bar (stderr) with tokens/s.
 
@@ -47,13 +46,17 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
         to ``n_heads * d_head``). Nothing past the last requested layer is computed
         and the unembedding is skipped.
     """
-    from replab.models import load_model
+    from replab.models.coerce import as_model
     from replab.prompts import PromptSet, load_prompts, token_ids
 
     if out is None:
         raise ReplabError("harvest needs an output directory (out=...)")
-    if model is None or isinstance(model, str):
-        model = load_model(model)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ReplabError(f"{out}: --out is a file, not a directory; choose a directory path")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise ReplabError(f"batch size must be a positive integer, got {batch_size!r}")
+    model = as_model(model)
     identity = model.replab_identity
     prepend_bos = bool(model.cfg.default_prepend_bos)
     tok = model.tokenizer
@@ -73,10 +76,11 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
 
         batch_size = auto_batch_size(model, max(len(t) for t in token_lists), keep_layers=stop)
     batch_size = int(batch_size)
-    if batch_size < 1:
-        raise ReplabError("batch size must be at least 1")
-    if max(len(t) for t in token_lists) > model.cfg.n_ctx:
-        raise ReplabError(f"a prompt is longer than the model's context ({model.cfg.n_ctx})")
+    longest = max(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    if len(token_lists[longest]) > model.cfg.n_ctx:
+        n_long = sum(len(t) > model.cfg.n_ctx for t in token_lists)
+        raise ReplabError(f"{ps.source or ps.name}: row {longest + 1} has {len(token_lists[longest])} tokens, "
+                          f"more than the model's context of {model.cfg.n_ctx} ({n_long} prompt(s) too long)")
     chosen = select_positions(positions, ps.rows, [len(t) for t in token_lists], tok, prepend_bos)
     index = build_index(ps, token_lists, chosen, tok)
     dims = _dims(model, names, stop)
@@ -92,8 +96,11 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
     first = writer.start()
     if not writer.complete:
         _run_batches(model, writer, token_lists, chosen, names, stop, batch_size, first, progress)
+        group_source = ps.meta.get("group_source")
         manifest = {"replab_version": __version__, "model": identity.to_dict(),
-                    "dataset": {**dataset_meta, "source": str(ps.source)}, "config": config}
+                    "dataset": {**dataset_meta, "source": str(ps.source),
+                                **({"group_source": group_source} if group_source else {})},
+                    "config": config}
         writer.finish(manifest)
     return open_store(out)
 

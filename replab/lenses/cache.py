@@ -115,17 +115,21 @@ def save_lens(lens, path: str | os.PathLike, identity: dict, config: dict, stats
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The ``replab.json`` of a lens directory."""
-    f = Path(path) / META
+    from replab.io import inside, read_json
+
+    f = inside(path, META, "lens metadata")
     if not f.exists():
         raise ReplabError(f"{path} is not a replab tuned-lens directory (no {META})")
-    return json.loads(f.read_text())
+    return read_json(f, "lens metadata")
 
 
 def check_lens_dir(path: str | os.PathLike) -> Path:
     """``Path(path)``; ReplabError unless it holds config.json, safetensors and replab.json."""
+    from replab.io import inside
+
     path = Path(path)
     for name in (CONFIG, SAFETENSORS, META):
-        if not (path / name).exists():
+        if not inside(path, name, "lens file").exists():   # a symlink out of the directory is refused
             raise ReplabError(f"tuned lens at {path} is incomplete: {name} is missing")
     return path
 
@@ -147,7 +151,9 @@ def load_lens(path: str | os.PathLike, hf_model, identity: dict | None = None):
         if got.get("weights_sha256") != identity.get("weights_sha256"):
             raise ReplabError(f"tuned lens at {path} was trained for model {got.get('name')!r} "
                               f"({str(got.get('weights_sha256'))[:12]}), not this one")
-    cfg_dict = json.loads((path / CONFIG).read_text())
+    from replab.io import read_json
+
+    cfg_dict = read_json(path / CONFIG, "tuned-lens config")
     # only the fields tuned-lens knows (its from_dict would log a root-logger warning per
     # unknown key, e.g. from a newer tuned-lens); no logging state is touched
     known = {f.name for f in dataclasses.fields(TunedLensConfig)}

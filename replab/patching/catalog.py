@@ -69,6 +69,9 @@ def load_task(name_or_path: str, tokenizer, template: str | None = None, limit: 
     ps = load_prompts(set_name, tokenizer, prepend_bos=prepend_bos)
     rows = ps.rows
     rows = rows[[isinstance(c, str) and bool(c) for c in rows["corrupt_prompt"]]]
+    if len(rows) == 0:
+        raise ReplabError(f"{set_name}: no row has a corrupt_prompt; patching needs clean/corrupt "
+                          "pairs (add a corrupt_prompt column of the same token length)")
     template = template or default_template
     if template is not None:
         known = sorted({str(t) for t in rows["template"].dropna()})

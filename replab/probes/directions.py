@@ -75,12 +75,32 @@ class Direction:
         from safetensors.numpy import load_file
 
         base = _strip(path)
-        meta = _read_json(Path(str(base) + ".json"))
+        meta = _read_json(_own_file(base, ".json"))
         if meta.get("format") != "replab.direction":
             raise ReplabError(f"{base}.json: not a replab Direction")
-        vec = load_file(str(base) + ".safetensors")["direction"]
+        vec = _load_tensors(_own_file(base, ".safetensors"), load_file).get("direction")
+        if vec is None:
+            raise ReplabError(f"{base}.safetensors: no 'direction' tensor")
         keep = {k: meta[k] for k in cls.__dataclass_fields__ if k in meta and k != "vector"}
         return cls(vector=vec, **keep)
+
+
+def _own_file(base: Path, suffix: str) -> Path:
+    """``base + suffix``, refused if it is a symlink that leaves ``base``'s folder."""
+    from replab.io import inside
+
+    return inside(base.parent, base.name + suffix, "artifact file")
+
+
+def _load_tensors(path: Path, load_file) -> dict:
+    """safetensors file -> ``{name: array}``; one-line ReplabError if missing or damaged."""
+    if not path.is_file():
+        raise ReplabError(f"{path}: weights file is missing")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - any safetensors failure is a damaged file
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise ReplabError(f"{path}: unreadable safetensors file ({first})") from None
 
 
 def _strip(path) -> Path:
@@ -171,11 +191,23 @@ def load_directions(run, kind: str = "logistic", layer: int | None = None,
     if (folder / "directions").is_dir():
         folder = folder / "directions"
     index = _read_json(folder / "index.json")
-    layer = index["best_layer"] if layer is None else int(layer)
+    if not isinstance(index.get("layers"), list):
+        raise ReplabError(f"{folder / 'index.json'}: malformed directions index (no layers list)")
+    layer = index.get("best_layer") if layer is None else int(layer)
     if layer not in index["layers"]:
         raise ReplabError(f"{folder}: no directions for layer {layer}; it has {index['layers']}")
-    out = {e["class"]: Direction.load(folder / e["file"]) for e in index["entries"]
-           if e["kind"] == kind and e["layer"] == layer and bool(e["shuffled"]) == bool(shuffled)}
+    from replab.io import inside
+
+    entries = index.get("entries")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ReplabError(f"{folder / 'index.json'}: malformed directions index (no entries list)")
+    try:
+        out = {e["class"]: Direction.load(inside(folder, e["file"], "direction file"))
+               for e in entries
+               if e["kind"] == kind and e["layer"] == layer and bool(e["shuffled"]) == bool(shuffled)}
+    except KeyError as exc:
+        raise ReplabError(f"{folder / 'index.json'}: malformed directions index (an entry has no "
+                          f"{exc.args[0]!r})") from None
     if not out:
         raise ReplabError(f"{folder}: no {'shuffled ' if shuffled else ''}{kind} directions "
                           f"at layer {layer} (kinds: {index['kinds']})")
@@ -217,23 +249,31 @@ def load_probe(path: str | Path, layer: int | None = None):
     """
     from safetensors.numpy import load_file
 
-    from replab.probes.estimators import _LinearProbe
+    from replab.probes.estimators import LoadedProbe
 
     path = Path(path)
     if path.is_dir():
         path = path / "probes" / "logistic.json" if (path / "probes").is_dir() else path / "logistic.json"
     base = path.with_suffix("")
-    meta = _read_json(Path(str(base) + ".json"))
+    meta = _read_json(_own_file(base, ".json"))
     if meta.get("format") != "replab.probe":
         raise ReplabError(f"{base}.json: not a replab probe")
+    if not isinstance(meta.get("layers"), list) or not isinstance(meta.get("classes"), list):
+        raise ReplabError(f"{base}.json: malformed probe metadata (no layers or classes list)")
     layer = meta.get("best_layer") if layer is None else int(layer)
     if layer not in meta["layers"]:
         raise ReplabError(f"this probe has no layer {layer}; it has {meta['layers']}")
-    w = load_file(str(base) + ".safetensors")
-    probe = _LinearProbe()
+    w = _load_tensors(_own_file(base, ".safetensors"), load_file)
+    if f"L{layer}.coef" not in w or f"L{layer}.intercept" not in w:
+        raise ReplabError(f"{base}.safetensors: no weights for layer {layer}")
+    probe = LoadedProbe()
     probe.classes_ = np.asarray(meta["classes"], dtype=object)
     probe.coef_ = w[f"L{layer}.coef"]
     probe.intercept_ = w[f"L{layer}.intercept"]
+    if probe.coef_.ndim != 2 or probe.coef_.shape[0] != len(probe.classes_):
+        raise ReplabError(f"{base}.safetensors: layer {layer} weights have shape {probe.coef_.shape}, "
+                          f"expected [{len(probe.classes_)}, d]")
+    probe.n_features_in_ = int(probe.coef_.shape[1])
     meta = {**meta, "layer": layer}
     return probe, meta
 
@@ -262,11 +302,11 @@ def apply_probe(probe_path, store, layer: int | None = None, label: str | None =
 
     store = as_store(store)
     probe, meta = load_probe(probe_path, layer)
-    hook = hook_for_layer(store, meta["site"], meta["layer"])
+    hook = hook_for_layer(store, str(meta.get("site") or "resid_post"), meta["layer"])
     x = np.asarray(store.acts(hook), dtype=np.float32)
     if x.shape[1] != probe.coef_.shape[1]:
         raise ReplabError(f"probe width {probe.coef_.shape[1]} != store width {x.shape[1]} at {hook}")
-    if store.model.get("weights_sha256") != meta["model"].get("weights_sha256"):
+    if store.model.get("weights_sha256") != (meta.get("model") or {}).get("weights_sha256"):
         import warnings
 
         warnings.warn("the store was made by a different model than the probe", stacklevel=2)
@@ -275,11 +315,11 @@ def apply_probe(probe_path, store, layer: int | None = None, label: str | None =
     df = pd.DataFrame({"row": store.index["row"].to_numpy(), "prediction": pred.astype(str)})
     for j, c in enumerate(probe.classes_):
         df[f"p_{c}"] = proba[:, j]
-    summary = {"probe": str(probe_path), "kind": meta["kind"], "layer": meta["layer"],
-               "hook": hook, "rows": int(len(df)), "label": meta["label"],
+    summary = {"probe": str(probe_path), "kind": meta.get("kind"), "layer": meta["layer"],
+               "hook": hook, "rows": int(len(df)), "label": meta.get("label"),
                # the saved probe was fitted on all of its training rows: scoring them is in-sample
                "in_sample": _same_path(meta.get("store"), store.path)}
-    col = label or meta["label"]
+    col = label or meta.get("label")
     if col in store.index.columns:
         truth = store.index[col].astype(str).to_numpy()
         known = np.isin(truth, probe.classes_.astype(str))

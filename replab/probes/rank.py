@@ -15,7 +15,7 @@ import torch
 
 
 def fit_lowrank(z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lam: torch.Tensor,
-                rank: int, init, max_iter: int = 200):
+                rank: int, init, max_iter: int = 200, info: dict | None = None):
     """Fit ``P`` rank-``k`` multinomial logistic problems sharing ``z``.
 
     ``W_p = A_p @ B_p`` (``A [d, k]``, ``B [k, K]``) minimises
@@ -26,6 +26,7 @@ def fit_lowrank(z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lam: torch
         z: ``[n, d]``; y: ``[P, n]`` labels; mask: ``[P, n]`` training rows; lam: ``[P]``.
         rank: ``k``.
         init: ``(W [P, d, K], b [P, K])`` full-rank solutions.
+        info: if given, receives ``n_iter`` (L-BFGS iterations taken).
 
     Returns:
         ``(W [P, d, K], b [P, K])`` with ``rank(W_p - mean over classes) <= k``.
@@ -65,6 +66,8 @@ def fit_lowrank(z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lam: torch
         return loss
 
     opt.step(closure)
+    if info is not None:
+        info["n_iter"] = int(opt.state[theta].get("n_iter", 0))
     A, B, b = unpack(theta.detach())
     return (A @ B).detach(), b.detach()
 

@@ -69,21 +69,70 @@ def select_rows(index: pd.DataFrame, label: str, where: str | None = None,
     return rows, notes
 
 
+#: index columns that are bookkeeping, never a sensible split or label column
+_BOOKKEEPING = {"row", "example_id", "position", "n_tokens", "is_last", "split", "prompt", "answer"}
+
+
+def entity_column(index: pd.DataFrame) -> str | None:
+    """The column that names the entity (person) of each row: ``group`` when it has several
+    values (the builtin superset; user files with an ``entity`` column since the prompt
+    loader fills ``group`` from it), else an ``entity`` column with several values (stores
+    harvested before that), else None."""
+    for col in ("group", "entity"):
+        if col in index.columns and index[col].astype(str).replace("", np.nan).nunique() > 1:
+            return col
+    return None
+
+
 def split_column(index: pd.DataFrame, split_by: str) -> str:
-    """Column behind ``--split-by`` (``entity`` -> ``group``, ``token`` -> ``token_id``)."""
-    col = SPLIT_ALIASES.get(split_by, split_by)
+    """Column behind ``--split-by`` (``entity`` -> :func:`entity_column`, ``token`` -> ``token_id``)."""
+    if split_by == "entity":
+        col = entity_column(index) or "group"
+    else:
+        col = SPLIT_ALIASES.get(split_by, split_by)
     if col not in index.columns:
-        raise ReplabError(f"--split-by {split_by!r}: no column {col!r} in the store index")
+        raise ReplabError(f"--split-by {split_by!r}: no column {col!r} in the store index; "
+                          f"{split_hint(index)}")
     return col
 
 
-def grouped_folds(groups, codes, folds: int, seed: int = 0) -> np.ndarray:
-    """Fold id ``[n]`` per row: stratified by class where possible, groups never split."""
+def split_hint(index: pd.DataFrame, exclude=()) -> str:
+    """``"choose another with --split-by COLUMN: template, entity, ..."``: the index columns
+    (bookkeeping columns aside) with at least 2 distinct values."""
+    cands = []
+    for col in index.columns:
+        if col in _BOOKKEEPING or col in exclude:
+            continue
+        try:
+            n = index[col].astype(str).nunique()
+        except TypeError:
+            continue
+        if n >= 2:
+            cands.append(col)
+    named = {"group": "entity", "token_id": "token"}
+    cands = [named.get(c, c) for c in cands]
+    return ("choose another with --split-by COLUMN: " + ", ".join(dict.fromkeys(cands))
+            if cands else "no column of this store has at least 2 groups")
+
+
+def grouped_folds(groups, codes, folds: int, seed: int = 0, column: str = "split",
+                  hint: str = "", class_names=None, split_by: str | None = None) -> np.ndarray:
+    """Fold id ``[n]`` per row: stratified by class where possible, groups never split.
+
+    Raises ReplabError (naming ``column`` and ending with ``hint``) when there are fewer
+    than 2 groups, or when some class can never be tested by a probe that saw it in
+    training (all its rows in one fold: a single group, e.g. one row per class under
+    ``--split-by row``), which would score that class 0 by construction.
+    """
     groups = np.asarray(groups).astype(str)
+    codes = np.asarray(codes)
     n_groups = len(np.unique(groups))
     k = min(folds, n_groups)
+    tail = f"; {hint}" if hint else ""
+    column = repr(column) + (f" (--split-by {split_by})" if split_by and split_by != column else "")
     if k < 2:
-        raise ReplabError(f"cross-validation needs at least 2 groups; the split column has {n_groups}")
+        raise ReplabError(f"cross-validation needs at least 2 groups; the split column {column} "
+                          f"has {n_groups}{tail}")
     fold = np.full(len(groups), -1)
     try:
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -96,6 +145,15 @@ def grouped_folds(groups, codes, folds: int, seed: int = 0) -> np.ndarray:
         splits = list(GroupKFold(n_splits=k).split(np.zeros(len(groups)), codes, groups))
         for f, (_, test) in enumerate(splits):
             fold[test] = f
+    for c in np.unique(codes):
+        if len(np.unique(fold[codes == c])) < 2:
+            name = class_names[c] if class_names is not None else c
+            n_c = int((codes == c).sum())
+            n_g = len(np.unique(groups[codes == c]))
+            raise ReplabError(
+                f"class {str(name)!r} cannot be scored: its {n_c} row(s) lie in {n_g} group(s) of the "
+                f"split column {column}, so a probe tested on them never saw the class in training "
+                f"(accuracy 0 by construction); give every class rows in at least 2 groups{tail}")
     return fold
 
 
@@ -126,17 +184,19 @@ def heldout_folds(fold: np.ndarray, templates) -> tuple[np.ndarray, np.ndarray] 
 def type_column(index: pd.DataFrame, min_types: int = 20, column: str | None = None) -> str | None:
     """The column that defines a control-task *type*.
 
-    ``column`` when given; else the entity (``group``) when it has several values, else the
-    token (``token_id``) when it has at least ``min_types`` values; else ``None`` (no
-    sensible type: the control task is skipped and the summary says why).
+    ``column`` when given; else the entity (:func:`entity_column`: ``group``, or ``entity``)
+    when it has several values, else the token (``token_id``) when it has at least
+    ``min_types`` values; else ``None`` (no sensible type: the control task is skipped and
+    the summary says why).
     """
     if column:
-        col = SPLIT_ALIASES.get(column, column)
+        col = (entity_column(index) or "group") if column == "entity" else SPLIT_ALIASES.get(column, column)
         if col not in index.columns:
             raise ReplabError(f"--control-type {column!r}: no column {col!r} in the store index")
         return col
-    if "group" in index.columns and index["group"].astype(str).nunique() > 1:
-        return "group"
+    ent = entity_column(index)
+    if ent is not None:
+        return ent
     if "token_id" in index.columns and index["token_id"].nunique() >= min_types:
         return "token_id"
     return None

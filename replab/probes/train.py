@@ -24,6 +24,7 @@ import pandas as pd
 from replab._progress import progress_bar
 from replab._version import __version__
 from replab.errors import ReplabError
+from replab.io import writable_dir, write_text_atomic
 from replab.probes.splits import (
     control_folds,
     control_labels,
@@ -32,6 +33,7 @@ from replab.probes.splits import (
     select_rows,
     shuffled_labels,
     split_column,
+    split_hint,
     type_column,
 )
 from replab.probes.sweep import LayerData, sweep_layer
@@ -162,7 +164,9 @@ def prepare(store, cfg: ProbeConfig):
     if len(classes) < 2:
         raise ReplabError(f"label {cfg.label!r} has a single class after filtering: {classes[0]}")
     split_col = split_column(index, cfg.split_by)
-    fold = grouped_folds(ix[split_col].to_numpy(), codes, cfg.folds, cfg.seed)
+    fold = grouped_folds(ix[split_col].to_numpy(), codes, cfg.folds, cfg.seed,
+                         column=split_col, split_by=cfg.split_by, class_names=classes,
+                         hint=split_hint(ix, exclude=(cfg.label,)))
     heldout = None
     if "template" in ix.columns and split_col != "template":
         per_class = ix.groupby(labels)["template"].nunique()
@@ -197,11 +201,25 @@ def prepare(store, cfg: ProbeConfig):
                   boot_groups=boot, lams=tuple(cfg.lams), max_iter=cfg.max_iter,
                   n_boot=cfg.n_boot, controls=cfg.controls, erase=cfg.erase,
                   ranks=cfg.ranks, kinds=cfg.kinds)
+    group_source = (store.manifest.get("dataset") or {}).get("group_source")
     info = {"rows": int(len(rows)), "filter": notes, "classes": classes.tolist(),
             "class_counts": {str(c): int((codes == i).sum()) for i, c in enumerate(classes)},
-            "split_column": split_col, "folds": int(fold.max()) + 1, **control_info,
+            "split_by": cfg.split_by, "split_column": split_col,
+            "split_source": _column_source(split_col, group_source),
+            "folds": int(fold.max()) + 1, **control_info,
+            "control_source": _column_source(control_info["control_types"], group_source),
             "heldout_templates": heldout is not None}
     return rows, classes, D, info
+
+
+def _column_source(col: str | None, group_source: str | None) -> str | None:
+    """Where a split/type column's values come from, for the summary (``group`` filled from
+    the prompt file's ``entity`` column, or the column itself)."""
+    if col is None:
+        return None
+    if col == "group" and group_source:
+        return f"the prompt file's {group_source!r} column (as 'group')"
+    return f"the {col!r} column"
 
 
 def train_probes(store, label: str | None = None, out=None, progress: bool = True,
@@ -228,6 +246,7 @@ def train_probes(store, label: str | None = None, out=None, progress: bool = Tru
     store = as_store(store)
     cfg = config or ProbeConfig(label=label, **kwargs)
     layers = pick_layers(store, cfg.site, cfg.layers)
+    store.check_finite(layers.values())     # NaN/inf: one error naming the hook and rows
     rows, classes, D, info = prepare(store, cfg)
     t0 = time.perf_counter()
     records, probes = [], {}
@@ -315,7 +334,8 @@ def write_run(run: ProbeRun, out: Path, store, cfg: ProbeConfig, classes, layers
     from replab.probes.directions import save_probe, write_directions
     from replab.probes.plots import plot_probe_curves
 
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "probe run directory")
+    (out / "summary.json").unlink(missing_ok=True)     # rewritten last: a crash leaves no summary
     run.out = out
     run.records.to_parquet(out / "records.parquet", index=False)
     run.records.to_csv(out / "records.csv", index=False)
@@ -332,7 +352,7 @@ def write_run(run: ProbeRun, out: Path, store, cfg: ProbeConfig, classes, layers
                      config=asdict(cfg), best_layer=run.best_layer)
     plot_probe_curves(run.records, out / "figures" / "accuracy_vs_layer",
                       title=f"probe {cfg.label} on {Path(str(store.path)).name}")
-    (out / "summary.json").write_text(json.dumps(_clean(run.summary), indent=1, default=str) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(_clean(run.summary), indent=1, default=str) + "\n")
 
 
 def _py(v):

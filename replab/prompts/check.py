@@ -62,13 +62,14 @@ def score_prompts(model, ps: PromptSet, scoring: str = "first_token", batch_size
     foils = [list(fs) if isinstance(fs, (list, tuple)) else [] for fs in rows["foils"]]
     foil_ids = [[answer_ids(tok, f)[0] for f in fs] for fs in foils]
     seqs, last = [], []
-    for p, a in zip(prompts, ans_ids, strict=True):
+    for i, (p, a) in enumerate(zip(prompts, ans_ids, strict=True)):
         ids = token_ids(tok, p, bos)
         last.append(len(ids) - 1)
         if scoring == "sum_logprob" and a is not None:
             ids = ids + a[:-1]
         if n_ctx is not None and len(ids) > n_ctx:
-            raise ReplabError(f"prompt {p!r} has {len(ids)} tokens, more than the model's n_ctx={n_ctx}")
+            raise ReplabError(f"{ps.source or ps.name}: row {i + 1} has {len(ids)} tokens, more than the "
+                              f"model's context of {n_ctx} (prompt {p[:40]!r}...)")
         seqs.append(ids)
 
     n = len(prompts)

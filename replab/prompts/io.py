@@ -9,6 +9,7 @@ is a label column, kept as given.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,16 @@ from typing import Any
 import yaml
 
 from replab.errors import ReplabError
+from replab.io import read_text
 
 USER_SUFFIXES = (".jsonl", ".csv", ".yaml", ".yml")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (blank lines are skipped); ReplabError with the line number on bad JSON."""
+    """Rows of a JSONL file (blank lines are skipped); ReplabError with the line number on bad
+    JSON or bytes that are not UTF-8 (:func:`replab.io.read_text`)."""
     rows: list[dict[str, Any]] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ReplabError(f"cannot read {path}: {e.strerror}") from None
+    text = read_text(path, "prompt file")
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -54,25 +54,23 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
     """
     from replab.prompts.schema import STANDARD_COLUMNS
 
+    text = read_text(path, "prompt file")
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None:
-                return []
-            rows = []
-            for rec in reader:
-                if None in rec:
-                    raise ReplabError(f"{path}: row {reader.line_num - 1} has more cells than the header")
-                row = {}
-                for k, v in rec.items():
-                    v = _csv_value(v)
-                    if k not in STANDARD_COLUMNS and isinstance(v, str):
-                        v = _maybe_number(v)
-                    row[k] = v
-                rows.append(row)
-            return rows
-    except OSError as e:
-        raise ReplabError(f"cannot read {path}: {e.strerror}") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames is None:
+            return []
+        rows = []
+        for rec in reader:
+            if None in rec:
+                raise ReplabError(f"{path}: row {reader.line_num - 1} has more cells than the header")
+            row = {}
+            for k, v in rec.items():
+                v = _csv_value(v)
+                if k not in STANDARD_COLUMNS and isinstance(v, str):
+                    v = _maybe_number(v)
+                row[k] = v
+            rows.append(row)
+        return rows
     except csv.Error as e:
         raise ReplabError(f"{path}: malformed CSV ({e})") from None
 
@@ -92,10 +90,9 @@ def _maybe_number(v: str) -> Any:
 
 def read_yaml(path: Path) -> Any:
     """Parsed YAML document; ReplabError on a syntax error."""
+    text = read_text(path, "YAML file")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ReplabError(f"cannot read {path}: {e.strerror}") from None
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         msg = str(e).splitlines()[0] if str(e) else "syntax error"
         raise ReplabError(f"{path}: invalid YAML ({msg})") from None

@@ -11,7 +11,7 @@ import pandas as pd
 from replab.errors import ReplabError
 from replab.prompts.builders import BUILDER_META, BUILDERS
 from replab.prompts.io import read_user_rows, read_yaml
-from replab.prompts.schema import PromptSet, normalize_rows
+from replab.prompts.schema import PromptSet, default_groups, normalize_rows
 from replab.prompts.tokens import check_pairs
 
 #: spec keys that are not copied into ``PromptSet.meta`` (the data itself)
@@ -152,8 +152,10 @@ def load_prompts(name_or_path: str, tokenizer=None, prepend_bos: bool = False) -
     else:
         records = read_user_rows(path)
     if not records:
-        raise ReplabError(f"dataset {name} is empty")
+        raise ReplabError(f"{path}: dataset {name} is empty (no rows)")
     rows = normalize_rows(records, where=str(path))
+    if default_groups(rows):
+        meta["group_source"] = "entity"
     meta.setdefault("scoring", "first_token")
     meta.setdefault("positions", "last")
     ps = PromptSet(name=name, rows=rows, source=str(path), meta=meta)

@@ -95,6 +95,24 @@ def normalize_rows(records: Iterable[Mapping[str, Any]], where: str = "dataset")
     return df.reset_index(drop=True)
 
 
+def default_groups(rows: pd.DataFrame, column: str = "entity") -> bool:
+    """Fill an all-empty ``group`` column from ``entity`` (in place); True when it did.
+
+    ``group`` is the unit a probe generalises over (folds, the control task, bootstrap
+    CIs). The builtin superset sets it to the person; a user file that names its people in
+    an ``entity`` column and gives no ``group`` gets the same grouping by default. Rows with
+    no entity keep an empty group. A file with any ``group`` value is left as it is.
+    """
+    if column not in rows.columns or (rows["group"].astype(str) != "").any():
+        return False
+    ent = rows[column]
+    has = np.array([not _is_missing(v) and str(v) != "" for v in ent], dtype=bool)
+    if not has.any():
+        return False
+    rows["group"] = [str(v) if h else "" for v, h in zip(ent, has, strict=True)]
+    return True
+
+
 def _parse_foils(value: Any, row: int, where: str) -> list[str]:
     """Foils as a list of strings: accepts a list, a JSON list string or a ``|``-separated string."""
     if value is None or (not isinstance(value, (list, tuple, np.ndarray)) and _is_missing(value)):
@@ -188,11 +206,13 @@ class PromptSet:
 
     def to_jsonl(self, path) -> None:
         """Write the rows in the user-file JSONL schema (round-trips through ``load_prompts``)."""
+        from replab.io import writable_dir, write_text_atomic
+
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with p.open("w", encoding="utf-8") as fh:
-            for rec in self.records():
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        if p.is_dir():
+            raise ReplabError(f"{p}: is a directory; --out must be a .jsonl file path")
+        writable_dir(p.parent, "output directory")
+        write_text_atomic(p, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in self.records()))
 
 
 def _to_jsonable(v: Any) -> Any:

@@ -14,13 +14,13 @@ filled batch by batch, so ``numpy.load(path, mmap_mode="r")`` reads it without r
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
 from replab.errors import ReplabError
-from replab.io import sha256_file
+from replab.io import inside, sha256_file
+from replab.io import read_json as _read_json
 
 FORMAT = "replab.activation_store"
 FORMAT_VERSION = 1
@@ -35,13 +35,63 @@ def tensor_file(hook: str) -> str:
     return f"{TENSOR_DIR}/{hook}.npy"
 
 
+STORE_DTYPES = ("float32", "float16")
+
+
 def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ReplabError(f"{path}: missing {what}") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReplabError(f"{path}: unreadable {what} ({exc.__class__.__name__})") from None
+    """A JSON object from ``path`` (:func:`replab.io.read_json`)."""
+    return _read_json(path, what)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def manifest_files(root: Path, manifest: dict) -> tuple[dict, dict[str, dict]]:
+    """Validate a complete store's manifest; return ``(index entry, {hook: tensor entry})``.
+
+    Every entry gets a ``path``: its ``file`` resolved with :func:`replab.io.inside`, so a
+    manifest that names ``../outside.npy``, an absolute path or a symlink leaving the store
+    is refused before anything is opened. Wrong types (a hand-edited or damaged manifest)
+    are one-line ReplabErrors naming the manifest, never a KeyError.
+    """
+    where = root / MANIFEST
+
+    def bad(msg: str):
+        raise ReplabError(f"{where}: malformed manifest ({msg})")
+
+    if manifest.get("format") != FORMAT or manifest.get("status") != "complete":
+        raise ReplabError(f"{where}: not a complete replab activation store")
+    n_rows = manifest.get("n_rows")
+    if not _is_int(n_rows) or n_rows < 0:
+        bad(f"n_rows is {n_rows!r}")
+    for key in ("model", "dataset", "config"):
+        if not isinstance(manifest.get(key), dict):
+            bad(f"{key!r} must be an object")
+    index = manifest.get("index")
+    if not isinstance(index, dict) or not isinstance(index.get("sha256"), str):
+        bad("'index' must be an object with 'file' and 'sha256'")
+    index = {**index, "path": inside(root, index.get("file"), "index file")}
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        bad("'tensors' must be a non-empty list")
+    out: dict[str, dict] = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, dict) or not isinstance(t.get("hook"), str) or not t["hook"]:
+            bad(f"tensor {i} has no hook name")
+        hook = t["hook"]
+        if hook in out:
+            bad(f"hook {hook!r} is listed twice")
+        shape = t.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 2 or not all(map(_is_int, shape))
+                or shape[0] != n_rows or shape[1] < 1):
+            bad(f"tensor {hook!r} has shape {shape!r}, expected [{n_rows}, d]")
+        if t.get("dtype") not in STORE_DTYPES:
+            bad(f"tensor {hook!r} has dtype {t.get('dtype')!r}; stores hold {' or '.join(STORE_DTYPES)}")
+        if not isinstance(t.get("sha256"), str):
+            bad(f"tensor {hook!r} has no sha256")
+        out[hook] = {**t, "path": inside(root, t.get("file"), f"tensor file of {hook}")}
+    return index, out
 
 
 def npy_header(shape: tuple[int, int], dtype: np.dtype) -> bytes:
@@ -86,6 +136,27 @@ def check_tensor_file(path: Path, shape, dtype, sha256: str | None = None) -> No
         raise ReplabError(f"{path}: corrupted .npy header")
     if sha256 is not None and sha256_file(path) != sha256:
         raise ReplabError(f"{path}: checksum mismatch (file is corrupted)")
+
+
+def nonfinite_rows(arr, chunk_bytes: int = 1 << 26) -> np.ndarray:
+    """Row numbers ``[m]`` of a ``[rows, d]`` array (memory map) holding NaN or inf.
+
+    Reads in chunks of about ``chunk_bytes``, so a large memory-mapped tensor is checked
+    without loading it whole.
+    """
+    n = arr.shape[0]
+    step = max(1, chunk_bytes // max(1, arr.shape[1] * arr.dtype.itemsize))
+    bad = [lo + np.flatnonzero(~np.isfinite(np.asarray(arr[lo:lo + step])).all(1))
+           for lo in range(0, n, step)]
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
+def describe_rows(rows, limit: int = 5) -> str:
+    """``"rows 3, 17, 40"`` / ``"rows 3, 17, 40, 41, 42 and 7 more"``."""
+    rows = [int(r) for r in rows]
+    shown = ", ".join(map(str, rows[:limit]))
+    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
 
 
 def split_of(key: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -9,8 +11,10 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
-from replab.io import sha256_file
+from replab.io import dir_locked, sha256_file
 from replab.store import format as fmt
+
+_VERIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("replab_store_verify", default=False)
 
 
 class ActivationStore:
@@ -22,10 +26,16 @@ class ActivationStore:
         index: DataFrame with one row per stored vector, aligned with every tensor.
     """
 
-    def __init__(self, path: str | Path, verify: bool = False):
+    def __init__(self, path: str | Path, verify: bool | None = None):
         self.path = Path(path)
-        if not self.path.is_dir():
+        verify = _VERIFY.get() if verify is None else bool(verify)
+        if not self.path.exists():
             raise ReplabError(f"{self.path}: no such store directory")
+        if not self.path.is_dir():
+            raise ReplabError(f"{self.path}: is a file, not an activation store directory")
+        if dir_locked(self.path):
+            raise ReplabError(f"{self.path}: a harvest is running into this directory; "
+                              "wait for it to finish")
         if not (self.path / fmt.MANIFEST).exists():
             if (self.path / fmt.PROGRESS).exists():
                 raise ReplabError(
@@ -34,23 +44,48 @@ class ActivationStore:
                 )
             raise ReplabError(f"{self.path}: not an activation store (no {fmt.MANIFEST})")
         self.manifest = fmt.read_json(self.path / fmt.MANIFEST, "manifest")
-        if self.manifest.get("format") != fmt.FORMAT or self.manifest.get("status") != "complete":
-            raise ReplabError(f"{self.path / fmt.MANIFEST}: not a complete replab activation store")
-        self._tensors = {t["hook"]: t for t in self.manifest["tensors"]}
+        self._index_file, self._tensors = fmt.manifest_files(self.path, self.manifest)
+        self._finite: set[str] = set()
         self.check(verify=verify)
 
     def check(self, verify: bool = False) -> None:
-        """Check every file's size and header; with ``verify`` also its sha256."""
-        index = self.manifest["index"]
-        path = self.path / index["file"]
-        if not path.exists():
+        """Check every file's size and header; with ``verify`` also its sha256 and that
+        every tensor holds only finite values."""
+        path = self._index_file["path"]
+        if not path.is_file():
             raise ReplabError(f"{path}: index file is missing")
-        if verify and sha256_file(path) != index["sha256"]:
+        if verify and sha256_file(path) != self._index_file["sha256"]:
             raise ReplabError(f"{path}: checksum mismatch (file is corrupted)")
         for t in self._tensors.values():
-            fmt.check_tensor_file(
-                self.path / t["file"], t["shape"], t["dtype"], t["sha256"] if verify else None
+            fmt.check_tensor_file(t["path"], t["shape"], t["dtype"], t["sha256"] if verify else None)
+        if verify:
+            self.check_finite()
+
+    def check_finite(self, hooks=None) -> None:
+        """ReplabError naming the hook, the file and the rows if a tensor holds NaN or inf.
+
+        Every read through :meth:`acts` runs this once per hook, so no analysis (probes,
+        LEACE, geometry, SAE decomposition) ever sees a non-finite activation.
+        """
+        for hook in self.hooks if hooks is None else hooks:
+            if hook in self._finite:
+                continue
+            t = self._tensor(hook)
+            arr = np.load(t["path"], mmap_mode="r", allow_pickle=False)
+            bad = fmt.nonfinite_rows(arr)
+            if len(bad):
+                raise ReplabError(
+                    f"{t['path']}: {len(bad)} of {arr.shape[0]} rows of {hook} hold NaN or inf "
+                    f"activations ({fmt.describe_rows(bad)}); the store is unusable: harvest it again"
+                )
+            self._finite.add(hook)
+
+    def _tensor(self, hook: str) -> dict:
+        if hook not in self._tensors:
+            raise ReplabError(
+                f"hook {hook!r} is not in this store; it has: {', '.join(self.hooks)}"
             )
+        return self._tensors[hook]
 
     @property
     def hooks(self) -> list[str]:
@@ -69,20 +104,25 @@ class ActivationStore:
     @cached_property
     def index(self) -> pd.DataFrame:
         """One row per stored vector: row, example_id, position, token_id, token, labels..."""
+        path = self._index_file["path"]
         try:
-            return pd.read_parquet(self.path / self.manifest["index"]["file"])
+            index = pd.read_parquet(path)
         except Exception as exc:  # noqa: BLE001 - any parquet failure is a corrupted file
-            raise ReplabError(
-                f"{self.path / self.manifest['index']['file']}: unreadable index ({exc})"
-            ) from None
+            first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            raise ReplabError(f"{path}: unreadable index ({first})") from None
+        if len(index) != self.n_rows or "row" not in index.columns:
+            raise ReplabError(f"{path}: index has {len(index)} rows (manifest: {self.n_rows}) "
+                              "or no 'row' column; the store is damaged")
+        return index
 
     def acts(self, hook: str) -> np.ndarray:
-        """Memory-mapped ``[rows, d]`` array for a full hook name, aligned with :attr:`index`."""
-        if hook not in self._tensors:
-            raise ReplabError(
-                f"hook {hook!r} is not in this store; it has: {', '.join(self.hooks)}"
-            )
-        return np.load(self.path / self._tensors[hook]["file"], mmap_mode="r", allow_pickle=False)
+        """Memory-mapped ``[rows, d]`` array for a full hook name, aligned with :attr:`index`.
+
+        The first read of each hook checks it for NaN and inf (:meth:`check_finite`).
+        """
+        t = self._tensor(hook)
+        self.check_finite([hook])
+        return np.load(t["path"], mmap_mode="r", allow_pickle=False)
 
     def layer_acts(self, site: str = "resid_post") -> dict[int, np.ndarray]:
         """``{layer: acts}`` for every stored block hook of one site (e.g. ``resid_post``)."""
@@ -100,36 +140,53 @@ class ActivationStore:
     def summary(self) -> dict:
         """A JSON-friendly summary (used by ``replab store info``)."""
         m = self.manifest
-        size = sum((self.path / t["file"]).stat().st_size for t in self._tensors.values())
-        labels = m["dataset"].get("label_columns", [])
+        size = sum(t["path"].stat().st_size for t in self._tensors.values())
+        labels = m["dataset"].get("label_columns") or []
         counts = {c: self.index[c].value_counts().to_dict() for c in labels if c in self.index
                   and self.index[c].nunique() <= 20}
         return {
             "path": str(self.path),
-            "model": m["model"]["name"],
-            "model_sha256": m["model"]["weights_sha256"],
-            "dataset": m["dataset"]["name"],
-            "n_prompts": m["dataset"]["n_prompts"],
+            "model": m["model"].get("name"),
+            "model_sha256": m["model"].get("weights_sha256"),
+            "dataset": m["dataset"].get("name"),
+            "n_prompts": m["dataset"].get("n_prompts"),
             "n_rows": m["n_rows"],
-            "positions": m["config"]["positions"],
+            "positions": m["config"].get("positions"),
             "hooks": len(self._tensors),
-            "layers": m["config"]["layers"],
-            "dtype": m["config"]["dtype"],
+            "layers": m["config"].get("layers"),
+            "dtype": m["config"].get("dtype"),
             "bytes": size,
             "label_counts": {k: {str(a): int(b) for a, b in v.items()} for k, v in counts.items()},
-            "replab_version": m["replab_version"],
+            "replab_version": m.get("replab_version"),
         }
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.path)!r}, rows={self.n_rows}, hooks={len(self.hooks)})"
 
 
-def open_store(path: str | Path, verify: bool = False) -> ActivationStore:
+@contextmanager
+def verifying(on: bool = True):
+    """Within this block every :func:`open_store` without an explicit ``verify`` verifies
+    (sha256 of every file, finite values): what the CLI's ``--verify`` option does."""
+    token = _VERIFY.set(bool(on))
+    try:
+        yield
+    finally:
+        _VERIFY.reset(token)
+
+
+def open_store(path: str | Path, verify: bool | None = None) -> ActivationStore:
     """Open a finished activation store.
+
+    Every file the manifest names must lie inside ``path`` (no ``..``, absolute paths or
+    symlinks out); sizes and ``.npy`` headers are checked, and each hook's values are
+    checked for NaN/inf on first read (:meth:`ActivationStore.acts`).
 
     Args:
         path: the store directory written by :func:`replab.harvest`.
-        verify: also check every file's sha256 against the manifest (reads everything).
+        verify: also check every file's sha256 against the manifest and every value for
+            NaN/inf (reads everything). None: the default, False unless inside
+            :func:`verifying`.
 
     Raises:
         ReplabError: naming the file, if the store is incomplete, truncated or corrupted.

@@ -70,16 +70,15 @@ def check_replaceable(path: Path, marker: str, what: str) -> None:
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The ``replab.json`` of an SAE directory (ReplabError if missing or incomplete)."""
+    from replab.io import inside, read_json
+
     path = Path(path)
     if not path.is_dir():
         raise ReplabError(f"{path}: no such SAE directory")
     for name in (CFG, WEIGHTS, META):
-        if not (path / name).exists():
+        if not inside(path, name, "SAE file").exists():   # a symlink out of the directory is refused
             raise ReplabError(f"{path} is not a complete replab SAE directory ({name} is missing)")
-    try:
-        meta = json.loads((path / META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReplabError(f"{path / META}: unreadable ({exc.__class__.__name__})") from None
+    meta = read_json(path / META, "SAE metadata")
     if meta.get("format") != FORMAT:
         raise ReplabError(f"{path / META}: not a replab SAE")
     return meta
