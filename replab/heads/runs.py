@@ -132,7 +132,7 @@ def run_ov(tokens: str = "weekdays", heads=None, out=None, model=None, cyclic: b
     out = start_run(Path(out or f"runs/heads-ov-{ts.name}"))
     files = write_table(table, out, "ov_scores") + write_table(pd.concat(long, ignore_index=True), out, "ov_matrices")
     files += _save(matrix_panels(frames, f"OV circuit on {ts.name} (row: attended token; box: row max)",
-                                 "attended (source) token", "logit of token", "logit contribution"),
+                                 "attended (source) token", "logit of token", "logit contribution", mark=marks),
                    out / "ov_matrices")
     for col in ("copy", "next_item"):
         if table[col].notna().any():
