@@ -20,10 +20,12 @@ but they are not equal (``W_Q`` and ``W_O`` differ). Tiling the KV heads (``h % 
 instead would pair query heads with the wrong keys and values (a test shows it changes
 the scores).
 
-**Speed.** The ``d × d`` matrices are never formed. With thin QR factorisations
-``W_V^A = U_A R_A`` and ``W_K^B = U'_B R'_B`` (orthonormal ``U``),
-‖W_V^A W_O^A W_Q^B W_K^Bᵀ‖ = ‖R_A W_O^A W_Q^B R'_Bᵀ‖, a ``d_head × d_head`` product, so all
-pairs of a sender layer are one ``[H·dh, d] @ [d, (later heads)·dh]`` matrix product.
+**Speed.** With thin QR factorisations ``W_V^A = U_A R_A`` and ``W_K^B = U'_B R'_B``
+(orthonormal ``U``), ‖W_V^A W_O^A W_Q^B W_K^Bᵀ‖ = ‖A B‖ with ``A = R_A W_O^A`` (``dh × d``) and
+``B = W_Q^B R'_Bᵀ`` (``d × dh``), and ‖A B‖²_F = ⟨AᵀA, B Bᵀ⟩ (a sum over ``d × d`` entries).
+So one ``[L·H, d(d+1)/2] @ [d(d+1)/2, L·H]`` matrix product (upper triangles of the per-head
+Gram matrices, float32) gives every pair: about 7 times fewer operations than forming each
+pair's ``dh × dh`` product, and no ``d × d`` product matrix per pair.
 
 **Baseline.** The score of random matrices of the same factored shapes (i.i.d. Gaussian
 factors ``d × dh`` and ``dh × d``; the score does not depend on their scale), ``n_random``
@@ -53,72 +55,84 @@ def parse_modes(mode) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def _r_factor(w: torch.Tensor) -> torch.Tensor:
-    """``R`` of the thin QR of ``w`` ``[..., d, dh]``: ``[..., dh, dh]`` with ‖w X‖ = ‖R X‖."""
-    return torch.linalg.qr(w.double(), mode="r").R
+def _triu(g: torch.Tensor) -> torch.Tensor:
+    """``[n, d, d]`` symmetric -> ``[n, d(d+1)/2]`` upper triangles, off-diagonal entries times √2,
+    so that the dot product of two rows is ⟨G, H⟩ = Σ_ij G_ij H_ij."""
+    d = g.shape[-1]
+    iu = torch.triu_indices(d, d)
+    return g[:, iu[0], iu[1]] * torch.where(iu[0] == iu[1], 1.0, 2.0 ** 0.5)
+
+
+def _gram(outer: torch.Tensor, inner: torch.Tensor, left: bool) -> torch.Tensor:
+    """Per-head ``d × d`` Gram matrices ``[n, d, d]``: ``outerᵀ · inner · outer`` for a sender
+    (``left``; e.g. W_Oᵀ (W_VᵀW_V) W_O = W_OVᵀ W_OV), else ``outer · inner · outerᵀ`` (e.g.
+    W_Q (W_KᵀW_K) W_Qᵀ = W_QK W_QKᵀ). ``inner``: ``[n, dh, dh]``."""
+    if left:                                                         # outer = W_O [n, dh, d]
+        return outer.transpose(-1, -2) @ inner @ outer
+    return outer @ inner @ outer.transpose(-1, -2)                   # outer [n, d, dh]
 
 
 @torch.no_grad()
-def factors(model) -> dict[str, torch.Tensor]:
-    """Reduced factors per query head, float64, each equal to its ``d × d`` matrix up to an
-    isometry (so every product norm is preserved): ``ov_left`` ``[L, H, dh, d]`` for W_OV as
-    a sender (``R_V W_O``); ``q_right``, ``k_right``, ``v_right`` ``[L, H, d, dh]`` for W_QK,
-    (W_QK)ᵀ and W_OV as receivers (``W_Q R_Kᵀ``, ``W_K R_Qᵀ``, ``W_V R_Oᵀ``)."""
+def grams(model, which: str, layers_per_step: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(triangles [L·H, d(d+1)/2] float32, squared Frobenius norms [L·H] float64)`` of each
+    query head's matrix in the role ``which``: ``ov_left`` (W_OV, as a sender: G = W_OVᵀ W_OV),
+    ``q_right`` (W_QK = W_Q W_Kᵀ: G = W_QK W_QKᵀ), ``k_right`` ((W_QK)ᵀ = W_K W_Qᵀ) or
+    ``v_right`` (W_OV as a receiver). ‖A B‖²_F = ⟨AᵀA, B Bᵀ⟩ for every sender A, receiver B."""
     w = all_weights(model)
     kv = kv_of(model)
-    W_Q, W_O = w["W_Q"].double(), w["W_O"].double()                  # [L, H, d, dh], [L, H, dh, d]
-    W_K, W_V = w["W_K"].double()[:, kv], w["W_V"].double()[:, kv]      # expanded per query head
-    R_V, R_K, R_Q = _r_factor(W_V), _r_factor(W_K), _r_factor(W_Q)
-    R_O = _r_factor(W_O.transpose(-1, -2))                            # W_Oᵀ = U R_O -> W_O = R_Oᵀ Uᵀ
-    return {
-        # ‖W_V W_O X‖ = ‖R_V W_O X‖ (left factor of W_OV for any right factor X)
-        "ov_left": R_V @ W_O,                                         # [L, H, dh, d]
-        # W_QK = W_Q W_Kᵀ; ‖Y W_Q W_Kᵀ‖ = ‖Y W_Q R_Kᵀ‖
-        "q_right": W_Q @ R_K.transpose(-1, -2),                       # [L, H, d, dh]
-        # (W_QK)ᵀ = W_K W_Qᵀ; ‖Y W_K W_Qᵀ‖ = ‖Y W_K R_Qᵀ‖
-        "k_right": W_K @ R_Q.transpose(-1, -2),
-        # W_OV = W_V W_O = W_V R_Oᵀ Uᵀ; ‖Y W_V W_O‖ = ‖Y W_V R_Oᵀ‖
-        "v_right": W_V @ R_O.transpose(-1, -2),
-    }
-
-
-def _norms(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.flatten(-2).norm(dim=-1) for k, v in f.items()}       # [L, H] Frobenius norms
+    W_Q, W_O = w["W_Q"], w["W_O"]                                    # [L, H, d, dh], [L, H, dh, d]
+    W_K, W_V = w["W_K"][:, kv], w["W_V"][:, kv]                      # expanded per query head
+    gramian = lambda x: x.transpose(-1, -2) @ x                      # noqa: E731  [.., dh, dh]
+    outer, inner, left = {
+        "ov_left": (W_O, gramian(W_V), True),                        # (W_V W_O)ᵀ(W_V W_O)
+        "q_right": (W_Q, gramian(W_K), False),                       # W_Q W_Kᵀ W_K W_Qᵀ
+        "k_right": (W_K, gramian(W_Q), False),                       # W_K W_Qᵀ W_Q W_Kᵀ
+        "v_right": (W_V, W_O @ W_O.transpose(-1, -2), False),        # W_V W_O W_Oᵀ W_Vᵀ
+    }[which]
+    L, H = W_Q.shape[:2]
+    tri = []
+    for a in range(0, L, layers_per_step):
+        o, i = outer[a:a + layers_per_step].flatten(0, 1), inner[a:a + layers_per_step].flatten(0, 1)
+        tri.append(_triu(_gram(o, i, left)))
+    # ‖M‖² = tr(G), from the small factors in float64: tr(inner · outer-gram)
+    od, idd = outer.double(), inner.double()
+    og = od @ od.transpose(-1, -2) if left else od.transpose(-1, -2) @ od   # [L, H, dh, dh]
+    sq = (idd * og.transpose(-1, -2)).sum((-1, -2)).reshape(-1)
+    return torch.cat(tri), sq
 
 
 @torch.no_grad()
-def composition_scores(model, mode: str = "q", f: dict | None = None) -> torch.Tensor:
+def composition_scores(model, mode: str = "q", left: tuple | None = None) -> torch.Tensor:
     """``[L, H, L, H]`` scores (sender layer, sender head, receiver layer, receiver head), zero
-    where the receiver is not in a later layer (TransformerLens's layout). Per query head."""
+    where the receiver is not in a later layer (TransformerLens's layout). Per query head.
+
+    ``left``: the senders' :func:`grams` (``"ov_left"``), shared between modes."""
     (mode,) = parse_modes(mode)
-    f = factors(model) if f is None else f
-    n = _norms(f)
-    left = f["ov_left"]                                               # [L, H, dh, d]
-    right = f[f"{mode}_right"]                                        # [L, H, d, dh]
-    L, H, dh, d = left.shape
-    out = torch.zeros(L, H, L, H, dtype=torch.float64)
-    for la in range(L - 1):
-        a = left[la].reshape(H * dh, d)                               # [H·dh, d]
-        b = right[la + 1:].permute(2, 0, 1, 3).reshape(d, -1)          # [d, (L-la-1)·H·dh]
-        prod = (a @ b).reshape(H, dh, L - la - 1, H, dh)
-        num = prod.pow(2).sum(dim=(1, 4)).sqrt()                      # [H, L', H]
-        out[la, :, la + 1:] = num / n["ov_left"][la][:, None, None] / n[f"{mode}_right"][la + 1:][None]
-    return out.float()
+    ga, na2 = grams(model, "ov_left") if left is None else left
+    hb, nb2 = grams(model, f"{mode}_right")
+    sq = (ga @ hb.T).double().clamp_min(0)                            # [L·H, L·H] squared numerators
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    scores = (sq / na2[:, None] / nb2[None, :]).sqrt().reshape(L, H, L, H)
+    later = (torch.arange(L)[:, None, None, None] < torch.arange(L)[None, None, :, None])
+    return torch.where(later, scores, torch.zeros((), dtype=scores.dtype)).float()
 
 
-def random_baseline(d_model: int, d_head: int, mode: str = "q", n_random: int = 200,
-                    seed: int = 0) -> dict:
+def random_baseline(d_model: int, d_head: int, n_random: int = 200, seed: int = 0) -> dict:
     """Composition scores of random factored matrices of the model's shapes: ``{mean, std,
-    p95, n}``. Factors are i.i.d. Gaussian (``d × dh`` and ``dh × d``)."""
-    (mode,) = parse_modes(mode)
+    p95, n, seed}``. Sender ``V O`` and receiver ``X Y`` with i.i.d. Gaussian ``d × dh`` /
+    ``dh × d`` factors (every mode's receiver has this shape, so one baseline serves all)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    scores = []
-    for _ in range(n_random):
-        ov = r(d_model, d_head) @ r(d_head, d_model)
-        other = r(d_model, d_head) @ r(d_head, d_model)               # a W_QK, its transpose or a W_OV
-        scores.append(float((ov @ other).norm() / ov.norm() / other.norm()))
-    s = np.asarray(scores)
+    out = []
+    for start in range(0, n_random, 16):
+        n = min(16, n_random - start)
+        v, o, x, y = r(n, d_model, d_head), r(n, d_head, d_model), r(n, d_model, d_head), r(n, d_head, d_model)
+        send = _gram(o, v.transpose(-1, -2) @ v, left=True)            # (V O)ᵀ(V O)   [n, d, d]
+        recv = _gram(x, y @ y.transpose(-1, -2), left=False)           # (X Y)(X Y)ᵀ   [n, d, d]
+        sq = (send * recv).sum((-1, -2))
+        tr = lambda t: t.diagonal(dim1=-2, dim2=-1).sum(-1)           # noqa: E731
+        out.append((sq / tr(send) / tr(recv)).sqrt())
+    s = torch.cat(out).numpy()
     return {"mean": float(s.mean()), "std": float(s.std(ddof=1)), "p95": float(np.quantile(s, 0.95)),
             "n": n_random, "seed": seed}
 
@@ -130,16 +144,16 @@ def composition_table(model, modes="all", n_random: int = 200, seed: int = 0) ->
     receiver_kv_head, score, baseline_mean, above_baseline`` (score − baseline mean).
     Returns ``(table, {mode: baseline dict})``.
     """
-    f = factors(model)
+    left = grams(model, "ov_left")
     kv = kv_of(model).numpy()
     cfg = model.cfg
     tables, baselines = [], {}
     L, H = cfg.n_layers, cfg.n_heads
     la, ha, lb, hb = np.meshgrid(np.arange(L), np.arange(H), np.arange(L), np.arange(H), indexing="ij")
     keep = (la < lb).reshape(-1)
+    base = random_baseline(cfg.d_model, cfg.d_head, n_random, seed)
     for mode in parse_modes(modes):
-        s = composition_scores(model, mode, f).numpy().reshape(-1)[keep]
-        base = random_baseline(cfg.d_model, cfg.d_head, mode, n_random, seed)
+        s = composition_scores(model, mode, left).numpy().reshape(-1)[keep]
         baselines[mode] = base
         tables.append(pd.DataFrame({
             "mode": mode, "sender_layer": la.reshape(-1)[keep], "sender_head": ha.reshape(-1)[keep],

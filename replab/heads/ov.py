@@ -86,18 +86,34 @@ def row_scores(m: torch.Tensor, next_index: list[int]) -> tuple[np.ndarray, np.n
     return copy, nexts
 
 
+def mean_ranks(m: torch.Tensor, next_index: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean rank (1 = top of its row) of each row's own token and of its next item, ``[...]``
+    each; a tie-free companion of the copy and next-item scores (chance: (n + 1) / 2)."""
+    n = m.shape[-1]
+    ranks = m.argsort(-1, descending=True).argsort(-1) + 1           # [..., n, n]: rank of each column
+    own = ranks.diagonal(dim1=-2, dim2=-1).float().mean(-1).numpy()
+    nxt = torch.as_tensor(next_index)
+    has = nxt >= 0
+    if not bool(has.any()):
+        return own, np.full(own.shape, np.nan)
+    rows = torch.arange(n)[has]
+    return own, ranks[..., rows, nxt[has]].float().mean(-1).numpy()
+
+
 def ov_table(model, tokens: TokenSet, layers=None, eigen: bool = True) -> pd.DataFrame:
     """Tidy table, one row per query head: ``layer, head, kv_head, copy, next_item,
-    eigen_copy, n_tokens, n_next_pairs``."""
+    copy_mean_rank, next_item_mean_rank, eigen_copy, n_tokens, n_next_pairs``."""
     mats = ov_matrices(model, tokens, layers)
     eig = eigen_copy_scores(model, list(mats)) if eigen else None
     kv = kv_of(model)
     rows = []
     for i, (layer, m) in enumerate(mats.items()):
         copy, nxt = row_scores(m, tokens.next_index)
+        copy_rank, next_rank = mean_ranks(m, tokens.next_index)
         for h in range(m.shape[0]):
             rows.append({"layer": layer, "head": h, "kv_head": int(kv[h]), "copy": float(copy[h]),
-                         "next_item": float(nxt[h]),
+                         "next_item": float(nxt[h]), "copy_mean_rank": float(copy_rank[h]),
+                         "next_item_mean_rank": float(next_rank[h]),
                          "eigen_copy": float(eig[i, h]) if eig is not None else float("nan"),
                          "n_tokens": len(tokens), "n_next_pairs": int(sum(j >= 0 for j in tokens.next_index))})
     return pd.DataFrame(rows)

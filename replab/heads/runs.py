@@ -91,9 +91,16 @@ def run_detect(detectors="all", text=None, out=None, model=None, n_seqs: int = 1
     return {**finish_run(out, summary, m), "out": str(out)}
 
 
+def _ranked(table: pd.DataFrame, score: str) -> pd.DataFrame:
+    """Rows by ``score`` (descending), ties broken by ``<score>_mean_rank`` (ascending) if present."""
+    tie = f"{score}_mean_rank"
+    if tie in table:
+        return table.sort_values([score, tie], ascending=[False, True])
+    return table.sort_values(score, ascending=False)
+
+
 def _default_heads(table: pd.DataFrame, score: str, k: int = 3) -> list[tuple[int, int]]:
-    best = table.sort_values(score, ascending=False).head(k)
-    return [(int(r.layer), int(r.head)) for r in best.itertuples()]
+    return [(int(r.layer), int(r.head)) for r in _ranked(table, score).head(k).itertuples()]
 
 
 def run_ov(tokens: str = "weekdays", heads=None, out=None, model=None, cyclic: bool | None = None,
@@ -138,7 +145,8 @@ def run_ov(tokens: str = "weekdays", heads=None, out=None, model=None, cyclic: b
         if table[col].notna().any():
             files += _save(layer_head_heatmap(table, col, f"OV {col.replace('_', '-')} score on {ts.name}",
                                               f"{col} score"), out / f"heatmap_{col}")
-    top = {c: table.sort_values(c, ascending=False).head(5)[["layer", "head", "kv_head", c]].to_dict("records")
+    cols = lambda c: ["layer", "head", "kv_head", c] + ([f"{c}_mean_rank"] if f"{c}_mean_rank" in table else [])  # noqa: E731
+    top = {c: _ranked(table, c).head(5)[cols(c)].to_dict("records")
            for c in ("copy", "next_item", "eigen_copy") if table[c].notna().any()}
     summary = {"kind": "heads_ov", "per": "query head", "tokens": ts.describe(), "layers": layer_list,
                "heads_shown": [f"L{a}H{b}" for a, b in chosen], "top": top, "seconds": round(seconds, 2),
