@@ -26,9 +26,10 @@ Steps (WORKFLOWS W1):
 5. **Ranking**: the candidates are the ``top`` components by drop (the causal evidence
    selects them); they are ordered by a combined score
    ``0.5·pct(drop) + 0.25·pct(grad norm) + 0.25·pct(mean |activation|)``, where ``pct`` is
-   the percentile rank (0–1] among all components for the drop, and among components of the
-   same kind (heads vs MLPs, whose activations and gradients are not comparable) for the
-   other two. Correlational evidence can reorder causally selected components, never add one.
+   a percentile rank in (0, 1]: for the drop, among the candidates (the largest drop gets 1);
+   for the other two, among all components of the same kind (heads vs MLPs, whose
+   activations and gradients are not comparable). Correlational evidence can reorder
+   causally selected components, never add one.
 
 Sanity checks run inside every report and stop it on failure: the unpatched variant equals
 a plain forward; patching the whole residual stream at layer 0 equals an independent
@@ -59,7 +60,7 @@ from replab.patching import Intervention, Variant
 WEIGHTS = {"drop": 0.5, "grad_norm": 0.25, "mean_abs_activation": 0.25}
 RANKING = ("candidates = the top components by drop (causal); order = combined score "
            "0.5*pct(drop) + 0.25*pct(grad_norm) + 0.25*pct(mean_abs_activation), pct = percentile rank "
-           "among all components (drop) or among components of the same kind (grad_norm, activation)")
+           "among the candidates (drop) or among all components of the same kind (grad_norm, activation)")
 
 
 @dataclass
@@ -183,6 +184,7 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
     key = "logit" if scoring == "first_token" else "sum_logprob"
     check = answer_check(model, setup)
     clean = check[key]
+    steps = {"setup": round(time.time() - t_start, 2)}
     tick(1)
 
     # 2. broad patching: every head's z and every MLP's post (+ three sanity variants)
@@ -192,8 +194,10 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
     variants += [Variant((intervention(setup, "z" if k == "head" else "mlp_post", la, h),)) for k, la, h in comps]
     t0 = time.time()
     res = score_variants(model, setup, variants, scoring)
-    patch_seconds = time.time() - t0
+    steps["patching"] = round(time.time() - t0, 2)
+    t0 = time.time()
     checks = _checks(model, setup, scoring, key, res, clean)
+    steps["checks"] = round(time.time() - t0, 2)
     full = float(res[key][1])
     tick(1)
     table = pd.DataFrame([{"component": f"L{la}H{h}" if k == "head" else f"L{la}MLP", "kind": k, "layer": la,
@@ -213,7 +217,9 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
         if unit not in refine_units:
             refine_units.append(unit)
     refine = [Variant((intervention(setup, s, la, h),)) for s, la, h in refine_units]
+    t0 = time.time()
     ref = score_variants(model, setup, refine, scoring)
+    steps["refinement"] = round(time.time() - t0, 2)
     ref_drop = {u: clean - float(v) for u, v in zip(refine_units, ref[key], strict=True)}
     tick(1)
 
@@ -226,8 +232,12 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
            else float(cache[f"blocks.{la}.mlp.hook_post"][0, -1].abs().mean()) for k, la, h in comps]
     table["mean_abs_activation"] = act
     tick(1)
+    t0 = time.time()
     hf = hf_model if hf_model is not None else hf_model_for(model)
+    steps["hf_load"] = round(time.time() - t0, 2)
+    t0 = time.time()
     grad_norms, grads, loss = gradient_norms(hf, setup.prompt_ids, setup.target_ids, scoring)
+    steps["gradients"] = round(time.time() - t0, 2)
     tl_loss = -(check["logprob"] if scoring == "first_token" else check["sum_logprob"])
     checks["hf_loss_equals_tl"] = {"value": loss, "expected": tl_loss, "abs_error": abs(loss - tl_loss),
                                    "ok": abs(loss - tl_loss) <= 1e-3 * max(1.0, abs(tl_loss))}
@@ -253,17 +263,18 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
     tick(1)
 
     # 5. combined ranking of the causally selected candidates
-    table["pct_drop"] = table["drop"].rank(pct=True)
+    table["causal_rank"] = table["drop"].rank(ascending=False, method="first").astype(int)
+    is_cand = table["causal_rank"] <= top
+    table["pct_drop"] = table["drop"].where(is_cand).rank(pct=True)
     for col in ("grad_norm", "mean_abs_activation"):
         table[f"pct_{col}"] = table.groupby("kind")[col].rank(pct=True)
     table["combined_score"] = (WEIGHTS["drop"] * table["pct_drop"] + WEIGHTS["grad_norm"] * table["pct_grad_norm"]
                                + WEIGHTS["mean_abs_activation"] * table["pct_mean_abs_activation"])
-    table["causal_rank"] = table["drop"].rank(ascending=False, method="first").astype(int)
     table["refine_site"] = [("v" if k == "head" else "mlp_pre") for k in table["kind"]]
     unit = lambda r: ("v", r.layer, int(r.kv_head)) if r.kind == "head" else ("mlp_pre", r.layer, None)  # noqa: E731
     table["refine_drop"] = [ref_drop.get(unit(r), np.nan) for r in table.itertuples()]
     table["matters_more"] = [_stage(r.kind, r.drop, r.refine_drop) for r in table.itertuples()]
-    chosen = table[table["causal_rank"] <= top].sort_values(["combined_score", "drop"], ascending=False)
+    chosen = table[is_cand].sort_values(["combined_score", "drop"], ascending=False)
     candidates = []
     for rank, r in enumerate(chosen.itertuples(), start=1):
         table.loc[r.Index, "rank"] = rank
@@ -293,7 +304,7 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
                          "layer's other heads"},
         "checks": checks,
         "per": {"z": "query head", "v": "KV head (shared by its query heads)", "mlp": "layer"},
-        "seconds": {"patching": round(patch_seconds, 2), "total": round(time.time() - t_start, 2)},
+        "seconds": {**steps, "total": round(time.time() - t_start, 2)},
     }
     grad_table = pd.DataFrame([{"name": n, **params[n], "grad_norm": v} for n, v in grad_norms.items()])
     return ComponentReport(report, table, grad_table)

@@ -70,7 +70,7 @@ def random_texts(tokenizer, n_seqs: int = 10, half: int = 25, seed: int = 0, rep
 
     if n_seqs < 1 or half < 2:
         raise ReplabError("need at least 1 sequence of at least 2 tokens")
-    pool = np.asarray(words if words is not None else word_tokens(tokenizer, 4096, seed=seed + 1))
+    pool = np.asarray(words if words is not None else word_tokens(tokenizer, max(1024, 4 * half), seed=seed + 1))
     rng = np.random.default_rng(seed)
     texts = []
     while len(texts) < n_seqs:

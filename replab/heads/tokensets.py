@@ -78,9 +78,20 @@ def single_token(tokenizer, item: str) -> int | None:
     return None
 
 
+_WORDS: dict[tuple, list[int]] = {}
+
+
 def word_tokens(tokenizer, n: int = 512, seed: int = 0, min_letters: int = 3) -> list[int]:
     """A seeded sample of ``n`` whole-word tokens (``" abc"``: a space, then ≥ ``min_letters``
-    ASCII letters) that round-trip through the tokenizer alone. Sorted by token id."""
+    ASCII letters) that round-trip through the tokenizer alone. Sorted by token id; cached
+    per tokenizer (vocabulary size and name) and arguments."""
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), n, seed, min_letters)
+    if key not in _WORDS:
+        _WORDS[key] = _word_tokens(tokenizer, n, seed, min_letters)
+    return list(_WORDS[key])
+
+
+def _word_tokens(tokenizer, n: int, seed: int, min_letters: int) -> list[int]:
     import numpy as np
 
     vocab = tokenizer.get_vocab()
