@@ -7,7 +7,10 @@ trainer) sees. Gradients are therefore taken on the plain Hugging Face model
 ``hf_model.named_parameters()`` (e.g. ``model.layers.18.mlp.down_proj.weight``).
 
 The loss is the teacher-forced negative log-likelihood of the target: ``−log p(t₁ | prompt)``
-for ``first_token`` scoring, ``−Σ_k log p(t_k | prompt, t_<k)`` for ``sum_logprob``.
+for ``first_token`` scoring, ``−Σ_k log p(t_k | prompt, t_<k)`` for ``sum_logprob``, computed
+in the model's own dtype by one ordinary ``loss.backward()``. (In float32, SmolLM2's
+gradients are reproducible only to about 1e-4 relative: the same gradient summed in another
+order, or computed in float64, differs by that much; ``bench/bench_heads.py`` measures it.)
 
 Which parameters: every trainable 2-D weight inside a decoder block's attention or MLP
 module (found by name: ``.<layer>.(self_attn|attn|attention).`` / ``.(mlp|feed_forward|ffn).``).
@@ -64,7 +67,7 @@ def nll(hf_model, prompt_ids: list[int], target_ids: list[int], scoring: str = "
     """The target's negative log-likelihood (a scalar with a graph) under ``scoring``."""
     targets = target_ids if scoring == "sum_logprob" else target_ids[:1]
     ids = torch.tensor([list(prompt_ids) + list(targets[:-1])])
-    logits = hf_model(input_ids=ids).logits[0].float()                 # [T + k - 1, V]
+    logits = hf_model(input_ids=ids).logits[0]                         # [T + k - 1, V], the model's dtype
     T = len(prompt_ids)
     logp = torch.log_softmax(logits[T - 1:T - 1 + len(targets)], dim=-1)
     return -logp[torch.arange(len(targets)), torch.tensor(targets)].sum()
@@ -76,14 +79,18 @@ def gradient_norms(hf_model, prompt_ids: list[int], target_ids: list[int], scori
     params = block_parameters(hf_model)
     named = dict(hf_model.named_parameters())
     hf_model.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        loss = nll(hf_model, prompt_ids, target_ids, scoring)
-        grads = torch.autograd.grad(loss, [named[n] for n in params], allow_unused=True)
-    out, gd = {}, {}
-    for name, g in zip(params, grads, strict=True):
-        g = torch.zeros_like(named[name]) if g is None else g.detach()
-        gd[name] = g
-        out[name] = float(g.double().norm())
+    try:
+        with torch.enable_grad():
+            loss = nll(hf_model, prompt_ids, target_ids, scoring)
+            loss.backward()           # the plain computation (autograd.grad on a subset orders sums differently)
+        out, gd = {}, {}
+        for name in params:
+            g = named[name].grad
+            g = torch.zeros_like(named[name]) if g is None else g.detach().clone()
+            gd[name] = g
+            out[name] = float(g.norm())
+    finally:
+        hf_model.zero_grad(set_to_none=True)
     return out, gd, float(loss.detach())
 
 
