@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def bench_composition(model, repeats: int, tl_layers: int) -> dict:
     import torch
-    from transformer_lens import utils
+    from transformer_lens import utilities as utils
 
     from replab.heads.composition import composition_scores, composition_table, grams
 

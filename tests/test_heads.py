@@ -186,7 +186,8 @@ def test_composition_equals_transformer_lens_and_gqa_layout_matters(tiny):
     """replab == TransformerLens all_composition_scores (its expanded W_K/W_V use
     repeat_interleave, so it is right for GQA); pairing query heads with tiled KV heads
     (h % n_kv) gives different scores."""
-    from transformer_lens import FactoredMatrix, utils
+    from transformer_lens import FactoredMatrix
+    from transformer_lens import utilities as utils
 
     from replab.heads.composition import composition_scores, composition_table, random_baseline
 
@@ -230,8 +231,11 @@ def test_heads_cli(tiny, tmp_path, capsys):
                 tmp_path / "qk", "--json"], capsys)
     assert qk["positions"].startswith("rotary") and len(qk["heads_shown"]) == 3
     comp = _json(["heads", "composition", "--model", "tiny", "--mode", "k", "--n-random", "10", "--top", "3",
-                  "--out", tmp_path / "c", "--json"], capsys)
+                  "--into", "L3H1", "--out", tmp_path / "c", "--json"], capsys)
     assert comp["modes"] == ["k"] and len(comp["top_pairs"]["k"]) == 3 and comp["n_pairs"] == 96
+    into = comp["into"]["L3H1"]["k"]
+    assert [r["rank"] for r in into] == [1, 2, 3, 4, 5] and into[0]["of"] == 12
+    assert into[0]["score"] >= into[1]["score"]
     pat = _json(["heads", "patterns", "--model", "tiny", "--heads", "L0H1,L3H3", "--prompt",
                  "Today it is Monday so tomorrow it is", "--out", tmp_path / "p", "--json"], capsys)
     assert [h["group"] for h in pat["heads"]] == ["early", "late"] and (tmp_path / "p" / "patterns.png").exists()

@@ -30,7 +30,8 @@ def test_detectors_match_transformer_lens_on_smollm2(smol, detected):
 def test_composition_matches_transformer_lens_on_smollm2(smol):
     """replab's scores for senders in layers 0-2 and receivers in layers 27-29 equal
     TransformerLens's composition_scores on the same (GQA-expanded) factored matrices."""
-    from transformer_lens import FactoredMatrix, utils
+    from transformer_lens import FactoredMatrix
+    from transformer_lens import utilities as utils
 
     from replab.heads.composition import composition_scores, grams
 

@@ -86,7 +86,7 @@ def gradient_norms(hf_model, prompt_ids: list[int], target_ids: list[int], scori
         out, gd = {}, {}
         for name in params:
             g = named[name].grad
-            g = torch.zeros_like(named[name]) if g is None else g.detach().clone()
+            g = torch.zeros_like(named[name]) if g is None else g.detach()   # kept after zero_grad(set_to_none)
             gd[name] = g
             out[name] = float(g.norm())
     finally:

@@ -12,11 +12,12 @@ Steps (WORKFLOWS W1):
    MLP's ``post`` replaced by its corrupted value (``other-prompt``, ``zero`` or ``mean``),
    the effect being the drop of the target's score: its first-token logit under
    ``first_token`` scoring, its summed log-probability under ``sum_logprob``.
-3. **Refinement** of the ``top`` components: a head's ``v`` (**per KV head**: it changes
-   what every query head of the group reads, so it can exceed one head's ``z`` effect) and
-   an MLP's ``pre`` (``blocks.L.mlp.hook_pre``; in a gated MLP such as SmolLM2's this is the
-   gate branch only, the up-projection branch is not patched), each beside its output-stage
-   number; ``matters_more`` names the stage with the larger absolute drop.
+3. **Refinement**: every KV head's ``v`` (**per KV head**: it changes what every query head
+   of the group reads, so it can exceed one head's ``z`` effect) and every MLP's ``pre``
+   (``blocks.L.mlp.hook_pre``; in a gated MLP such as SmolLM2's this is the gate branch
+   only, the up-projection branch is not patched), in the same batched run as step 2; each
+   component's table row has its input-stage number beside its output-stage number, and
+   ``matters_more`` names the stage with the larger absolute drop.
 4. **Supporting evidence** (correlational): the mean absolute activation of each head's ``z``
    and each MLP's ``post`` at the final prompt position (clean run), and the L2 norms of the
    gradient of the target's negative log-likelihood for every attention/MLP weight matrix of
@@ -187,11 +188,14 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
     steps = {"setup": round(time.time() - t_start, 2)}
     tick(1)
 
-    # 2. broad patching: every head's z and every MLP's post (+ three sanity variants)
+    # 2. broad patching (every head's z, every MLP's post) and 3. the refinement stages (every KV
+    # head's v, every MLP's pre), all in one batched engine run with three sanity variants
     comps = [("head", la, h) for la in range(L) for h in range(H)] + [("mlp", la, None) for la in range(L)]
+    refine_units = [("v", la, g) for la in range(L) for g in range(n_kv)] + [("mlp_pre", la, None) for la in range(L)]
     variants = [Variant(()), Variant((intervention(setup, "resid_pre", 0),)),
                 Variant((Intervention("z", L // 2, head=0, positions=tuple(range(setup.n_prompt)), source="clean"),))]
     variants += [Variant((intervention(setup, "z" if k == "head" else "mlp_post", la, h),)) for k, la, h in comps]
+    variants += [Variant((intervention(setup, s, la, h),)) for s, la, h in refine_units]
     t0 = time.time()
     res = score_variants(model, setup, variants, scoring)
     steps["patching"] = round(time.time() - t0, 2)
@@ -200,27 +204,16 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
     steps["checks"] = round(time.time() - t0, 2)
     full = float(res[key][1])
     tick(1)
+    n_c = 3 + len(comps)
     table = pd.DataFrame([{"component": f"L{la}H{h}" if k == "head" else f"L{la}MLP", "kind": k, "layer": la,
                            "head": h, "kv_head": None if h is None else h // group,
                            "site": "z" if k == "head" else "mlp_post"} for k, la, h in comps])
-    table["patched"] = res[key][3:]
+    table["patched"] = res[key][3:n_c]
     table["drop"] = clean - table["patched"]
-    table["drop_logit"] = check["logit"] - res["logit"][3:]
-    table["drop_logprob"] = check["logprob"] - res["logprob"][3:]
+    table["drop_logit"] = check["logit"] - res["logit"][3:n_c]
+    table["drop_logprob"] = check["logprob"] - res["logprob"][3:n_c]
     table["normalized_drop"] = table["drop"] / (clean - full) if abs(clean - full) > 1e-6 else np.nan
-
-    # 3. refinement of the top components: v (per KV head) and mlp_pre
-    topk = table.sort_values("drop", ascending=False).head(top)
-    refine_units = []
-    for r in topk.itertuples():
-        unit = ("v", r.layer, int(r.kv_head)) if r.kind == "head" else ("mlp_pre", r.layer, None)
-        if unit not in refine_units:
-            refine_units.append(unit)
-    refine = [Variant((intervention(setup, s, la, h),)) for s, la, h in refine_units]
-    t0 = time.time()
-    ref = score_variants(model, setup, refine, scoring)
-    steps["refinement"] = round(time.time() - t0, 2)
-    ref_drop = {u: clean - float(v) for u, v in zip(refine_units, ref[key], strict=True)}
+    ref_drop = {u: clean - float(v) for u, v in zip(refine_units, res[key][n_c:], strict=True)}
     tick(1)
 
     # 4. evidence: mean |activation| at the final prompt position, gradient norms (HF model)

@@ -113,11 +113,14 @@ def qk_cmd(tokens: str = _TOKENS, heads: str = _HEADS, cyclic: bool = _CYCLIC, l
 
 
 @app.command("composition", epilog=examples("replab heads composition --mode q",
+                                            "replab heads composition --mode k --into L18H6,L17H4",
                                             "replab heads composition --mode all --top 10 --json"))
 def composition_cmd(mode: str = typer.Option("all", "--mode", help="q | k | v | all (or a comma list)."),
                     top: int = typer.Option(20, "--top", help="Pairs per mode in the top-pairs table."),
                     n_random: int = typer.Option(200, "--n-random", help="Random matrix pairs for the baseline."),
                     seed: int = typer.Option(0, "--seed"),
+                    into: str = typer.Option(None, "--into", help="Receivers (e.g. L18H6,L17H4): list their "
+                                                                 "strongest senders per mode."),
                     out: str = _OUT, model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Q-, K- and V-composition scores between every pair of query heads in different layers,
     with a random-matrix baseline: heatmaps and a top-pairs table."""
@@ -126,13 +129,18 @@ def composition_cmd(mode: str = typer.Option("all", "--mode", help="q | k | v | 
 
     if top < 1 or n_random < 2:
         raise ReplabError("--top must be >= 1 and --n-random >= 2")
-    s = run_composition(mode, out=out, model=model, top=top, n_random=n_random, seed=seed)
+    s = run_composition(mode, out=out, model=model, top=top, n_random=n_random, seed=seed, into=into)
     lines = [f"{s['n_pairs']} pairs per mode in {s['seconds']:.1f} s"]
     for md, rows in s["top_pairs"].items():
         b = s["baseline"][md]
         lines.append(f"{md.upper()}: baseline {b['mean']:.3f} (p95 {b['p95']:.3f}); top "
                      + ", ".join(f"L{r['sender_layer']}H{r['sender_head']}->L{r['receiver_layer']}"
                                  f"H{r['receiver_head']} {r['score']:.3f}" for r in rows))
+    for head, per_mode in s.get("into", {}).items():
+        for md, rows in per_mode.items():
+            n = rows[0]["of"] if rows else 0
+            lines.append(f"into {head} ({md.upper()}): "
+                         + ", ".join(f"{r['sender']} {r['score']:.3f}" for r in rows) + f" (of {n} earlier heads)")
     _done(s, json_out, lines)
 
 

@@ -207,9 +207,11 @@ def run_qk(tokens: str = "weekdays", heads=None, out=None, model=None, offset: i
 
 
 def run_composition(mode="all", out=None, model=None, top: int = 20, n_random: int = 200,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, into=None) -> dict:
     """``replab heads composition``: Q/K/V composition of every (sender, later receiver) query-head
     pair, with the random baseline; a sender × receiver heatmap per mode and a top-pairs table.
+    ``into`` (e.g. ``"L18H6,L17H4"``): also list the 5 strongest senders into each of these
+    receivers, per mode (``summary["into"]``), with their rank among all earlier heads.
 
     Writes ``composition.parquet|csv`` (all pairs), ``top_pairs.parquet|csv`` and
     ``heatmap_<mode>.png|svg``.
@@ -219,6 +221,7 @@ def run_composition(mode="all", out=None, model=None, top: int = 20, n_random: i
 
     modes = parse_modes(mode)
     m = _model(model)
+    receivers = parse_head_list(into, m.cfg.n_layers, m.cfg.n_heads) if into else []
     t0 = time.time()
     table, baselines = composition_table(m, modes, n_random, seed)
     seconds = time.time() - t0
@@ -238,7 +241,16 @@ def run_composition(mode="all", out=None, model=None, top: int = 20, n_random: i
                                                                    "receiver_head", "score"]].to_dict("records")
                              for md in modes},
                "files": files}
+    if receivers:
+        summary["into"] = {f"L{la}H{h}": {md: _senders(table, md, la, h) for md in modes} for la, h in receivers}
     return {**finish_run(out, summary, m), "out": str(out)}
+
+
+def _senders(table: pd.DataFrame, mode: str, layer: int, head: int, k: int = 5) -> list[dict]:
+    sub = table[(table["mode"] == mode) & (table.receiver_layer == layer) & (table.receiver_head == head)]
+    sub = sub.sort_values("score", ascending=False).reset_index(drop=True)
+    return [{"sender": f"L{int(r.sender_layer)}H{int(r.sender_head)}", "score": round(float(r.score), 4),
+             "rank": i + 1, "of": len(sub)} for i, r in enumerate(sub.head(k).itertuples())]
 
 
 def _third(layer: int, n_layers: int) -> str:
