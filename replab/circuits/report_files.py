@@ -14,7 +14,11 @@ import pandas as pd
 
 from replab.errors import ReplabError
 from replab.io import write_json_atomic, write_text_atomic
-from replab.patching.report import finish_run, start_run, write_table
+
+try:
+    from replab.rundir import finish_run, start_run, write_table
+except ImportError:  # pragma: no cover - branches made before run directories moved to replab.rundir
+    from replab.patching.report import finish_run, start_run, write_table
 
 
 def load_rows(dataset: str | None, task: str | None, tokenizer, prepend_bos: bool) -> tuple[pd.DataFrame, str]:
@@ -136,7 +140,7 @@ def _figure(table: pd.DataFrame, report: dict, out: Path) -> list[str]:
     a.set_xlabel("query head (z patched)")
     a.set_ylabel("layer")
     a.set_title("heads: drop of the target when z is corrupted")
-    b.barh(mlp.index, mlp.values, color=["tab:red" if v > 0 else "tab:blue" for v in mlp.values])
+    b.barh(mlp.index, mlp.values, color=["tab:blue" if v > 0 else "tab:red" for v in mlp.values])  # as RdBu
     b.invert_yaxis()
     b.set_xlabel("drop")
     b.set_ylabel("layer")

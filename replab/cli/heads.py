@@ -10,7 +10,9 @@ import typer
 from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
 
 app = typer.Typer(help="Head function: detectors, OV/QK circuits, composition, attention patterns.",
-                  no_args_is_help=True)
+                  no_args_is_help=True,
+                  epilog=examples("replab heads detect", "replab heads ov --tokens weekdays",
+                                  "replab heads composition --mode v"))
 
 _OUT = typer.Option(None, "--out", "-o", help="Run directory.")
 _TOKENS = typer.Option("weekdays", "--tokens", help="digits | months | weekdays | words | FILE (one item per line, "

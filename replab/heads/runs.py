@@ -16,7 +16,11 @@ import pandas as pd
 import torch
 
 from replab.errors import ReplabError
-from replab.patching.report import finish_run, start_run, write_table
+
+try:
+    from replab.rundir import finish_run, start_run, write_table
+except ImportError:  # pragma: no cover - branches made before run directories moved to replab.rundir
+    from replab.patching.report import finish_run, start_run, write_table
 
 
 def _model(model):
