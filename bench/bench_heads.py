@@ -12,6 +12,9 @@ On the default model (SmolLM2-135M-Instruct: 30 layers × 9 query heads = 270 he
 * ``report``: :func:`replab.circuits.report.component_report` on ``fact_recall`` prompt
   ``--prompt-index`` (other-prompt corruption, first-token scoring), per step and in total,
   plus the same with model loading (a fresh ``load_model`` + ``load_hf_model``);
+Wall-clock and process CPU seconds (``time.process_time``, all threads) are both recorded:
+on a shared machine the wall clock depends on the other jobs, the CPU time much less.
+
 * ``gradient_precision``: the largest relative difference between the report's float32
   gradient norms and a float64 computation on the same HF weights (how many digits of a
   float32 gradient norm are meaningful on this model).
@@ -38,22 +41,25 @@ def bench_composition(model, repeats: int, tl_layers: int) -> dict:
 
     from replab.heads.composition import composition_scores, composition_table, grams
 
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         table, _ = composition_table(model, "all")
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     n = min(tl_layers, model.cfg.n_layers)
     left = grams(model, "ov_left")
-    out = {"replab_seconds": [round(t, 2) for t in times], "pairs_per_mode": int(len(table) // 3),
-           "tl_layers": n, "tl_seconds": {}, "max_abs_diff": {}}
+    out = {"replab_seconds": [round(t, 2) for t in times], "replab_cpu_seconds": [round(t, 2) for t in cpu],
+           "pairs_per_mode": int(len(table) // 3), "tl_layers": n, "tl_seconds": {}, "tl_cpu_seconds": {},
+           "max_abs_diff": {}}
     mask = torch.arange(n)[:, None, None, None] < torch.arange(n)[None, None, :, None]
     for mode in ("Q", "K", "V"):
         right = {"Q": model.QK, "K": model.QK.T, "V": model.OV}[mode][:n]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             ref = torch.where(mask, utils.composition_scores(model.OV[:n], right, broadcast_dims=True), 0.0)
         out["tl_seconds"][mode] = round(time.perf_counter() - t0, 2)
+        out["tl_cpu_seconds"][mode] = round(time.process_time() - c0, 2)
         mine = composition_scores(model, mode.lower(), left)[:n, :, :n]
         out["max_abs_diff"][mode] = float((ref - mine).abs().max())
     return out
@@ -69,12 +75,13 @@ def bench_report(model_name, prompt_index: int) -> dict:
     hf = load_hf_model(model_name)
     loading = time.perf_counter() - t0
     rows = load_prompts("fact_recall", model.tokenizer).rows
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rep = component_report(model, rows, prompt_index, corruption="other-prompt", top=10, hf_model=hf)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     r = rep.report
     return {"prompt": r["prompt"]["text"], "target": r["target"]["text"], "seconds": r["seconds"],
-            "report_seconds": round(total, 2), "loading_seconds": round(loading, 2),
+            "report_seconds": round(total, 2), "report_cpu_seconds": round(cpu, 2),
+            "loading_seconds": round(loading, 2),
             "with_loading_seconds": round(total + loading, 2),
             "candidates": [c["component"] for c in r["candidates"]], "model": model, "hf": hf,
             "rows": rows}

@@ -193,11 +193,12 @@ def test_circuit_report_cli(tiny_hf, tmp_path, capsys):
     data.write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n"
                             for r in ROWS.to_dict("records")))
     args = ["circuit", "report", "--model", str(tiny_hf_dir()), "--dataset", data, "--prompt-index", "1",
-            "--corruption", "mean", "--top", "3", "--out", tmp_path / "r"]
+            "--corruption", "mean", "--top", "3", "--layers", "1", "--out", tmp_path / "r"]
     code, out, err = run_cli([*args, "--json"], capsys)
     assert code == 0, err
     r = json.loads(out)
-    assert r["corruption"]["kind"] == "mean" and len(r["candidates"]) == 3
+    assert r["corruption"]["kind"] == "mean" and len(r["candidates"]) == 3 and r["layers"] == [1]
+    assert all(c["component"].startswith("L1") for c in r["candidates"])
     files = {p.name for p in (tmp_path / "r").iterdir()}
     assert {"report.json", "report.md", "components.parquet", "grad_norms.csv", "drops.png", "summary.json"} <= files
     saved = json.loads((tmp_path / "r" / "report.json").read_text())

@@ -56,6 +56,7 @@ from replab.circuits.components import (
     score_variants,
 )
 from replab.errors import ReplabError
+from replab.hooks import parse_layers
 from replab.patching import Intervention, Variant
 
 WEIGHTS = {"drop": 0.5, "grad_norm": 0.25, "mean_abs_activation": 0.25}
@@ -160,14 +161,16 @@ def _checks(model, setup: Setup, scoring: str, key: str, res: dict, clean: float
 
 def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruption: str = "other-prompt",
                      scoring: str = "first_token", top: int = 10, hf_model=None, dataset: str = "dataset",
-                     progress=None) -> ComponentReport:
+                     layers="all", progress=None) -> ComponentReport:
     """The W1 report for prompt ``prompt_index`` of ``rows`` (a prompt set's rows: ``prompt``,
     ``answer``, optionally ``corrupt_prompt``). See the module docstring for every step.
 
     Args:
         model: a TransformerLens model from :func:`replab.load_model`.
         hf_model: its Hugging Face model (default: loaded with :func:`replab.models.load_hf_model`).
-        top: how many components to refine and report as candidates.
+        top: how many components to report as candidates.
+        layers: a layer spec (``all``, ``20-29`` ...): patch only these layers' heads and MLPs
+            (gradient norms always cover every layer).
         progress: optional ``advance(n)``, called once per step (6 steps).
     """
     from replab.circuits.gradients import component_parameters, gradient_norms, head_slices, hf_model_for
@@ -190,8 +193,9 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
 
     # 2. broad patching (every head's z, every MLP's post) and 3. the refinement stages (every KV
     # head's v, every MLP's pre), all in one batched engine run with three sanity variants
-    comps = [("head", la, h) for la in range(L) for h in range(H)] + [("mlp", la, None) for la in range(L)]
-    refine_units = [("v", la, g) for la in range(L) for g in range(n_kv)] + [("mlp_pre", la, None) for la in range(L)]
+    lays = parse_layers(layers, L)
+    comps = [("head", la, h) for la in lays for h in range(H)] + [("mlp", la, None) for la in lays]
+    refine_units = [("v", la, g) for la in lays for g in range(n_kv)] + [("mlp_pre", la, None) for la in lays]
     variants = [Variant(()), Variant((intervention(setup, "resid_pre", 0),)),
                 Variant((Intervention("z", L // 2, head=0, positions=tuple(range(setup.n_prompt)), source="clean"),))]
     variants += [Variant((intervention(setup, "z" if k == "head" else "mlp_post", la, h),)) for k, la, h in comps]
@@ -297,6 +301,7 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
                          "layer's other heads"},
         "checks": checks,
         "per": {"z": "query head", "v": "KV head (shared by its query heads)", "mlp": "layer"},
+        "layers": lays,
         "seconds": {**steps, "total": round(time.time() - t_start, 2)},
     }
     grad_table = pd.DataFrame([{"name": n, **params[n], "grad_norm": v} for n, v in grad_norms.items()])

@@ -33,7 +33,7 @@ def load_rows(dataset: str | None, task: str | None, tokenizer, prepend_bos: boo
 
 def run_component_report(dataset: str | None = None, task: str | None = None, prompt_index: int = 0,
                          corruption: str = "other-prompt", scoring: str = "first_token", top: int = 10,
-                         out=None, model=None, progress: bool = False) -> dict:
+                         out=None, model=None, layers="all", progress: bool = False) -> dict:
     """``replab circuit report``: :func:`replab.circuits.report.component_report` on one prompt of a
     set, written to ``out`` (``report.json``, ``report.md``, ``components.parquet|csv``,
     ``grad_norms.parquet|csv``, ``drops.png|svg``, then ``summary.json``). Returns the report
@@ -48,7 +48,8 @@ def run_component_report(dataset: str | None = None, task: str | None = None, pr
     m = model if model is not None and not isinstance(model, str) else load_model(model, device="cpu")
     rows, name = load_rows(dataset, task, m.tokenizer, bool(m.cfg.default_prepend_bos))
     with progress_bar(6, "component report", "step", enabled=progress) as bar:
-        rep = component_report(m, rows, prompt_index, corruption, scoring, top, dataset=name, progress=bar.advance)
+        rep = component_report(m, rows, prompt_index, corruption, scoring, top, dataset=name, layers=layers,
+                               progress=bar.advance)
     out = start_run(Path(out or f"runs/report-{name}-{prompt_index}-{corruption}"))
     report = {**rep.report, "model": m.replab_identity.to_dict()}
     report["seconds"]["with_loading"] = round(time.time() - t0, 2)
@@ -61,7 +62,7 @@ def run_component_report(dataset: str | None = None, task: str | None = None, pr
                "corruption": report["corruption"], "candidates": [c["component"] for c in report["candidates"]],
                "lora": report["lora"], "checks": report["checks"], "seconds": report["seconds"], "files": files,
                "options": {"dataset": dataset, "task": task, "prompt_index": prompt_index, "corruption": corruption,
-                           "scoring": scoring, "top": top}}
+                           "scoring": scoring, "top": top, "layers": report["layers"]}}
     finish_run(out, summary, m)
     return {**report, "out": str(out)}
 

@@ -11,7 +11,7 @@ from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, pri
 from replab.cli.circuit import app
 
 JSON_KEYS = ("target", "corruption", "candidates", "grad_norms", "prompt", "ranking", "lora", "checks", "per",
-             "seconds", "out")
+             "layers", "seconds", "out")
 
 
 @app.command("report", epilog=examples(
@@ -26,7 +26,9 @@ def report_cmd(dataset: str = typer.Option(None, "--dataset", "-d", help="A JSON
                                               help="other-prompt | zero | mean (recorded in the report)."),
                scoring: str = typer.Option("first_token", "--scoring",
                                            help="first_token (logit of the first target token) | sum_logprob."),
-               top: int = typer.Option(10, "--top", help="Components to refine and report as candidates."),
+               top: int = typer.Option(10, "--top", help="Components to report as candidates."),
+               layers: str = typer.Option("all", "--layers", help="Patch only these layers (all, 20-29, ...); "
+                                                                    "gradient norms cover every layer."),
                out: str = typer.Option(None, "--out", "-o", help="Run directory."),
                model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Which heads and MLPs recall this fact: answer check, head z / MLP post patching, v / pre
@@ -35,7 +37,7 @@ def report_cmd(dataset: str = typer.Option(None, "--dataset", "-d", help="A JSON
     from replab.circuits.report_files import run_component_report
 
     r = run_component_report(dataset=dataset, task=task, prompt_index=prompt_index, corruption=corruption,
-                             scoring=scoring, top=top, out=out, model=model, progress=not json_out)
+                             scoring=scoring, top=top, out=out, model=model, layers=layers, progress=not json_out)
     if json_out:
         print_json({k: r[k] for k in JSON_KEYS})
         return
