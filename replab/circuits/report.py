@@ -173,7 +173,13 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
             (gradient norms always cover every layer).
         progress: optional ``advance(n)``, called once per step (6 steps).
     """
-    from replab.circuits.gradients import component_parameters, gradient_norms, head_slices, hf_model_for
+    from replab.circuits.gradients import (
+        block_parameters,
+        component_parameters,
+        gradient_norms,
+        head_slices,
+        hf_model_for,
+    )
 
     check_options(corruption, scoring)
     if top < 1:
@@ -241,8 +247,6 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
     if not checks["hf_loss_equals_tl"]["ok"]:
         raise ReplabError(f"the Hugging Face model's loss {loss:.5f} differs from the analysed model's "
                           f"{tl_loss:.5f}: they are not the same model")
-    from replab.circuits.gradients import block_parameters
-
     params = block_parameters(hf)
     g_rows, slices, params_of = [], {}, {}
     for k, la, h in comps:
@@ -281,7 +285,7 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
                            "parameters": params_of[(r.kind, r.layer, h)]})
     tick(1)
     modules = sorted({n.rsplit(".", 1)[0] for c in candidates for n in c["parameters"]},
-                     key=lambda n: [int(x) if x.isdigit() else x for x in n.split(".")])
+                     key=lambda n: [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in n.split(".")])
     tok = model.tokenizer
     report = {
         "target": {"text": answer, "tokens": [tok.decode([t]) for t in setup.target_ids], "token_ids": setup.target_ids,
