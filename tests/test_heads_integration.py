@@ -33,17 +33,17 @@ def test_composition_matches_transformer_lens_on_smollm2(smol):
     from transformer_lens import FactoredMatrix
     from transformer_lens import utilities as utils
 
-    from replab.heads.composition import composition_scores, grams
+    from replab.heads.composition import grams, pair_scores
 
-    left = grams(smol, "ov_left")
+    left = grams(smol, "ov_left", layers=[0, 1, 2])
     W_Q, W_K, W_V, W_O = (w[27:30] for w in (smol.W_Q, smol.W_K, smol.W_V, smol.W_O))
     rights = {"Q": FactoredMatrix(W_Q, W_K.transpose(-2, -1)), "K": FactoredMatrix(W_K, W_Q.transpose(-2, -1)),
               "V": FactoredMatrix(W_V, W_O)}
     sender = FactoredMatrix(smol.W_V[0:3], smol.W_O[0:3])
     for mode, right in rights.items():
         ref = utils.composition_scores(sender, right, broadcast_dims=True)             # [3, 9, 3, 9]
-        mine = composition_scores(smol, mode.lower(), left)[0:3, :, 27:30]
-        assert (ref - mine).abs().max() < 1e-4, mode
+        mine = pair_scores(left, grams(smol, f"{mode.lower()}_right", layers=[27, 28, 29])).reshape(3, 9, 3, 9)
+        assert (ref - mine.float()).abs().max() < 1e-4, mode
 
 
 @pytest.fixture(scope="module")

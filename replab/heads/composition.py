@@ -73,12 +73,14 @@ def _gram(outer: torch.Tensor, inner: torch.Tensor, left: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def grams(model, which: str, layers_per_step: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def grams(model, which: str, layers=None, layers_per_step: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """``(triangles [L·H, d(d+1)/2] float32, squared Frobenius norms [L·H] float64)`` of each
-    query head's matrix in the role ``which``: ``ov_left`` (W_OV, as a sender: G = W_OVᵀ W_OV),
-    ``q_right`` (W_QK = W_Q W_Kᵀ: G = W_QK W_QKᵀ), ``k_right`` ((W_QK)ᵀ = W_K W_Qᵀ) or
+    query head's matrix (of ``layers``, default all) in the role ``which``: ``ov_left`` (W_OV, as
+    a sender: G = W_OVᵀ W_OV), ``q_right`` (W_QK = W_Q W_Kᵀ: G = W_QK W_QKᵀ), ``k_right`` ((W_QK)ᵀ = W_K W_Qᵀ) or
     ``v_right`` (W_OV as a receiver). ‖A B‖²_F = ⟨AᵀA, B Bᵀ⟩ for every sender A, receiver B."""
     w = all_weights(model)
+    if layers is not None:
+        w = {k: v[list(layers)] for k, v in w.items()}
     kv = kv_of(model)
     W_Q, W_O = w["W_Q"], w["W_O"]                                    # [L, H, d, dh], [L, H, dh, d]
     W_K, W_V = w["W_K"][:, kv], w["W_V"][:, kv]                      # expanded per query head
@@ -108,13 +110,19 @@ def composition_scores(model, mode: str = "q", left: tuple | None = None) -> tor
 
     ``left``: the senders' :func:`grams` (``"ov_left"``), shared between modes."""
     (mode,) = parse_modes(mode)
-    ga, na2 = grams(model, "ov_left") if left is None else left
-    hb, nb2 = grams(model, f"{mode}_right")
-    sq = (ga @ hb.T).double().clamp_min(0)                            # [L·H, L·H] squared numerators
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    scores = (sq / na2[:, None] / nb2[None, :]).sqrt().reshape(L, H, L, H)
+    scores = pair_scores(grams(model, "ov_left") if left is None else left,
+                         grams(model, f"{mode}_right")).reshape(L, H, L, H)
     later = (torch.arange(L)[:, None, None, None] < torch.arange(L)[None, None, :, None])
     return torch.where(later, scores, torch.zeros((), dtype=scores.dtype)).float()
+
+
+def pair_scores(left: tuple, right: tuple) -> torch.Tensor:
+    """``[n_senders, n_receivers]`` float64 scores from :func:`grams` of senders (``ov_left``)
+    and receivers (``<mode>_right``): sqrt(⟨G_A, H_B⟩ / (‖A‖² ‖B‖²))."""
+    (ga, na2), (hb, nb2) = left, right
+    sq = (ga @ hb.T).double().clamp_min(0)                            # squared numerators
+    return (sq / na2[:, None] / nb2[None, :]).sqrt()
 
 
 def random_baseline(d_model: int, d_head: int, n_random: int = 200, seed: int = 0) -> dict:
