@@ -127,8 +127,7 @@ def markdown(report: dict) -> str:
 def _figure(table: pd.DataFrame, report: dict, out: Path) -> list[str]:
     import seaborn as sns
 
-    from replab._figures import pyplot
-    from replab.patching.plots import save_figure
+    from replab._figures import pyplot, save
 
     plt = pyplot()
     heads = table[table["kind"] == "head"]
@@ -150,4 +149,4 @@ def _figure(table: pd.DataFrame, report: dict, out: Path) -> list[str]:
     fig.suptitle(f"{report['prompt']['text']!r} → {t['text']!r}: drop in target {t['metric']} "
                  f"({report['corruption']['kind']} corruption)")
     fig.tight_layout()
-    return save_figure(fig, out / "drops")
+    return [str(p) for p in save(fig, out / "drops", formats=("png", "svg"))]

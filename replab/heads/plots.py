@@ -1,6 +1,6 @@
 """Figures for head analyses: layer × head heatmaps, token × token circuit matrices, and
 sender × receiver composition maps. Each function returns a titled matplotlib Figure with
-labelled axes; callers save PNG + SVG with :func:`replab.patching.plots.save_figure`.
+labelled axes; callers save PNG + SVG with :func:`replab._figures.save`.
 (Attention-pattern figures are W2's :func:`replab.patching.plots.attention_patterns`.)"""
 
 from __future__ import annotations

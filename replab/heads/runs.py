@@ -53,9 +53,9 @@ def parse_head_list(spec, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
 
 
 def _save(fig, stem: Path) -> list[str]:
-    from replab.patching.plots import save_figure
+    from replab._figures import save
 
-    return save_figure(fig, stem)
+    return [str(p) for p in save(fig, Path(stem), formats=("png", "svg"))]
 
 
 def run_detect(detectors="all", text=None, out=None, model=None, n_seqs: int = 10, half: int = 25,
