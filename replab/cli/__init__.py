@@ -14,6 +14,7 @@ import typer
 
 from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`)
     circuit,
+    circuit_report,
     datasets,
     features,
     heads,
