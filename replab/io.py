@@ -11,6 +11,10 @@
 * :func:`inside` resolves a file name read from an artifact (a manifest, a run summary)
   against the artifact's directory and refuses anything that would leave it (``..``,
   absolute paths, symlinks pointing outside): loading an artifact never reads other files.
+  The directory may be an fsspec URL (``s3://bucket/store``): then the name is joined to the
+  URL and the same ``..`` / absolute / other-URL refusals apply (object stores have no symlinks);
+* :func:`location` turns what a user typed into a local :class:`~pathlib.Path` (plain paths and
+  ``file://`` URLs) or a normalised URL string (``s3://``, ``gs://``, ``memory://`` ...).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,14 +93,56 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def inside(root, name, what: str = "file") -> Path:
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$")
+# A pathlib.Path made from "s3://b/k" collapses the double slash ("s3:/b/k"); these are the
+# protocols whose collapsed form :func:`location` restores (a CLI option typed as Path).
+_COLLAPSED = re.compile(r"^(s3|s3a|gs|gcs|memory|az|abfs|abfss|adl|hf|hdfs|oss|oci|ftp|sftp|http|https):/(?!/)(.*)$")
+
+
+def is_url(path) -> bool:
+    """True for a remote fsspec URL (``s3://``, ``gs://``, ``memory://`` ...); False for a local
+    path and for ``file://`` URLs (which :func:`location` turns into local paths)."""
+    return isinstance(location(path), str)
+
+
+def location(path) -> Path | str:
+    """A local :class:`~pathlib.Path`, or a remote URL as a normalised string.
+
+    ``file:///abs/dir`` becomes ``Path("/abs/dir")``; ``s3://bucket//a/b/`` becomes
+    ``"s3://bucket/a/b"``; a Path that collapsed a URL's ``//`` (``Path("s3://b/k")`` is
+    ``s3:/b/k``) is restored when no such local file exists. Everything else is a Path.
+    """
+    text = os.fspath(path)
+    m = _URL.match(text)
+    if m is None:
+        collapsed = _COLLAPSED.match(text)
+        if collapsed is None or os.path.exists(text):
+            return Path(text)
+        m = _URL.match(f"{collapsed.group(1)}://{collapsed.group(2)}")
+    proto, rest = m.group(1).lower(), m.group(2)
+    if proto in ("file", "local"):
+        return Path("/" + rest.lstrip("/"))
+    rest = posixpath.normpath("/" + rest).lstrip("/") if rest else ""
+    return f"{proto}://{rest}"
+
+
+def url_join(root: str, name: str) -> str:
+    """``root/name`` for a URL root (no normalisation of ``name``; see :func:`inside`)."""
+    return root.rstrip("/") + "/" + name
+
+
+def inside(root, name, what: str = "file") -> Path | str:
     """``root / name`` resolved, or a ReplabError if it would leave ``root``.
 
     ``name`` comes from an artifact's own metadata (a manifest's tensor list, a summary's file
     list); an absolute path, ``..`` segments or a symlink that resolves outside ``root`` is
     refused, so reading an artifact never opens a file elsewhere (``../../etc/passwd``).
+    For a URL ``root`` (:func:`location`) the result is a URL string: ``name`` may not be
+    absolute, hold a URL (``s3://other/x``), a backslash, or ``..`` segments that leave ``root``.
     """
-    root = Path(root)
+    root = location(root)
+    if isinstance(root, str):
+        return _inside_url(root, name, what)
     if not isinstance(name, (str, os.PathLike)):
         raise ReplabError(f"{root}: {what} {name!r} is not a file name")
     text = str(name)
@@ -105,6 +153,18 @@ def inside(root, name, what: str = "file") -> Path:
     if target != base and base not in target.parents:
         raise ReplabError(f"{root}: {what} {text!r} points outside the directory")
     return target
+
+
+def _inside_url(root: str, name, what: str) -> str:
+    if not isinstance(name, str):
+        raise ReplabError(f"{root}: {what} {name!r} is not a file name")
+    if (not name or "\x00" in name or "\\" in name or name.startswith("/") or _URL.match(name)
+            or ":" in name.split("/")[0]):
+        raise ReplabError(f"{root}: {what} {name!r} is not a path inside the directory")
+    joined = posixpath.normpath(name)
+    if joined == ".." or joined.startswith("../") or joined == ".":
+        raise ReplabError(f"{root}: {what} {name!r} points outside the directory")
+    return url_join(root, joined)
 
 
 def read_text(path, what: str = "file") -> str:

@@ -4,7 +4,7 @@ Layers, bottom to top (an import may only go down, or stay inside its own packag
 
 1. ``replab.errors``, ``replab.hooks``, ``replab.io``, ``replab.rundir``, ``replab.threads``,
    ``replab._progress``, ``replab._figures``, ``replab._version`` (they may import each other)
-2. models  3. store  4. prompts  5. harvesting  6. lenses | probes | geometry (siblings never
+2. models  3. store, distributed (Ray plumbing; they never import each other)  4. prompts  5. harvesting  6. lenses | probes | geometry (siblings never
 import each other)  7. patching  8. heads  9. circuits  10. features  11. experiments
 12. cli (and ``replab.__main__``); the package facade ``replab/__init__.py`` sits on top.
 """
@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parents[1] / "replab"
 LAYERS = {
     "replab.errors": 1, "replab.hooks": 1, "replab.io": 1, "replab.rundir": 1, "replab.threads": 1,
     "replab._progress": 1, "replab._figures": 1, "replab._version": 1,
-    "replab.models": 2, "replab.store": 3, "replab.prompts": 4, "replab.harvesting": 5,
+    "replab.models": 2, "replab.store": 3, "replab.distributed": 3, "replab.prompts": 4, "replab.harvesting": 5,
     "replab.lenses": 6, "replab.probes": 6, "replab.geometry": 6,
     "replab.patching": 7, "replab.heads": 8, "replab.circuits": 9, "replab.features": 10,
     "replab.experiments": 11, "replab.cli": 12, "replab.__main__": 12, "replab": 13,
 }
-SIBLINGS = {6}   # layers whose packages may not import each other
+SIBLINGS = {3, 6}   # layers whose packages may not import each other
 
 
 def _module(path: Path) -> str:

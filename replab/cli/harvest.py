@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, print_json
+from replab.cli._common import ADDRESS_OPT, ENGINE_OPT, JSON_OPT, MODEL_OPT, WORKERS_OPT, examples, print_json
 
 
 def harvest_cmd(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Builtin set name or JSONL/CSV path."),
-    out: Path = typer.Option(..., "--out", "-o", help="Store directory (resumes if interrupted)."),
+    out: str = typer.Option(..., "--out", "-o",
+                            help="Store directory, or an fsspec URL (s3://bucket/store, gs://..., "
+                                 "memory://...); resumes if interrupted."),
     model: str = MODEL_OPT,
     hooks: str = typer.Option("resid_post", "--hooks",
                               help="Comma list: resid_pre,resid_mid,resid_post,attn_out,mlp_out,"
@@ -28,17 +28,23 @@ def harvest_cmd(
                                         "the GPU's memory on CUDA)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
     n_devices: int = typer.Option(None, "--n-devices", help="Split the model's blocks over N GPUs."),
+    engine: str = ENGINE_OPT,
+    address: str = ADDRESS_OPT,
+    workers: int = WORKERS_OPT,
     json_out: bool = JSON_OPT,
 ):
     """Harvest a model's activations on a prompt set into an on-disk store."""
+    from replab.distributed import check_engine
     from replab.harvesting import harvest
     from replab.models import load_model
 
+    check_engine(engine)                      # before the model loads: "pip install 'replab[ray]'"
     loaded = load_model(model, device=device, dtype=dtype, n_devices=n_devices)
     if store_dtype is None:
         store_dtype = "float16" if str(loaded.cfg.dtype) == "torch.float16" else "float32"
     store = harvest(loaded, dataset=dataset, hooks=hooks, layers=layers, positions=positions,
-                    dtype=store_dtype, batch_size=batch_size, out=out, progress=not json_out)
+                    dtype=store_dtype, batch_size=batch_size, out=out, progress=not json_out,
+                    engine=engine, workers=workers, address=address)
     summary = store.summary()
     if json_out:
         print_json(summary)
@@ -52,4 +58,6 @@ HARVEST_EPILOG = examples(
     "replab harvest --dataset sequence_types --hooks resid_post,mlp_out --layers 0-9 --out runs/seq",
     "replab harvest --dataset my_prompts.jsonl --hooks blocks.3.hook_resid_pre --positions all --out runs/mine",
     "replab harvest --dataset next_day --dtype bfloat16 --device cuda --batch-size 64 --out runs/nd_bf16",
+    "replab harvest --dataset superset --positions all --engine ray --workers 2 --out runs/superset_ray",
+    "replab harvest --dataset superset --engine ray --address auto --out s3://my-bucket/stores/superset",
 )

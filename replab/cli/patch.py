@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
+from replab.cli._common import (
+    ADDRESS_OPT,
+    ENGINE_OPT,
+    JSON_OPT,
+    MODEL_OPT,
+    WORKERS_OPT,
+    examples,
+    human_console,
+    print_json,
+)
 
 app = typer.Typer(help="Activation patching: sweeps, head sweeps, baselines, attention patterns.",
                   no_args_is_help=True)
@@ -44,7 +53,8 @@ def _done(summary: dict, json_out: bool, lines: list[str]) -> None:
     "replab patch sweep --task next_day --site resid_pre --by layer,position",
     "replab patch sweep --task next_day --site z --by layer,head --direction noise --json",
     "replab patch sweep --task next_day --site mlp_out --by layer --source zero --metric kl",
-    "replab patch sweep --dataset my_pairs.jsonl --site v --by layer,head --layers 10-20"))
+    "replab patch sweep --dataset my_pairs.jsonl --site v --by layer,head --layers 10-20",
+    "replab patch sweep --task next_day --site z --by layer,head --engine ray --workers 4 --address auto"))
 def sweep_cmd(task: str = _TASK, dataset: str = _DATASET,
               site: str = typer.Option("resid_pre", "--site", "-s",
                                        help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|mlp_pre|"
@@ -64,6 +74,7 @@ def sweep_cmd(task: str = _TASK, dataset: str = _DATASET,
               positions: str = typer.Option(None, "--positions", help="Comma list of positions."),
               template: str = _TEMPLATE, limit: int = _LIMIT, out: str = _OUT,
               seed: int = typer.Option(0, "--seed", help="Seed for bootstrap, resample and noise."),
+              engine: str = ENGINE_OPT, address: str = ADDRESS_OPT, workers: int = WORKERS_OPT,
               model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Patch one site at every layer × position (or layer × head) and write a tidy table + heatmap."""
     from replab.patching.runs import run_sweep
@@ -72,7 +83,8 @@ def sweep_cmd(task: str = _TASK, dataset: str = _DATASET,
     summary = run_sweep(_task(task, dataset), site=site, by=by, out=out, model=model,
                         template=template, limit=limit, progress=not json_out, direction=direction,
                         metric=metric, source=source, scale=scale, layers=layers, heads=ints(heads),
-                        positions=ints(positions), seed=seed)
+                        positions=ints(positions), seed=seed, engine=engine, workers=workers,
+                        address=address)
     if json_out:
         import pandas as pd
 

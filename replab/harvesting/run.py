@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from replab._version import __version__
 from replab.errors import ReplabError
 from replab.harvesting.positions import select_positions
 from replab.hooks import resolve_hooks, stop_at_layer
+from replab.io import is_url, location
 from replab.store import open_store
 from replab.store.format import split_of
 from replab.store.writer import StoreWriter
@@ -23,8 +25,41 @@ STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 _TEST_DELAY = float(os.environ.get("REPLAB_TEST_BATCH_DELAY", "0") or 0)
 
 
+@dataclass
+class HarvestPlan:
+    """Everything a harvest computes before its first forward (shared by both engines).
+
+    ``token_lists[i]``/``chosen[i]``: token ids and stored positions of prompt ``i``;
+    ``starts[i]``: its first store row; batch ``b`` covers prompts
+    ``b * batch_size : (b + 1) * batch_size``.
+    """
+
+    token_lists: list[list[int]]
+    chosen: list[list[int]]
+    starts: np.ndarray
+    names: list[str]
+    stop: int | None
+    batch_size: int
+    n_batches: int
+    index: pd.DataFrame
+    dims: dict[str, int]
+    store_dtype: object
+    plan: dict
+    manifest: dict
+
+    def batch(self, b: int) -> tuple[int, list[list[int]], list[list[int]]]:
+        """``(first row, token lists, positions)`` of batch ``b``."""
+        lo, hi = b * self.batch_size, min(len(self.token_lists), (b + 1) * self.batch_size)
+        return int(self.starts[lo]), self.token_lists[lo:hi], self.chosen[lo:hi]
+
+    def batch_rows(self, b: int) -> int:
+        lo, hi = b * self.batch_size, min(len(self.token_lists), (b + 1) * self.batch_size)
+        return int(self.starts[hi] - self.starts[lo])
+
+
 def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", positions="last",
-            dtype=None, batch_size=None, out=None, progress: bool = True):
+            dtype=None, batch_size=None, out=None, progress: bool = True, engine: str = "local",
+            workers: int | None = None, address: str | None = None):
     """Harvest activations of ``model`` on ``dataset`` into an activation store.
 
     Args:
@@ -37,8 +72,16 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
         dtype: storage dtype, ``"float32"`` (default) or ``"float16"``.
         batch_size: prompts per forward (default: :func:`replab.models.auto_batch_size`,
             32 on CPU, as many as fit half the GPU's memory on CUDA; must be >= 1).
-        out: the store directory. An interrupted harvest into ``out`` resumes.
-        progress: show a progress bar (stderr) with tokens/s.
+        out: the store directory, or an fsspec URL (``s3://bucket/store``, ``memory://x``:
+            built in a local staging directory, then uploaded, manifest last). An interrupted
+            harvest into ``out`` resumes.
+        progress: show a progress bar (stderr) with tokens/s (rows/s across the cluster for Ray).
+        engine: ``"local"`` (this process) or ``"ray"``: contiguous shards of batches run on
+            Ray actors that each load the model once (:mod:`replab.harvesting.ray_shards`); the
+            store is byte-identical to the local one.
+        workers: Ray actors (default: as many as the cluster's CPUs, or GPUs for a CUDA model).
+        address: the Ray cluster (``"auto"``, ``"ray://HOST:10001"``; default: the one this
+            process joined, else a new local one).
 
     Returns:
         The finished :class:`~replab.store.ActivationStore`. Rows are in dataset order,
@@ -46,17 +89,45 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
         to ``n_heads * d_head``). Nothing past the last requested layer is computed
         and the unembedding is skipped.
     """
+    from replab.distributed import check_engine
     from replab.models.coerce import as_model
-    from replab.prompts import PromptSet, load_prompts, token_ids
 
+    engine = check_engine(engine)
     if out is None:
         raise ReplabError("harvest needs an output directory (out=...)")
-    if os.path.exists(out) and not os.path.isdir(out):
+    if not is_url(out) and os.path.exists(location(out)) and not os.path.isdir(location(out)):
         raise ReplabError(f"{out}: --out is a file, not a directory; choose a directory path")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                    or batch_size < 1):
         raise ReplabError(f"batch size must be a positive integer, got {batch_size!r}")
+    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
+        raise ReplabError(f"workers must be a positive integer, got {workers!r}")
     model = as_model(model)
+    hp = plan_harvest(model, dataset, hooks, layers, positions, dtype, batch_size)
+    writer = StoreWriter(out, hp.plan, hp.index, hp.dims, hp.store_dtype)
+    first = writer.start()
+    if not writer.complete:
+        try:
+            if engine == "ray":
+                from replab.harvesting.ray_shards import run_shards
+
+                run_shards(model, writer, hp, first, batch_arrays, progress=progress, workers=workers,
+                           address=address)
+            else:
+                _run_batches(model, writer, hp, first, progress)
+        except BaseException:
+            writer.close()
+            raise
+        writer.finish(hp.manifest)
+    return open_store(out)
+
+
+def plan_harvest(model, dataset, hooks=("resid_post",), layers="all", positions="last", dtype=None,
+                 batch_size=None) -> HarvestPlan:
+    """Tokenise, choose positions, build the index and the plan of a harvest (no forward
+    beyond a two-token dry run for the widths)."""
+    from replab.prompts import PromptSet, load_prompts, token_ids
+
     identity = model.replab_identity
     prepend_bos = bool(model.cfg.default_prepend_bos)
     tok = model.tokenizer
@@ -92,45 +163,42 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
                     "label_columns": list(ps.label_columns)}
     plan = {"model": identity.to_dict(), "dataset": dataset_meta, "config": config,
             "n_rows": len(index), "n_batches": n_batches, "dims": dims}
-    writer = StoreWriter(out, plan, index, dims, store_dtype)
-    first = writer.start()
-    if not writer.complete:
-        _run_batches(model, writer, token_lists, chosen, names, stop, batch_size, first, progress)
-        group_source = ps.meta.get("group_source")
-        manifest = {"replab_version": __version__, "model": identity.to_dict(),
-                    "dataset": {**dataset_meta, "source": str(ps.source),
-                                **({"group_source": group_source} if group_source else {})},
-                    "config": config}
-        writer.finish(manifest)
-    return open_store(out)
+    group_source = ps.meta.get("group_source")
+    manifest = {"replab_version": __version__, "model": identity.to_dict(),
+                "dataset": {**dataset_meta, "source": str(ps.source),
+                            **({"group_source": group_source} if group_source else {})},
+                "config": config}
+    starts = np.cumsum([0] + [len(c) for c in chosen])
+    return HarvestPlan(token_lists, chosen, starts, names, stop, batch_size, n_batches, index, dims,
+                       store_dtype, plan, manifest)
 
 
-def _run_batches(model, writer, token_lists, chosen, names, stop, batch_size, first, progress):
+def _run_batches(model, writer, hp: HarvestPlan, first: int, progress: bool) -> None:
+    token_lists = hp.token_lists
+    total = sum(len(t) for t in token_lists)
+    done_tokens = sum(len(t) for t in token_lists[: first * hp.batch_size])
+    with progress_bar(total, "harvest", unit="tok", enabled=progress) as bar:
+        bar.advance(done_tokens)
+        for b in range(first, hp.n_batches):
+            row_start, batch, chosen = hp.batch(b)
+            writer.submit(b, row_start, batch_arrays(model, batch, chosen, hp.names, hp.stop))
+            if _TEST_DELAY:  # lets the kill/resume tests interrupt a run mid-way
+                time.sleep(_TEST_DELAY)
+            bar.advance(sum(map(len, batch)))
+
+
+def batch_arrays(model, batch: list[list[int]], chosen: list[list[int]], names, stop) -> dict[str, np.ndarray]:
+    """One batch's stored rows, ``{hook: [rows, d]}`` float32: the batch is right-padded to its
+    longest prompt and the chosen positions of each prompt are read at every hook. The one
+    computation both engines run (so their stores are byte-identical)."""
     device = next(model.parameters()).device
     pad = model.tokenizer.pad_token_id or 0
-    starts = np.cumsum([0] + [len(c) for c in chosen])
-    n = len(token_lists)
-    total = sum(len(t) for t in token_lists)
-    done_tokens = sum(len(t) for t in token_lists[: first * batch_size])
-    try:
-        with progress_bar(total, "harvest", unit="tok", enabled=progress) as bar:
-            bar.advance(done_tokens)
-            for b in range(first, math.ceil(n / batch_size)):
-                lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-                batch = token_lists[lo:hi]
-                tokens = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)
-                for i, ids in enumerate(batch):
-                    tokens[i, : len(ids)] = torch.tensor(ids)
-                rows_b = torch.tensor([i for i, c in enumerate(chosen[lo:hi]) for _ in c])
-                rows_p = torch.tensor([p for c in chosen[lo:hi] for p in c])
-                captured = _forward(model, tokens.to(device), names, stop, rows_b, rows_p)
-                writer.submit(b, int(starts[lo]), captured)
-                if _TEST_DELAY:  # lets the kill/resume tests interrupt a run mid-way
-                    time.sleep(_TEST_DELAY)
-                bar.advance(sum(map(len, batch)))
-    except BaseException:
-        writer.close()
-        raise
+    tokens = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)
+    for i, ids in enumerate(batch):
+        tokens[i, : len(ids)] = torch.tensor(ids)
+    rows_b = torch.tensor([i for i, c in enumerate(chosen) for _ in c])
+    rows_p = torch.tensor([p for c in chosen for p in c])
+    return _forward(model, tokens.to(device), names, stop, rows_b, rows_p)
 
 
 def _forward(model, tokens, names, stop, rows_b, rows_p) -> dict[str, np.ndarray]:

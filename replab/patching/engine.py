@@ -248,6 +248,44 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
     return out
 
 
+def variant_chunks(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
+                   max_tokens: int = 65536, use_prefix: bool = True) -> tuple[list[int], list[tuple[int, list]]]:
+    """How :func:`run_variants` splits ``variants`` into batched block calls.
+
+    Returns ``(noops, chunks)``: the indices of variants with nothing to compute (their final
+    residual is the base run's), and the chunks in the order they run, each
+    ``(p, [(index, variant), ...])``: variants whose first changed position is ``p``, sorted by
+    entry layer, at most ``max_tokens // (N * (T - p))`` of them. A chunk's result depends only
+    on its members, so running the same chunks elsewhere (``replab.patching.executors``) gives
+    the same numbers.
+    """
+    n, t = clean.shape
+    n_layers = model.cfg.n_layers
+    shared = shared_prefix(clean, corrupt) if use_prefix else 0
+    noops: list[int] = []
+    groups = defaultdict(list)
+    for vi, v in enumerate(variants):
+        if v.start_layer(n_layers) >= n_layers or v.is_noop(t, shared):
+            noops.append(vi)
+            continue
+        groups[min(v.first_position(shared), t - 1) if use_prefix else 0].append((vi, v))
+    chunks = []
+    for p, members in sorted(groups.items()):
+        members.sort(key=lambda m: m[1].start_layer(n_layers))
+        per_variant = n * (t - p)
+        size = max(1, max_tokens // per_variant)
+        chunks += [(p, members[s:s + size]) for s in range(0, len(members), size)]
+    return noops, chunks
+
+
+@torch.inference_mode()
+def run_chunk(model, part: list[tuple[int, Variant]], forwards: dict, base: str, p: int,
+              n_prompts: int) -> dict[int, torch.Tensor]:
+    """One chunk of :func:`variant_chunks`: ``{index: final residual [N, d_model]}``.
+    ``forwards`` holds the clean/corrupt caches and ``"custom"`` sources."""
+    return _run_group(model, part, forwards, base, p, n_prompts)
+
+
 @torch.inference_mode()
 def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
                  base: str = "corrupt", forwards: dict | None = None, max_tokens: int = 65536,
@@ -276,26 +314,14 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
     if forwards is None:
         forwards = cache_forwards(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
     forwards = {**forwards, "custom": dict(sources or {})}
-    n_layers = model.cfg.n_layers
-    shared = shared_prefix(clean, corrupt) if use_prefix else 0
-    finals: dict[int, torch.Tensor] = {}
-    groups = defaultdict(list)
-    for vi, v in enumerate(variants):
-        if v.start_layer(n_layers) >= n_layers or v.is_noop(t, shared):
-            finals[vi] = forwards[base].final
-            continue
-        groups[min(v.first_position(shared), t - 1) if use_prefix else 0].append((vi, v))
+    noops, chunks = variant_chunks(model, clean, corrupt, variants, max_tokens, use_prefix)
+    finals: dict[int, torch.Tensor] = {vi: forwards[base].final for vi in noops}
     if progress is not None and finals:
         progress(len(finals))          # no-op variants: done without computing anything
-    for p, members in sorted(groups.items()):
-        members.sort(key=lambda m: m[1].start_layer(n_layers))
-        per_variant = n * (t - p)
-        chunk = max(1, max_tokens // per_variant)
-        for s in range(0, len(members), chunk):
-            part = members[s:s + chunk]
-            finals.update(_run_group(model, part, forwards, base, p, n))
-            if progress is not None:
-                progress(len(part))
+    for p, part in chunks:
+        finals.update(_run_group(model, part, forwards, base, p, n))
+        if progress is not None:
+            progress(len(part))
     if not variants:
         return torch.empty(0, n, model.cfg.d_model), forwards
     return torch.stack([finals[i] for i in range(len(variants))]), forwards

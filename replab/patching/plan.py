@@ -195,7 +195,7 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
              checks: bool = True, identity: tuple[str, int] | None = None, extra_checks=(),
              sources: dict | None = None, forwards: dict | None = None, n_boot: int = 1000,
              seed: int = 0, max_tokens: int = 65536, progress: bool = False,
-             label: str = "patch", unit: str = "run") -> PlanResult:
+             label: str = "patch", unit: str = "run", engine="local") -> PlanResult:
     """Run ``variants`` on ``task`` and measure ``metric``; see the module docstring.
 
     Args:
@@ -212,11 +212,17 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
             and enforced with the engine checks.
         sources: values of ``custom:NAME`` interventions (see the engine).
         runs: cached forwards from :func:`plan_forwards` or an earlier result's ``runs``.
+        engine: where the variants' forwards run: ``"local"`` (this process), ``"ray"`` (Ray
+            actors, one model each: :mod:`replab.patching.executors`) or an engine object from
+            :func:`~replab.patching.executors.make_engine`. Everything else (forwards on the
+            driver, metrics, CIs, checks) is the same, and so are the results.
     Returns:
         :class:`PlanResult`.
     """
     from replab._progress import progress_bar
+    from replab.patching.executors import make_engine
 
+    runner = make_engine(engine)
     metric = check_metric(metric)
     if base not in ("clean", "corrupt"):
         raise ReplabError(f"base must be 'clean' or 'corrupt', not {base!r}")
@@ -227,8 +233,9 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
         forwards = plan_forwards(model, task, variants, base, identity=identity)
     t0 = time.time()
     with progress_bar(len(variants) + len(extra), label, unit, enabled=progress) as bar:
-        finals, forwards = run_variants(model, task.clean, task.corrupt, variants + extra, base=base, forwards=forwards,
-                                    max_tokens=max_tokens, progress=bar.advance, sources=sources)
+        finals, forwards = runner.run_variants(model, task.clean, task.corrupt, variants + extra, base=base,
+                                               forwards=forwards, max_tokens=max_tokens, progress=bar.advance,
+                                               sources=sources)
     seconds = time.time() - t0
     values, cand = task_metrics(model, task, metric, finals, forwards)
     clean, corrupt, patched = values["clean"], values["corrupt"], values["patched"]

@@ -34,12 +34,19 @@ def load(model_name: str | None, task: str, template: str | None = None, limit: 
 
 def run_sweep(task: str = "next_day", site: str = "resid_pre", by: str = "layer,position",
               out=None, model: str | None = None, template: str | None = None,
-              limit: int | None = None, progress: bool = True, **kw) -> dict:
-    """:func:`replab.patching.sweeps.sweep` on a named task, saved to ``out``."""
+              limit: int | None = None, progress: bool = True, engine: str = "local",
+              workers: int | None = None, address: str | None = None, **kw) -> dict:
+    """:func:`replab.patching.sweeps.sweep` on a named task, saved to ``out``.
+
+    ``engine="ray"`` runs the cells on ``workers`` Ray actors of the cluster at ``address``
+    (:mod:`replab.patching.executors`); the tables are the local engine's."""
+    from replab.patching.executors import make_engine
     from replab.patching.sweeps import sweep
 
+    runner = make_engine(engine, workers=workers, address=address)
     m, t = load(model, task, template, limit)
-    res = sweep(m, t, site=site, by=by, progress=progress, **kw)
+    res = sweep(m, t, site=site, by=by, progress=progress, engine=runner, **kw)
+    res.summary["engine"] = runner.describe()
     out = Path(out or f"runs/patch-{site}-{by.replace(',', '_')}")
     summary = res.save(out, m) or {}
     return {**summary, "out": str(out)}

@@ -101,7 +101,7 @@ def sweep(model: HookedTransformer, task: PatchTask, site: str = "resid_pre", by
           direction: str = "denoise", metric: str = "logit_diff", layers="all", heads=None,
           positions=None, source: str | None = None, scale: float | None = None,
           n_boot: int = 1000, seed: int = 0, checks: bool = True, progress: bool = False,
-          max_tokens: int = 65536) -> SweepResult:
+          max_tokens: int = 65536, engine="local") -> SweepResult:
     """Patch ``site`` at every cell of ``by`` and measure ``metric``; see the module docstring.
 
     Args:
@@ -111,6 +111,8 @@ def sweep(model: HookedTransformer, task: PatchTask, site: str = "resid_pre", by
         direction: ``denoise`` (clean → corrupt run) or ``noise`` (corrupt → clean run).
         layers / heads / positions: restrict the cells (layer spec string or lists).
         source: override what is patched in (default: the other run); e.g. ``zero``, ``mean``.
+        engine: ``"local"``, ``"ray"`` or an engine from
+            :func:`replab.patching.executors.make_engine` (cells on Ray actors; same results).
     Returns:
         :class:`SweepResult`.
     """
@@ -126,7 +128,7 @@ def sweep(model: HookedTransformer, task: PatchTask, site: str = "resid_pre", by
                 for layer, h, p in _cells(model, task, site, axes, layer_list, heads, positions)]
     res = run_plan(model, task, variants, metric, base=base, checks=checks,
                    identity=(site, layer_list[0]) if checks else None, n_boot=n_boot, seed=seed,
-                   max_tokens=max_tokens, progress=progress, label=f"patch {site}", unit="patch")
+                   max_tokens=max_tokens, progress=progress, label=f"patch {site}", unit="patch", engine=engine)
     d = res.describe()
     summary = {"site": site, "by": ",".join(axes), "direction": direction, "base": base,
                "source": src, "metric": metric, "task": task.describe(),

@@ -43,11 +43,24 @@ def read_json(path: Path, what: str) -> dict:
     return _read_json(path, what)
 
 
+def parse_json(data: bytes, where: str, what: str) -> dict:
+    """A JSON object from raw bytes (a remote file); one-line ReplabError naming ``where``."""
+    import json
+
+    try:
+        out = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReplabError(f"{where}: unreadable {what} ({exc.__class__.__name__})") from None
+    if not isinstance(out, dict):
+        raise ReplabError(f"{where}: unreadable {what} (not a JSON object)")
+    return out
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def manifest_files(root: Path, manifest: dict) -> tuple[dict, dict[str, dict]]:
+def manifest_files(root: Path | str, manifest: dict) -> tuple[dict, dict[str, dict]]:
     """Validate a complete store's manifest; return ``(index entry, {hook: tensor entry})``.
 
     Every entry gets a ``path``: its ``file`` resolved with :func:`replab.io.inside`, so a
@@ -55,7 +68,7 @@ def manifest_files(root: Path, manifest: dict) -> tuple[dict, dict[str, dict]]:
     is refused before anything is opened. Wrong types (a hand-edited or damaged manifest)
     are one-line ReplabErrors naming the manifest, never a KeyError.
     """
-    where = root / MANIFEST
+    where = f"{root}/{MANIFEST}" if isinstance(root, str) else root / MANIFEST
 
     def bad(msg: str):
         raise ReplabError(f"{where}: malformed manifest ({msg})")

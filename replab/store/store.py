@@ -1,4 +1,7 @@
-"""Reading an activation store: :func:`open_store` and :class:`ActivationStore`."""
+"""Reading an activation store: :func:`open_store` and :class:`ActivationStore`.
+
+A store is a local directory or an fsspec URL (``s3://bucket/store``, ``memory://x``): a
+remote store is read lazily by byte ranges (:mod:`replab.store.remote`)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
-from replab.io import dir_locked, sha256_file
+from replab.io import dir_locked, location, sha256_file
 from replab.store import format as fmt
 
 _VERIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("replab_store_verify", default=False)
@@ -21,14 +24,23 @@ class ActivationStore:
     """A finished activation store on disk.
 
     Attributes:
-        path: the store directory.
+        path: the store directory (a :class:`~pathlib.Path`), or its URL (a ``str``) for a
+            store on object storage.
+        remote: True for a store at an fsspec URL (read by byte ranges, never downloaded whole).
         manifest: the parsed ``manifest.json`` (model identity, dataset, config, tensors).
         index: DataFrame with one row per stored vector, aligned with every tensor.
     """
 
     def __init__(self, path: str | Path, verify: bool | None = None):
-        self.path = Path(path)
+        loc = location(path)
         verify = _VERIFY.get() if verify is None else bool(verify)
+        self.remote = isinstance(loc, str)
+        self._finite: set[str] = set()
+        if self.remote:
+            self._open_remote(loc, verify)
+            return
+        self.files = None
+        self.path = loc
         if not self.path.exists():
             raise ReplabError(f"{self.path}: no such store directory")
         if not self.path.is_dir():
@@ -45,12 +57,31 @@ class ActivationStore:
             raise ReplabError(f"{self.path}: not an activation store (no {fmt.MANIFEST})")
         self.manifest = fmt.read_json(self.path / fmt.MANIFEST, "manifest")
         self._index_file, self._tensors = fmt.manifest_files(self.path, self.manifest)
-        self._finite: set[str] = set()
+        self.check(verify=verify)
+
+    def _open_remote(self, url: str, verify: bool) -> None:
+        from replab.store.remote import RemoteFiles
+
+        self.path = url
+        self.files = RemoteFiles(url)
+        if not self.files.exists(fmt.MANIFEST):
+            if self.files.exists(fmt.PROGRESS):
+                raise ReplabError(f"{url}: harvest was interrupted (or is running) and the store is incomplete; "
+                                  "rerun the same harvest command to finish it")
+            if not self.files.exists():
+                raise ReplabError(f"{url}: no such store")
+            raise ReplabError(f"{url}: not an activation store (no {fmt.MANIFEST})")
+        self.manifest = fmt.parse_json(self.files.read(fmt.MANIFEST), f"{url}/{fmt.MANIFEST}", "manifest")
+        self._index_file, self._tensors = fmt.manifest_files(url, self.manifest)
         self.check(verify=verify)
 
     def check(self, verify: bool = False) -> None:
         """Check every file's size and header; with ``verify`` also its sha256 and that
-        every tensor holds only finite values."""
+        every tensor holds only finite values. (A remote store: sizes and the ``.npy`` header
+        bytes only, unless ``verify``.)"""
+        if self.remote:
+            self._check_remote(verify)
+            return
         path = self._index_file["path"]
         if not path.is_file():
             raise ReplabError(f"{path}: index file is missing")
@@ -58,6 +89,28 @@ class ActivationStore:
             raise ReplabError(f"{path}: checksum mismatch (file is corrupted)")
         for t in self._tensors.values():
             fmt.check_tensor_file(t["path"], t["shape"], t["dtype"], t["sha256"] if verify else None)
+        if verify:
+            self.check_finite()
+
+    def _check_remote(self, verify: bool) -> None:
+        files = self.files
+        index = self._index_file["path"]
+        if not files.exists(index):
+            raise ReplabError(f"{index}: index file is missing")
+        if verify and files.sha256(index) != self._index_file["sha256"]:
+            raise ReplabError(f"{index}: checksum mismatch (file is corrupted)")
+        for t in self._tensors.values():
+            shape, url = tuple(t["shape"]), t["path"]
+            header = fmt.npy_header(shape, t["dtype"])
+            if not files.exists(url):
+                raise ReplabError(f"{url}: tensor file is missing")
+            got, want = files.size(url), fmt.expected_size(shape, t["dtype"])
+            if got != want:
+                raise ReplabError(f"{url}: truncated or wrong size ({got} bytes, expected {want})")
+            if files.read_range(url, 0, len(header)) != header:
+                raise ReplabError(f"{url}: corrupted .npy header")
+            if verify and files.sha256(url) != t["sha256"]:
+                raise ReplabError(f"{url}: checksum mismatch (file is corrupted)")
         if verify:
             self.check_finite()
 
@@ -71,7 +124,11 @@ class ActivationStore:
             if hook in self._finite:
                 continue
             t = self._tensor(hook)
-            arr = np.load(t["path"], mmap_mode="r", allow_pickle=False)
+            arr = self._array(hook)
+            if self.remote:             # RangeArray checks every row it reads
+                np.asarray(arr)
+                self._finite.add(hook)
+                continue
             bad = fmt.nonfinite_rows(arr)
             if len(bad):
                 raise ReplabError(
@@ -106,7 +163,12 @@ class ActivationStore:
         """One row per stored vector: row, example_id, position, token_id, token, labels..."""
         path = self._index_file["path"]
         try:
-            index = pd.read_parquet(path)
+            if self.remote:
+                import io
+
+                index = pd.read_parquet(io.BytesIO(self.files.read(path)))
+            else:
+                index = pd.read_parquet(path)
         except Exception as exc:  # noqa: BLE001 - any parquet failure is a corrupted file
             first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
             raise ReplabError(f"{path}: unreadable index ({first})") from None
@@ -115,14 +177,44 @@ class ActivationStore:
                               "or no 'row' column; the store is damaged")
         return index
 
-    def acts(self, hook: str) -> np.ndarray:
-        """Memory-mapped ``[rows, d]`` array for a full hook name, aligned with :attr:`index`.
-
-        The first read of each hook checks it for NaN and inf (:meth:`check_finite`).
-        """
+    def _array(self, hook: str):
         t = self._tensor(hook)
-        self.check_finite([hook])
+        if self.remote:
+            from replab.store.remote import RangeArray
+
+            header = len(fmt.npy_header(tuple(t["shape"]), t["dtype"]))
+            return RangeArray(self.files, t["path"], header, t["shape"], t["dtype"], hook)
         return np.load(t["path"], mmap_mode="r", allow_pickle=False)
+
+    def acts(self, hook: str):
+        """``[rows, d]`` array for a full hook name, aligned with :attr:`index`.
+
+        Local store: a memory map; its first read checks the whole hook for NaN and inf
+        (:meth:`check_finite`). Remote store: a :class:`~replab.store.remote.RangeArray` that
+        fetches only the rows it is indexed with (byte ranges of the ``.npy``) and checks those
+        rows; ``np.asarray(...)`` of it reads everything.
+        """
+        if self.remote:
+            return self._array(hook)
+        self.check_finite([hook])
+        return self._array(hook)
+
+    def rows(self, hook: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of one hook as an in-memory ``[stop - start, d]`` array.
+
+        Reads only those rows: a slice of the memory map (local) or one byte-range request
+        (remote: bytes ``header + start * d * itemsize`` to ``header + stop * d * itemsize``
+        of the ``.npy``). The rows are checked for NaN and inf.
+        """
+        arr = self._array(hook)
+        if self.remote:
+            return arr.rows(start, stop)
+        out = np.array(arr[start:stop])
+        bad = fmt.nonfinite_rows(out)
+        if len(bad):
+            raise ReplabError(f"{self._tensor(hook)['path']}: {hook} holds NaN or inf activations "
+                              f"({fmt.describe_rows(bad + max(0, start))}); the store is unusable: harvest it again")
+        return out
 
     def layer_acts(self, site: str = "resid_post") -> dict[int, np.ndarray]:
         """``{layer: acts}`` for every stored block hook of one site (e.g. ``resid_post``)."""
@@ -140,7 +232,8 @@ class ActivationStore:
     def summary(self) -> dict:
         """A JSON-friendly summary (used by ``replab store info``)."""
         m = self.manifest
-        size = sum(t["path"].stat().st_size for t in self._tensors.values())
+        size = sum(int(t.get("bytes") or 0) if self.remote else t["path"].stat().st_size
+                   for t in self._tensors.values())
         labels = m["dataset"].get("label_columns") or []
         counts = {c: self.index[c].value_counts().to_dict() for c in labels if c in self.index
                   and self.index[c].nunique() <= 20}
@@ -176,14 +269,15 @@ def verifying(on: bool = True):
 
 
 def open_store(path: str | Path, verify: bool | None = None) -> ActivationStore:
-    """Open a finished activation store.
+    """Open a finished activation store (a directory, or an fsspec URL such as
+    ``s3://bucket/store``; see :mod:`replab.store.remote`).
 
     Every file the manifest names must lie inside ``path`` (no ``..``, absolute paths or
     symlinks out); sizes and ``.npy`` headers are checked, and each hook's values are
     checked for NaN/inf on first read (:meth:`ActivationStore.acts`).
 
     Args:
-        path: the store directory written by :func:`replab.harvest`.
+        path: the store directory (or URL) written by :func:`replab.harvest`.
         verify: also check every file's sha256 against the manifest and every value for
             NaN/inf (reads everything). None: the default, False unless inside
             :func:`verifying`.

@@ -15,6 +15,21 @@ While it writes, the writer holds an exclusive lock on the directory
 (:class:`replab.io.DirLock`): a second harvest into the same ``--out`` stops at
 once with a one-line error, and :func:`replab.open_store` says a harvest is
 running there instead of calling the store interrupted.
+
+Every engine (the single-process loop, the Ray shards of
+:mod:`replab.harvesting.ray_shards`) hands its batches to this one writer, which takes them
+**exactly once and in order**: a batch submitted twice, out of order, or not starting at
+the row where the previous one ended is refused, and :meth:`StoreWriter.finish` refuses to
+write the manifest unless every batch and every row arrived. So a retried Ray task can
+neither duplicate nor drop a row.
+
+An fsspec URL as ``out`` (``s3://bucket/store``, ``memory://x``): the store is built in a
+local staging directory (``$REPLAB_STAGING`` or ``~/.cache/replab/staging/<hash of the
+URL and plan>``, with the same journal, lock and resume), then uploaded object by object, one PUT
+each: tensors, index, ``manifest.json`` last. A ``_progress.json`` object marks the URL as
+taken by this plan from the start to the end of the upload. Object stores have no atomic
+rename, but each PUT shows all of an object or nothing, and readers ignore a store without
+its manifest, so a reader never sees a half-written store.
 """
 
 from __future__ import annotations
@@ -31,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
-from replab.io import DirLock, sha256_file, writable_dir, write_json_atomic
+from replab.io import DirLock, location, sha256_file, writable_dir, write_json_atomic
 from replab.store import format as fmt
 
 
@@ -39,16 +54,28 @@ def plan_hash(plan: dict) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
+def staging_dir(url: str, plan_sha: str) -> Path:
+    """Local directory where a store bound for ``url`` (with this plan hash) is built before
+    its upload: ``$REPLAB_STAGING`` or ``~/.cache/replab/staging``, then a hash of both."""
+    root = os.environ.get("REPLAB_STAGING")
+    if not root:
+        from replab.models.cache import cache_dir
+
+        root = cache_dir() / "staging"
+    return Path(root) / hashlib.sha256(f"{url}\n{plan_sha}".encode()).hexdigest()[:24]
+
+
 class StoreWriter:
     """Write a store at ``out`` for a fixed ``plan`` (model, dataset, config, shapes).
 
     Args:
-        out: the store directory.
+        out: the store directory, or an fsspec URL (staged locally, uploaded by :meth:`finish`).
         plan: JSON-able dict that fully determines the store's content.
         index: the index DataFrame (``n_rows`` rows, known before any forward).
         dims: ``{hook: d}`` width of each tensor.
         dtype: numpy dtype of the tensors.
         queue_size: batches that may wait for the disk (bounds memory).
+        staging: the local staging directory for a URL ``out`` (default :func:`staging_dir`).
 
     Attributes:
         recomputed: journalled batches whose bytes no longer matched their checksum on
@@ -56,10 +83,19 @@ class StoreWriter:
     """
 
     def __init__(self, out, plan: dict, index: pd.DataFrame, dims: dict[str, int], dtype,
-                 queue_size: int = 2):
-        self.out = Path(out)
+                 queue_size: int = 2, staging=None):
+        loc = location(out)
+        self.url = loc if isinstance(loc, str) else None
+        self.remote = None
+        if self.url is not None:
+            from replab.store.remote import RemoteFiles
+
+            self.remote = RemoteFiles(self.url)
         self.plan = plan
         self.hash = plan_hash(plan)
+        if self.url is not None:
+            loc = Path(staging) if staging is not None else staging_dir(self.url, self.hash)
+        self.out = loc
         self.index = index
         self.dims = dims
         self.dtype = np.dtype(dtype)
@@ -73,10 +109,14 @@ class StoreWriter:
         self._lock: DirLock | None = None
         self.recomputed: list[int] = []
         self.complete = False
+        self._next_batch = 0         # the batch submit() takes next (exactly once, in order)
+        self._next_row = 0
 
     # ----------------------------------------------------------------- set-up
     def start(self) -> int:
         """Prepare (and lock) the directory and return the first batch still to compute."""
+        if self.remote is not None and self._start_remote():
+            return self.plan["n_batches"]
         if self.out.exists() and not self.out.is_dir():
             raise ReplabError(f"{self.out}: --out is a file, not a directory; choose a directory path")
         if self._complete_here():
@@ -93,9 +133,53 @@ class StoreWriter:
             self._close_files()
             self._unlock()
             raise
+        self._next_batch = done
+        self._next_row = int(self._batches[done - 1]["rows"][1]) if done else 0
         self._thread = threading.Thread(target=self._run, name="replab-store-writer", daemon=True)
         self._thread.start()
         return done
+
+    # --------------------------------------------------------- object stores
+    def _start_remote(self) -> bool:
+        """A URL ``out``: True when the store there is complete (nothing to do, or only the
+        upload of a finished staging directory). Else claims the URL with ``_progress.json``."""
+        remote, url = self.remote, self.url
+        if remote.exists(fmt.MANIFEST):
+            data = fmt.parse_json(remote.read(fmt.MANIFEST), f"{url}/{fmt.MANIFEST}", "manifest")
+            if data.get("plan_hash") != self.hash:
+                raise ReplabError(f"{url}/{fmt.MANIFEST}: this location holds a store made with a different "
+                                  "model, dataset or config; choose another --out or delete it")
+            from replab.store.store import open_store
+
+            open_store(url)
+            self.complete = True
+            return True
+        if remote.exists(fmt.PROGRESS):
+            data = fmt.parse_json(remote.read(fmt.PROGRESS), f"{url}/{fmt.PROGRESS}", "progress marker")
+            if data.get("plan_hash") != self.hash:
+                raise ReplabError(f"{url}/{fmt.PROGRESS}: an interrupted harvest with a different model, dataset "
+                                  "or config is here; rerun that command, or delete it")
+        elif remote.exists() and remote.listdir():
+            raise ReplabError(f"{url}: location exists and is not an activation store")
+        remote.write(fmt.PROGRESS, (json.dumps({"plan_hash": self.hash, "staging": str(self.out)}, indent=1,
+                                               sort_keys=True) + "\n").encode())
+        if (self.out / fmt.MANIFEST).exists() and self._complete_here():
+            self._publish()
+            return True
+        return False
+
+    def _publish(self) -> None:
+        """Upload a finished staging directory: tensors, index, then the manifest (one PUT
+        each), drop the marker and the staging directory."""
+        import shutil
+
+        manifest = fmt.read_json(self.out / fmt.MANIFEST, "manifest")
+        for t in manifest["tensors"]:
+            self.remote.put(self.out / t["file"], t["file"])
+        self.remote.put(self.out / fmt.INDEX, fmt.INDEX)
+        self.remote.write(fmt.MANIFEST, (self.out / fmt.MANIFEST).read_bytes())
+        self.remote.remove(fmt.PROGRESS)
+        shutil.rmtree(self.out, ignore_errors=True)
 
     def _busy_message(self) -> str:
         pid = None
@@ -209,6 +293,14 @@ class StoreWriter:
         """
         if self._error is not None:
             raise self._error
+        if batch != self._next_batch:
+            what = "twice" if batch < self._next_batch else "out of order"
+            raise ReplabError(f"{self.out}: batch {batch} was submitted {what} (expected batch {self._next_batch}); "
+                              "no batch is written twice or skipped")
+        n = {int(np.shape(arrays[hook])[0]) for hook in self.dims}
+        if row_start != self._next_row or len(n) != 1 or row_start + n.pop() > self.n_rows:
+            raise ReplabError(f"{self.out}: batch {batch} starts at row {row_start} with rows of unequal count or "
+                              f"past the end; expected rows from {self._next_row}")
         cast = {}
         for hook in self.dims:
             with np.errstate(over="ignore"):      # an overflow is reported below, by row
@@ -223,6 +315,8 @@ class StoreWriter:
                 raise ReplabError(f"{hook}: NaN or inf activations in store {rows} (batch {batch}); {hint}")
             cast[hook] = arr
         self._queue.put((batch, row_start, cast))
+        self._next_batch += 1
+        self._next_row = row_start + next(iter(cast.values())).shape[0]
 
     def _run(self) -> None:
         while True:
@@ -285,9 +379,13 @@ class StoreWriter:
     def finish(self, manifest: dict) -> Path:
         """Flush, checksum every file, write ``manifest.json`` last, drop the journal, unlock."""
         if self.complete:
-            return self.out
+            return self.url or self.out
         try:
             self._drain()
+            if self._next_batch != self.plan["n_batches"] or self._next_row != self.n_rows:
+                raise ReplabError(f"{self.out}: only batches 0-{self._next_batch - 1} ({self._next_row} of "
+                                  f"{self.n_rows} rows) arrived; the manifest is not written and the harvest "
+                                  "can be resumed")
             tensors = []
             for hook, d in self.dims.items():
                 path = self.out / fmt.tensor_file(hook)
@@ -313,4 +411,7 @@ class StoreWriter:
             self.complete = True
         finally:
             self._unlock()
+        if self.remote is not None:
+            self._publish()
+            return self.url
         return self.out
