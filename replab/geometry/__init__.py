@@ -2,7 +2,9 @@
 between class-mean directions, and the figures (:mod:`replab.geometry.plots`)."""
 
 from replab.geometry.cosine import class_mean_directions, cosine_baseline, cosine_layers, cosine_matrix
+from replab.geometry.plots import plot_projection
 from replab.geometry.project import pca_2d, project_layers, umap_2d
+from replab.store.select import as_store
 
 __all__ = ["class_mean_directions", "cosine_baseline", "cosine_layers", "cosine_matrix", "pca_2d",
            "project_layers", "umap_2d", "plot_geometry"]
@@ -17,8 +19,6 @@ def plot_geometry(store, color: str, method: str = "pca", out=None, site: str = 
     """
     from pathlib import Path
 
-    from replab.geometry.plots import plot_projection
-    from replab.store.select import as_store
 
     store = as_store(store)
     coords = project_layers(store, color, method, site, layers, where, seed, progress)
