@@ -150,6 +150,12 @@ def _source(iv: Intervention, forwards: dict[str, ForwardCache], base: str) -> t
     return None  # noise / steer modify the base activation itself
 
 
+def source_values(iv: Intervention, forwards: dict, base: str, sources: dict | None = None) -> torch.Tensor | None:
+    """What ``iv`` writes, ``[N, ...]`` over every position (None for noise/steer): the same
+    tensor the engine uses (for callers that need the values themselves, e.g. gradients)."""
+    return _source(iv, {**forwards, "custom": dict(sources or {})}, base)
+
+
 def _noise(iv: Intervention, like: torch.Tensor) -> torch.Tensor | None:
     if iv.source != "noise":
         return None
