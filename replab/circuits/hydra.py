@@ -103,10 +103,10 @@ def find_backups(model, task, ablate: list[Component], ablation: Ablation | None
     elif len(backups):
         b = backups.iloc[0]
         extra = f"; also {', '.join(backups['head'].iloc[1:4])}" if len(backups) > 1 else ""
-        verdict = (f"widen the set: {b['head']} compensates {b['compensation']:+.2f} ({b['fraction_of_lost']:.0%} of "
+        verdict = (f"widen the set: {b['head']} compensates {b['compensation']:+.3f} ({b['fraction_of_lost']:.0%} of "
                    f"the lost direct effect {lost_mean:+.2f}){extra}")
     else:
-        verdict = (f"no backup: no head compensates more than {top['compensation']:+.2f} "
+        verdict = (f"no backup: no head compensates more than {top['compensation']:+.3f} "
                    f"({top['fraction_of_lost']:.0%} of the lost direct effect {lost_mean:+.2f}, {top['head']})")
     summary = {"ablate": names(ablate), "ablation": ablation.describe(), "metric": metric,
                "clean_metric": res.clean_metric, "ablated_metric": float(res.patched[0].mean()),

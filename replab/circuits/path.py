@@ -196,11 +196,15 @@ def _direct_metric(model, task, metric: str, forwards, deltas: torch.Tensor) -> 
 
 def _head_delta(model, forwards, senders: list[Component], z_src: dict[int, torch.Tensor]) -> torch.Tensor:
     """``Σ_s (z_src − z_clean)[:, -1] @ W_O[s]`` ``[N, d]`` (positions: only the last matters)."""
-    out = 0
+    by_layer: dict[int, list[int]] = {}
     for s in senders:
-        zc = forwards["clean"][f"blocks.{s.layer}.attn.hook_z"][:, -1, s.head]
-        zs = z_src[s.layer][:, -1, s.head]
-        out = out + (zs - zc) @ model.W_O[s.layer, s.head]
+        by_layer.setdefault(s.layer, []).append(s.head)
+    out = 0
+    for layer, heads in by_layer.items():
+        h = torch.tensor(sorted(set(heads)))
+        zc = forwards["clean"][f"blocks.{layer}.attn.hook_z"][:, -1, h]          # [N, h, d_head]
+        zs = z_src[layer][:, -1, h]
+        out = out + torch.einsum("nhe,hed->nd", zs - zc, model.blocks[layer].attn.W_O[h])
     return out
 
 

@@ -17,8 +17,8 @@ sees whether the set is special:
   ``ablate_mlps``, every other MLP). A sufficient set keeps the effect near 1 and above
   ``random_p95``. A head given with positions is kept there and ablated elsewhere.
 * :func:`minimality`: for each member ``v``, the set kept alone with and without ``v``
-  (``delta`` = effect with − effect without, with a bootstrap CI), against the same drop
-  for the matching member of each random set.
+  (``delta`` = effect with − effect without, with a bootstrap CI), against the drop that
+  removing one (seeded) member of each random set causes.
 
 ``records`` use the keys ``components, ablation, metric`` (prompt-mean raw metric of the
 ablated run), ``clean_metric, corrupt_metric, normalized_effect, kl, ci_low, ci_high,
@@ -200,40 +200,42 @@ def sufficiency(model, task, comps: list[Component], ablation: Ablation | None =
 def minimality(model, task, comps: list[Component], ablation: Ablation | None = None, metric: str = "logit_diff",
                ablate_mlps: bool = False, n_random: int = MIN_RANDOM, seed: int = 0, n_boot: int = 1000,
                forwards=None, progress: bool = False) -> ValidationResult:
-    """For each member ``v``: the set kept alone with and without ``v``; random baseline: the
-    same for the matching member of each random set (module docstring)."""
+    """For each member ``v``: the set kept alone with and without ``v``. Random baseline: for
+    each random set, kept alone with and without one of its members (seeded choice): the drop
+    that removing a member of a circuit of this shape causes by chance (module docstring)."""
     ablation = ablation or Ablation()
     _prepare(model, task, comps, n_random)
     if len(comps) < 2:
         raise ReplabError("minimality needs a set of at least 2 components")
     rand = random_sets(model, comps, n_random, seed) if n_random else []
-    variants = []
+    rng = np.random.default_rng([seed, 1])
 
     def keep(members, name, group, info):
         return _ablate_variant(model, task, complement(model, members, task.n_tokens, ablate_mlps), ablation,
                                name, group, info)
-    for j, s in enumerate([comps, *rand]):
-        tag = "set" if j == 0 else f"random{j - 1}"
-        grp = "set" if j == 0 else "random"
-        variants.append(keep(s, f"{tag}", grp, {"random": None if j == 0 else j - 1, "without": None}))
-        for i, c in enumerate(s):
-            variants.append(keep([x for x in s if x != c], f"{tag}-{i}", grp,
-                                 {"random": None if j == 0 else j - 1, "without": i}))
+    variants = [keep(comps, "set", "set", {"random": None, "without": None})]
+    variants += [keep([x for x in comps if x != c], f"set-{i}", "set", {"random": None, "without": i})
+                 for i, c in enumerate(comps)]
+    picks = [int(rng.integers(len(comps))) for _ in rand]
+    for j, (r, i) in enumerate(zip(rand, picks, strict=True)):
+        variants.append(keep(r, f"random{j}", "random", {"random": j, "without": None}))
+        variants.append(keep([x for k, x in enumerate(r) if k != i], f"random{j}-{i}", "random",
+                             {"random": j, "without": i}))
     res, kl = _run(model, task, variants, metric, ablation, n_boot, seed, forwards, progress, "minimality")
-    m = len(comps) + 1
     eff = res.effect
+    m = len(comps) + 1
+    drops = [float(eff[m + 2 * j] - eff[m + 2 * j + 1]) for j in range(len(rand))]
     records = []
     for i, c in enumerate(comps):
-        row, with_row = 1 + i, 0
-        delta = float(eff[with_row] - eff[row])
-        drops = [float(eff[(j + 1) * m] - eff[(j + 1) * m + 1 + i]) for j in range(len(rand))]
-        lo, hi = _delta_ci(res, with_row, row)
+        row = 1 + i
+        delta = float(eff[0] - eff[row])
+        lo, hi = _delta_ci(res, 0, row)
         stats = baseline_stats(delta, drops)
         rec = _record("minimality", res, kl, row, [c], ablation, stats, ablate_mlps=ablate_mlps,
-                      set_components=names(comps), metric_with=float(res.patched[with_row].mean()),
-                      normalized_effect_with=float(eff[with_row]), delta=delta, delta_ci_low=lo, delta_ci_high=hi)
+                      set_components=names(comps), metric_with=float(res.patched[0].mean()),
+                      normalized_effect_with=float(eff[0]), delta=delta, delta_ci_low=lo, delta_ci_high=hi)
         rec["verdict"] = (f"{c.name} matters: the set loses {delta:+.2f} of the effect without it (CI {lo:+.2f} to "
-                          f"{hi:+.2f}; random members: mean {stats['random_mean']:+.2f}, "
+                          f"{hi:+.2f}; a random member of a random set: mean {stats['random_mean']:+.2f}, "
                           f"p95 {stats['random_p95']:+.2f})"
                           if lo > 0 else
                           f"{c.name} is not needed: removing it changes the set's effect by {delta:+.2f} (CI {lo:+.2f} "
