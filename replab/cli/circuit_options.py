@@ -7,8 +7,8 @@ import typer
 from replab.cli._common import human_console, print_json
 
 TASK = typer.Option("next_day", "--task", "-t",
-                    help="Task: next_day, fact_recall, superclass[:A,B], sequences[:TYPES][/shift|repeat|random], "
-                         "or a prompt set name.")
+                    help="Task: next_day, fact_recall, superclass (superclass:A,B), sequences "
+                         "(sequences:TYPE,TYPE/shift|repeat|random), or a prompt set name.")
 DATASET = typer.Option(None, "--dataset", "-d",
                        help="A JSONL/CSV/YAML prompt file with corrupt_prompt (replaces --task; for superclass "
                             "and sequences: their source set).")

@@ -30,7 +30,7 @@ from replab.cli.circuit_options import (
     "replab circuit path --task next_day --sender L20H1,L21H4 --each --receiver L23H3.v",
     "replab circuit path --task next_day --sender L21H4 --receiver L23H3.q --ablation mean"))
 def path_cmd(sender: str = typer.Option(..., "--sender", "--senders",
-                                        help="Sender heads (L3H2[,..], optionally @positions) or 'all' (every "
+                                        help="Sender heads (L3H2,L4H1,..., optionally @positions) or 'all' (every "
                                              "head below the receiver, each scored alone)."),
              receiver: str = typer.Option("logits", "--receiver",
                                           help="logits | L9H1.q | L9H1.k | L9H1.v | L12MLP (k/v: the KV head "
