@@ -73,9 +73,9 @@ def test_levels_are_remeasured_and_greedy_is_exact(tiny, task):
 
 def test_attribution_estimate_is_the_gradient_product(tiny, task):
     from replab.circuits.attribution import ablation_attribution
-    from replab.patching.plan import plan_forwards
-    from replab.patching.engine import Variant
     from replab.circuits.components import all_heads, interventions
+    from replab.patching.engine import Variant
+    from replab.patching.plan import plan_forwards
 
     heads = all_heads(tiny)
     removed = parse_components("L1H1", tiny)

@@ -47,7 +47,8 @@ def test_random_sets_keep_size_and_layer_profile(tiny):
     sets = random_sets(tiny, comps, 25, seed=3)
     assert len(sets) == 25 and sets == random_sets(tiny, comps, 25, seed=3)
     for s in sets:
-        assert layer_profile([c for c in s if c.kind == "head"]) == layer_profile([c for c in comps if c.kind == "head"])
+        heads = [c for c in s if c.kind == "head"]
+        assert layer_profile(heads) == layer_profile([c for c in comps if c.kind == "head"])
         assert s[2].part == "q" and s[2].positions == (-1,) and abs(s[3].layer - 3) <= 2
     assert any(set(s) != set(comps) for s in sets)
     with pytest.raises(ReplabError, match="cannot tell it apart"):

@@ -152,10 +152,10 @@ def _pooled(clean, corrupt, patched) -> float:
     return (float(np.mean(patched)) - x) / (c - x) if abs(c - x) > 1e-9 else float("nan")
 
 
-def grid_sweep(model, tasks: dict, sweep: str = "blocks", layers=None, components=None, ablation: Ablation | None = None,
-         metric: str = "logit_diff", positions=None, ablate_mlps: bool = False, label: str | None = None,
-         controls: dict | None = None, silent_fraction: float = 0.25, n_boot: int = 200, seed: int = 0,
-         progress: bool = False) -> GridResult:
+def grid_sweep(model, tasks: dict, sweep: str = "blocks", layers=None, components=None,
+               ablation: Ablation | None = None, metric: str = "logit_diff", positions=None,
+               ablate_mlps: bool = False, label: str | None = None, controls: dict | None = None,
+               silent_fraction: float = 0.25, n_boot: int = 200, seed: int = 0, progress: bool = False) -> GridResult:
     """Run ``sweep`` on every task of ``tasks`` (``{group: PatchTask}``; a group is a class
     pair ``(A, B)`` or any label) and on its ``controls`` (``{group: PatchTask}``), split by
     class (module docstring). ``label``: split one task's prompts by ``meta["labels"][label]``."""
