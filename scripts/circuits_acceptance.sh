@@ -29,27 +29,27 @@ print(max(r, key=lambda x: x['delta'])['components'][0])" "$1"
 
 validate() {  # $1 name, $2 task args, $3 circuit file
   local name=$1 args=$2 circuit=$3
-  $R necessity   $args --components "$circuit" --out "$OUT/$name-necessity" --json > /dev/null
-  $R sufficiency $args --components "$circuit" --out "$OUT/$name-sufficiency" --json > /dev/null
-  $R minimality  $args --components "$circuit" --out "$OUT/$name-minimality" --json > /dev/null
-  $R hydra       $args --ablate "$(top_member "$OUT/$name-minimality")" --out "$OUT/$name-hydra" --json > /dev/null
+  $R necessity   $args --components "$circuit" --out "$OUT/$name-necessity"
+  $R sufficiency $args --components "$circuit" --out "$OUT/$name-sufficiency"
+  $R minimality  $args --components "$circuit" --out "$OUT/$name-minimality"
+  $R hydra       $args --ablate "$(top_member "$OUT/$name-minimality")" --out "$OUT/$name-hydra"
 }
 
 for step in $STEPS; do
   case $step in
     seq)
-      $R prune --task sequences --limit 12 --orders greedy,attribution,reverse,random:5 --candidates 16 \
-               --check-every 25 --out "$OUT/seq-prune" --json > /dev/null
+      $R prune --task sequences --limit 8 --orders greedy,attribution,reverse,random:3 --candidates 16 \
+               --check-every 50 --out "$OUT/seq-prune"
       validate seq "--task sequences" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
       ;;
     nextday)
-      $R prune --task next_day --orders greedy,attribution,reverse,random:5 --candidates 16 \
-               --check-every 25 --out "$OUT/nextday-prune" --json > /dev/null
+      $R prune --task next_day --orders greedy,attribution,reverse,random:3 --candidates 16 \
+               --check-every 50 --out "$OUT/nextday-prune"
       validate nextday "--task next_day" "$(pick_circuit "$OUT/nextday-prune" greedy 0.8)"
       ;;
     grid)
       $R grid --task superclass --classes artist,athlete,scientist,politician,writer --layer 20 \
-              --pairs 8 --out "$OUT/superclass-grid-L20" --json > /dev/null
+              --pairs 8 --out "$OUT/superclass-grid-L20"
       ;;
   esac
 done

@@ -56,6 +56,7 @@ def test_levels_are_remeasured_and_greedy_is_exact(tiny, task):
         removed = parse_components(sorted(heads - set(lv["heads"])), tiny) if len(lv["heads"]) < 16 else []
         assert lv["performance"] == pytest.approx(_perf(tiny, task, removed), abs=1e-4)
         assert lv["performance"] >= lv["threshold"] or not lv["crossed"]
+        assert lv["search_performance"] == pytest.approx(lv["performance"], abs=1e-4)   # chained states are exact
     # greedy's first removal is the head whose removal hurts least, measured by hand
     first = res.curves[(res.curves.order == "greedy") & (res.curves.step == 1)].iloc[0]
     singles = {name: _perf(tiny, task, parse_components(name, tiny)) for name in sorted(heads)}

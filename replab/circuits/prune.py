@@ -12,7 +12,10 @@ Orders (which head goes next):
 
 * ``greedy``: at every step the head whose removal hurts least, measured exactly: one
   batched engine run per step evaluates every remaining candidate (≈ H²/2 variant forwards
-  down to the lowest threshold). ``candidates=K`` evaluates only the K heads that attribution
+  down to the lowest threshold). Each candidate's variant enters at the candidate's own
+  layer with the current pruned model's residual stream (an exact ``resid_pre`` patch from a
+  recording of the previous step's chosen variant: nothing below that layer changes), so a
+  late head costs a few layers, not the whole model. ``candidates=K`` evaluates only the K heads that attribution
   patching (:mod:`replab.circuits.attribution`, recomputed on the current pruned model at
   every step) ranks least harmful; on a seeded subsample of steps it also evaluates every
   candidate and reports how often the exact greedy choice was among the K (``agreement``);
@@ -37,12 +40,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
 from replab.circuits.ablation import Ablation
 from replab.circuits.attribution import ablation_attribution
 from replab.circuits.components import Component, all_heads, interventions, names
 from replab.errors import ReplabError
 from replab.patching.engine import Variant
+from replab.patching.interventions import Intervention
 from replab.patching.plan import plan_forwards, run_plan
 
 ORDERS = ("greedy", "attribution", "reverse", "forward", "random:N")
@@ -127,12 +132,15 @@ class _Evaluator:
         return Variant(interventions(removed, self.model, self.ablation.source, self.task.n_tokens,
                                      self.ablation.seed), name=name)
 
-    def run(self, sets: list[list[Component]], progress: bool = False, label: str = "prune"):
+    def run(self, sets: list[list[Component]], progress: bool = False, label: str = "prune", variants=None,
+            sources=None):
+        """One batched engine run of ``sets`` ablated (or of ready-made ``variants``)."""
         t0 = time.time()
-        res = run_plan(self.model, self.task, [self.variant(s, f"v{i}") for i, s in enumerate(sets)], self.metric,
-                       base="clean", sources=self.sources, forwards=self.forwards, n_boot=self.n_boot,
-                       seed=self.seed, progress=progress, label=label, unit="set")
-        self.n_variants += len(sets) + res.n_engine_variants
+        variants = variants or [self.variant(s, f"v{i}") for i, s in enumerate(sets)]
+        res = run_plan(self.model, self.task, variants, self.metric, base="clean", sources=sources or self.sources,
+                       forwards=self.forwards, n_boot=self.n_boot, seed=self.seed, progress=progress, label=label,
+                       unit="set")
+        self.n_variants += len(variants) + res.n_engine_variants
         self.n_runs += 1
         self.seconds += time.time() - t0
         return res
@@ -140,6 +148,30 @@ class _Evaluator:
     def performance(self, sets: list[list[Component]], progress: bool = False, label: str = "prune") -> np.ndarray:
         res = self.run(sets, progress, label)
         return res.patched.mean(1) / self.intact
+
+    def clean_resid(self) -> dict[int, torch.Tensor]:
+        """The clean run's residual entering every layer (the intact model's state)."""
+        return {k: self.forwards["clean"][f"blocks.{k}.hook_resid_pre"] for k in range(self.model.cfg.n_layers)}
+
+    def extend(self, removed: list[Component], resid: dict, candidates: list[Component], record: bool,
+               label: str) -> tuple[np.ndarray, list]:
+        """Performance of ``removed + [c]`` for each candidate, each variant entering at ``c``'s
+        layer with the current pruned run's residual (``resid``, the ``removed`` model's state;
+        everything below ``c``'s layer is unchanged by removing ``c``). With ``record`` also
+        each candidate's residuals above its layer (the next state). Returns ``(performance,
+        recordings)``."""
+        L = self.model.cfg.n_layers
+        variants = []
+        for i, c in enumerate(candidates):
+            later = [r for r in removed if r.layer >= c.layer] + [c]
+            ivs = (Intervention("resid_pre", c.layer, source="custom:pruned"),
+                   *interventions(later, self.model, self.ablation.source, self.task.n_tokens, self.ablation.seed))
+            rec = tuple(f"blocks.{k}.hook_resid_pre" for k in range(c.layer + 1, L)) if record else ()
+            variants.append(Variant(tuple(sorted(ivs, key=lambda iv: iv.layer)), name=f"c{i}", record=rec))
+        sources = {**self.sources, "pruned": {f"blocks.{k}.hook_resid_pre": v for k, v in resid.items()}}
+        res = self.run([], False, label, variants=variants, sources=sources)
+        recs = [res.recorded.get(i, {}) for i in range(len(candidates))]
+        return res.patched.mean(1) / self.intact, recs
 
     def attribution(self, removed: list[Component], candidates: list[Component], current: float) -> np.ndarray:
         """Estimated performance after removing each candidate on top of ``removed``, whose
@@ -181,12 +213,15 @@ def _prefix_search(order: list[Component], ev: _Evaluator, floor: float, progres
 
 def _greedy(model, ev: _Evaluator, floor: float, candidates: int | None, check_every: int,
             progress: bool) -> tuple[list[Component], list[float], dict]:
+    """Greedy removal; each step's candidates enter at their own layer from the current pruned
+    run's residuals (:meth:`_Evaluator.extend`), so a late head costs a few layers, not 30."""
     from replab._progress import progress_bar
 
     remaining = all_heads(model)
     removed: list[Component] = []
     perf: list[float] = []
     checks: list[dict] = []
+    resid = ev.clean_resid()
     with progress_bar(len(remaining), "greedy pruning", "step", enabled=progress) as bar:
         while remaining:
             step = len(removed)
@@ -196,16 +231,18 @@ def _greedy(model, ev: _Evaluator, floor: float, candidates: int | None, check_e
                 pool = [remaining[i] for i in np.argsort(-est, kind="stable")[:candidates]]
             else:
                 pool = list(remaining)
-            exact = ev.performance([removed + [c] for c in pool], False, f"greedy step {step}")
+            exact, recs = ev.extend(removed, resid, pool, True, f"greedy step {step}")
             best = int(np.argmax(exact))
             if narrowed and check_every > 0 and step % check_every == 0:
-                full = ev.performance([removed + [c] for c in remaining], False, f"greedy check {step}")
+                full, _ = ev.extend(removed, resid, remaining, False, f"greedy check {step}")
                 top = remaining[int(np.argmax(full))]
                 checks.append({"step": step, "n_remaining": len(remaining), "exact_choice": top.name,
                                "k_choice": pool[best].name, "exact_in_k": top in pool,
                                "same_choice": top == pool[best], "exact_best_performance": float(full.max()),
                                "k_best_performance": float(exact[best])})
             chosen = pool[best]
+            resid = {k: (recs[best][f"blocks.{k}.hook_resid_pre"] if k > chosen.layer else v)
+                     for k, v in resid.items()}
             removed.append(chosen)
             remaining.remove(chosen)
             perf.append(float(exact[best]))
