@@ -68,3 +68,30 @@ def test_help_has_examples(capsys):
                 "replay"):
         code, stdout, _ = run_cli(["circuit", cmd, "--help"], capsys)
         assert code == 0 and "Examples:" in stdout and "replab circuit" in stdout
+
+
+def test_compare_blocks_and_grid_commands(tmp_path, capsys):
+    runs = []
+    for name, comps in (("a", "L1H2,L2H0,L3H1"), ("b", "L1H2,L3H1,L3H3")):
+        code, _, err = run_cli(["circuit", "sufficiency", *T, "--components", comps, "--n-random", "0",
+                                "--out", tmp_path / name, "--json"], capsys)
+        assert code == 0, err
+        runs.append(tmp_path / name)
+    code, stdout, err = run_cli(["circuit", "compare", *runs, "--out", tmp_path / "cmp", "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(stdout)
+    (ov,) = s["overlap"]
+    assert ov["shared"] == ["L1H2", "L3H1"] and ov["only_a"] == ["L2H0"] and ov["jaccard"] == pytest.approx(0.5)
+    cross = pd.DataFrame(s["cross"])
+    assert len(cross) == 4 and set(cross["task_of"]) == {"A", "B"}
+    own = json.loads((runs[0] / "summary.json").read_text())["records"][0]["metric"]
+    assert cross[(cross.circuit == "A:set") & (cross.task_of == "A")]["metric_value"].iloc[0] == pytest.approx(own)
+    code, stdout, err = run_cli(["circuit", "blocks", *T, "--layer", "2", "--positions", "last", "--out",
+                                 tmp_path / "blk", "--json"], capsys)
+    assert code == 0, err
+    assert len(json.loads(stdout)["records"]) == 12 and (tmp_path / "blk" / "blocks_heatmap.png").is_file()
+    code, stdout, err = run_cli(["circuit", "grid", "--model", "tiny", "--task", "sequences:months,weekdays",
+                                 "--limit", "6", "--label", "seq_type", "--layer", "1", "--out", tmp_path / "g",
+                                 "--json"], capsys)
+    assert code == 0, err
+    assert {r["class"] for r in json.loads(stdout)["by_class"]} <= {"months", "weekdays"}
