@@ -22,7 +22,8 @@ def tl_path_patch(model, task, senders, receiver: str, freeze_mlps: bool = False
     """Reference: clean cache, corrupt cache; stage 1 = clean run with every head's z frozen at
     clean except the senders (corrupt), MLPs frozen if asked; receiver logits -> that run's
     logit difference; receiver L.H.x -> record hook_x there, stage 2 = clean run with only that
-    head's (KV head's) x replaced. Returns the per-prompt logit difference."""
+    head's (KV head's) x replaced. ``senders``: ``(layer, head)`` or ``(layer, head, positions)``.
+    Returns the per-prompt logit difference."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     group = H // (model.cfg.n_key_value_heads or H)
     with torch.inference_mode():
@@ -39,9 +40,10 @@ def tl_path_patch(model, task, senders, receiver: str, freeze_mlps: bool = False
     def z_hook(a, hook):
         layer = int(hook.name.split(".")[1])
         new = cc[hook.name].clone()
-        for s_layer, s_head in senders:
+        for s_layer, s_head, *pos in senders:
             if s_layer == layer:
-                new[:, :, s_head] = xc[hook.name][:, :, s_head]
+                p = list(pos[0]) if pos else slice(None)
+                new[:, p, s_head] = xc[hook.name][:, p, s_head]
         return new
     hooks = [(f"blocks.{layer}.attn.hook_z", z_hook) for layer in range(L)]
     if freeze_mlps:
@@ -90,6 +92,14 @@ def test_path_patching_matches_hand_written_transformer_lens(tiny, task, receive
     assert set(rec) >= {"sender", "receiver", "metric", "clean_metric", "corrupt_metric", "normalized_effect",
                         "ci_low", "ci_high"}
     assert rec["sender"] == ["L1H0", "L2H1"] and rec["receiver"] == receiver
+
+
+def test_senders_at_positions(tiny, task):
+    sets = [parse_components("L1H2@5,6", tiny), parse_components("L0H1@-1,L2H0", tiny)]
+    res = path_patch(tiny, task, sets, parse_receiver("L3H0.q"), n_boot=20)
+    ref = [tl_path_patch(tiny, task, [(1, 2, (5, 6))], "L3H0.q"),
+           tl_path_patch(tiny, task, [(0, 1, (7,)), (2, 0)], "L3H0.q")]
+    np.testing.assert_allclose(res.plan.patched[:2], np.stack(ref), atol=1e-4)
 
 
 def test_path_ablation_and_errors(tiny, task):
