@@ -83,11 +83,13 @@ def test_grid_splits_by_class_with_controls(tiny):
 
     tasks = superclass_tasks(tiny.tokenizer, ["artist", "scientist"], pairs=3)
     assert set(tasks) == {("artist", "scientist"), ("scientist", "artist")}
-    ctrl = {g: c for g, t in tasks.items() if (c := control_task(tiny.tokenizer, t))}
-    assert ctrl and all(c.n_prompts >= 1 for c in ctrl.values())
+    first = ("artist", "scientist")
+    ctrl = {first: control_task(tiny.tokenizer, tasks[first])}
+    assert ctrl[first].n_prompts >= 1 and ctrl[first].meta["controls"]
     res = grid_sweep(tiny, tasks, "blocks", layers=[1], metric="class_mass", controls=ctrl, n_boot=20)
     assert set(res.by_class["class"]) == {"artist", "scientist"}
     assert len(res.by_class) == 2 * 2 * 6 and set(res.controls["silent"]) <= {"yes", "no", "n/a"}
+    assert set(res.controls["class"]) == {"artist"} and len(res.controls) == 2 * 6
     seq = load_task("sequences:months,weekdays", tiny.tokenizer, limit=6)
     assert seq.meta["corruption"] == "shift" and bool((seq.clean != seq.corrupt).any())
     res = grid_sweep(tiny, {"seq": seq}, "necessity", components=parse_components("L1H1,L2MLP", tiny),

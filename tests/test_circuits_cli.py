@@ -70,7 +70,7 @@ def test_help_has_examples(capsys):
         assert code == 0 and "Examples:" in stdout and "replab circuit" in stdout
 
 
-def test_compare_blocks_and_grid_commands(tmp_path, capsys):
+def test_compare_and_blocks_commands(tmp_path, capsys):
     runs = []
     for name, comps in (("a", "L1H2,L2H0,L3H1"), ("b", "L1H2,L3H1,L3H3")):
         code, _, err = run_cli(["circuit", "sufficiency", *T, "--components", comps, "--n-random", "0",
@@ -90,8 +90,3 @@ def test_compare_blocks_and_grid_commands(tmp_path, capsys):
                                  tmp_path / "blk", "--json"], capsys)
     assert code == 0, err
     assert len(json.loads(stdout)["records"]) == 12 and (tmp_path / "blk" / "blocks_heatmap.png").is_file()
-    code, stdout, err = run_cli(["circuit", "grid", "--model", "tiny", "--task", "sequences:months,weekdays",
-                                 "--limit", "6", "--label", "seq_type", "--layer", "1", "--out", tmp_path / "g",
-                                 "--json"], capsys)
-    assert code == 0, err
-    assert {r["class"] for r in json.loads(stdout)["by_class"]} <= {"months", "weekdays"}
