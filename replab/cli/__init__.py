@@ -12,9 +12,13 @@ import sys
 
 import typer
 
-from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`)
+from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`, circuit_* add `circuit ...` commands)
     circuit,
+    circuit_blocks,
+    circuit_path,
+    circuit_prune,
     circuit_report,
+    circuit_validate,
     datasets,
     features,
     heads,

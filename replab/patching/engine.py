@@ -23,6 +23,20 @@ reads logits. Three techniques make it fast and exact:
 
 Only the final position is read out, and only the candidate columns of ``W_U`` unless a
 full-vocabulary metric is asked for (see :mod:`replab.patching.metrics`).
+
+Interventions at one hook are applied **vectorised**: those of every variant in the batch
+that copy a source (clean, corrupt, zero, mean, resample, custom; no direction) are merged
+into one boolean mask per source and written with one ``torch.where``, in the order each
+variant lists them (the k-th intervention of every variant in one pass, so a later one still
+overwrites an earlier one). A variant that freezes 269 heads therefore costs one masked write
+per hook, not 269 index writes; the values are bit-identical to writing them one by one
+(``vectorise=False`` keeps that reference path).
+
+A variant can also **record** activations (``Variant(record=("blocks.9.attn.hook_q",))``):
+the value at that hook in the variant's own patched forward, after its interventions there,
+``[N, T, ...]`` like the clean run's (positions the engine did not compute are the base run's,
+which they equal). Path patching records a receiver's input in one run and replays it, as a
+``custom:`` source, in a second.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from replab.errors import ReplabError
-from replab.patching.interventions import Intervention, apply, validate
+from replab.patching.interventions import Intervention, apply, select, validate
 
 RUN_SOURCES = ("clean", "corrupt")
 _PREFIX_UNSAFE_ARCH = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -55,6 +69,7 @@ class Variant:
     name: str = ""
     group: str = ""
     info: dict = field(default_factory=dict, compare=False, hash=False)
+    record: tuple[str, ...] = ()     # block hook names whose patched values to return
 
     def start_layer(self, n_layers: int) -> int:
         layers = [iv.layer for iv in self.interventions]
@@ -117,7 +132,12 @@ def _source(iv: Intervention, forwards: dict[str, ForwardCache], base: str) -> t
         name = iv.source.split(":", 1)[1]
         if name not in forwards.get("custom", {}):
             raise ReplabError(f"intervention source {iv.source!r} was not passed in sources=")
-        return forwards["custom"][name]
+        value = forwards["custom"][name]
+        if isinstance(value, dict):
+            if iv.hook not in value:
+                raise ReplabError(f"intervention source {iv.source!r} has no values for {iv.hook}")
+            value = value[iv.hook]
+        return value
     if iv.source in ("clean", "corrupt"):
         return forwards[iv.source][iv.hook]
     b = forwards[base][iv.hook]
@@ -128,6 +148,12 @@ def _source(iv: Intervention, forwards: dict[str, ForwardCache], base: str) -> t
     if iv.source == "resample":
         return b[_derangement(b.shape[0], iv.seed)]
     return None  # noise / steer modify the base activation itself
+
+
+def source_values(iv: Intervention, forwards: dict, base: str, sources: dict | None = None) -> torch.Tensor | None:
+    """What ``iv`` writes, ``[N, ...]`` over every position (None for noise/steer): the same
+    tensor the engine uses (for callers that need the values themselves, e.g. gradients)."""
+    return _source(iv, {**forwards, "custom": dict(sources or {})}, base)
 
 
 def _noise(iv: Intervention, like: torch.Tensor) -> torch.Tensor | None:
@@ -160,6 +186,8 @@ def needed_hooks(model, variants: list[Variant], base: str, use_prefix: bool) ->
             need[base].add(f"blocks.{s}.hook_resid_pre")
         for iv in v.interventions:
             need[iv.source if iv.source in ("clean", "corrupt") else base].add(iv.hook)
+        for name in v.record:
+            need[base].add(name)         # the positions the engine does not compute, and no-ops
     if use_prefix:
         lo = min(v.start_layer(n_layers) for v in variants)
         for k in range(lo, n_layers):
@@ -181,13 +209,69 @@ def _kv_entry(forwards, base: str, layer: int, p: int, n_rep: int):
                                              frozen=True)
 
 
-def _hook_fn(patches: list[tuple[int, int, Intervention, torch.Tensor, torch.Tensor]], p: int):
+def _copies(iv: Intervention) -> bool:
+    """True when ``iv`` only copies source values (what the vectorised write handles)."""
+    return iv.source not in ("noise", "steer") and iv.direction is None
+
+
+def _masked_write(act: torch.Tensor, patches: list, p: int) -> torch.Tensor:
+    """Write the entries selected by ``patches`` (rows ``r0:r1`` of one variant each, all with
+    the same source tensor ``src [N, ...]``) from ``src`` in one ``torch.where``."""
+    neurons = any(iv.neurons is not None for _, _, iv, _, _ in patches)
+    mask = torch.zeros(act.shape if neurons else (*act.shape[:-1], 1), dtype=torch.bool)
+    for r0, r1, iv, _, _ in patches:
+        idx = select(act[r0:r1], iv, p)
+        if idx is not None:
+            mask[r0:r1][idx] = True
+    src = patches[0][3]
+    n = src.shape[0]
+    full = src.to(act.dtype).repeat(act.shape[0] // n, *([1] * (src.dim() - 1))) if n != act.shape[0] \
+        else src.to(act.dtype)
+    return torch.where(mask, full, act)
+
+
+def _hook_fn(patches: list[tuple[int, int, Intervention, torch.Tensor, torch.Tensor]], p: int,
+             records: list[tuple[int, int, dict]] = (), vectorise: bool = True):
+    """The hook of one hook point: apply ``patches`` ``(r0, r1, iv, src, noise)``, then copy the
+    rows of recording variants into ``records`` ``(r0, r1, store)``."""
     def fn(act, hook):
         act = act.clone()
-        for r0, r1, iv, src, noise in patches:
-            apply(act[r0:r1], src, iv, p, noise)
+        if vectorise:
+            act = _apply_vectorised(act, patches, p)
+        else:
+            for r0, r1, iv, src, noise in patches:
+                apply(act[r0:r1], src, iv, p, noise)
+        for r0, r1, store in records:
+            store[hook.name] = act[r0:r1].clone()
         return act
     return fn
+
+
+def _apply_vectorised(act: torch.Tensor, patches: list, p: int) -> torch.Tensor:
+    """Apply ``patches`` in stages: stage k holds the k-th patch of every variant (rows of
+    different variants never overlap, so a stage's order does not matter, while a variant's
+    own patches keep their order). In a stage, the copying patches that share a source tensor
+    are one masked write; the others (noise, steer, directions) are applied one by one."""
+    by_rows: dict[int, list] = defaultdict(list)
+    for patch in patches:
+        by_rows[patch[0]].append(patch)
+    depth = max((len(v) for v in by_rows.values()), default=0)
+    for k in range(depth):
+        stage = [v[k] for v in by_rows.values() if len(v) > k]
+        groups: dict[int, list] = defaultdict(list)
+        for patch in stage:
+            if _copies(patch[2]) and patch[3] is not None:
+                groups[id(patch[3])].append(patch)
+            else:
+                r0, r1, iv, src, noise = patch
+                apply(act[r0:r1], src, iv, p, noise)
+        for group in groups.values():
+            if len(group) == 1:
+                r0, r1, iv, src, noise = group[0]
+                apply(act[r0:r1], src, iv, p, noise)
+            else:
+                act = _masked_write(act, group, p)
+    return act
 
 
 @contextmanager
@@ -207,8 +291,9 @@ def _block_hooks(model, fns: dict):
 
 
 def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: str, p: int,
-               n_prompts: int) -> dict[int, torch.Tensor]:
-    """Pipelined forward of variants sharing prefix length ``p``; {variant index: final [N, d]}."""
+               n_prompts: int, recorded: dict | None = None, vectorise: bool = True) -> dict[int, torch.Tensor]:
+    """Pipelined forward of variants sharing prefix length ``p``; {variant index: final [N, d]}.
+    Recordings go to ``recorded[vi][hook]`` (positions ``p..``; the caller completes them)."""
     n_layers = model.cfg.n_layers
     by_start = defaultdict(list)
     for vi, v in group:
@@ -216,6 +301,14 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
     rows: dict[int, int] = {}
     x = None
     first = min(by_start)
+    sources: dict[tuple, torch.Tensor] = {}      # one tensor per (source, hook, seed): shared masks
+
+    def source_of(iv):
+        key = (iv.source, iv.hook, iv.seed)
+        if key not in sources:
+            sources[key] = _slice_positions(_source(iv, forwards, base), iv, p)
+        return sources[key]
+
     for k in range(first, n_layers):
         entering = by_start.get(k, [])
         if entering:
@@ -227,19 +320,23 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
         if x is None:
             continue
         hooks = defaultdict(list)
+        records = defaultdict(list)
         for vi, v in group:
             if vi not in rows:
                 continue
             for iv in v.interventions:
                 if iv.layer == k:
-                    full_src = _source(iv, forwards, base)
                     like = forwards[base][iv.hook] if iv.source == "noise" else None
-                    hooks[iv.hook].append((rows[vi], rows[vi] + n_prompts, iv,
-                                           _slice_positions(full_src, iv, p),
+                    hooks[iv.hook].append((rows[vi], rows[vi] + n_prompts, iv, source_of(iv),
                                            _slice_positions(_noise(iv, like) if like is not None else None, iv, p)))
+            for name in v.record:
+                if name.startswith(f"blocks.{k}."):
+                    records[name].append((rows[vi], rows[vi] + n_prompts, recorded.setdefault(vi, {})))
         n_rep = x.shape[0] // n_prompts
         entry = _kv_entry(forwards, base, k, p, n_rep) if p > 0 else None
-        with _block_hooks(model, {name: _hook_fn(pl, p) for name, pl in hooks.items()}):
+        fns = {name: _hook_fn(hooks.get(name, []), p, records.get(name, []), vectorise)
+               for name in set(hooks) | set(records)}
+        with _block_hooks(model, fns):
             x = model.blocks[k](x, past_kv_cache_entry=entry)
     out = {}
     for vi, _ in group:
@@ -248,11 +345,32 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
     return out
 
 
+def _complete_record(value: torch.Tensor | None, base_act: torch.Tensor, p: int, name: str) -> torch.Tensor:
+    """A recorded activation over every position: the base run's values before ``p`` (equal by
+    causality) and the recorded ones from ``p`` on; the base value when nothing was recorded."""
+    if value is None:
+        return base_act.clone()
+    if p == 0:
+        return value
+    if name.endswith("hook_pattern") or name.endswith("hook_attn_scores"):
+        raise ReplabError(f"recording {name} needs every position (use_prefix=False)")
+    return torch.cat([base_act[:, :p], value], dim=1)
+
+
+def _check_records(model, variants: list[Variant]) -> None:
+    for v in variants:
+        for name in v.record:
+            if name not in model.hook_dict or not name.startswith("blocks."):
+                raise ReplabError(f"cannot record {name!r}: the engine records block hooks such as "
+                                  "blocks.9.attn.hook_q")
+
+
 @torch.inference_mode()
 def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
                  base: str = "corrupt", forwards: dict | None = None, max_tokens: int = 65536,
                  use_prefix: bool | None = None, progress=None,
-                 sources: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+                 sources: dict[str, torch.Tensor] | None = None, recorded: dict | None = None,
+                 vectorise: bool = True) -> tuple[torch.Tensor, dict]:
     """Final-position residuals of every variant: ``([V, N, d_model], forwards)``.
 
     Args:
@@ -264,7 +382,11 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
         use_prefix: force the cached-prefix shortcut on/off (default: :func:`prefix_ok`).
         progress: optional callable ``advance(n_variants)``.
         sources: values for ``custom:NAME`` interventions, ``{NAME: [N, ...]}`` shaped like the
-            activation at the intervention's hook.
+            activation at the intervention's hook, or ``{NAME: {hook name: [N, ...]}}``.
+        recorded: a dict to fill with every recording variant's activations,
+            ``{variant index: {hook name: [N, T, ...]}}`` (see ``Variant.record``).
+        vectorise: merge copying interventions into masked writes (module docstring); False
+            applies them one by one (the reference path; results are bit-identical).
     """
     if base not in ("clean", "corrupt"):
         raise ReplabError(f"base must be 'clean' or 'corrupt', not {base!r}")
@@ -272,6 +394,7 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
     for v in variants:
         for iv in v.interventions:
             validate(model, iv, t)
+    _check_records(model, variants)
     use_prefix = prefix_ok(model) if use_prefix is None else (use_prefix and prefix_ok(model))
     if forwards is None:
         forwards = cache_forwards(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
@@ -287,15 +410,24 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
         groups[min(v.first_position(shared), t - 1) if use_prefix else 0].append((vi, v))
     if progress is not None and finals:
         progress(len(finals))          # no-op variants: done without computing anything
+    raw: dict[int, dict] = {}
+    first_pos: dict[int, int] = {}
     for p, members in sorted(groups.items()):
         members.sort(key=lambda m: m[1].start_layer(n_layers))
         per_variant = n * (t - p)
         chunk = max(1, max_tokens // per_variant)
         for s in range(0, len(members), chunk):
             part = members[s:s + chunk]
-            finals.update(_run_group(model, part, forwards, base, p, n))
+            finals.update(_run_group(model, part, forwards, base, p, n, raw, vectorise))
+            first_pos.update({vi: p for vi, _ in part})
             if progress is not None:
                 progress(len(part))
+    if recorded is not None:
+        for vi, v in enumerate(variants):
+            if v.record:
+                got = raw.get(vi, {})
+                recorded[vi] = {name: _complete_record(got.get(name), forwards[base][name], first_pos.get(vi, 0), name)
+                                for name in v.record}
     if not variants:
         return torch.empty(0, n, model.cfg.d_model), forwards
     return torch.stack([finals[i] for i in range(len(variants))]), forwards

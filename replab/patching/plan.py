@@ -53,6 +53,9 @@ class PlanResult:
         weights: the bootstrap resample weights ``[B, N]`` (for further ratio CIs).
         checks: ``{name: Check}`` (all passed).
         runs: the cached clean/corrupt forwards (pass them to another call to reuse them).
+        finals: final-position residuals of every variant ``[V, N, d_model]`` (torch), from
+            which :meth:`values` reads any other metric without another forward.
+        recorded: ``{row: {hook name: [N, T, ...]}}`` for variants that record (``Variant.record``).
     """
 
     task: object
@@ -72,6 +75,9 @@ class PlanResult:
     seconds: float
     bootstrap: str
     n_engine_variants: int = 0
+    task_model: object = field(default=None, repr=False)
+    finals: object = None
+    recorded: dict = field(default_factory=dict, repr=False)
     _index: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -138,6 +144,15 @@ class PlanResult:
                 out.append({"name": v.name, **v.info, "prompt_id": j, "metric_after": float(self.patched[i, j]),
                             "candidate_ids": ids[j], "candidate_logits": self.candidates[i, j].tolist()})
         return pd.DataFrame(out)
+
+    def values(self, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(clean [N], corrupt [N], patched [V, N])`` per-prompt values of another ``metric``
+        (e.g. ``kl`` next to ``logit_diff``), read from the same forwards (no new forward)."""
+        check_metric(metric)
+        if metric == self.metric:
+            return self.clean, self.corrupt, self.patched
+        vals, _ = task_metrics(self.task_model, self.task, metric, self.finals, self.forwards)
+        return vals["clean"], vals["corrupt"], vals["patched"]
 
     def checks_dict(self) -> dict[str, dict]:
         return {k: c.to_dict() for k, c in self.checks.items()}
@@ -211,7 +226,7 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
         extra_checks: a callable ``(PlanResult) -> list[Check]`` or a list of them, evaluated
             and enforced with the engine checks.
         sources: values of ``custom:NAME`` interventions (see the engine).
-        runs: cached forwards from :func:`plan_forwards` or an earlier result's ``runs``.
+        forwards: cached forwards from :func:`plan_forwards` or an earlier result's ``forwards``.
     Returns:
         :class:`PlanResult`.
     """
@@ -226,9 +241,11 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
     if forwards is None and identity is not None:
         forwards = plan_forwards(model, task, variants, base, identity=identity)
     t0 = time.time()
+    recorded: dict = {}
     with progress_bar(len(variants) + len(extra), label, unit, enabled=progress) as bar:
         finals, forwards = run_variants(model, task.clean, task.corrupt, variants + extra, base=base, forwards=forwards,
-                                    max_tokens=max_tokens, progress=bar.advance, sources=sources)
+                                    max_tokens=max_tokens, progress=bar.advance, sources=sources,
+                                    recorded=recorded)
     seconds = time.time() - t0
     values, cand = task_metrics(model, task, metric, finals, forwards)
     clean, corrupt, patched = values["clean"], values["corrupt"], values["patched"]
@@ -249,7 +266,7 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
             found.append(_identity_check(model, task, metric, base, identity, forwards, clean, corrupt))
     result = PlanResult(task, metric, base, variants, clean, corrupt, patched[:n], cand[:n], effect_all[:n],
                         np.asarray(low), np.asarray(high), weights, {}, forwards, seconds,
-                        describe_groups(groups, task.n_prompts), len(extra))
+                        describe_groups(groups, task.n_prompts), len(extra), model, finals[:n], recorded)
     callables = extra_checks if isinstance(extra_checks, (list, tuple)) else [extra_checks]
     for item in callables:
         found.extend(item(result) if callable(item) else [item])
