@@ -101,5 +101,5 @@ def load_cached(out_dir: Path, tokenizer, device: str):
     unexpected = [k for k in state if k not in params]
     if missing or unexpected:
         raise RuntimeError(f"cached model {out_dir} does not match its config; delete that folder")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=False)   # buffers (mask, rotary) are rebuilt by the constructor
     return model.to(device)
