@@ -12,8 +12,9 @@ import sys
 
 import typer
 
-from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`)
+from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`, circuit_edges `circuit edges|discover`)
     circuit,
+    circuit_edges,
     datasets,
     features,
     heads,

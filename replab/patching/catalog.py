@@ -6,7 +6,9 @@ Builtin names:
   tomorrow it is" → " Tuesday", the corrupt prompt's day shifted by +3);
 * ``fact_recall``: subject → object facts with same-length corrupted subjects;
 * ``superclass`` / ``superclass:A,B``: people of class A vs class B in one template
-  (:mod:`replab.patching.superclass`), with the ``class_mass`` metric.
+  (:mod:`replab.patching.superclass`), with the ``class_mass`` metric;
+* ``sequence_edges`` / ``sequence_edges:months,weekdays``: sequence continuation with a
+  half-cycle shift corruption (:mod:`replab.patching.sequence_edges_task`).
 
 Any other name is a builtin prompt set or a user file (JSONL/CSV/YAML) with ``corrupt_prompt``.
 :func:`register_task` adds a builder under a new name.
@@ -43,6 +45,15 @@ def _superclass(tokenizer, spec, template, limit, prepend_bos, classes, dataset)
 
 
 register_task("superclass", _superclass)
+
+
+def _sequence_edges(tokenizer, spec, template, limit, prepend_bos, classes, dataset) -> PatchTask:
+    from replab.patching.sequence_edges_task import sequence_edges_builder
+
+    return sequence_edges_builder(tokenizer, spec, template, limit, prepend_bos, classes, dataset)
+
+
+register_task("sequence_edges", _sequence_edges)   # months -> next month (replab.patching.sequence_edges_task)
 
 
 def load_task(name_or_path: str, tokenizer, template: str | None = None, limit: int | None = None,
