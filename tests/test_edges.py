@@ -207,6 +207,21 @@ def test_exact_edges_match_hook_reference(tiny, task, graph):
     assert float(np.ptp(res.patched[:len(idx)].mean(1))) > 1e-2      # the edges differ: the test can fail
 
 
+def test_edge_patch_at_chosen_positions(tiny, task, graph):
+    clean_c, corrupt_c = _caches(tiny, task)
+    s = ("head", 0, 2)
+    delta = _sender_out(tiny, corrupt_c, s) - _sender_out(tiny, clean_c, s)
+    mask = torch.zeros_like(delta)
+    mask[:, 5:] = 1
+    with torch.inference_mode(), edge_mode(tiny):
+        want = tiny.run_with_hooks(task.clean, fwd_hooks=[("blocks.2.hook_k_input", _add_at(1, delta * mask))])
+    fin, _ = run_variants(tiny, task.clean, task.corrupt, [Variant((EdgePatch("k", 2, 1, (s,), positions=(5, 6, 7)),))],
+                          base="clean")
+    with torch.inference_mode():
+        mine = tiny.unembed(tiny.ln_final(fin[0][:, None]))[:, 0]
+    torch.testing.assert_close(mine, want[:, -1], atol=1e-4, rtol=0)
+
+
 def test_circuit_forward_matches_hook_reference(tiny, task, graph):
     rng = np.random.default_rng(0)
     removed = np.flatnonzero(rng.random(graph.n_edges) < 0.6)
@@ -392,3 +407,47 @@ def test_existing_results_are_unchanged_by_edge_mode(tiny, task):
     run_variants(tiny, task.clean, task.corrupt, [Variant(edge_graph(tiny).patches([5]))], base="clean")
     b, _ = run_variants(tiny, task.clean, task.corrupt, v)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- command line
+
+def test_cli_edges_and_discover(tmp_path, capsys):
+    import json
+
+    from replab_testutil import run_cli
+
+    code, out, err = run_cli(["circuit", "edges", "--model", "tiny", "--limit", "3", "--method", "atp*",
+                              "--no-graddrop", "--top", "5", "--random", "10", "--out", tmp_path / "e", "--json"],
+                             capsys)
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["graph"]["edges"] == 343 and s["verification"]["status"] == "ran"
+    assert "atp" in s["verification"] and s["attribution"]["checks"]["qk_recompute"]["ok"]
+    assert (tmp_path / "e" / "edges.parquet").exists() and (tmp_path / "e" / "approx_vs_exact.svg").exists()
+    code, out, err = run_cli(["circuit", "discover", "--model", "tiny", "--limit", "3", "--method", "eap-ig",
+                              "--steps", "2", "--edges", "20,343", "--threshold", "0.99", "--compare-heads",
+                              "L0H1,L3H2", "--out", tmp_path / "d", "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert len(d["curve"]) == 2 and {r["n_edges"] for r in d["curve"]} == {20, 343}
+    assert all(r["faithfulness"] == 1.0 for r in d["curve"] if r["n_edges"] == 343)
+    assert set(d["overlap_with_compare_heads"]) == {"eap-ig"}
+    circuit = json.loads((tmp_path / "d" / "circuits" / "eap-ig_20.json").read_text())
+    assert len(circuit["edges"]) == 20 and (tmp_path / "d" / "circuits" / "eap-ig_20.png").exists()
+    assert (tmp_path / "d" / "faithfulness.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["edges", "--method", "exact"], "--edges"),
+    (["edges", "--method", "nope"], "unknown edge method"),
+    (["edges", "--metric", "kl"], "kl"),
+    (["edges", "--method", "exact", "--edges", "L3H0->L1H0.q"], "unknown edge"),
+    (["discover", "--method", "exact"], "unknown edge method"),
+    (["discover", "--edges", "0,10"], "positive"),
+    (["discover", "--compare-heads", "L1MLP"], "query heads"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
+    from replab_testutil import run_cli
+
+    code, _, err = run_cli(["circuit", *args, "--model", "tiny", "--limit", "2", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1

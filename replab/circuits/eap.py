@@ -86,7 +86,7 @@ class _DropGrad(torch.autograd.Function):
 
 
 def _batches(n: int, n_tokens: int, batch_size: int | None) -> list[slice]:
-    size = batch_size or max(1, 4096 // max(1, n_tokens))
+    size = batch_size or max(1, 512 // max(1, n_tokens))
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
 
@@ -321,7 +321,7 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
         metric: a metric of :mod:`replab.patching.metrics` (``kl`` only with ``eap-ig``: its
             gradient at the clean run is 0).
         graddrop: for ``atp*``, also the GradDrop magnitudes (one more backward per layer).
-        batch_size: prompts per pass (default: about 4,096 tokens).
+        batch_size: prompts per pass (default: about 512 tokens; contributions add up).
     Returns:
         :class:`EdgeAttribution` (scores normalised by ``M_clean − M_corrupt``).
     """

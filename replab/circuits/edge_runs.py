@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from replab.errors import ReplabError
 from replab.io import write_json_atomic
 from replab.rundir import finish_run, start_run, write_table
 
@@ -27,9 +28,10 @@ def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str 
     ``edges.parquet|csv`` (every edge), ``verification.parquet|csv`` (the exactly patched edges),
     ``approx_vs_exact.png|svg`` and ``summary.json``. Returns the summary (plus ``out``)."""
     from replab.circuits.edge_plots import approx_vs_exact
-    from replab.circuits.edges import score_edges
+    from replab.circuits.edges import check_options, score_edges
     from replab.patching.plots import save_figure
 
+    method = check_options(method, metric, steps, edges)       # before the model loads
     m, t = _load(model, task, template, limit, dataset)
     res = score_edges(m, t, method, steps=steps, metric=metric, edges=edges, graddrop=graddrop, n_top=n_top,
                       n_random=n_random, seed=seed, verify=verify, progress=progress)
@@ -57,11 +59,15 @@ def run_discover(task: str = "next_day", methods=("eap-ig",), sizes=None, out=No
     ``compare_heads`` (a head list or a JSON file with a ``heads`` list), their overlap."""
     from replab.circuits.discover import DEFAULT_SIZES, discover_circuits
     from replab.circuits.edge_plots import circuit_figure, faithfulness_curve
+    from replab.circuits.edges import check_options
     from replab.circuits.graph import head_overlap
     from replab.patching.plots import save_figure
 
     if isinstance(methods, str):
         methods = [x.strip() for x in methods.split(",") if x.strip()]
+    if not methods:
+        raise ReplabError("give at least one attribution method (--method eap,eap-ig,atp*)")
+    methods = [check_options(mth, metric, steps, None, exact_ok=False) for mth in methods]
     other = _heads_arg(compare_heads)
     m, t = _load(model, task, template, limit, dataset)
     res = discover_circuits(m, t, methods, sizes or DEFAULT_SIZES, steps=steps, metric=metric,
@@ -93,8 +99,18 @@ def _heads_arg(value):
     """A comma list of heads, a JSON file with ``heads``, or None."""
     if value is None:
         return None
+    from replab.circuits.graph import parse_node
+
     path = Path(str(value))
-    if path.suffix == ".json" and path.exists():
+    if path.suffix == ".json":
+        if not path.exists():
+            raise ReplabError(f"--compare-heads file {path} does not exist")
         data = json.loads(path.read_text())
-        return list(data["heads"] if isinstance(data, dict) else data)
-    return [h.strip() for h in str(value).split(",") if h.strip()]
+        heads = list(data["heads"] if isinstance(data, dict) and "heads" in data else data)
+    else:
+        heads = [h.strip() for h in str(value).split(",") if h.strip()]
+    for h in heads:
+        kind, spec = parse_node(h)
+        if spec[0] != "head" or kind != "sender":
+            raise ReplabError(f"--compare-heads takes query heads such as L5H3, not {h!r}")
+    return heads

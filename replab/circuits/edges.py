@@ -32,6 +32,26 @@ METHODS = (*GRAD_METHODS, "exact")
 MATERIAL = 0.01
 
 
+def check_options(method: str, metric: str, steps: int, edges, exact_ok: bool = True) -> str:
+    """The canonical method name; ReplabError for a bad method, metric, step count, or an exact
+    run without edges (checked before any model loads)."""
+    from replab.patching.metrics import check_metric
+
+    method = {"atp-star": "atp*", "atpstar": "atp*"}.get(str(method).strip(), str(method).strip())
+    allowed = METHODS if exact_ok else GRAD_METHODS
+    if method not in allowed:
+        raise ReplabError(f"unknown edge method {method!r} (known: {', '.join(allowed)})")
+    check_metric(metric)
+    if metric == "kl" and method not in ("eap-ig", "exact"):
+        raise ReplabError("the kl metric has zero gradient at the clean run; use it with --method eap-ig")
+    if steps < 1:
+        raise ReplabError(f"--steps must be at least 1, not {steps}")
+    if method == "exact" and not (edges and str(edges).strip()):
+        raise ReplabError("--method exact patches a chosen list of edges: give --edges (SENDER->RECEIVER,... "
+                          "or all)")
+    return method
+
+
 def edge_check_variants(graph: EdgeGraph) -> list[Variant]:
     """Two whole-graph variants that check the edge machinery: every edge from the corrupt run
     (must give the corrupt run) and every edge from the clean run (must give the clean run)."""
