@@ -38,12 +38,12 @@ import numpy as np
 import torch
 
 from replab.circuits.graph import EdgeGraph, edge_graph
+from replab.circuits.qk_fix import QK_TOL, qk_edge_mask, qk_fixed_estimates
 from replab.errors import ReplabError
 from replab.patching.edge_patch import edge_mode, head_outputs
 from replab.patching.metrics import FULL_VOCAB, check_metric, metric_values, readout
 
 GRAD_METHODS = ("eap", "eap-ig", "atp*")
-QK_TOL = 1e-4
 
 
 @dataclass
@@ -214,101 +214,7 @@ def _linear_scores(graph: EdgeGraph, delta: torch.Tensor, grads: dict) -> np.nda
             out.append(torch.einsum("ntsd,nthd->hs", d, grads[(kind, layer)]).reshape(-1))
         out.append(torch.einsum("ntsd,ntd->s", delta[:, :, :up + h], grads[("mlp", layer)]))
     out.append(torch.einsum("ntsd,ntd->s", delta, grads[("logits", graph.n_layers - 1)]))
-    return torch.cat(out).double().numpy()
-
-
-def _qk_offsets(graph: EdgeGraph) -> dict:
-    """Flat edge offsets of each layer's q and k receivers: ``{layer: (q_start, k_start, up)}``."""
-    offsets = np.concatenate([[0], np.cumsum(graph.upstream)])
-    h, k = graph.n_heads, graph.n_kv_heads
-    out = {}
-    for layer in range(graph.n_layers):
-        r0 = layer * (h + 2 * k + 1)
-        out[layer] = (int(offsets[r0]), int(offsets[r0 + h]), int(graph.upstream[r0]))
-    return out
-
-
-def _scores_fn(model, layer: int):
-    """Attention pattern of one query head from rotated q ``[B, T, dh]`` and k ``[B, T, dh]``."""
-    from transformer_lens.utilities.activation_functions import apply_softcap
-
-    attn = model.blocks[layer].attn
-
-    def pattern(q, k):
-        s = q @ k.transpose(-1, -2) / attn.attn_scale
-        s = apply_softcap(s, model.cfg.attn_scores_soft_cap)
-        s = attn.apply_causal_mask(s[:, None], 0, None)[:, 0]
-        return torch.softmax(s, dim=-1)
-    return pattern
-
-
-def _project(model, layer: int, xn: torch.Tensor, which: str) -> torch.Tensor:
-    """Rotated queries ``[B, T, H, dh]`` or keys ``[B, T, K, dh]`` of normalised inputs ``[B, T, d]``."""
-    attn = model.blocks[layer].attn
-    if which == "q":
-        w, b = attn.W_Q, attn.b_Q
-    else:
-        w = getattr(attn, "_W_K", attn.W_K)
-        b = getattr(attn, "_b_K", attn.b_K)
-    out = torch.einsum("btd,hde->bthe", xn, w) + b
-    if model.cfg.positional_embedding_type == "rotary":
-        out = attn.apply_rotary(out, 0, None)
-    return out
-
-
-@torch.inference_mode()
-def _qk_fixed(model, graph: EdgeGraph, delta: torch.Tensor, passes: list[dict],
-              chunk_floats: int = 2 ** 23) -> tuple[np.ndarray, float]:
-    """QK-fixed estimates of every q and k edge for each gradient set in ``passes``:
-    ``([n_passes, n_edges], max pattern recomputation error)``; entries of other edges are 0."""
-    cfg = model.cfg
-    n, t = delta.shape[:2]
-    h, kv = graph.n_heads, graph.n_kv_heads
-    group = h // kv
-    offsets = _qk_offsets(graph)
-    out = np.zeros((len(passes), graph.n_edges))
-    worst = 0.0
-    for layer in range(graph.n_layers):
-        x = passes[0]["acts"]["resid_pre"][layer]                       # [n, T, d] clean input
-        ln = model.blocks[layer].ln1
-        pattern_fn = _scores_fn(model, layer)
-        xn = ln(x)
-        q0, k0 = _project(model, layer, xn, "q"), _project(model, layer, xn, "k")
-        pat = passes[0]["acts"][("pattern", layer)]                    # [n, H, T, T]
-        for hq in range(h):
-            re = pattern_fn(q0[:, :, hq], k0[:, :, hq // group])
-            worst = max(worst, float((re - pat[:, hq]).abs().max()))
-        grads = torch.stack([p["grads"][("pattern", layer)] for p in passes])   # [G, n, H, T, T]
-        q_start, k_start, up = offsets[layer]
-        step = max(1, chunk_floats // (n * t * cfg.d_model))
-        for s0 in range(0, up, step):
-            s1 = min(up, s0 + step)
-            xs = (x[:, :, None] + delta[:, :, s0:s1]).permute(2, 0, 1, 3).reshape(-1, t, cfg.d_model)
-            xsn = ln(xs)
-            m = s1 - s0
-            qs = _project(model, layer, xsn, "q").reshape(m, n, t, h, -1)
-            ks = _project(model, layer, xsn, "k").reshape(m, n, t, kv, -1)
-            for hq in range(h):               # q edges into head hq: new queries, clean keys
-                g = hq // group
-                new = pattern_fn(qs[:, :, :, hq].reshape(m * n, t, -1),
-                                 k0[:, :, g].repeat(m, 1, 1)).reshape(m, n, t, t)
-                dp = new - pat[None, :, hq]
-                est = torch.einsum("snij,gnij->gs", dp, grads[:, :, hq])
-                out[:, q_start + hq * up + s0:q_start + hq * up + s1] = est.double().numpy()
-            for g in range(kv):               # k edges into KV head g: new keys, clean queries
-                est = 0
-                for hq in range(g * group, (g + 1) * group):
-                    new = pattern_fn(q0[:, :, hq].repeat(m, 1, 1),
-                                     ks[:, :, :, g].reshape(m * n, t, -1)).reshape(m, n, t, t)
-                    dp = new - pat[None, :, hq]
-                    est = est + torch.einsum("snij,gnij->gs", dp, grads[:, :, hq])
-                out[:, k_start + g * up + s0:k_start + g * up + s1] = est.double().numpy()
-    return out, worst
-
-
-def _qk_mask(graph: EdgeGraph) -> np.ndarray:
-    kinds = np.array([r[0] for r in graph.receivers])
-    return np.isin(kinds[graph.edge_receiver], ("q", "k"))
+    return torch.cat(out).double().cpu().numpy()
 
 
 def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric: str = "logit_diff",
@@ -380,7 +286,7 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
                     lin[1 + j] += _linear_scores(graph, delta, p["grads"])
                     passes.append({"grads": {k: v for k, v in p["grads"].items() if k[0] == "pattern"}})
                     bar.advance(1)
-                est, err = _qk_fixed(model, graph, delta, passes)
+                est, err = qk_fixed_estimates(model, graph, delta, passes)
                 qk += est
                 worst = max(worst, err)
     return _finish(model, task, graph, method, metric, steps, lin, qk, clean_sum / n, corrupt_sum / n,
@@ -400,7 +306,7 @@ def _finish(model, task, graph, method, metric, steps, lin, qk, clean_m, corrupt
                               f"(> {QK_TOL:g}); AtP* cannot be trusted on this model")
         checks["qk_recompute"] = {"value": worst, "expected": 0.0, "tolerance": QK_TOL, "ok": True,
                                   "what": "attention pattern recomputed by the QK fix at Δ = 0 equals hook_pattern"}
-        mask = _qk_mask(graph)
+        mask = qk_edge_mask(graph)
         star = np.where(mask[None], qk, lin) / denom                   # [1 + drops, n_edges]
         extra["atp"] = lin[0] / denom
         extra["atp_star"] = star[0]

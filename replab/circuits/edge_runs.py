@@ -60,7 +60,7 @@ def run_discover(task: str = "next_day", methods=("eap-ig",), sizes=None, out=No
     from replab.circuits.discover import DEFAULT_SIZES, discover_circuits
     from replab.circuits.edge_plots import circuit_figure, faithfulness_curve
     from replab.circuits.edges import check_options
-    from replab.circuits.graph import head_overlap
+    from replab.circuits.graph import head_overlap, heads_by_weight
     from replab.patching.plots import save_figure
 
     if isinstance(methods, str):
@@ -85,13 +85,17 @@ def run_discover(task: str = "next_day", methods=("eap-ig",), sizes=None, out=No
         files += save_figure(circuit_figure(circuit, g.n_layers, g.n_heads, g.n_kv_heads), stem)
     best = res.smallest(threshold)
     heads = {mth: (res.circuits[(mth, b["n_edges"])]["heads"] if b else None) for mth, b in best.items()}
+    heavy = {mth: ([{"head": h, "weight": w} for h, w in
+                    heads_by_weight(res.circuits[(mth, b["n_edges"])]["edges"], g.n_heads, g.n_kv_heads)[:15]]
+                   if b else None) for mth, b in best.items()}
     overlap = ({mth: head_overlap(h, other) for mth, h in heads.items() if h is not None}
                if other is not None else "not run: no --compare-heads given")
     summary = {"kind": "circuit_discover", "task": t.describe(), "metric": metric, "methods": list(methods),
                "steps": steps, "graph": g.counts(), "threshold": threshold, "exact": res.plan,
                "seconds": res.seconds, "attribution": {mth: a.describe() for mth, a in res.attributions.items()},
                "curve": res.table.to_dict("records"), "smallest_reaching_threshold": best,
-               "heads_of_smallest": heads, "overlap_with_compare_heads": overlap, "files": files}
+               "heads_of_smallest": heads, "heaviest_heads_of_smallest": heavy,
+               "overlap_with_compare_heads": overlap, "files": files}
     return {**finish_run(out, summary, m), "out": str(out)}
 
 

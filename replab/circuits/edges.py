@@ -246,6 +246,12 @@ def _verification(method, table, pick, reasons, verify, names) -> dict:
     for col in ("atp", "graddrop"):
         if col in sample:
             out[col] = compare(sample[col].to_numpy(), sample["exact"].to_numpy(), sub)
+    if "atp" in sample:          # the QK fix only changes q and k edges: compare on those alone too
+        qk = sample["receiver_kind"].isin(["q", "k"]).to_numpy()
+        names_qk = [n for n, keep in zip(sub, qk, strict=True) if keep]
+        for col, key in (("score", "score_qk"), ("atp", "atp_qk")):
+            c = compare(sample[col].to_numpy()[qk], sample["exact"].to_numpy()[qk], names_qk)
+            out[key] = {k: c[k] for k in ("n", "status", "spearman", "pearson", "sign_disagreements") if k in c}
     if "graddrop" in out and out["graddrop"].get("status") == "ran":   # a magnitude: compare with |exact|
         gd = out["graddrop"]
         gd.update({"spearman": gd["spearman_abs"], "note": "graddrop is a magnitude: spearman is against |exact|"})

@@ -217,6 +217,30 @@ def circuit_heads(graph: EdgeGraph, idx) -> list[str]:
     return [f"L{layer}H{h}" for layer, h in sorted(heads)]
 
 
+def heads_by_weight(edges, n_heads: int, n_kv_heads: int, effective_only: bool = True) -> list[tuple[str, float]]:
+    """Query heads ranked by the summed ``|score|`` of the circuit edges they are an endpoint of
+    (a k/v edge's weight is shared equally by the query heads of its KV group): the node-level
+    view of a large edge circuit. ``edges``: dicts with ``sender``, ``receiver``, ``score`` (and
+    ``effective``), as in a circuit's JSON. Returns ``[(head, weight)]``, heaviest first."""
+    group = n_heads // n_kv_heads
+    weight: dict[str, float] = {}
+    for e in edges:
+        if effective_only and not e.get("effective", True):
+            continue
+        w = abs(float(e["score"]))
+        if re.fullmatch(r"L\d+H\d+", e["sender"]):
+            weight[e["sender"]] = weight.get(e["sender"], 0.0) + w
+        kind, spec = parse_node(e["receiver"])
+        if spec[0] == "q":
+            name = f"L{spec[1]}H{spec[2]}"
+            weight[name] = weight.get(name, 0.0) + w
+        elif spec[0] in ("k", "v"):
+            for q in query_heads_of(spec[2], n_heads, n_kv_heads):
+                name = f"L{spec[1]}H{q}"
+                weight[name] = weight.get(name, 0.0) + w / group
+    return sorted(weight.items(), key=lambda kv: -kv[1])
+
+
 def head_overlap(a, b) -> dict:
     """Overlap of two head sets (names such as ``L5H3``): ``shared``, ``only_a``, ``only_b``
     (sorted lists), their sizes and the Jaccard index ``|a ∩ b| / |a ∪ b|``."""

@@ -245,7 +245,8 @@ class _VariantEdges:
         self.index = {slot: i for i, slot in enumerate(slots)}
         base_vals = [values(base, s) for s, _ in slots]
         n, t, d = base_vals[0].shape if base_vals else (0, 0, 0)
-        self.D = torch.zeros(n, t, len(slots), d, dtype=base_vals[0].dtype) if slots else None
+        self.D = (torch.zeros(n, t, len(slots), d, dtype=base_vals[0].dtype, device=base_vals[0].device)
+                  if slots else None)
         self.capture: dict[str, list[tuple[int, int | None, torch.Tensor]]] = {}
         for i, (s, src) in enumerate(slots):
             src_val = values(src, s)
@@ -255,7 +256,8 @@ class _VariantEdges:
                 self.D[:, :, i] = src_val - base_vals[i]
         self.receivers: dict[str, list[tuple[int | None, tuple | None, torch.Tensor]]] = {}
         for ep in eps:
-            mask = torch.zeros(len(slots), dtype=self.D.dtype if self.D is not None else torch.float32)
+            mask = torch.zeros(len(slots), dtype=self.D.dtype if self.D is not None else torch.float32,
+                               device=self.D.device if self.D is not None else None)
             for s in ep.senders:
                 mask[self.index[(s, ep.source)]] = 1.0
             self.receivers.setdefault(ep.hook, []).append((ep.head, ep.positions, mask))
