@@ -12,9 +12,10 @@ import sys
 
 import typer
 
-from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`, circuit_* add `circuit ...` commands)
+from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`, circuit_* add `circuit ...` commands; circuit_edges `circuit edges|discover`)
     circuit,
     circuit_blocks,
+    circuit_edges,
     circuit_path,
     circuit_prune,
     circuit_report,

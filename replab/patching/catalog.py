@@ -10,6 +10,8 @@ Builtin names:
 * ``sequences`` / ``sequences:TYPE,TYPE/CORRUPTION``: sequence continuation (W4; types of the
   ``sequence_types`` set, corruption ``shift``, ``repeat`` or ``random``:
   :mod:`replab.patching.sequences`); ``template`` = the number of items shown.
+* ``sequence_edges`` / ``sequence_edges:months,weekdays``: sequence continuation with a
+  half-cycle shift corruption (:mod:`replab.patching.sequence_edges_task`).
 
 Any other name is a builtin prompt set or a user file (JSONL/CSV/YAML) with ``corrupt_prompt``.
 :func:`register_task` adds a builder under a new name.
@@ -64,6 +66,15 @@ def _sequences(tokenizer, spec, template, limit, prepend_bos, classes, dataset) 
 
 
 register_task("sequences", _sequences)
+
+
+def _sequence_edges(tokenizer, spec, template, limit, prepend_bos, classes, dataset) -> PatchTask:
+    from replab.patching.sequence_edges_task import sequence_edges_builder
+
+    return sequence_edges_builder(tokenizer, spec, template, limit, prepend_bos, classes, dataset)
+
+
+register_task("sequence_edges", _sequence_edges)   # months -> next month (replab.patching.sequence_edges_task)
 
 
 def load_task(name_or_path: str, tokenizer, template: str | None = None, limit: int | None = None,

@@ -48,6 +48,15 @@ from dataclasses import dataclass, field
 import torch
 
 from replab.errors import ReplabError
+from replab.patching.edge_patch import (
+    EdgeGroup,
+    EdgePatch,
+    edge_mode,
+    edge_slots,
+    has_edges,
+    sender_hook,
+    validate_edge,
+)
 from replab.patching.interventions import Intervention, apply, select, validate
 
 RUN_SOURCES = ("clean", "corrupt")
@@ -185,6 +194,11 @@ def needed_hooks(model, variants: list[Variant], base: str, use_prefix: bool) ->
         if s < n_layers:
             need[base].add(f"blocks.{s}.hook_resid_pre")
         for iv in v.interventions:
+            if isinstance(iv, EdgePatch):      # sender outputs in the source run and the base run
+                hooks = {sender_hook(s) for s in iv.senders}
+                need[iv.source] |= hooks
+                need[base] |= hooks
+                continue
             need[iv.source if iv.source in ("clean", "corrupt") else base].add(iv.hook)
         for name in v.record:
             need[base].add(name)         # the positions the engine does not compute, and no-ops
@@ -195,9 +209,13 @@ def needed_hooks(model, variants: list[Variant], base: str, use_prefix: bool) ->
     return need
 
 
-def cache_forwards(model, clean: torch.Tensor, corrupt: torch.Tensor, need: dict[str, set[str]]) -> dict:
-    return {"clean": ForwardCache(model, clean, need["clean"]),
-            "corrupt": ForwardCache(model, corrupt, need["corrupt"])}
+def cache_forwards(model, clean: torch.Tensor, corrupt: torch.Tensor, need: dict[str, set[str]],
+                   split_inputs: bool = False) -> dict:
+    """The clean and corrupt :class:`ForwardCache`; ``split_inputs`` runs them in
+    :func:`~replab.patching.edge_patch.edge_mode` (as the engine runs edge patches)."""
+    with edge_mode(model, split_inputs):
+        return {"clean": ForwardCache(model, clean, need["clean"]),
+                "corrupt": ForwardCache(model, corrupt, need["corrupt"])}
 
 
 def _kv_entry(forwards, base: str, layer: int, p: int, n_rep: int):
@@ -309,6 +327,7 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
             sources[key] = _slice_positions(_source(iv, forwards, base), iv, p)
         return sources[key]
 
+    edges = EdgeGroup(model, group, forwards, base) if has_edges([v for _, v in group]) else None
     for k in range(first, n_layers):
         entering = by_start.get(k, [])
         if entering:
@@ -325,7 +344,7 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
             if vi not in rows:
                 continue
             for iv in v.interventions:
-                if iv.layer == k:
+                if iv.layer == k and not isinstance(iv, EdgePatch):
                     like = forwards[base][iv.hook] if iv.source == "noise" else None
                     hooks[iv.hook].append((rows[vi], rows[vi] + n_prompts, iv, source_of(iv),
                                            _slice_positions(_noise(iv, like) if like is not None else None, iv, p)))
@@ -336,6 +355,8 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
         entry = _kv_entry(forwards, base, k, p, n_rep) if p > 0 else None
         fns = {name: _hook_fn(hooks.get(name, []), p, records.get(name, []), vectorise)
                for name in set(hooks) | set(records)}
+        if edges is not None:
+            fns = edges.block_fns(k, rows, n_prompts, fns)
         with _block_hooks(model, fns):
             x = model.blocks[k](x, past_kv_cache_entry=entry)
     out = {}
@@ -365,12 +386,28 @@ def _check_records(model, variants: list[Variant]) -> None:
                                   "blocks.9.attn.hook_q")
 
 
+def _edge_chunks(members, chunk: int, per_slot: int, budget: int) -> list[list]:
+    """Consecutive chunks of at most ``chunk`` variants whose edge stacks (``slots × per_slot``
+    floats each) stay within ``budget`` floats (a chunk always holds at least one variant)."""
+    parts, cur, used = [], [], 0
+    for m in members:
+        cost = edge_slots(m[1].interventions) * per_slot
+        if cur and (len(cur) >= chunk or used + cost > budget):
+            parts.append(cur)
+            cur, used = [], 0
+        cur.append(m)
+        used += cost
+    if cur:
+        parts.append(cur)
+    return parts
+
+
 @torch.inference_mode()
 def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
                  base: str = "corrupt", forwards: dict | None = None, max_tokens: int = 65536,
                  use_prefix: bool | None = None, progress=None,
                  sources: dict[str, torch.Tensor] | None = None, recorded: dict | None = None,
-                 vectorise: bool = True) -> tuple[torch.Tensor, dict]:
+                 vectorise: bool = True, edge_memory: int = 2 ** 26) -> tuple[torch.Tensor, dict]:
     """Final-position residuals of every variant: ``([V, N, d_model], forwards)``.
 
     Args:
@@ -387,14 +424,29 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
             ``{variant index: {hook name: [N, T, ...]}}`` (see ``Variant.record``).
         vectorise: merge copying interventions into masked writes (module docstring); False
             applies them one by one (the reference path; results are bit-identical).
+        edge_memory: bound on the floats of the edge-patch stacks of one group
+            (:mod:`replab.patching.edge_patch`); groups are split.
+
+    Edge patches (:class:`~replab.patching.edge_patch.EdgePatch`) run the whole plan in
+    :func:`~replab.patching.edge_patch.edge_mode` and without the cached-prefix shortcut.
     """
     if base not in ("clean", "corrupt"):
         raise ReplabError(f"base must be 'clean' or 'corrupt', not {base!r}")
     n, t = clean.shape
     for v in variants:
         for iv in v.interventions:
-            validate(model, iv, t)
+            (validate_edge if isinstance(iv, EdgePatch) else validate)(model, iv, t)
     _check_records(model, variants)
+    split = has_edges(variants)
+    with edge_mode(model, split):
+        return _run_variants(model, clean, corrupt, variants, base, forwards, max_tokens,
+                             False if split else use_prefix, progress, sources, split, edge_memory,
+                             recorded, vectorise)
+
+
+def _run_variants(model, clean, corrupt, variants, base, forwards, max_tokens, use_prefix, progress, sources,
+                  split, edge_memory, recorded, vectorise):
+    n, t = clean.shape
     use_prefix = prefix_ok(model) if use_prefix is None else (use_prefix and prefix_ok(model))
     if forwards is None:
         forwards = cache_forwards(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
@@ -416,8 +468,9 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
         members.sort(key=lambda m: m[1].start_layer(n_layers))
         per_variant = n * (t - p)
         chunk = max(1, max_tokens // per_variant)
-        for s in range(0, len(members), chunk):
-            part = members[s:s + chunk]
+        parts = ([members[s:s + chunk] for s in range(0, len(members), chunk)] if not split
+                 else _edge_chunks(members, chunk, n * t * model.cfg.d_model, edge_memory))
+        for part in parts:
             finals.update(_run_group(model, part, forwards, base, p, n, raw, vectorise))
             first_pos.update({vi: p for vi, _ in part})
             if progress is not None:

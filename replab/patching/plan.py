@@ -34,6 +34,7 @@ import torch
 from replab.errors import ReplabError
 from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
 from replab.patching.checks import ENGINE_TOL, Check, enforce, expected_effect, other_run
+from replab.patching.edge_patch import has_edges
 from replab.patching.engine import Variant, cache_forwards, needed_hooks, prefix_ok, run_variants
 from replab.patching.interventions import Intervention
 from replab.patching.metrics import check_metric, normalized, task_metrics
@@ -193,7 +194,7 @@ def plan_forwards(model, task, variants: list[Variant], base: str = "corrupt", h
     """The clean and corrupt forwards (one each) caching what ``variants`` (plus the engine
     checks, the identity check and the extra ``hooks``, cached in both runs) need. Pass the
     result to :func:`run_plan` (``runs=``) to share the forwards with other work."""
-    use_prefix = prefix_ok(model)
+    use_prefix = prefix_ok(model) and not has_edges(variants)
     layer = plan_layer(variants, model.cfg.n_layers)
     need = needed_hooks(model, [*variants, *engine_variants(layer, base)], base, use_prefix)
     if identity is not None:
@@ -203,7 +204,7 @@ def plan_forwards(model, task, variants: list[Variant], base: str = "corrupt", h
     for names in need.values():
         names.update(hooks)
     with torch.inference_mode():
-        return cache_forwards(model, task.clean, task.corrupt, need)
+        return cache_forwards(model, task.clean, task.corrupt, need, split_inputs=has_edges(variants))
 
 
 def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "corrupt",
