@@ -390,11 +390,11 @@ def test_score_edges_verifies_in_the_same_run(tiny, task, eap):
 
 
 def test_compare_reports_when_it_cannot_run():
-    from replab.circuits.edges import compare
+    from replab.circuits.edges import agreement
 
-    assert compare(np.ones(5), np.arange(5.0), list("abcde"))["status"].startswith("not run")
-    assert compare(np.ones(2), np.arange(2.0), list("ab"))["status"].startswith("not run")
-    c = compare(np.array([1.0, -2, 3, 0.5]), np.array([1.1, -1.9, 2.5, -0.2]), list("abcd"))
+    assert agreement(np.ones(5), np.arange(5.0), list("abcde"))["status"].startswith("not run")
+    assert agreement(np.ones(2), np.arange(2.0), list("ab"))["status"].startswith("not run")
+    c = agreement(np.array([1.0, -2, 3, 0.5]), np.array([1.1, -1.9, 2.5, -0.2]), list("abcd"))
     assert c["sign_disagreements"] == 1 and c["sign_disagreements_material"] == 1
     assert c["worst_sign_disagreements"][0]["edge"] == "d"
 

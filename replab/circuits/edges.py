@@ -104,7 +104,7 @@ def sample_edges(scores: np.ndarray, n_top: int = 50, n_random: int = 200, seed:
     return np.concatenate([top, rand]).astype(np.int64), ["top"] * len(top) + ["random"] * len(rand)
 
 
-def compare(approx: np.ndarray, exact: np.ndarray, names: list[str]) -> dict:
+def agreement(approx: np.ndarray, exact: np.ndarray, names: list[str]) -> dict:
     """Spearman and Pearson of ``approx`` against ``exact`` and the sign disagreements."""
     from scipy.stats import pearsonr, spearmanr
 
@@ -133,7 +133,7 @@ class EdgeScores:
     ``table``: one row per edge (graph order) with the method's ``score`` (plus ``atp``,
     ``atp_star``, ``graddrop`` for ``atp*``), ``rank`` by ``|score|``, and ``exact`` /
     ``exact_ci_low`` / ``exact_ci_high`` / ``sampled`` where it was patched exactly.
-    ``verification``: :func:`compare` of the score (and the side-by-side columns) against exact.
+    ``verification``: :func:`agreement` of the score (and the side-by-side columns) against exact.
     """
 
     graph: EdgeGraph
@@ -236,21 +236,21 @@ def _verification(method, table, pick, reasons, verify, names) -> dict:
     sub = [names[i] for i in pick]
     out = {"sample": {"top": reasons.count("top"), "random": reasons.count("random"),
                       "chosen": reasons.count("chosen")}}
-    out["score"] = compare(sample["score"].to_numpy(), sample["exact"].to_numpy(), sub)
+    out["score"] = agreement(sample["score"].to_numpy(), sample["exact"].to_numpy(), sub)
     out["status"] = out["score"]["status"]
     top = np.asarray([r == "top" for r in reasons])
     if top.sum() >= 3:            # the harder question: the order among the strongest edges
-        t = compare(sample["score"].to_numpy()[top], sample["exact"].to_numpy()[top],
+        t = agreement(sample["score"].to_numpy()[top], sample["exact"].to_numpy()[top],
                     [n for n, keep in zip(sub, top, strict=True) if keep])
         out["score_top"] = {k: t[k] for k in ("n", "status", "spearman", "pearson") if k in t}
     for col in ("atp", "graddrop"):
         if col in sample:
-            out[col] = compare(sample[col].to_numpy(), sample["exact"].to_numpy(), sub)
+            out[col] = agreement(sample[col].to_numpy(), sample["exact"].to_numpy(), sub)
     if "atp" in sample:          # the QK fix only changes q and k edges: compare on those alone too
         qk = sample["receiver_kind"].isin(["q", "k"]).to_numpy()
         names_qk = [n for n, keep in zip(sub, qk, strict=True) if keep]
         for col, key in (("score", "score_qk"), ("atp", "atp_qk")):
-            c = compare(sample[col].to_numpy()[qk], sample["exact"].to_numpy()[qk], names_qk)
+            c = agreement(sample[col].to_numpy()[qk], sample["exact"].to_numpy()[qk], names_qk)
             out[key] = {k: c[k] for k in ("n", "status", "spearman", "pearson", "sign_disagreements") if k in c}
     if "graddrop" in out and out["graddrop"].get("status") == "ran":   # a magnitude: compare with |exact|
         gd = out["graddrop"]

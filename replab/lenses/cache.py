@@ -94,7 +94,6 @@ def save_lens(lens, path: str | os.PathLike, identity: dict, config: dict, stats
     """
     from safetensors.torch import save_file
 
-
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / META).exists())):
         raise ReplabError(f"{path} exists and is not a tuned-lens directory; choose another --out")

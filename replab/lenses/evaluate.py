@@ -80,7 +80,6 @@ def run_eval(model: str | None = None, corpus: str = "builtin-heldout", tokens: 
     import time
     from pathlib import Path
 
-
     t0 = time.perf_counter()
     name = resolve(model)
     tuned, tl_model, identity = make_decoder("tuned", name, False, lens_path)

@@ -155,7 +155,6 @@ def train_tuned_lens(hf_model: PreTrainedModel, tokenizer, cfg: TrainConfig | No
 
     from tuned_lens.nn.lenses import TunedLens
 
-
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
     cpu0 = _cpu_seconds()

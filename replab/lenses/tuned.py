@@ -136,6 +136,5 @@ def quiet_hf_model(model_name: str | None):
     """``load_hf_model`` without transformers' "Loading weights" progress bar on stderr."""
     from transformers.utils import logging as hf_logging
 
-
     hf_logging.disable_progress_bar()
     return load_hf_model(model_name)

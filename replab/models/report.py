@@ -56,7 +56,6 @@ def model_info(name: str | None = None, device=None, dtype=None, allow_bin: bool
     """
     import dataclasses
 
-
     model = load_model(name, device=device, dtype=dtype, allow_bin=allow_bin)
     ident = dataclasses.asdict(model.replab_identity)
     folder = conversion_dir(name)

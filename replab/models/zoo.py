@@ -81,7 +81,6 @@ def build_tiny(arch: str, folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-
     tok = load_tokenizer(None)
     config = _configs(len(tok), tok.bos_token_id, tok.eos_token_id)[arch]()
     torch.manual_seed(seed)

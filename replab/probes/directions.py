@@ -251,7 +251,6 @@ def load_probe(path: str | Path, layer: int | None = None):
     """
     from safetensors.numpy import load_file
 
-
     path = Path(path)
     if path.is_dir():
         path = path / "probes" / "logistic.json" if (path / "probes").is_dir() else path / "logistic.json"
@@ -298,7 +297,6 @@ def apply_probe(probe_path, store, layer: int | None = None, label: str | None =
         run's cross-validated records for accuracy there).
     """
     import pandas as pd
-
 
     store = as_store(store)
     probe, meta = load_probe(probe_path, layer)

@@ -56,7 +56,6 @@ def sae_lens_crosscheck(sae, model: HookedTransformer, hook_name: str, windows: 
     from sae_lens.evals import EvalConfig, run_evals
     from sae_lens.training.activation_scaler import ActivationScaler
 
-
     n = (len(windows) // batch_size) * batch_size
     if n == 0:
 

@@ -95,7 +95,6 @@ def fit_sae(acts: torch.Tensor, cfg: SAETrainConfig, metadata: dict | None = Non
     """
     from sae_lens import SAETrainer
 
-
     acts = acts.float().contiguous()
     if acts.ndim != 2 or len(acts) < cfg.batch_size:
         raise ReplabError(f"need at least one batch ({cfg.batch_size}) of activation vectors, "
@@ -221,7 +220,6 @@ def train_sae(model: HookedTransformer | str | None = None, config: SAETrainConf
         ``seconds_harvest`` and ``seconds_train``.
     """
     import dataclasses
-
 
     cfg = dataclasses.replace(config or SAETrainConfig(), **overrides)
     if out is not None:  # fail before an expensive run, not after it
