@@ -4,8 +4,9 @@ Layers, bottom to top (an import may only go down, or stay inside its own packag
 
 1. ``replab.errors``, ``replab.hooks``, ``replab.io``, ``replab.rundir``, ``replab.threads``,
    ``replab._progress``, ``replab._figures``, ``replab._version`` (they may import each other)
-2. models  3. store, distributed (Ray plumbing; they never import each other)  4. prompts  5. harvesting  6. lenses | probes | geometry (siblings never
-import each other)  7. patching  8. heads  9. circuits  10. features  11. experiments
+2. models  3. store | distributed (Ray plumbing; siblings never import each other)  4. prompts
+5. harvesting  6. lenses | probes | geometry (siblings never import each other)  7. patching
+8. heads  9. circuits  10. features  11. experiments
 12. cli (and ``replab.__main__``); the package facade ``replab/__init__.py`` sits on top.
 """
 

@@ -127,6 +127,7 @@ def test_plot_cli(store, tmp_path):
 def test_colour_column_with_a_dot_and_fixed_palette(tmp_path, monkeypatch):
     """A colour column named with a dot keeps matching file names; colours depend on the
     store's full class set, not on the rows a --where keeps."""
+    import replab.geometry
     import replab.geometry.plots as P
 
     s = write_synthetic_store(tmp_path / "s", n_rows=60, d=8, n_layers=1, n_classes=3, seed=0)
@@ -148,6 +149,7 @@ def test_colour_column_with_a_dot_and_fixed_palette(tmp_path, monkeypatch):
         return real(coords, color, base, **kw)
 
     monkeypatch.setattr(P, "plot_projection", spy)
+    monkeypatch.setattr(replab.geometry, "plot_projection", spy)     # where plot_geometry looks it up
     plot_geometry(s2, "label", "pca", out=tmp_path / "h", where="label != 'class0'")
     full = P.class_palette(["class0", "class1", "class2"])
     assert set(seen["palette"]) == {"class1", "class2"}

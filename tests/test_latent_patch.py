@@ -86,7 +86,10 @@ def test_a_wrong_decoder_rows_fails_the_decoder_check(tiny, sae_and_task, monkey
     _, s = patch_latents(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=5, n_boot=20)
     assert s["checks"]["decoder_rows"]["value"] < 1e-5
     bad = splice.decoder_rows(sae) * 1.01 if wrong == "scaled" else sae.W_dec.detach().float()
-    monkeypatch.setattr(splice, "decoder_rows", lambda s: bad)
+    import replab.features.latent_patch as latent_patch
+
+    for module in (splice, latent_patch):   # wherever the name is bound
+        monkeypatch.setattr(module, "decoder_rows", lambda s: bad)
     with pytest.raises(ReplabError, match="sanity check 'decoder_rows' failed"):
         patch_latents(tiny, sae, meta, task, top=2, positions=[3, 5], n_random=5, n_boot=20)
 

@@ -12,9 +12,14 @@ import sys
 
 import typer
 
-from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`)
+from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`, circuit_* add `circuit ...` commands; circuit_edges `circuit edges|discover`)
     circuit,
+    circuit_blocks,
+    circuit_edges,
+    circuit_path,
+    circuit_prune,
     circuit_report,
+    circuit_validate,
     datasets,
     features,
     heads,

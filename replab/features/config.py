@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from replab.errors import ReplabError
+from replab.hooks import canonical_site, hook_name
+from replab.patching.catalog import load_task
+from replab.patching.metrics import check_metric
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -80,7 +83,6 @@ def _path_text(value) -> str | None:
 
 def check_direction_site(site: str) -> str:
     """The canonical site name; ReplabError unless a direction of ``d_model`` dims applies there."""
-    from replab.hooks import canonical_site
 
     site, _ = canonical_site(site)
     if site not in DIRECTION_SITES:
@@ -109,7 +111,6 @@ def _positions(value):
 
 def _check_metric(metric: str | None) -> None:
     if metric is not None:
-        from replab.patching.metrics import check_metric
 
         check_metric(metric)
 
@@ -160,7 +161,6 @@ class TaskOptions:
 
     def load_task(self, model: HookedTransformer) -> PatchTask:
         """The :class:`~replab.patching.task.PatchTask` on ``model``'s tokenizer."""
-        from replab.patching.catalog import load_task
 
         return load_task(self.task, model.tokenizer, self.template, self.pairs,
                          bool(model.cfg.default_prepend_bos), self.classes, self.dataset)
@@ -245,7 +245,6 @@ class DirectionSetup:
 
     @property
     def hook(self) -> str:
-        from replab.hooks import hook_name
 
         return hook_name(self.site, self.layer)
 

@@ -33,6 +33,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from replab.errors import ReplabError
+from replab.hooks import canonical_site
+from replab.probes.directions import Direction, direction_path, direction_vectors, load_probe
+from replab.probes.erasure import fit_eraser
+from replab.probes.splits import select_rows
+from replab.store import open_store
+from replab.store.select import as_store, hook_for_layer
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -88,7 +94,6 @@ class DirectionInput:
 
 
 def _site_of(hook: str) -> tuple[str, int | None]:
-    from replab.hooks import canonical_site
 
     return canonical_site(hook)
 
@@ -107,7 +112,6 @@ def _class_pair(cls: str | None, classes: list[str], what: str) -> tuple[str, st
 def _class_vector(coef: np.ndarray, classes: list[str], a: str, b: str | None) -> np.ndarray:
     """The probe run's own per-class direction rule (``replab.probes.directions``): class row
     minus the mean row; ``A-B``: the difference of two such rows."""
-    from replab.probes.directions import direction_vectors
 
     vecs = direction_vectors(np.asarray(coef, dtype=np.float64), classes)
     if a not in vecs or (b and b not in vecs):
@@ -117,7 +121,6 @@ def _class_vector(coef: np.ndarray, classes: list[str], a: str, b: str | None) -
 
 
 def _from_probe(path: Path, layer: int | None, cls: str | None) -> DirectionInput:
-    from replab.probes.directions import load_probe
 
     probe, meta = load_probe(path, layer)
     classes = [str(c) for c in meta["classes"]]
@@ -140,7 +143,6 @@ def _from_probe_run(run: Path, layer: int | None, cls: str | None, kind: str) ->
         have = sorted(p.stem for p in (run / "probes").glob("*.json"))
         raise ReplabError(f"probe run {run} has no {kind} probe (it has: {', '.join(have) or 'none'})")
     if layer is None:
-        from replab.probes.directions import load_probe
 
         layer = int(load_probe(probe_json)[1]["layer"])
     a, _, b = str(cls or "").partition("-")
@@ -153,14 +155,12 @@ def _from_probe_run(run: Path, layer: int | None, cls: str | None, kind: str) ->
 
 def _probe_artifact(run: Path, kind: str, layer: int, cls: str, shuffled: bool) -> Path | None:
     """Path of a probe run's (shuffled) Direction artifact, or None."""
-    from replab.probes.directions import direction_path
 
     path = direction_path(run / "directions", kind, layer, cls, shuffled)
     return path if path.is_file() else None
 
 
 def _from_artifact(meta_path: Path, layer: int | None) -> DirectionInput:
-    from replab.probes.directions import Direction
 
     d = Direction.load(meta_path)
     if layer is not None and int(layer) != int(d.layer):
@@ -174,7 +174,6 @@ def _from_artifact(meta_path: Path, layer: int | None) -> DirectionInput:
 
 
 def _store_rows(store, label: str):
-    from replab.probes.splits import select_rows
 
     rows, _ = select_rows(store.index, label)
     return rows, store.index[label].astype(str).to_numpy()[rows]
@@ -184,7 +183,6 @@ def class_mean_direction(store, layer: int, cls: str, label: str = "superclass",
                          site: str = "resid_post", shuffle_seed: int | None = None) -> np.ndarray:
     """Difference of class means ``[d]`` at ``layer`` of a store (``cls``: ``A`` vs the rest, or
     ``A-B``); with ``shuffle_seed`` the labels are permuted first (shuffled-label baseline)."""
-    from replab.store.select import as_store, hook_for_layer
 
     store = as_store(store)
     rows, y = _store_rows(store, label)
@@ -200,7 +198,6 @@ def class_mean_direction(store, layer: int, cls: str, label: str = "superclass",
 
 
 def _from_store(path: Path, layer: int | None, cls: str | None, label: str) -> DirectionInput:
-    from replab.store import open_store
 
     store = open_store(path)
     if layer is None:
@@ -298,7 +295,6 @@ def probe_shuffled(direction: DirectionInput) -> tuple[np.ndarray, str] | None:
     path = _probe_artifact(Path(direction.run), kind, int(direction.layer), str(direction.cls), shuffled=True)
     if path is None:
         return None
-    from replab.probes.directions import Direction
 
     return Direction.load(path).vector, f"the shuffled-label {kind} probe of the same run ({path.name})"
 
@@ -327,8 +323,6 @@ def shuffled_direction(src, direction: DirectionInput, seed: int = 0) -> tuple[n
 
 def fit_leace(store, layer: int, label: str = "superclass", site: str = "resid_post"):
     """A LEACE eraser fitted on a store's rows at ``layer`` (every class of ``label``)."""
-    from replab.probes.erasure import fit_eraser
-    from replab.store.select import as_store, hook_for_layer
 
     store = as_store(store)
     rows, y = _store_rows(store, label)

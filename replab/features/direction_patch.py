@@ -49,13 +49,15 @@ import pandas as pd
 import torch
 
 from replab.errors import ReplabError
+from replab.features import verdict
 from replab.features.config import DirectionPatchConfig, DirectionSetup, check_direction_site, with_overrides
 from replab.features.direction_inputs import DirectionInput
+from replab.patching.bootstrap import ratio_ci
 from replab.patching.engine import Variant
 from replab.patching.interventions import Intervention
 from replab.patching.metrics import check_metric
 from replab.patching.plan import plan_forwards, run_plan
-from replab.patching.task import PatchTask
+from replab.patching.task import PatchTask, task_positions
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -183,7 +185,6 @@ def patch_direction(model: HookedTransformer, task: PatchTask, direction: Direct
         CIs resample people when the task says who each pair names
         (:mod:`replab.patching.bootstrap`), else pairs.
     """
-    from replab.features import verdict
 
     cfg = with_overrides(DirectionPatchConfig, config, overrides)
     setup = resolve_setup(model, task, direction, cfg, shuffled_source)
@@ -217,7 +218,6 @@ def resolve_positions(task: PatchTask, direction: DirectionInput, positions=None
     """``(rule, positions)`` for a run: ``positions`` (a rule or a tuple) if given, else the
     direction's own rule, else ``last``. A rule the task does not know is an error (never a
     silent fallback): the direction was fitted at one position and means little elsewhere."""
-    from replab.patching.task import task_positions
 
     if positions is not None and not isinstance(positions, str):
         return None, tuple(int(p) for p in positions)
@@ -235,7 +235,6 @@ def _effects(res) -> pd.DataFrame:
     """One row per variant of a :class:`~replab.patching.plan.PlanResult`: normalised effect
     with CI, and ``of_full``: the fraction of the full denoising patch (denoise, steer) or of
     the full noising drop (noise, ablate), with CIs from the same bootstrap resamples."""
-    from replab.patching.bootstrap import ratio_ci
 
     names = [v.name for v in res.variants]
     modes = [v.info["mode"] for v in res.variants]

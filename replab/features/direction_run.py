@@ -20,6 +20,15 @@ from typing import TYPE_CHECKING
 
 from replab.errors import ReplabError
 from replab.features.config import DirectionRunConfig, build_run_config
+from replab.features.direction_inputs import check_model, fit_leace, load_direction, resolve_store, shuffled_direction
+from replab.features.direction_patch import patch_direction
+from replab.features.direction_plots import dose_response, random_histogram
+from replab.features.scan import scan_layer
+from replab.models.coerce import as_model
+from replab.patching.plots import save_figure
+from replab.patching.superclass import check_separation, separation_table
+from replab.probes.directions import Direction
+from replab.rundir import finish_run, start_run, write_table
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -35,7 +44,6 @@ def resolve_layer(layer) -> int | None:
     except ValueError:
         pass
     if Path(text).is_dir():
-        from replab.features.scan import scan_layer
 
         return scan_layer(text)
     raise ReplabError(f"bad --layer {layer!r}: give a layer number or a `replab features scan` run directory")
@@ -62,19 +70,6 @@ def run_direction_patch(direction=None, out=None, model: HookedTransformer | str
     if direction is not None:
         options["direction"] = direction
     cfg = build_run_config(DirectionRunConfig, config, options)
-    from replab.features.direction_inputs import (
-        check_model,
-        fit_leace,
-        load_direction,
-        resolve_store,
-        shuffled_direction,
-    )
-    from replab.features.direction_patch import patch_direction
-    from replab.features.direction_plots import dose_response, random_histogram
-    from replab.models.coerce import as_model
-    from replab.patching.plots import save_figure
-    from replab.patching.superclass import check_separation, separation_table
-    from replab.rundir import finish_run, start_run, write_table
 
     layer = resolve_layer(cfg.layer)
     patch = cfg.patch if layer is None else dataclasses.replace(cfg.patch, layer=layer)
@@ -120,7 +115,6 @@ def run_direction_patch(direction=None, out=None, model: HookedTransformer | str
     files += save_figure(dose_response(res.steering, title, s.metric, patch.alpha_unit), out / "dose_response")
     files += save_figure(random_histogram(res.random, s, title), out / "random_baseline")
     if d.k == 1:   # the direction actually patched, as a Direction artifact (for `sae decompose`)
-        from replab.probes.directions import Direction
 
         # the position *rule* (e.g. entity_last), so feeding this file back means the same positions
         rule = s.position_rule or ",".join(map(str, s.positions or [])) or "all"

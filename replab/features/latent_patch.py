@@ -65,12 +65,15 @@ import torch
 
 from replab.errors import ReplabError
 from replab.features.config import LatentPatchConfig, with_overrides
+from replab.features.sae.splice import decoder_rows, sae_decode, sae_encode
+from replab.features.verdict import ci_text, pct_text, sufficiency
 from replab.hooks import canonical_site
 from replab.patching.checks import Check, enforce
 from replab.patching.engine import Variant
 from replab.patching.interventions import Intervention
-from replab.patching.metrics import FULL_VOCAB, Readout, check_metric, metric_values
+from replab.patching.metrics import FULL_VOCAB, Readout, check_metric, final_logits, metric_values
 from replab.patching.plan import plan_forwards, run_plan
+from replab.patching.task import task_positions
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -91,8 +94,6 @@ def attribution(model: HookedTransformer, sae, task: PatchTask, hook: str, posit
     (:func:`~replab.patching.plan.plan_forwards`;
     made when None). The gradient needs one more forward of the corrupt prompts.
     """
-    from replab.features.sae.splice import decoder_rows, sae_encode
-    from replab.patching.metrics import final_logits
 
     forwards = forwards if forwards is not None else plan_forwards(model, task, [], hooks=(hook,))
     clean, corrupt = forwards["clean"][hook], forwards["corrupt"][hook]
@@ -151,7 +152,6 @@ class LatentSources:
     (:meth:`make`), built from the clean and corrupt activations ``[N, T, d]`` at ``positions``."""
 
     def __init__(self, sae, clean: torch.Tensor, corrupt: torch.Tensor, positions: list[int]):
-        from replab.features.sae.splice import decoder_rows, sae_encode
 
         self.positions, self.n_tokens = positions, corrupt.shape[1]
         self.base = corrupt[:, positions]                          # [N, P, d]
@@ -170,7 +170,6 @@ class LatentSources:
     def decoder_error(self, sae) -> float:
         """Relative error of ``z @ rows + b_dec`` against the SAE's own ``decode(z)`` on the
         corrupt and clean codes: ``max ||decode(z) − z·rows − b_dec|| / ||z·rows||``."""
-        from replab.features.sae.splice import sae_decode
 
         b_dec = getattr(sae, "b_dec", None)
         b_dec = 0.0 if b_dec is None else b_dec.detach().float()
@@ -203,7 +202,6 @@ def patch_latents(model: HookedTransformer, sae, meta: dict, task: PatchTask, co
         summary (module docstring keys, plus ``latents``, ``latent_attribution``,
         ``all_latents_effect``, ``error_term_effect``, ``complement_effect``, ``checks``).
     """
-    from replab.patching.task import task_positions
 
     cfg = with_overrides(LatentPatchConfig, config, overrides)
     metric = check_metric(cfg.metric or ("class_mass" if task.class_a is not None else "logit_diff"))
@@ -322,7 +320,6 @@ def _summary(table: pd.DataFrame, chosen: list[int], attr: np.ndarray, res) -> d
 def latent_verdict(s: dict) -> tuple[str, list[str]]:
     """``(verdict, detail sentences)``: :func:`replab.features.verdict.sufficiency` (the rule of
     direction patching) with latent-specific details."""
-    from replab.features.verdict import ci_text, pct_text, sufficiency
 
     n = len(s["latents"])
     subject = f"{n} latent{'s' if n != 1 else ''} {s['latents'] if n <= 10 else ''}".strip()

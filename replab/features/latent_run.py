@@ -7,8 +7,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from replab._figures import pyplot
 from replab.errors import ReplabError
 from replab.features.config import LatentRunConfig, build_run_config
+from replab.features.latent_patch import patch_latents
+from replab.features.sae.artifact import load_sae, model_for, read_meta, resolve_sae_dir
+from replab.models.coerce import as_model
+from replab.patching.plots import save_figure
+from replab.rundir import finish_run, start_run, write_table
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -40,12 +46,6 @@ def run_latent_patch(sae_dir=None, out=None, model: HookedTransformer | str | No
     position; ``patch.metric`` to the task's (``class_mass`` for superclass), else
     ``logit_diff``. Returns the summary; its ``config`` is ``config.to_dict()``.
     """
-    from replab._figures import pyplot
-    from replab.features.latent_patch import patch_latents
-    from replab.features.sae.artifact import load_sae, model_for, read_meta, resolve_sae_dir
-    from replab.models.coerce import as_model
-    from replab.patching.plots import save_figure
-    from replab.rundir import finish_run, start_run, write_table
 
     if sae_dir is not None:
         options["sae"] = sae_dir

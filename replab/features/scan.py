@@ -33,8 +33,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from replab._figures import pyplot
 from replab.errors import ReplabError
 from replab.features.config import MIN_FULL, ScanConfig, ScanRunConfig, build_run_config, with_overrides
+from replab.features.direction_inputs import load_direction, probe_shuffled
+from replab.hooks import canonical_site, parse_layers
+from replab.models.coerce import as_model
+from replab.patching.engine import Variant
+from replab.patching.interventions import Intervention
+from replab.patching.metrics import check_metric
+from replab.patching.plan import run_plan
+from replab.patching.plots import save_figure
+from replab.patching.superclass import check_separation
+from replab.patching.task import task_positions
+from replab.rundir import finish_run, start_run, write_table
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -89,7 +101,6 @@ def choose_layer(table: pd.DataFrame, min_full: float = MIN_FULL) -> tuple[int |
 def layer_directions(run: Path, kind: str, cls: str, layers) -> tuple[dict, dict, str]:
     """``({layer: DirectionInput}, {layer: shuffled unit vector}, how)`` for a probe run
     (each layer's direction loaded once; ``.vector`` is its unit vector)."""
-    from replab.features.direction_inputs import load_direction, probe_shuffled
 
     dirs, shuf, sources = {}, {}, set()
     for layer in layers:
@@ -121,12 +132,6 @@ def scan_layers(model: HookedTransformer, task: PatchTask, run, config: ScanConf
         shuffled_effect, random_mean, random_p95, eligible, chosen``) and a summary with
         ``chosen_layer`` and ``reason``.
     """
-    from replab.hooks import canonical_site, parse_layers
-    from replab.patching.engine import Variant
-    from replab.patching.interventions import Intervention
-    from replab.patching.metrics import check_metric
-    from replab.patching.plan import run_plan
-    from replab.patching.task import task_positions
 
     cfg = with_overrides(ScanConfig, config, overrides)
     kind, n_random, min_full, seed = cfg.kind, cfg.n_random, cfg.min_full, cfg.seed
@@ -216,7 +221,6 @@ def scan_layers(model: HookedTransformer, task: PatchTask, run, config: ScanConf
 
 def scan_figure(table: pd.DataFrame, summary: dict, title: str):
     """Probe accuracy and causal effects (full-residual, probe direction, shuffled) vs layer."""
-    from replab._figures import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.4, 4.8))
@@ -254,10 +258,6 @@ def run_scan(probe=None, out=None, model: HookedTransformer | str | None = None,
     ``config.scan`` (``run_scan("runs/probe", cls="artist", layers="0-23")``). Returns the
     summary; its ``config`` is ``config.to_dict()``.
     """
-    from replab.models.coerce import as_model
-    from replab.patching.plots import save_figure
-    from replab.patching.superclass import check_separation
-    from replab.rundir import finish_run, start_run, write_table
 
     if probe is not None:
         options["probe"] = probe

@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from replab.patching.bootstrap import mean_ci
+from replab.patching.checks import Check, enforce
+
 if TYPE_CHECKING:
     from replab.features.config import DirectionSetup
     from replab.patching.plan import PlanResult
@@ -50,7 +53,6 @@ def _row(table: pd.DataFrame, name: str) -> pd.Series | None:
 def direction_checks(res, tol: float) -> list:
     """Direction patching's own sanity checks on a :class:`~replab.patching.plan.PlanResult`
     (the engine's full/empty checks run with them in :func:`~replab.patching.plan.run_plan`)."""
-    from replab.patching.checks import Check
 
     eff = lambda name: float(res.effect[res.index(name)])  # noqa: E731
     full = eff("full")
@@ -84,7 +86,6 @@ def steering_table(table: pd.DataFrame, patched: np.ndarray, clean: float, corru
     """Dose–response: per α, the direction's metric (bootstrap CI of the mean over prompts,
     resampled with ``weights`` from :func:`replab.patching.bootstrap.resample_weights`) and
     normalised effect, and the random vectors' mean and 5–95% band."""
-    from replab.patching.bootstrap import mean_ci
 
     rows = []
     steer = table[table["mode"] == "steer"]
@@ -145,7 +146,6 @@ def random_mean_check(random_mean: float, full: float, n: int, what: str = "rand
     10% of the full-residual effect, whichever is larger). A larger deviation means the
     baseline (or the engine) is broken, and every percentile against it would mislead.
     """
-    from replab.patching.checks import Check, enforce
 
     expected = expected_fraction * full if np.isfinite(full) else 0.0
     tol = max(tol_abs, tol_rel * abs(full)) if np.isfinite(full) else tol_abs

@@ -1,8 +1,12 @@
 """Representation geometry: 2-D projections per layer (PCA, UMAP), cosine similarity
 between class-mean directions, and the figures (:mod:`replab.geometry.plots`)."""
 
+from pathlib import Path
+
 from replab.geometry.cosine import class_mean_directions, cosine_baseline, cosine_layers, cosine_matrix
+from replab.geometry.plots import plot_projection
 from replab.geometry.project import pca_2d, project_layers, umap_2d
+from replab.store.select import as_store
 
 __all__ = ["class_mean_directions", "cosine_baseline", "cosine_layers", "cosine_matrix", "pca_2d",
            "project_layers", "umap_2d", "plot_geometry"]
@@ -15,11 +19,6 @@ def plot_geometry(store, color: str, method: str = "pca", out=None, site: str = 
     Writes ``<out>/<method>_<color>.png/.svg`` and ``<out>/<method>_<color>.parquet``
     (``layer, row, x, y, <color>``). Returns ``{"figure", "svg", "table", "layers", "rows"}``.
     """
-    from pathlib import Path
-
-    from replab.geometry.plots import plot_projection
-    from replab.store.select import as_store
-
     store = as_store(store)
     coords = project_layers(store, color, method, site, layers, where, seed, progress)
     out = Path(out or Path(store.path) / "geometry")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
-from replab.store.select import where_mask
+from replab.store.select import as_store, pick_layers, where_mask
 
 CENTERS = ("grand", "none")
 
@@ -68,7 +68,6 @@ def cosine_layers(store, color: str, site: str = "resid_post", layers="all",
     ``baseline`` is :func:`cosine_baseline` (NaN with ``center="none"``) and
     ``excess = cosine - baseline``.
     """
-    from replab.store.select import as_store, pick_layers
 
     store = as_store(store)
     index = store.index

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from replab._progress import progress_bar
 from replab.errors import ReplabError
-from replab.store.select import where_mask
+from replab.store.select import as_store, pick_layers, where_mask
 
 METHODS = ("pca", "umap")
 
@@ -63,8 +64,6 @@ def project_layers(store, color: str, method: str = "pca", site: str = "resid_po
     Returns:
         DataFrame ``layer, row, x, y, <color>`` (PCA adds ``explained_1``, ``explained_2``).
     """
-    from replab._progress import progress_bar
-    from replab.store.select import as_store, pick_layers
 
     if method not in METHODS:
         raise ReplabError(f"unknown projection {method!r}; use pca or umap")

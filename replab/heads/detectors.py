@@ -42,6 +42,8 @@ import pandas as pd
 import torch
 
 from replab.errors import ReplabError
+from replab.heads.ov import ov_matrices, row_scores
+from replab.heads.tokensets import resolve, word_tokens
 
 DETECTORS = ("previous", "duplicate", "induction", "bos", "positional", "copying")
 PATTERN_DETECTORS = ("previous", "duplicate", "induction", "bos", "positional")
@@ -66,7 +68,6 @@ def random_texts(tokenizer, n_seqs: int = 10, half: int = 25, seed: int = 0, rep
     """``n_seqs`` texts of ``half`` random whole-word tokens (each text repeated once when
     ``repeat``; tokens distinct within a text), chosen so that each text tokenizes back to
     exactly those tokens (needed to give TransformerLens the same input as strings)."""
-    from replab.heads.tokensets import word_tokens
 
     if n_seqs < 1 or half < 2:
         raise ReplabError("need at least 1 sequence of at least 2 tokens")
@@ -226,8 +227,6 @@ def detect(model, detectors="all", texts: list[str] | None = None, n_seqs: int =
         if progress is not None:
             progress(len(ptoks))
     if "copying" in dets:
-        from replab.heads.ov import ov_matrices, row_scores
-        from replab.heads.tokensets import resolve
 
         ts = resolve(tokens_spec, tok)
         mats = ov_matrices(model, ts)

@@ -15,8 +15,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from replab._figures import save
+from replab._progress import progress_bar
 from replab.errors import ReplabError
+from replab.heads.composition import composition_table, parse_modes, top_pairs
+from replab.heads.detectors import PATTERN_DETECTORS, detect, parse_detectors, read_texts, tl_crosscheck
+from replab.heads.detectors import top_heads as top
+from replab.heads.ov import ov_matrices, ov_table
+from replab.heads.plots import composition_heatmap, layer_head_heatmap, matrix_panels, positional_panels
+from replab.heads.qk import has_learned_positions, is_rotary, matrix_frame, positional_qk, qk_matrices, qk_table
+from replab.heads.tokensets import resolve
+from replab.hooks import parse_layers
 from replab.models.coerce import as_model
+from replab.patching.plots import attention_patterns
+from replab.patching.runs import run_patterns as w2_patterns
+from replab.prompts import load_prompts
 from replab.rundir import finish_run, start_run, write_table
 
 
@@ -42,7 +55,6 @@ def parse_head_list(spec, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
 
 
 def _save(fig, stem: Path) -> list[str]:
-    from replab._figures import save
 
     return [str(p) for p in save(fig, Path(stem), formats=("png", "svg"))]
 
@@ -55,10 +67,6 @@ def run_detect(detectors="all", text=None, out=None, model=None, n_seqs: int = 1
     Writes ``detectors.parquet|csv`` (``layer, head, detector, score``) and
     ``heatmap_<detector>.png|svg``.
     """
-    from replab._progress import progress_bar
-    from replab.heads.detectors import PATTERN_DETECTORS, detect, parse_detectors, read_texts, tl_crosscheck
-    from replab.heads.detectors import top_heads as top
-    from replab.heads.plots import layer_head_heatmap
 
     dets = parse_detectors(detectors)
     texts = read_texts(text) if text else None
@@ -105,11 +113,6 @@ def run_ov(tokens: str = "weekdays", heads=None, out=None, model=None, cyclic: b
     Writes ``ov_scores.parquet|csv``, ``ov_matrices.parquet|csv`` (long: head, source, target,
     value) and ``ov_matrices.png|svg``, ``heatmap_copy``/``heatmap_next_item``.
     """
-    from replab.heads.ov import ov_matrices, ov_table
-    from replab.heads.plots import layer_head_heatmap, matrix_panels
-    from replab.heads.qk import matrix_frame
-    from replab.heads.tokensets import resolve
-    from replab.hooks import parse_layers
 
     m = as_model(model)
     ts = resolve(tokens, m.tokenizer, cyclic=cyclic)
@@ -155,10 +158,6 @@ def run_qk(tokens: str = "weekdays", heads=None, out=None, model=None, offset: i
     Writes ``qk_scores``, ``qk_matrices`` (tables), ``qk_matrices.png|svg`` and, with learned
     positions, ``positional_qk.png|svg``; rotary models get the rotary note in the summary.
     """
-    from replab.heads.plots import matrix_panels, positional_panels
-    from replab.heads.qk import has_learned_positions, is_rotary, matrix_frame, positional_qk, qk_matrices, qk_table
-    from replab.heads.tokensets import resolve
-    from replab.hooks import parse_layers
 
     m = as_model(model)
     ts = resolve(tokens, m.tokenizer, cyclic=cyclic)
@@ -209,8 +208,6 @@ def run_composition(mode="all", out=None, model=None, top: int = 20, n_random: i
     Writes ``composition.parquet|csv`` (all pairs), ``top_pairs.parquet|csv`` and
     ``heatmap_<mode>.png|svg``.
     """
-    from replab.heads.composition import composition_table, parse_modes, top_pairs
-    from replab.heads.plots import composition_heatmap
 
     modes = parse_modes(mode)
     m = as_model(model)
@@ -260,12 +257,10 @@ def run_patterns(heads, prompt: str | None = None, dataset: str | None = None, t
     (builtin name or file): its prompt ``prompt_index``, or, without it, the mean over the
     prompts of the set's most common token length.
     """
-    from replab.patching.plots import attention_patterns
 
     if sum(x is not None for x in (prompt, dataset, task)) != 1:
         raise ReplabError("give exactly one of --prompt, --dataset or --task")
     if task is not None:
-        from replab.patching.runs import run_patterns as w2_patterns
 
         spec = heads if isinstance(heads, str) else ",".join(f"{a}.{b}" for a, b in heads)
         return w2_patterns(task, heads=spec, out=out or "runs/heads-patterns", model=model)
@@ -302,7 +297,6 @@ def _pattern_texts(m, prompt, dataset, prompt_index) -> tuple[list[str], str]:
         if not prompt.strip():
             raise ReplabError("empty prompt")
         return [prompt], f"prompt {prompt!r}"
-    from replab.prompts import load_prompts
 
     ps = load_prompts(dataset, m.tokenizer, prepend_bos=bool(m.cfg.default_prepend_bos))
     prompts = list(ps.rows["prompt"])

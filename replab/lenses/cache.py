@@ -31,7 +31,10 @@ from pathlib import Path
 
 from replab._version import __version__
 from replab.errors import ReplabError
-from replab.io import atomic_dir
+from replab.io import atomic_dir, inside, read_json
+from replab.lenses.train import TrainConfig
+from replab.models.cache import cache_dir
+from replab.prompts.corpus import corpus_sha256
 
 PARAMS = "params.pt"
 CONFIG = "config.json"
@@ -50,7 +53,6 @@ def identity_key(identity: dict) -> str:
 def config_key(config: dict) -> str:
     """12 hex digits identifying a training config: sha256 of the config (the corpus replaced
     by its content hash, :func:`replab.prompts.corpus.corpus_sha256`) and :data:`TRAINER`."""
-    from replab.prompts.corpus import corpus_sha256
 
     blob = {k: v for k, v in config.items() if k != "corpus"}
     blob["corpus_sha256"] = corpus_sha256(config["corpus"])
@@ -61,8 +63,6 @@ def config_key(config: dict) -> str:
 def cached_lens_dir(identity: dict, config: dict | None = None) -> Path:
     """Where the lens of ``identity`` trained with ``config`` (a ``TrainConfig.to_dict()``;
     default: the default config, i.e. the default lens) is cached (may not exist yet)."""
-    from replab.lenses.train import TrainConfig
-    from replab.models.cache import cache_dir
 
     config = config if config is not None else TrainConfig().to_dict()
     corpus = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(config["corpus"])).stem)[-40:] or "corpus"
@@ -71,7 +71,6 @@ def cached_lens_dir(identity: dict, config: dict | None = None) -> Path:
 
 def cached_lenses(identity: dict) -> list[Path]:
     """Every cached lens directory of ``identity`` (any config), sorted."""
-    from replab.models.cache import cache_dir
 
     root = cache_dir() / "lenses" / identity_key(identity)
     return sorted(p.parent for p in root.glob(f"*/{META}")) if root.is_dir() else []
@@ -95,8 +94,6 @@ def save_lens(lens, path: str | os.PathLike, identity: dict, config: dict, stats
     """
     from safetensors.torch import save_file
 
-    from replab.prompts.corpus import corpus_sha256
-
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / META).exists())):
         raise ReplabError(f"{path} exists and is not a tuned-lens directory; choose another --out")
@@ -115,7 +112,6 @@ def save_lens(lens, path: str | os.PathLike, identity: dict, config: dict, stats
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The ``replab.json`` of a lens directory."""
-    from replab.io import inside, read_json
 
     f = inside(path, META, "lens metadata")
     if not f.exists():
@@ -125,7 +121,6 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def check_lens_dir(path: str | os.PathLike) -> Path:
     """``Path(path)``; ReplabError unless it holds config.json, safetensors and replab.json."""
-    from replab.io import inside
 
     path = Path(path)
     for name in (CONFIG, SAFETENSORS, META):
@@ -151,7 +146,6 @@ def load_lens(path: str | os.PathLike, hf_model, identity: dict | None = None):
         if got.get("weights_sha256") != identity.get("weights_sha256"):
             raise ReplabError(f"tuned lens at {path} was trained for model {got.get('name')!r} "
                               f"({str(got.get('weights_sha256'))[:12]}), not this one")
-    from replab.io import read_json
 
     cfg_dict = read_json(path / CONFIG, "tuned-lens config")
     # only the fields tuned-lens knows (its from_dict would log a root-logger warning per

@@ -13,9 +13,16 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from replab._progress import progress_bar
+from replab._version import __version__
 from replab.io import write_text_atomic
 from replab.lenses.decoders import Decoder
+from replab.lenses.plots import eval_plot
+from replab.lenses.run import make_decoder
+from replab.models.tiny_hf import resolve
+from replab.prompts.corpus import read_corpus, token_chunks
 from replab.rundir import start_run
+from replab.threads import limit_threads
 
 
 @torch.no_grad()
@@ -37,7 +44,6 @@ def lens_losses(decoder: Decoder, tokens: torch.Tensor) -> tuple[torch.Tensor, t
 def evaluate_lenses(decoders: list[Decoder], chunks: torch.Tensor, batch_size: int = 4,
                     progress: bool = False) -> pd.DataFrame:
     """Mean KL and CE per point for each decoder over ``chunks [n, seq_len]``."""
-    from replab._progress import progress_bar
 
     n_pred = chunks.shape[0] * (chunks.shape[1] - 1)
     rows = []
@@ -73,13 +79,6 @@ def run_eval(model: str | None = None, corpus: str = "builtin-heldout", tokens: 
     import json
     import time
     from pathlib import Path
-
-    from replab._version import __version__
-    from replab.lenses.plots import eval_plot
-    from replab.lenses.run import make_decoder
-    from replab.models.tiny_hf import resolve
-    from replab.prompts.corpus import read_corpus, token_chunks
-    from replab.threads import limit_threads
 
     t0 = time.perf_counter()
     name = resolve(model)

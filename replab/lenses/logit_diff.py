@@ -28,7 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from replab._progress import progress_bar
 from replab.errors import ReplabError
+from replab.lenses.cells import length_batches
+from replab.prompts import answer_ids, token_ids
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -57,7 +60,6 @@ def logit_diff_batch(model: HookedTransformer, tokens: torch.Tensor, answers: to
 def pair_items(tokenizer, rows: pd.DataFrame, prepend_bos: bool = False) -> list[tuple]:
     """``(prompt_id, which, token ids, answer id, foil id)`` for every clean prompt with an
     answer and a foil (first tokens, different) and its corrupt partner, if any."""
-    from replab.prompts import answer_ids, token_ids
 
     items = []
     for pid, row in enumerate(rows.itertuples(index=False)):
@@ -79,8 +81,6 @@ def pair_items(tokenizer, rows: pd.DataFrame, prepend_bos: bool = False) -> list
 def _curve(items: list[tuple], batch_fn, progress: bool, batch_size: int) -> pd.DataFrame:
     """Run ``batch_fn(tokens, answers, foils) -> (points, depths, diff [n_points, batch])``
     over ``items`` in equal-length batches; the tidy curve DataFrame."""
-    from replab._progress import progress_bar
-    from replab.lenses.cells import length_batches
 
     diffs: list = [None] * len(items)
     with progress_bar(len(items), "logit-diff curve", "prompt", enabled=progress) as bar:

@@ -24,11 +24,20 @@ import pandas as pd
 from replab._version import __version__
 from replab.errors import ReplabError
 from replab.io import write_text_atomic
+from replab.lenses.cache import check_lens_dir, load_lens
+from replab.lenses.decoders import LogitLens, TunedLensDecoder
+from replab.lenses.logit_diff import decoder_logit_diff_curve, logit_diff_curve, summarize_curve
+from replab.lenses.plots import logit_diff_plot, target_curve, trajectory_heatmap
+from replab.lenses.table import first_top1, lens_table
+from replab.lenses.tuned import quiet_hf_model, tuned_lens_path
+from replab.models import load_model, load_tokenizer
+from replab.models.tiny_hf import resolve
+from replab.prompts import load_prompts
 from replab.rundir import start_run
+from replab.threads import limit_threads
 
 
 def _inputs(tokenizer, prompt, dataset, target, limit):
-    from replab.prompts import load_prompts
 
     if (prompt is None) == (dataset is None):
         raise ReplabError("give exactly one of --prompt TEXT or --dataset NAME")
@@ -49,8 +58,6 @@ def _inputs(tokenizer, prompt, dataset, target, limit):
 
 def make_decoder(kind: str, model_name: str | None, mid: bool = False, lens_path=None):
     """``(decoder, tl_model, identity)`` for ``kind`` in {"logit", "tuned"}."""
-    from replab.lenses.decoders import LogitLens, TunedLensDecoder
-    from replab.models import load_model
 
     if kind not in ("logit", "tuned"):
         raise ReplabError(f"unknown lens {kind!r}; use 'logit' or 'tuned'")
@@ -58,15 +65,12 @@ def make_decoder(kind: str, model_name: str | None, mid: bool = False, lens_path
         raise ReplabError("--mid has no tuned-lens equivalent (tuned-lens trains translators "
                           "only for the residual entering each block); use `replab lens logit --mid`")
     if kind == "tuned":
-        from replab.models.tiny_hf import resolve
 
         model_name = resolve(model_name)
     model = load_model(model_name)
     identity = model.replab_identity.to_dict()
     if kind == "logit":
         return LogitLens(model, mid=mid), model, identity
-    from replab.lenses.cache import check_lens_dir, load_lens
-    from replab.lenses.tuned import quiet_hf_model, tuned_lens_path
 
     path = check_lens_dir(tuned_lens_path(model_name, lens_path, identity))
     hf = quiet_hf_model(model_name)
@@ -86,11 +90,6 @@ def apply_lens(kind: str = "logit", model: str | None = None, prompt: str | None
     Returns the summary dict (also written to ``out/summary.json``); it holds
     ``first_top1`` (:func:`first_top1_summary`) when there is a target.
     """
-    from replab.lenses.logit_diff import decoder_logit_diff_curve, logit_diff_curve, summarize_curve
-    from replab.lenses.plots import logit_diff_plot, target_curve, trajectory_heatmap
-    from replab.lenses.table import first_top1, lens_table
-    from replab.models import load_tokenizer
-    from replab.threads import limit_threads
 
     if k < 1:
         raise ReplabError("--top-k must be at least 1")

@@ -18,16 +18,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from replab._progress import progress_bar
 from replab.errors import ReplabError
 from replab.lenses.cells import MAX_ROWS, lens_arrays
 from replab.lenses.decoders import Decoder
+from replab.prompts import answer_ids, token_ids
 
 
 def target_id(tokenizer, target: str | None) -> int | None:
     """First token id of ``target`` (leading space is kept, as in answers)."""
     if target is None:
         return None
-    from replab.prompts import answer_ids
 
     return answer_ids(tokenizer, target)[0]
 
@@ -82,8 +83,6 @@ def lens_table(decoder: Decoder, tokenizer, prompts: list[str],
         max_rows: unique cells decoded together per point (bounds memory; see
             :mod:`replab.lenses.cells`).
     """
-    from replab._progress import progress_bar
-    from replab.prompts import token_ids
 
     targets = targets if targets is not None else [None] * len(prompts)
     if len(targets) != len(prompts):

@@ -41,6 +41,8 @@ import torch
 from replab._progress import progress_bar
 from replab.errors import ReplabError
 from replab.lenses.least_squares import fit_phase, solve_translators
+from replab.lenses.norms import probe_norm
+from replab.prompts.corpus import read_corpus, token_chunks
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -152,9 +154,6 @@ def train_tuned_lens(hf_model: PreTrainedModel, tokenizer, cfg: TrainConfig | No
     import warnings
 
     from tuned_lens.nn.lenses import TunedLens
-
-    from replab.lenses.norms import probe_norm
-    from replab.prompts.corpus import read_corpus, token_chunks
 
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)

@@ -19,6 +19,7 @@ from replab.errors import ReplabError
 from replab.lenses.cache import (
     cached_lens_dir,
     cached_lenses,
+    check_lens_dir,
     config_key,
     is_current,
     load_lens,
@@ -26,6 +27,9 @@ from replab.lenses.cache import (
     save_lens,
 )
 from replab.lenses.train import TrainConfig, train_tuned_lens
+from replab.models import TINY, embedded, load_hf_model, load_model, load_tokenizer
+from replab.models.identity import sha256_files
+from replab.models.loading import _local_source
 from replab.threads import limit_threads
 
 if TYPE_CHECKING:
@@ -34,7 +38,6 @@ if TYPE_CHECKING:
 
 def model_identity(model_name: str | None) -> dict:
     """``replab_identity.to_dict()`` of a model (loads the cached TL model: ~2 s)."""
-    from replab.models import load_model
 
     return load_model(model_name, device="cpu").replab_identity.to_dict()
 
@@ -45,9 +48,6 @@ def weights_identity(model_name: str | None) -> dict | None:
     loading tells (the random ``tiny`` model). The same values as
     :func:`model_identity`: the embedded model's GGUF sha256, a local directory's weight
     files' :func:`~replab.models.identity.sha256_files` (both memoised on disk)."""
-    from replab.models import TINY, embedded
-    from replab.models.identity import sha256_files
-    from replab.models.loading import _local_source
 
     if model_name == TINY:
         return None
@@ -82,7 +82,6 @@ def train_lens(model_name: str | None = None, config: TrainConfig | None = None,
         ``(path, stats)``; ``stats["cached"]`` is True when nothing was trained (the stats
         are then the recorded ones of that lens).
     """
-    from replab.models import load_tokenizer
 
     config = config or TrainConfig()
     if identity is None and not force:   # a cached lens is found without loading the model
@@ -109,7 +108,6 @@ def load_tuned_lens(model_name: str | None = None, hf_model: PreTrainedModel = N
 
     Raises ReplabError (naming the command to run) when no lens has been trained.
     """
-    from replab.lenses.cache import check_lens_dir
 
     identity = identity or model_identity(model_name)
     path = check_lens_dir(tuned_lens_path(model_name, path, identity))
@@ -137,8 +135,6 @@ def tuned_lens_path(model_name: str | None, path, identity: dict) -> Path:
 def quiet_hf_model(model_name: str | None):
     """``load_hf_model`` without transformers' "Loading weights" progress bar on stderr."""
     from transformers.utils import logging as hf_logging
-
-    from replab.models import load_hf_model
 
     hf_logging.disable_progress_bar()
     return load_hf_model(model_name)

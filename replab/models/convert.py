@@ -24,6 +24,7 @@ import torch
 from replab.errors import ReplabError
 from replab.models.architectures import build_tl_config, convert_weights, processing
 from replab.models.parity import enforce, hf_reference, load_reference, measure, parity_tokens, save_reference
+from replab.models.source import read_config
 
 # The processing of every pre-norm architecture (post-norm ones: architectures.processing).
 PROCESSING = processing("LlamaForCausalLM")
@@ -95,7 +96,6 @@ def convert_and_cache(src_dir: Path, out_dir: Path, tokenizer, prepend_bos: bool
     from transformer_lens import HookedTransformer
 
     if config is None:
-        from replab.models.source import read_config
 
         config = read_config(Path(src_dir))
     arch = config["architectures"][0]

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from replab._version import __version__
+from replab.io import sha256_file as plain_sha256
 from replab.models.cache import cache_dir
 
 STABLE_PARITY_KEYS = ("conversion_max_abs_logit_diff", "conversion_tolerance", "passed", "prompt")
@@ -81,7 +82,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
             table = {}
     if key in table:
         return table[key]
-    from replab.io import sha256_file as plain_sha256
 
     table[key] = plain_sha256(path, chunk)
     tmp = memo.with_suffix(f".tmp{os.getpid()}")

@@ -24,6 +24,7 @@ import torch
 
 from replab.errors import ReplabError
 from replab.models import embedded
+from replab.models.architectures import check_supported
 from replab.models.cache import cache_dir
 from replab.models.convert import (
     CONVERSION_VERSION,
@@ -264,7 +265,6 @@ def local_cache_dir(src: Path, source=None) -> tuple[Path, dict]:
 
 
 def _load_local(name: str, dtype, allow_bin: bool):
-    from replab.models.architectures import check_supported
 
     src = _local_source(name)
     source = open_source(src)                      # config and weight files checked

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from replab.models import embedded
+from replab.models.architectures import MATRIX_TESTED, SUPPORTED
+from replab.models.convert import CONVERSION_VERSION
+from replab.models.loading import TINY, _local_source, load_model, local_cache_dir
+from replab.models.placement import auto_batch_size
+
 
 def _features(cfg) -> dict:
     """The architectural features that matter to analyses (and to the matrix test)."""
@@ -29,9 +35,6 @@ def _features(cfg) -> dict:
 
 def conversion_dir(name: str | None) -> Path | None:
     """The conversion cache folder of ``name`` (None for the random ``tiny`` model)."""
-    from replab.models import embedded
-    from replab.models.convert import CONVERSION_VERSION
-    from replab.models.loading import TINY, _local_source, local_cache_dir
 
     if name == TINY:
         return None
@@ -52,10 +55,6 @@ def model_info(name: str | None = None, device=None, dtype=None, allow_bin: bool
     and ``supported`` (every architecture replab converts).
     """
     import dataclasses
-
-    from replab.models.architectures import MATRIX_TESTED, SUPPORTED
-    from replab.models.loading import load_model
-    from replab.models.placement import auto_batch_size
 
     model = load_model(name, device=device, dtype=dtype, allow_bin=allow_bin)
     ident = dataclasses.asdict(model.replab_identity)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from replab.models import load_tokenizer
+from replab.models.cache import cache_dir
+
 TINY = "tiny"
 
 
 def tiny_hf_dir() -> Path:
     """Directory of the tiny HF model (created on first use, ~1 s)."""
-    from replab.models import load_tokenizer
-    from replab.models.cache import cache_dir
 
     path = cache_dir() / "lenses" / "tiny-hf"
     if (path / "model.safetensors").exists():

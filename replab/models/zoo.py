@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from replab.models.loading import load_tokenizer
+
 D, L, H, DH, MLP, CTX = 64, 2, 4, 16, 128, 128
 INIT = 0.1
 
@@ -78,8 +80,6 @@ def build_tiny(arch: str, folder: Path, seed: int = 0) -> Path:
     """Write the tiny ``arch`` model (config, safetensors weights, tokenizer) to ``folder``."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from replab.models.loading import load_tokenizer
 
     tok = load_tokenizer(None)
     config = _configs(len(tok), tok.bos_token_id, tok.eos_token_id)[arch]()

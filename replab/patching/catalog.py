@@ -6,7 +6,12 @@ Builtin names:
   tomorrow it is" → " Tuesday", the corrupt prompt's day shifted by +3);
 * ``fact_recall``: subject → object facts with same-length corrupted subjects;
 * ``superclass`` / ``superclass:A,B``: people of class A vs class B in one template
-  (:mod:`replab.patching.superclass`), with the ``class_mass`` metric.
+  (:mod:`replab.patching.superclass`), with the ``class_mass`` metric;
+* ``sequences`` / ``sequences:TYPE,TYPE/CORRUPTION``: sequence continuation (W4; types of the
+  ``sequence_types`` set, corruption ``shift``, ``repeat`` or ``random``:
+  :mod:`replab.patching.sequences`); ``template`` = the number of items shown.
+* ``sequence_edges`` / ``sequence_edges:months,weekdays``: sequence continuation with a
+  half-cycle shift corruption (:mod:`replab.patching.sequence_edges_task`).
 
 Any other name is a builtin prompt set or a user file (JSONL/CSV/YAML) with ``corrupt_prompt``.
 :func:`register_task` adds a builder under a new name.
@@ -45,6 +50,33 @@ def _superclass(tokenizer, spec, template, limit, prepend_bos, classes, dataset)
 register_task("superclass", _superclass)
 
 
+def _sequences(tokenizer, spec, template, limit, prepend_bos, classes, dataset) -> PatchTask:
+    from replab.patching.sequences import build_sequence_task, parse_sequence_spec
+
+    types, corruption = parse_sequence_spec(spec)
+    n_items = None
+    if template is not None:
+        try:
+            n_items = int(template)
+        except ValueError:
+            raise ReplabError(f"for the sequences task --template is the number of items shown, not {template!r}") \
+                from None
+    return build_sequence_task(tokenizer, types, corruption, n_items=n_items, limit=limit,
+                               dataset=dataset or "sequence_types", prepend_bos=prepend_bos)
+
+
+register_task("sequences", _sequences)
+
+
+def _sequence_edges(tokenizer, spec, template, limit, prepend_bos, classes, dataset) -> PatchTask:
+    from replab.patching.sequence_edges_task import sequence_edges_builder
+
+    return sequence_edges_builder(tokenizer, spec, template, limit, prepend_bos, classes, dataset)
+
+
+register_task("sequence_edges", _sequence_edges)   # months -> next month (replab.patching.sequence_edges_task)
+
+
 def load_task(name_or_path: str, tokenizer, template: str | None = None, limit: int | None = None,
               prepend_bos: bool = False, classes: str | None = None, dataset: str | None = None) -> PatchTask:
     """Load a named task (module docstring), a builtin prompt set, or a user file.
@@ -62,6 +94,9 @@ def load_task(name_or_path: str, tokenizer, template: str | None = None, limit: 
     if limit is not None and limit < 1:
         raise ReplabError(f"the number of prompts (--limit, --pairs) must be at least 1, not {limit}")
     name, _, spec = str(name_or_path).partition(":")
+    head, slash, rest = name.partition("/")
+    if name not in BUILDERS and slash and head in BUILDERS and not spec:   # "sequences/repeat"
+        name, spec = head, "/" + rest
     if name in BUILDERS:
         return BUILDERS[name](tokenizer, spec, template, limit, prepend_bos, classes, dataset)
     source = str(dataset or name_or_path)

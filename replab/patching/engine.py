@@ -23,6 +23,20 @@ reads logits. Three techniques make it fast and exact:
 
 Only the final position is read out, and only the candidate columns of ``W_U`` unless a
 full-vocabulary metric is asked for (see :mod:`replab.patching.metrics`).
+
+Interventions at one hook are applied **vectorised**: those of every variant in the batch
+that copy a source (clean, corrupt, zero, mean, resample, custom; no direction) are merged
+into one boolean mask per source and written with one ``torch.where``, in the order each
+variant lists them (the k-th intervention of every variant in one pass, so a later one still
+overwrites an earlier one). A variant that freezes 269 heads therefore costs one masked write
+per hook, not 269 index writes; the values are bit-identical to writing them one by one
+(``vectorise=False`` keeps that reference path).
+
+A variant can also **record** activations (``Variant(record=("blocks.9.attn.hook_q",))``):
+the value at that hook in the variant's own patched forward, after its interventions there,
+``[N, T, ...]`` like the clean run's (positions the engine did not compute are the base run's,
+which they equal). Path patching records a receiver's input in one run and replays it, as a
+``custom:`` source, in a second.
 """
 
 from __future__ import annotations
@@ -34,7 +48,16 @@ from dataclasses import dataclass, field
 import torch
 
 from replab.errors import ReplabError
-from replab.patching.interventions import Intervention, apply, validate
+from replab.patching.edge_patch import (
+    EdgeGroup,
+    EdgePatch,
+    edge_mode,
+    edge_slots,
+    has_edges,
+    sender_hook,
+    validate_edge,
+)
+from replab.patching.interventions import Intervention, apply, select, validate
 
 RUN_SOURCES = ("clean", "corrupt")
 _PREFIX_UNSAFE_ARCH = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -55,6 +78,7 @@ class Variant:
     name: str = ""
     group: str = ""
     info: dict = field(default_factory=dict, compare=False, hash=False)
+    record: tuple[str, ...] = ()     # block hook names whose patched values to return
 
     def start_layer(self, n_layers: int) -> int:
         layers = [iv.layer for iv in self.interventions]
@@ -117,7 +141,12 @@ def _source(iv: Intervention, forwards: dict[str, ForwardCache], base: str) -> t
         name = iv.source.split(":", 1)[1]
         if name not in forwards.get("custom", {}):
             raise ReplabError(f"intervention source {iv.source!r} was not passed in sources=")
-        return forwards["custom"][name]
+        value = forwards["custom"][name]
+        if isinstance(value, dict):
+            if iv.hook not in value:
+                raise ReplabError(f"intervention source {iv.source!r} has no values for {iv.hook}")
+            value = value[iv.hook]
+        return value
     if iv.source in ("clean", "corrupt"):
         return forwards[iv.source][iv.hook]
     b = forwards[base][iv.hook]
@@ -128,6 +157,12 @@ def _source(iv: Intervention, forwards: dict[str, ForwardCache], base: str) -> t
     if iv.source == "resample":
         return b[_derangement(b.shape[0], iv.seed)]
     return None  # noise / steer modify the base activation itself
+
+
+def source_values(iv: Intervention, forwards: dict, base: str, sources: dict | None = None) -> torch.Tensor | None:
+    """What ``iv`` writes, ``[N, ...]`` over every position (None for noise/steer): the same
+    tensor the engine uses (for callers that need the values themselves, e.g. gradients)."""
+    return _source(iv, {**forwards, "custom": dict(sources or {})}, base)
 
 
 def _noise(iv: Intervention, like: torch.Tensor) -> torch.Tensor | None:
@@ -159,7 +194,14 @@ def needed_hooks(model, variants: list[Variant], base: str, use_prefix: bool) ->
         if s < n_layers:
             need[base].add(f"blocks.{s}.hook_resid_pre")
         for iv in v.interventions:
+            if isinstance(iv, EdgePatch):      # sender outputs in the source run and the base run
+                hooks = {sender_hook(s) for s in iv.senders}
+                need[iv.source] |= hooks
+                need[base] |= hooks
+                continue
             need[iv.source if iv.source in ("clean", "corrupt") else base].add(iv.hook)
+        for name in v.record:
+            need[base].add(name)         # the positions the engine does not compute, and no-ops
     if use_prefix:
         lo = min(v.start_layer(n_layers) for v in variants)
         for k in range(lo, n_layers):
@@ -167,9 +209,13 @@ def needed_hooks(model, variants: list[Variant], base: str, use_prefix: bool) ->
     return need
 
 
-def cache_forwards(model, clean: torch.Tensor, corrupt: torch.Tensor, need: dict[str, set[str]]) -> dict:
-    return {"clean": ForwardCache(model, clean, need["clean"]),
-            "corrupt": ForwardCache(model, corrupt, need["corrupt"])}
+def cache_forwards(model, clean: torch.Tensor, corrupt: torch.Tensor, need: dict[str, set[str]],
+                   split_inputs: bool = False) -> dict:
+    """The clean and corrupt :class:`ForwardCache`; ``split_inputs`` runs them in
+    :func:`~replab.patching.edge_patch.edge_mode` (as the engine runs edge patches)."""
+    with edge_mode(model, split_inputs):
+        return {"clean": ForwardCache(model, clean, need["clean"]),
+                "corrupt": ForwardCache(model, corrupt, need["corrupt"])}
 
 
 def _kv_entry(forwards, base: str, layer: int, p: int, n_rep: int):
@@ -181,13 +227,69 @@ def _kv_entry(forwards, base: str, layer: int, p: int, n_rep: int):
                                              frozen=True)
 
 
-def _hook_fn(patches: list[tuple[int, int, Intervention, torch.Tensor, torch.Tensor]], p: int):
+def _copies(iv: Intervention) -> bool:
+    """True when ``iv`` only copies source values (what the vectorised write handles)."""
+    return iv.source not in ("noise", "steer") and iv.direction is None
+
+
+def _masked_write(act: torch.Tensor, patches: list, p: int) -> torch.Tensor:
+    """Write the entries selected by ``patches`` (rows ``r0:r1`` of one variant each, all with
+    the same source tensor ``src [N, ...]``) from ``src`` in one ``torch.where``."""
+    neurons = any(iv.neurons is not None for _, _, iv, _, _ in patches)
+    mask = torch.zeros(act.shape if neurons else (*act.shape[:-1], 1), dtype=torch.bool)
+    for r0, r1, iv, _, _ in patches:
+        idx = select(act[r0:r1], iv, p)
+        if idx is not None:
+            mask[r0:r1][idx] = True
+    src = patches[0][3]
+    n = src.shape[0]
+    full = src.to(act.dtype).repeat(act.shape[0] // n, *([1] * (src.dim() - 1))) if n != act.shape[0] \
+        else src.to(act.dtype)
+    return torch.where(mask, full, act)
+
+
+def _hook_fn(patches: list[tuple[int, int, Intervention, torch.Tensor, torch.Tensor]], p: int,
+             records: list[tuple[int, int, dict]] = (), vectorise: bool = True):
+    """The hook of one hook point: apply ``patches`` ``(r0, r1, iv, src, noise)``, then copy the
+    rows of recording variants into ``records`` ``(r0, r1, store)``."""
     def fn(act, hook):
         act = act.clone()
-        for r0, r1, iv, src, noise in patches:
-            apply(act[r0:r1], src, iv, p, noise)
+        if vectorise:
+            act = _apply_vectorised(act, patches, p)
+        else:
+            for r0, r1, iv, src, noise in patches:
+                apply(act[r0:r1], src, iv, p, noise)
+        for r0, r1, store in records:
+            store[hook.name] = act[r0:r1].clone()
         return act
     return fn
+
+
+def _apply_vectorised(act: torch.Tensor, patches: list, p: int) -> torch.Tensor:
+    """Apply ``patches`` in stages: stage k holds the k-th patch of every variant (rows of
+    different variants never overlap, so a stage's order does not matter, while a variant's
+    own patches keep their order). In a stage, the copying patches that share a source tensor
+    are one masked write; the others (noise, steer, directions) are applied one by one."""
+    by_rows: dict[int, list] = defaultdict(list)
+    for patch in patches:
+        by_rows[patch[0]].append(patch)
+    depth = max((len(v) for v in by_rows.values()), default=0)
+    for k in range(depth):
+        stage = [v[k] for v in by_rows.values() if len(v) > k]
+        groups: dict[int, list] = defaultdict(list)
+        for patch in stage:
+            if _copies(patch[2]) and patch[3] is not None:
+                groups[id(patch[3])].append(patch)
+            else:
+                r0, r1, iv, src, noise = patch
+                apply(act[r0:r1], src, iv, p, noise)
+        for group in groups.values():
+            if len(group) == 1:
+                r0, r1, iv, src, noise = group[0]
+                apply(act[r0:r1], src, iv, p, noise)
+            else:
+                act = _masked_write(act, group, p)
+    return act
 
 
 @contextmanager
@@ -207,8 +309,9 @@ def _block_hooks(model, fns: dict):
 
 
 def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: str, p: int,
-               n_prompts: int) -> dict[int, torch.Tensor]:
-    """Pipelined forward of variants sharing prefix length ``p``; {variant index: final [N, d]}."""
+               n_prompts: int, recorded: dict | None = None, vectorise: bool = True) -> dict[int, torch.Tensor]:
+    """Pipelined forward of variants sharing prefix length ``p``; {variant index: final [N, d]}.
+    Recordings go to ``recorded[vi][hook]`` (positions ``p..``; the caller completes them)."""
     n_layers = model.cfg.n_layers
     by_start = defaultdict(list)
     for vi, v in group:
@@ -216,6 +319,15 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
     rows: dict[int, int] = {}
     x = None
     first = min(by_start)
+    sources: dict[tuple, torch.Tensor] = {}      # one tensor per (source, hook, seed): shared masks
+
+    def source_of(iv):
+        key = (iv.source, iv.hook, iv.seed)
+        if key not in sources:
+            sources[key] = _slice_positions(_source(iv, forwards, base), iv, p)
+        return sources[key]
+
+    edges = EdgeGroup(model, group, forwards, base) if has_edges([v for _, v in group]) else None
     for k in range(first, n_layers):
         entering = by_start.get(k, [])
         if entering:
@@ -227,19 +339,25 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
         if x is None:
             continue
         hooks = defaultdict(list)
+        records = defaultdict(list)
         for vi, v in group:
             if vi not in rows:
                 continue
             for iv in v.interventions:
-                if iv.layer == k:
-                    full_src = _source(iv, forwards, base)
+                if iv.layer == k and not isinstance(iv, EdgePatch):
                     like = forwards[base][iv.hook] if iv.source == "noise" else None
-                    hooks[iv.hook].append((rows[vi], rows[vi] + n_prompts, iv,
-                                           _slice_positions(full_src, iv, p),
+                    hooks[iv.hook].append((rows[vi], rows[vi] + n_prompts, iv, source_of(iv),
                                            _slice_positions(_noise(iv, like) if like is not None else None, iv, p)))
+            for name in v.record:
+                if name.startswith(f"blocks.{k}."):
+                    records[name].append((rows[vi], rows[vi] + n_prompts, recorded.setdefault(vi, {})))
         n_rep = x.shape[0] // n_prompts
         entry = _kv_entry(forwards, base, k, p, n_rep) if p > 0 else None
-        with _block_hooks(model, {name: _hook_fn(pl, p) for name, pl in hooks.items()}):
+        fns = {name: _hook_fn(hooks.get(name, []), p, records.get(name, []), vectorise)
+               for name in set(hooks) | set(records)}
+        if edges is not None:
+            fns = edges.block_fns(k, rows, n_prompts, fns)
+        with _block_hooks(model, fns):
             x = model.blocks[k](x, past_kv_cache_entry=entry)
     out = {}
     for vi, _ in group:
@@ -248,16 +366,55 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
     return out
 
 
+def _complete_record(value: torch.Tensor | None, base_act: torch.Tensor, p: int, name: str) -> torch.Tensor:
+    """A recorded activation over every position: the base run's values before ``p`` (equal by
+    causality) and the recorded ones from ``p`` on; the base value when nothing was recorded."""
+    if value is None:
+        return base_act.clone()
+    if p == 0:
+        return value
+    if name.endswith("hook_pattern") or name.endswith("hook_attn_scores"):
+        raise ReplabError(f"recording {name} needs every position (use_prefix=False)")
+    return torch.cat([base_act[:, :p], value], dim=1)
+
+
+def check_records(model, variants: list[Variant]) -> None:
+    """ReplabError when a variant records something other than a block hook of ``model``."""
+    for v in variants:
+        for name in v.record:
+            if name not in model.hook_dict or not name.startswith("blocks."):
+                raise ReplabError(f"cannot record {name!r}: the engine records block hooks such as "
+                                  "blocks.9.attn.hook_q")
+
+
+def _edge_chunks(members, chunk: int, per_slot: int, budget: int) -> list[list]:
+    """Consecutive chunks of at most ``chunk`` variants whose edge stacks (``slots × per_slot``
+    floats each) stay within ``budget`` floats (a chunk always holds at least one variant)."""
+    parts, cur, used = [], [], 0
+    for m in members:
+        cost = edge_slots(m[1].interventions) * per_slot
+        if cur and (len(cur) >= chunk or used + cost > budget):
+            parts.append(cur)
+            cur, used = [], 0
+        cur.append(m)
+        used += cost
+    if cur:
+        parts.append(cur)
+    return parts
+
+
 def variant_chunks(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
-                   max_tokens: int = 65536, use_prefix: bool = True) -> tuple[list[int], list[tuple[int, list]]]:
+                   max_tokens: int = 65536, use_prefix: bool = True, split: bool = False,
+                   edge_memory: int = 2 ** 26) -> tuple[list[int], list[tuple[int, list]]]:
     """How :func:`run_variants` splits ``variants`` into batched block calls.
 
     Returns ``(noops, chunks)``: the indices of variants with nothing to compute (their final
     residual is the base run's), and the chunks in the order they run, each
     ``(p, [(index, variant), ...])``: variants whose first changed position is ``p``, sorted by
-    entry layer, at most ``max_tokens // (N * (T - p))`` of them. A chunk's result depends only
-    on its members, so running the same chunks elsewhere (``replab.patching.executors``) gives
-    the same numbers.
+    entry layer, at most ``max_tokens // (N * (T - p))`` of them (``split``: edge plans, whose
+    chunks also keep their edge stacks within ``edge_memory`` floats). A chunk's result depends
+    only on its members, so running the same chunks elsewhere (``replab.patching.executors``)
+    gives the same numbers.
     """
     n, t = clean.shape
     n_layers = model.cfg.n_layers
@@ -274,23 +431,40 @@ def variant_chunks(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: 
         members.sort(key=lambda m: m[1].start_layer(n_layers))
         per_variant = n * (t - p)
         size = max(1, max_tokens // per_variant)
-        chunks += [(p, members[s:s + size]) for s in range(0, len(members), size)]
+        parts = ([members[s:s + size] for s in range(0, len(members), size)] if not split
+                 else _edge_chunks(members, size, n * t * model.cfg.d_model, edge_memory))
+        chunks += [(p, part) for part in parts]
     return noops, chunks
 
 
 @torch.inference_mode()
 def run_chunk(model, part: list[tuple[int, Variant]], forwards: dict, base: str, p: int,
-              n_prompts: int) -> dict[int, torch.Tensor]:
+              n_prompts: int, raw: dict | None = None, vectorise: bool = True) -> dict[int, torch.Tensor]:
     """One chunk of :func:`variant_chunks`: ``{index: final residual [N, d_model]}``.
-    ``forwards`` holds the clean/corrupt caches and ``"custom"`` sources."""
-    return _run_group(model, part, forwards, base, p, n_prompts)
+    ``forwards`` holds the clean/corrupt caches and ``"custom"`` sources; recordings of the
+    chunk's variants go to ``raw[index][hook]`` (positions ``p..``: :func:`complete_records`
+    completes them). A plan with edge patches runs its chunks in
+    :func:`~replab.patching.edge_patch.edge_mode` (the caller enters it)."""
+    return _run_group(model, part, forwards, base, p, n_prompts, raw if raw is not None else {}, vectorise)
+
+
+def complete_records(variants: list[Variant], raw: dict, first_pos: dict, forwards: dict, base: str,
+                     recorded: dict) -> None:
+    """Fill ``recorded[vi] = {hook: [N, T, ...]}`` for every recording variant from the chunks'
+    raw recordings (``raw[vi][hook]``, positions ``first_pos[vi]..``) and the base run."""
+    for vi, v in enumerate(variants):
+        if v.record:
+            got = raw.get(vi, {})
+            recorded[vi] = {name: _complete_record(got.get(name), forwards[base][name], first_pos.get(vi, 0), name)
+                            for name in v.record}
 
 
 @torch.inference_mode()
 def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
                  base: str = "corrupt", forwards: dict | None = None, max_tokens: int = 65536,
                  use_prefix: bool | None = None, progress=None,
-                 sources: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+                 sources: dict[str, torch.Tensor] | None = None, recorded: dict | None = None,
+                 vectorise: bool = True, edge_memory: int = 2 ** 26) -> tuple[torch.Tensor, dict]:
     """Final-position residuals of every variant: ``([V, N, d_model], forwards)``.
 
     Args:
@@ -302,26 +476,51 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
         use_prefix: force the cached-prefix shortcut on/off (default: :func:`prefix_ok`).
         progress: optional callable ``advance(n_variants)``.
         sources: values for ``custom:NAME`` interventions, ``{NAME: [N, ...]}`` shaped like the
-            activation at the intervention's hook.
+            activation at the intervention's hook, or ``{NAME: {hook name: [N, ...]}}``.
+        recorded: a dict to fill with every recording variant's activations,
+            ``{variant index: {hook name: [N, T, ...]}}`` (see ``Variant.record``).
+        vectorise: merge copying interventions into masked writes (module docstring); False
+            applies them one by one (the reference path; results are bit-identical).
+        edge_memory: bound on the floats of the edge-patch stacks of one group
+            (:mod:`replab.patching.edge_patch`); groups are split.
+
+    Edge patches (:class:`~replab.patching.edge_patch.EdgePatch`) run the whole plan in
+    :func:`~replab.patching.edge_patch.edge_mode` and without the cached-prefix shortcut.
     """
     if base not in ("clean", "corrupt"):
         raise ReplabError(f"base must be 'clean' or 'corrupt', not {base!r}")
     n, t = clean.shape
     for v in variants:
         for iv in v.interventions:
-            validate(model, iv, t)
+            (validate_edge if isinstance(iv, EdgePatch) else validate)(model, iv, t)
+    check_records(model, variants)
+    split = has_edges(variants)
+    with edge_mode(model, split):
+        return _run_variants(model, clean, corrupt, variants, base, forwards, max_tokens,
+                             False if split else use_prefix, progress, sources, split, edge_memory,
+                             recorded, vectorise)
+
+
+def _run_variants(model, clean, corrupt, variants, base, forwards, max_tokens, use_prefix, progress, sources,
+                  split, edge_memory, recorded, vectorise):
+    n, t = clean.shape
     use_prefix = prefix_ok(model) if use_prefix is None else (use_prefix and prefix_ok(model))
     if forwards is None:
         forwards = cache_forwards(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
     forwards = {**forwards, "custom": dict(sources or {})}
-    noops, chunks = variant_chunks(model, clean, corrupt, variants, max_tokens, use_prefix)
+    noops, chunks = variant_chunks(model, clean, corrupt, variants, max_tokens, use_prefix, split, edge_memory)
     finals: dict[int, torch.Tensor] = {vi: forwards[base].final for vi in noops}
     if progress is not None and finals:
         progress(len(finals))          # no-op variants: done without computing anything
+    raw: dict[int, dict] = {}
+    first_pos: dict[int, int] = {}
     for p, part in chunks:
-        finals.update(_run_group(model, part, forwards, base, p, n))
+        finals.update(_run_group(model, part, forwards, base, p, n, raw, vectorise))
+        first_pos.update({vi: p for vi, _ in part})
         if progress is not None:
             progress(len(part))
+    if recorded is not None:
+        complete_records(variants, raw, first_pos, forwards, base, recorded)
     if not variants:
         return torch.empty(0, n, model.cfg.d_model), forwards
     return torch.stack([finals[i] for i in range(len(variants))]), forwards

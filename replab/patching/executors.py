@@ -9,22 +9,31 @@ The Ray engine changes *where* the variants' forwards run, nothing else:
 
 * the driver validates the variants, computes the clean and corrupt forwards exactly as the
   local engine does (:func:`~replab.patching.engine.needed_hooks`,
-  :func:`~replab.patching.engine.cache_forwards`) and puts them in Ray's object store once;
-* the variants are dealt round-robin into one piece per worker and shipped as plain data
-  (each intervention's ``to_dict()``: site, layer, head, positions, source, scale, direction,
-  seed; never a closure); labels stay on the driver;
+  :func:`~replab.patching.engine.cache_forwards`, in
+  :func:`~replab.patching.edge_patch.edge_mode` for edge plans) and puts them in Ray's object
+  store once per plan;
+* it splits the plan into **the local engine's own chunks**
+  (:func:`~replab.patching.engine.variant_chunks`: variants sharing a first patched position,
+  sorted by entry layer, bounded by ``max_tokens`` and, for edge plans, ``edge_memory``); each
+  chunk is one job, shipped as plain data (each intervention's ``to_dict()``: site, layer,
+  head, positions, source, scale, direction, seed; edge patches' senders and receiver; the
+  recorded hooks; never a closure); labels stay on the driver;
 * each worker (a Ray actor that loaded the model once, checked against the driver's weights)
-  fetches and caches the forwards once per plan and runs the same
-  :func:`~replab.patching.engine.run_variants` on its piece;
-* the driver puts every variant's final residual back in plan order; metrics, normalised
-  effects, bootstrap CIs and checks are then computed on the driver by ``run_plan`` as
-  always.
+  fetches and caches the forwards once per plan and runs the chunk with the same
+  :func:`~replab.patching.engine.run_chunk` the local engine calls, so every block call sees
+  the same batch as it would locally;
+* the driver puts every variant's final residual (and recordings) back in plan order;
+  metrics, normalised effects, bootstrap CIs and checks are then computed on the driver by
+  ``run_plan`` as always.
 
-Seeded sources (``resample``: a derangement from the intervention's ``seed``; ``noise``: a
-generator seeded from it) depend only on the intervention, never on its place in the plan,
-so splitting the plan changes no value. The result equals the local engine's bit for bit
-where a variant's rows do not depend on what else shares their batch (true of the CPU
-kernels here: ``tests/test_ray.py`` compares every array, CIs included).
+So the result equals the local engine's **bit for bit** (``tests/test_distributed.py``
+compares every array, CIs included). The parallelism is across chunks: a layer × position
+sweep has a chunk per position at least, while a plan that fits one chunk (e.g. one pruning
+step on a small prompt set) runs on one worker. ``RayEngine(split="variants")`` deals the
+variants round-robin to every worker instead (parallel for any plan); the batches then differ
+from the local engine's, so values agree to float rounding rather than bit for bit. Seeded
+sources (``resample``: a derangement from the intervention's ``seed``; ``noise``: a generator
+seeded from it) depend only on the intervention, never on its place in the plan.
 """
 
 from __future__ import annotations
@@ -35,10 +44,13 @@ import torch
 
 from replab.distributed import ModelWorker
 from replab.errors import ReplabError
+from replab.patching.edge_patch import EdgePatch, edge_mode, has_edges, validate_edge
 from replab.patching.engine import (
     ForwardCache,
     Variant,
     cache_forwards,
+    check_records,
+    complete_records,
     needed_hooks,
     prefix_ok,
     run_chunk,
@@ -62,12 +74,18 @@ class LocalEngine:
 
 
 def variant_to_dict(v: Variant) -> dict:
-    """The data a worker needs to run ``v``: its interventions and forced entry layer (labels stay)."""
-    return {"interventions": [iv.to_dict() for iv in v.interventions], "start": v.start}
+    """The data a worker needs to run ``v``: its interventions (edge patches tagged), forced
+    entry layer and recorded hooks (labels stay on the driver)."""
+    return {"interventions": [{"edge": iv.to_dict()} if isinstance(iv, EdgePatch) else iv.to_dict()
+                              for iv in v.interventions],
+            "start": v.start, "record": list(v.record)}
 
 
 def variant_from_dict(d: dict) -> Variant:
-    return Variant(tuple(Intervention.from_dict(x) for x in d["interventions"]), start=d["start"])
+    """The inverse of :func:`variant_to_dict` (without the labels)."""
+    ivs = tuple(EdgePatch.from_dict(x["edge"]) if "edge" in x else Intervention.from_dict(x)
+                for x in d["interventions"])
+    return Variant(ivs, start=d["start"], record=tuple(d.get("record", ())))
 
 
 def _plain_forwards(forwards: dict) -> dict:
@@ -149,53 +167,75 @@ class RayEngine:
     # -------------------------------------------------------------- the loop
     def run_variants(self, model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
                      base: str = "corrupt", forwards: dict | None = None, max_tokens: int = 65536,
-                     progress=None, sources: dict | None = None) -> tuple[torch.Tensor, dict]:
-        """What :func:`~replab.patching.engine.run_variants` returns, computed on the actors."""
-        import ray
-
+                     use_prefix: bool | None = None, progress=None, sources: dict | None = None,
+                     recorded: dict | None = None, vectorise: bool = True,
+                     edge_memory: int = 2 ** 26) -> tuple[torch.Tensor, dict]:
+        """What :func:`~replab.patching.engine.run_variants` returns (same arguments), computed
+        on the actors; ``recorded`` is filled as the local engine fills it."""
         if base not in ("clean", "corrupt"):
             raise ReplabError(f"base must be 'clean' or 'corrupt', not {base!r}")
         variants = list(variants)
         n, t = clean.shape
         for v in variants:
             for iv in v.interventions:
-                validate(model, iv, t)
-        use_prefix = prefix_ok(model)
-        if forwards is None:
-            with torch.inference_mode():
-                forwards = cache_forwards(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
-        forwards = {"clean": forwards["clean"], "corrupt": forwards["corrupt"]}
+                (validate_edge if isinstance(iv, EdgePatch) else validate)(model, iv, t)
+        check_records(model, variants)
+        split = has_edges(variants)
+        with edge_mode(model, split):
+            use = False if split else use_prefix
+            use = prefix_ok(model) if use is None else (use and prefix_ok(model))
+            if forwards is None:
+                with torch.inference_mode():
+                    forwards = cache_forwards(model, clean, corrupt, needed_hooks(model, variants, base, use))
+            noops, chunks = variant_chunks(model, clean, corrupt, variants, max_tokens, use, split, edge_memory)
+        forwards = {**forwards, "custom": dict(sources or {})}
         final = forwards[base].final
         finals = torch.empty(len(variants), n, model.cfg.d_model, dtype=final.dtype, device=final.device)
-        if not variants:
-            return finals, forwards
-        noops, chunks = variant_chunks(model, clean, corrupt, variants, max_tokens, use_prefix)
         for vi in noops:
             finals[vi] = final
         if progress is not None and noops:
             progress(len(noops))
-        if not chunks:
-            return finals, forwards
+        raw: dict[int, dict] = {}
+        first_pos: dict[int, int] = {}
+        if chunks:
+            first_pos = self._run_chunks(model, chunks, variants, forwards, base, n, clean, corrupt, split,
+                                         vectorise, max_tokens, edge_memory, finals, raw, progress)
+        if recorded is not None:
+            complete_records(variants, raw, first_pos, forwards, base, recorded)
+        return finals, forwards
+
+    def _run_chunks(self, model, chunks, variants, forwards, base, n, clean, corrupt, split, vectorise,
+                    max_tokens, edge_memory, finals, raw, progress) -> dict[int, int]:
+        """Run ``chunks`` on the pool into ``finals`` and ``raw``; returns the first computed
+        position of each recording (0 where the worker completed it)."""
+        import ray
+
         pool = self._actors(model)
         key, ref = self._ship(forwards)
-        src_ref = ray.put({k: v.detach().cpu() for k, v in (sources or {}).items()})
+        src_ref = ray.put(_to_cpu(forwards["custom"]))
+        opts = {"split": split, "vectorise": vectorise}
         if self.split == "variants":
             todo = [vi for _, part in chunks for vi, _ in part]
             k = min(len(pool), len(todo))
             pieces = [todo[i::k] for i in range(k)]
-            jobs = [(key, [ref], base, n, [src_ref], None, [variant_to_dict(variants[i]) for i in piece],
-                     clean.cpu(), corrupt.cpu(), max_tokens) for piece in pieces]
+            jobs = [(key, [ref], base, n, [src_ref], None, opts,
+                     [(i, variant_to_dict(variants[i])) for i in piece],
+                     (clean.cpu(), corrupt.cpu(), max_tokens, edge_memory)) for piece in pieces]
         else:
             n_layers = model.cfg.n_layers
+            t = clean.shape[1]
             cost = [sum(n_layers - v.start_layer(n_layers) for _, v in part) * (t - p) for p, part in chunks]
             order = sorted(range(len(chunks)), key=lambda c: -cost[c])     # biggest first: a shorter tail
             pieces = [[vi for vi, _ in chunks[c][1]] for c in order]
-            jobs = [(key, [ref], base, n, [src_ref],
-                     (chunks[c][0], [(vi, variant_to_dict(v)) for vi, v in chunks[c][1]])) for c in order]
+            jobs = [(key, [ref], base, n, [src_ref], chunks[c][0], opts,
+                     [(vi, variant_to_dict(v)) for vi, v in chunks[c][1]]) for c in order]
         on_done = (lambda i, result: progress(len(pieces[i]))) if progress is not None else None
-        for piece, result in zip(pieces, pool.map("run_job", jobs, on_done=on_done), strict=True):
-            finals[piece] = result.to(final.device)
-        return finals, forwards
+        device = finals.device
+        for piece, (out, rec) in zip(pieces, pool.map("run_job", jobs, on_done=on_done), strict=True):
+            finals[piece] = out.to(device)
+            for vi, hooks in rec.items():
+                raw[vi] = {h: v.to(device) for h, v in hooks.items()}
+        return {} if self.split == "variants" else {vi: p for p, part in chunks for vi, _ in part}
 
     def _ship(self, forwards: dict):
         """Put the forwards in the object store once per plan (reused while the same caches
@@ -211,6 +251,17 @@ class RayEngine:
         return key, ref
 
 
+def _to_cpu(sources: dict) -> dict:
+    """``custom:`` sources (tensors, or dicts of tensors per hook) on the CPU."""
+    return {k: ({h: x.detach().cpu() for h, x in v.items()} if isinstance(v, dict) else v.detach().cpu())
+            for k, v in sources.items()}
+
+
+def _to_device(sources: dict, device) -> dict:
+    return {k: ({h: x.to(device) for h, x in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in sources.items()}
+
+
 class PatchWorker(ModelWorker):
     """A Ray actor holding one model; runs pieces of plans (see :class:`RayEngine`)."""
 
@@ -220,28 +271,36 @@ class PatchWorker(ModelWorker):
         self._key, self._forwards = None, None
 
     def run_job(self, key: str, forwards_ref: list, base: str, n_prompts: int, sources_ref: list,
-                chunk: tuple | None, variants: list[dict] | None = None, clean=None, corrupt=None,
-                max_tokens: int = 65536) -> torch.Tensor:
-        """Final residuals ``[V_job, N, d_model]`` (CPU): one chunk of
-        :func:`~replab.patching.engine.variant_chunks` (``chunk = (p, [(index, variant dict)])``,
-        run exactly as the local engine runs it), or a piece of variants (``variants``, run
-        with :func:`~replab.patching.engine.run_variants`)."""
+                p: int | None, opts: dict, members: list, piece: tuple | None = None) -> tuple:
+        """``(finals [V_job, N, d_model], {index: {hook: raw recording}})`` on the CPU for the
+        job's variants (``members``: ``[(index, variant dict)]``): one chunk of
+        :func:`~replab.patching.engine.variant_chunks` starting at position ``p``, run exactly as
+        the local engine runs it, or (``p is None``) a piece of variants run with
+        :func:`~replab.patching.engine.run_variants` (``piece = (clean, corrupt, max_tokens,
+        edge_memory)``; recordings then come back complete)."""
         import ray
 
         if key != self._key:                 # the plan's clean/corrupt forwards, fetched once
             plain = ray.get(forwards_ref[0])
             self._forwards = {run: _cache_from(plain[run], self.device) for run in ("clean", "corrupt")}
             self._key = key
-        sources = {k: v.to(self.device) for k, v in ray.get(sources_ref[0]).items()}
-        if chunk is None:
-            finals, _ = run_variants(self.model, clean.to(self.device), corrupt.to(self.device),
-                                     [variant_from_dict(d) for d in variants], base=base, forwards=self._forwards,
-                                     max_tokens=max_tokens, sources=sources)
-            return finals.cpu()
-        p, members = chunk
+        sources = _to_device(ray.get(sources_ref[0]), self.device)
         part = [(vi, variant_from_dict(d)) for vi, d in members]
-        out = run_chunk(self.model, part, {**self._forwards, "custom": sources}, base, p, n_prompts)
-        return torch.stack([out[vi] for vi, _ in part]).cpu()
+        if p is None:
+            clean, corrupt, max_tokens, edge_memory = piece
+            recorded: dict = {}
+            finals, _ = run_variants(self.model, clean.to(self.device), corrupt.to(self.device),
+                                     [v for _, v in part], base=base, forwards=self._forwards,
+                                     max_tokens=max_tokens, sources=sources, recorded=recorded,
+                                     vectorise=opts["vectorise"], edge_memory=edge_memory)
+            rec = {part[j][0]: {h: x.cpu() for h, x in r.items()} for j, r in recorded.items()}
+            return finals.cpu(), rec
+        raw: dict = {}
+        with edge_mode(self.model, opts["split"]):
+            out = run_chunk(self.model, part, {**self._forwards, "custom": sources}, base, p, n_prompts, raw,
+                            opts["vectorise"])
+        rec = {vi: {h: x.cpu() for h, x in r.items()} for vi, r in raw.items()}
+        return torch.stack([out[vi] for vi, _ in part]).cpu(), rec
 
 
 _SHARED: dict = {}

@@ -1,7 +1,9 @@
 """Interventions as data: a serialisable spec of what to overwrite, where, and with what.
 
 An :class:`Intervention` names a *site* (an alias or a TransformerLens hook name), a layer,
-optionally a head, positions and MLP neurons, a *source*, and optionally a direction
+optionally a head (or several heads of that layer: ``head=(0, 2, 5)`` overwrites all of them
+in one intervention, e.g. "every head of layer 7 but the sender"), positions and MLP
+neurons, a *source*, and optionally a direction
 (subspace). It is plain data: ``to_dict()`` / ``Intervention.from_dict()`` round-trip through
 JSON, which is what lets a sweep pack hundreds of them into one batched forward and lets a
 run be replayed from its config.
@@ -25,7 +27,8 @@ Sources (what the selected entries become):
 * ``steer``: the base activation plus ``scale`` × direction (needs ``direction``);
 * ``custom:NAME``: values computed by the caller (e.g. an SAE latent patch), passed to
   :func:`~replab.patching.engine.run_variants` as ``sources={NAME: tensor}``, shaped like the
-  hook's activation on the task's prompts.
+  hook's activation on the task's prompts, or ``sources={NAME: {hook name: tensor}}`` when one
+  name covers several hooks (e.g. the mean over another prompt set at every ablated head).
 
 With a ``direction`` (a unit vector, or a ``[k, d]`` basis of a subspace, over the site's
 last axis) only the component in that subspace is replaced:
@@ -51,7 +54,7 @@ class Intervention:
 
     site: str
     layer: int
-    head: int | None = None
+    head: int | tuple[int, ...] | None = None    # one head, or several heads of this layer
     positions: tuple[int, ...] | None = None     # None: every position
     neurons: tuple[int, ...] | None = None       # mlp_pre / mlp_post only
     source: str = "clean"
@@ -65,6 +68,13 @@ class Intervention:
         object.__setattr__(self, "layer", int(layer))
         if self.positions is not None:
             object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+        if isinstance(self.head, (list, tuple)):
+            heads = tuple(sorted({int(h) for h in self.head}))
+            if not heads:
+                raise ReplabError(f"site {site}: an empty head list selects nothing")
+            object.__setattr__(self, "head", heads)
+        elif self.head is not None:
+            object.__setattr__(self, "head", int(self.head))
         if self.neurons is not None:
             object.__setattr__(self, "neurons", tuple(int(n) for n in self.neurons))
             if site not in ("mlp_pre", "mlp_post"):
@@ -95,8 +105,17 @@ class Intervention:
     def hook(self) -> str:
         return SITES[self.site].hook(self.layer)
 
+    @property
+    def heads(self) -> tuple[int, ...]:
+        """The selected heads as a tuple (empty for sites without heads)."""
+        if self.head is None:
+            return ()
+        return self.head if isinstance(self.head, tuple) else (self.head,)
+
     def to_dict(self) -> dict:
         d = asdict(self)
+        if isinstance(self.head, tuple):
+            d["head"] = list(self.head)
         for k in ("positions", "neurons"):
             d[k] = list(d[k]) if d[k] is not None else None
         d["direction"] = np.asarray(self.direction).tolist() if self.direction is not None else None
@@ -105,8 +124,8 @@ class Intervention:
     @classmethod
     def from_dict(cls, d: dict) -> Intervention:
         d = dict(d)
-        for k in ("positions", "neurons"):
-            if d.get(k) is not None:
+        for k in ("positions", "neurons", "head"):
+            if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
         if d.get("direction") is not None:
             d["direction"] = _as_tuple(np.asarray(d["direction"], dtype=np.float64))
@@ -131,9 +150,10 @@ def validate(model, iv: Intervention, n_tokens: int) -> None:
         raise ReplabError(f"layer {iv.layer} is out of range: this model has layers 0-{cfg.n_layers - 1}")
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     n_h = n_kv if iv.kind == "kv_head" else cfg.n_heads
-    if iv.head is not None and not 0 <= iv.head < n_h:
-        what = "KV heads" if iv.kind == "kv_head" else "heads"
-        raise ReplabError(f"head {iv.head} is out of range: {iv.site} has {n_h} {what}")
+    for h in iv.heads:
+        if not 0 <= h < n_h:
+            what = "KV heads" if iv.kind == "kv_head" else "heads"
+            raise ReplabError(f"head {h} is out of range: {iv.site} has {n_h} {what}")
     if iv.positions is not None:
         bad = [p for p in iv.positions if not 0 <= p < n_tokens]
         if bad or not iv.positions:
@@ -171,6 +191,11 @@ def select(act: torch.Tensor, iv: Intervention, offset: int) -> tuple:
         if not kept:
             return None
         pos = torch.tensor(kept)
+    if isinstance(iv.head, tuple):     # several heads: index positions x heads as a grid
+        heads = torch.tensor(iv.head)
+        if iv.kind == "pattern":
+            return (slice(None), heads, slice(None)) if iv.positions is None else (slice(None), heads[:, None], pos)
+        return (slice(None), slice(None), heads) if iv.positions is None else (slice(None), pos[:, None], heads)
     if iv.kind == "pattern":
         return (slice(None), iv.head, pos)
     if iv.kind in ("head", "kv_head"):

@@ -79,6 +79,41 @@ def _direction(model: HookedTransformer, task):
     return u.T, bias
 
 
+def final_norm_scale(model, resid_final: torch.Tensor) -> torch.Tensor:
+    """The final norm's scale ``[N, 1]`` for final residuals ``[N, d]`` (its own
+    ``ln_final.hook_scale``), e.g. of a patched run, to freeze it as :func:`dla` does."""
+    seen = {}
+    handle = model.ln_final.hook_scale.register_forward_hook(lambda mod, args, out: seen.setdefault("s", out))
+    try:
+        with torch.inference_mode():
+            model.ln_final(resid_final[:, None, :])
+    finally:
+        handle.remove()
+    return seen["s"][:, 0]
+
+
+def head_direct_effects(model, z_last: torch.Tensor, resid_final: torch.Tensor, task) -> torch.Tensor:
+    """Each head's direct effect on ``logit(answer) − logit(foil)`` ``[N, L, H]``, as in
+    :func:`dla`'s ``heads`` view but for any run: ``z_last`` ``[N, L, H, d_head]`` (every
+    layer's ``hook_z`` at the last position) and that run's final residual ``[N, d]`` (whose
+    final-norm scale is frozen)."""
+    u, _ = _direction(model, task)                                       # [N, d]
+    scale = final_norm_scale(model, resid_final)                         # [N, 1]
+    with torch.inference_mode():
+        res = torch.einsum("nlhe,lhed->nlhd", z_last, model.W_O)          # [N, L, H, d]
+        return (_frozen_norm(model, res, scale[:, :, None, None]) * u[:, None, None, :]).sum(-1)
+
+
+def vector_direct_effect(model, vec_last: torch.Tensor, resid_final: torch.Tensor, task) -> torch.Tensor:
+    """The direct effect ``[N]`` of a residual-stream vector at the last position ``[N, d]``
+    (an MLP's or attention layer's output) on ``logit(answer) − logit(foil)``, final-norm scale
+    frozen at that run's value."""
+    u, _ = _direction(model, task)
+    scale = final_norm_scale(model, resid_final)
+    with torch.inference_mode():
+        return (_frozen_norm(model, vec_last, scale) * u).sum(-1)
+
+
 def dla(model: HookedTransformer, task) -> dict[str, pd.DataFrame]:
     """``{"accumulated", "layers", "heads", "check"}`` DataFrames; see the module docstring.
 

@@ -34,7 +34,9 @@ import torch
 from replab.errors import ReplabError
 from replab.patching.bootstrap import describe_groups, ratio_ci, resample_weights, task_groups
 from replab.patching.checks import ENGINE_TOL, Check, enforce, expected_effect, other_run
+from replab.patching.edge_patch import has_edges
 from replab.patching.engine import Variant, cache_forwards, needed_hooks, prefix_ok, run_variants
+from replab.patching.executors import make_engine
 from replab.patching.interventions import Intervention
 from replab.patching.metrics import check_metric, normalized, task_metrics
 
@@ -53,6 +55,9 @@ class PlanResult:
         weights: the bootstrap resample weights ``[B, N]`` (for further ratio CIs).
         checks: ``{name: Check}`` (all passed).
         runs: the cached clean/corrupt forwards (pass them to another call to reuse them).
+        finals: final-position residuals of every variant ``[V, N, d_model]`` (torch), from
+            which :meth:`values` reads any other metric without another forward.
+        recorded: ``{row: {hook name: [N, T, ...]}}`` for variants that record (``Variant.record``).
     """
 
     task: object
@@ -72,6 +77,9 @@ class PlanResult:
     seconds: float
     bootstrap: str
     n_engine_variants: int = 0
+    task_model: object = field(default=None, repr=False)
+    finals: object = None
+    recorded: dict = field(default_factory=dict, repr=False)
     _index: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -139,6 +147,15 @@ class PlanResult:
                             "candidate_ids": ids[j], "candidate_logits": self.candidates[i, j].tolist()})
         return pd.DataFrame(out)
 
+    def values(self, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(clean [N], corrupt [N], patched [V, N])`` per-prompt values of another ``metric``
+        (e.g. ``kl`` next to ``logit_diff``), read from the same forwards (no new forward)."""
+        check_metric(metric)
+        if metric == self.metric:
+            return self.clean, self.corrupt, self.patched
+        vals, _ = task_metrics(self.task_model, self.task, metric, self.finals, self.forwards)
+        return vals["clean"], vals["corrupt"], vals["patched"]
+
     def checks_dict(self) -> dict[str, dict]:
         return {k: c.to_dict() for k, c in self.checks.items()}
 
@@ -178,7 +195,7 @@ def plan_forwards(model, task, variants: list[Variant], base: str = "corrupt", h
     """The clean and corrupt forwards (one each) caching what ``variants`` (plus the engine
     checks, the identity check and the extra ``hooks``, cached in both runs) need. Pass the
     result to :func:`run_plan` (``runs=``) to share the forwards with other work."""
-    use_prefix = prefix_ok(model)
+    use_prefix = prefix_ok(model) and not has_edges(variants)
     layer = plan_layer(variants, model.cfg.n_layers)
     need = needed_hooks(model, [*variants, *engine_variants(layer, base)], base, use_prefix)
     if identity is not None:
@@ -188,7 +205,7 @@ def plan_forwards(model, task, variants: list[Variant], base: str = "corrupt", h
     for names in need.values():
         names.update(hooks)
     with torch.inference_mode():
-        return cache_forwards(model, task.clean, task.corrupt, need)
+        return cache_forwards(model, task.clean, task.corrupt, need, split_inputs=has_edges(variants))
 
 
 def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "corrupt",
@@ -211,7 +228,7 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
         extra_checks: a callable ``(PlanResult) -> list[Check]`` or a list of them, evaluated
             and enforced with the engine checks.
         sources: values of ``custom:NAME`` interventions (see the engine).
-        runs: cached forwards from :func:`plan_forwards` or an earlier result's ``runs``.
+        forwards: cached forwards from :func:`plan_forwards` or an earlier result's ``forwards``.
         engine: where the variants' forwards run: ``"local"`` (this process), ``"ray"`` (Ray
             actors, one model each: :mod:`replab.patching.executors`) or an engine object from
             :func:`~replab.patching.executors.make_engine`. Everything else (forwards on the
@@ -220,7 +237,6 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
         :class:`PlanResult`.
     """
     from replab._progress import progress_bar
-    from replab.patching.executors import make_engine
 
     runner = make_engine(engine)
     metric = check_metric(metric)
@@ -232,10 +248,11 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
     if forwards is None and identity is not None:
         forwards = plan_forwards(model, task, variants, base, identity=identity)
     t0 = time.time()
+    recorded: dict = {}
     with progress_bar(len(variants) + len(extra), label, unit, enabled=progress) as bar:
         finals, forwards = runner.run_variants(model, task.clean, task.corrupt, variants + extra, base=base,
                                                forwards=forwards, max_tokens=max_tokens, progress=bar.advance,
-                                               sources=sources)
+                                               sources=sources, recorded=recorded)
     seconds = time.time() - t0
     values, cand = task_metrics(model, task, metric, finals, forwards)
     clean, corrupt, patched = values["clean"], values["corrupt"], values["patched"]
@@ -256,7 +273,7 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
             found.append(_identity_check(model, task, metric, base, identity, forwards, clean, corrupt))
     result = PlanResult(task, metric, base, variants, clean, corrupt, patched[:n], cand[:n], effect_all[:n],
                         np.asarray(low), np.asarray(high), weights, {}, forwards, seconds,
-                        describe_groups(groups, task.n_prompts), len(extra))
+                        describe_groups(groups, task.n_prompts), len(extra), model, finals[:n], recorded)
     callables = extra_checks if isinstance(extra_checks, (list, tuple)) else [extra_checks]
     for item in callables:
         found.extend(item(result) if callable(item) else [item])

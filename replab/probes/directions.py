@@ -29,6 +29,11 @@ import numpy as np
 
 from replab._version import __version__
 from replab.errors import ReplabError
+from replab.io import inside
+from replab.probes.estimators import LoadedProbe
+from replab.probes.splits import select_rows
+from replab.store.format import read_json
+from replab.store.select import as_store, hook_for_layer
 
 
 @dataclass
@@ -87,7 +92,6 @@ class Direction:
 
 def _own_file(base: Path, suffix: str) -> Path:
     """``base + suffix``, refused if it is a symlink that leaves ``base``'s folder."""
-    from replab.io import inside
 
     return inside(base.parent, base.name + suffix, "artifact file")
 
@@ -196,7 +200,6 @@ def load_directions(run, kind: str = "logistic", layer: int | None = None,
     layer = index.get("best_layer") if layer is None else int(layer)
     if layer not in index["layers"]:
         raise ReplabError(f"{folder}: no directions for layer {layer}; it has {index['layers']}")
-    from replab.io import inside
 
     entries = index.get("entries")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -220,7 +223,6 @@ def _plain(v):
 
 
 def _read_json(path: Path) -> dict:
-    from replab.store.format import read_json
 
     return read_json(path, "artifact metadata")
 
@@ -248,8 +250,6 @@ def load_probe(path: str | Path, layer: int | None = None):
     ``predict``, ``predict_proba``; ``meta`` is the JSON.
     """
     from safetensors.numpy import load_file
-
-    from replab.probes.estimators import LoadedProbe
 
     path = Path(path)
     if path.is_dir():
@@ -297,8 +297,6 @@ def apply_probe(probe_path, store, layer: int | None = None, label: str | None =
         run's cross-validated records for accuracy there).
     """
     import pandas as pd
-
-    from replab.store.select import as_store, hook_for_layer
 
     store = as_store(store)
     probe, meta = load_probe(probe_path, layer)
@@ -348,7 +346,6 @@ def _acc(pred, truth, mask) -> float | None:
 
 def _training_filter(index, label: str, cfg: dict) -> np.ndarray:
     """Rows the probe's training run would have kept (its default filter and ``where``)."""
-    from replab.probes.splits import select_rows
 
     keep = np.zeros(len(index), dtype=bool)
     try:

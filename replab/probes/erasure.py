@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from replab.errors import ReplabError
+from replab.probes._solver import eigenbasis, fit_logistic
 
 
 def fit_eraser(x: np.ndarray | torch.Tensor, codes: np.ndarray, n_classes: int,
@@ -53,7 +54,6 @@ def erased_fold(x: np.ndarray, codes: np.ndarray, n_classes: int, train: np.ndar
     Returns:
         Predicted codes for the test rows ``[n_test]``.
     """
-    from replab.probes._solver import eigenbasis, fit_logistic
 
     eraser = fit_eraser(x[train], codes[train], n_classes)
     xe = torch.from_numpy(erase(eraser, x))

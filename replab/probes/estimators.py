@@ -39,6 +39,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from replab.errors import ReplabError
 from replab.probes._solver import Memory, eigenbasis, fit_logistic, train_scale
+from replab.probes.rank import fit_lowrank
+from replab.threads import limit_threads
 
 DEFAULT_LAMS = (1e-1, 1e-2, 1e-3)
 
@@ -139,7 +141,6 @@ class LogisticProbe(_LinearProbe):
 
     def fit(self, X, y, groups=None):
         """Fit on ``X [n, d]``, labels ``y [n]``; ``groups [n]`` keeps groups together in inner CV."""
-        from replab.threads import limit_threads
 
         with limit_threads(1, blas=1):
             return self._fit(X, y, groups)
@@ -265,13 +266,11 @@ class LowRankProbe(_LinearProbe):
 
     def fit(self, X, y, groups=None):
         """Fit on ``X [n, d]`` and labels ``y [n]``."""
-        from replab.threads import limit_threads
 
         with limit_threads(1, blas=1):
             return self._fit(X, y)
 
     def _fit(self, X, y):
-        from replab.probes.rank import fit_lowrank
 
         X, self.classes_, codes = _xy(self, X, y)
         xt = torch.from_numpy(X)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from replab._figures import save
+from replab._figures import save, themed_pyplot
 
 
 def plot_probe_curves(records: pd.DataFrame, base, title: str = "",
@@ -20,7 +20,6 @@ def plot_probe_curves(records: pd.DataFrame, base, title: str = "",
     their difference, the selectivity, as the shaded gap (full-rank kinds; ranks as
     selectivity lines would crowd it).
     """
-    from replab._figures import themed_pyplot
 
     plt, sns = themed_pyplot()
     recs = records.copy()

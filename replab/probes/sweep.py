@@ -31,8 +31,10 @@ import numpy as np
 import torch
 
 from replab.probes._solver import Memory, eigenbasis, fit_logistic, train_scale
+from replab.probes.erasure import erased_fold
 from replab.probes.estimators import _to_raw, mean_diff
 from replab.probes.metrics import accuracy, balanced_accuracy, group_bootstrap_ci, macro_auroc
+from replab.probes.rank import fit_lowrank
 
 
 @dataclass
@@ -329,7 +331,6 @@ def _meandiff(x, D: LayerData):
 
 
 def _erased(x, D: LayerData, lam_k) -> np.ndarray:
-    from replab.probes.erasure import erased_fold
 
     pred = np.full(len(x), -1)
     for k in range(int(D.fold.max()) + 1):
@@ -344,7 +345,6 @@ def _lowrank(z, D: LayerData, r, path, best, extra, lam_k, lam_all):
 
     Returns ``(record, (W [d, K], b [K]))``, the latter the all-rows probe in ``z`` coordinates.
     """
-    from replab.probes.rank import fit_lowrank
 
     F = int(D.fold.max()) + 1
     fold = torch.from_numpy(D.fold)

@@ -25,6 +25,9 @@ from replab._progress import progress_bar
 from replab._version import __version__
 from replab.errors import ReplabError
 from replab.io import writable_dir, write_text_atomic
+from replab.probes.directions import save_probe, write_directions
+from replab.probes.plots import plot_probe_curves
+from replab.probes.rank import cluster_directions, smallest_rank
 from replab.probes.splits import (
     control_folds,
     control_labels,
@@ -37,7 +40,7 @@ from replab.probes.splits import (
     type_column,
 )
 from replab.probes.sweep import LayerData, sweep_layer
-from replab.store.select import pick_layers
+from replab.store.select import as_store, pick_layers
 from replab.threads import limit_threads
 
 KINDS = ("logistic", "meandiff", "lowrank")
@@ -241,7 +244,6 @@ def train_probes(store, label: str | None = None, out=None, progress: bool = Tru
         unseen groups); ``matched_accuracy`` / ``control_accuracy`` / ``selectivity`` use the
         control folds, where control types recur (``summary["data"]["control_split"]``).
     """
-    from replab.store.select import as_store
 
     store = as_store(store)
     cfg = config or ProbeConfig(label=label, **kwargs)
@@ -311,7 +313,6 @@ def _sweep_layers(store, layers: dict, rows, D: LayerData, threads: int = 1):
 
 
 def _rank_answer(df, cfg, probes, classes) -> dict:
-    from replab.probes.rank import cluster_directions, smallest_rank
 
     table = smallest_rank(df, cfg.epsilon)
     per_layer = {}
@@ -331,8 +332,6 @@ def _rank_answer(df, cfg, probes, classes) -> dict:
 
 def write_run(run: ProbeRun, out: Path, store, cfg: ProbeConfig, classes, layers) -> None:
     """Write tables, probes, every layer's Directions and the accuracy figure to ``out``."""
-    from replab.probes.directions import save_probe, write_directions
-    from replab.probes.plots import plot_probe_curves
 
     writable_dir(out, "probe run directory")
     (out / "summary.json").unlink(missing_ok=True)     # rewritten last: a crash leaves no summary

@@ -16,6 +16,7 @@ import pandas as pd
 
 from replab._version import __version__
 from replab.io import atomic_dir
+from replab.models.cache import cache_dir
 from replab.prompts.check import check_dataset
 from replab.prompts.schema import PromptSet
 
@@ -26,7 +27,6 @@ def check_dataset_cached(model, ps: PromptSet, scoring: str = "first_token",
 
     The summary gains ``"cached": True`` when it was read from the cache.
     """
-    from replab.models.cache import cache_dir
 
     ident = model.replab_identity.to_dict()
     key = hashlib.sha256(json.dumps(

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from replab.errors import ReplabError
+from replab.prompts import datasets_dir, load_prompts
 
 BUILTIN = "builtin"
 BUILTIN_HELDOUT = "builtin-heldout"
@@ -34,7 +35,6 @@ _SPLIT_FILES = {BUILTIN: "train.txt", BUILTIN_HELDOUT: "heldout.txt"}
 
 def corpus_dir() -> Path:
     """``datasets/corpus`` (next to the builtin prompt sets)."""
-    from replab.prompts import datasets_dir
 
     return datasets_dir() / "corpus"
 
@@ -192,7 +192,6 @@ def _prompt_sentences(rng: random.Random, split: str, tokenizer) -> list[str]:
     """Prompt-set completions as sentences. The training split uses all four sets; the
     held-out split only the fact sets, in its own frames: the ``next_day`` and
     ``sequence_types`` completions are whole training sentences."""
-    from replab.prompts import load_prompts
 
     out = []
     sets = ("fact_recall", "superset") + (("next_day", "sequence_types") if split == "train" else ())

@@ -18,6 +18,7 @@ import yaml
 
 from replab.errors import ReplabError
 from replab.io import read_text
+from replab.prompts.schema import STANDARD_COLUMNS
 
 USER_SUFFIXES = (".jsonl", ".csv", ".yaml", ".yml")
 
@@ -52,7 +53,6 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
 
     Label cells that look like integers or floats are converted to numbers.
     """
-    from replab.prompts.schema import STANDARD_COLUMNS
 
     text = read_text(path, "prompt file")
     try:

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from replab.errors import ReplabError
+from replab.models import load_tokenizer
 from replab.prompts.builders import BUILDER_META, BUILDERS
 from replab.prompts.io import read_user_rows, read_yaml
 from replab.prompts.schema import PromptSet, default_groups, normalize_rows
@@ -83,7 +84,7 @@ def _read_spec(path: Path) -> dict:
 
 def _default_tokenizer():
     try:
-        from replab.models import load_tokenizer
+        pass
     except ImportError as e:
         raise ReplabError(f"this dataset needs a tokenizer to expand; pass tokenizer=... ({e})") from None
     return load_tokenizer()

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
+from replab.io import writable_dir, write_text_atomic
 
 #: Standard columns of ``PromptSet.rows``, in order.
 STANDARD_COLUMNS: tuple[str, ...] = (
@@ -206,7 +207,6 @@ class PromptSet:
 
     def to_jsonl(self, path) -> None:
         """Write the rows in the user-file JSONL schema (round-trips through ``load_prompts``)."""
-        from replab.io import writable_dir, write_text_atomic
 
         p = Path(path)
         if p.is_dir():

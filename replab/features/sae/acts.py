@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from replab._progress import progress_bar
 from replab.errors import ReplabError
+from replab.hooks import SITES, SYNONYMS, stop_at_layer
+from replab.prompts.corpus import read_corpus, token_chunks
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -24,7 +27,6 @@ SAE_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp
 
 def sae_hook_name(model: HookedTransformer, hook: str, layer: int | None) -> str:
     """Full TransformerLens hook name for an alias + layer (or a full name), validated."""
-    from replab.hooks import SITES, SYNONYMS
 
     alias = SYNONYMS.get(hook, hook)
     if alias in SITES:
@@ -48,7 +50,6 @@ def sae_hook_name(model: HookedTransformer, hook: str, layer: int | None) -> str
 
 def stop_layer(model: HookedTransformer, hook_name: str) -> int | None:
     """``stop_at_layer`` that still runs ``hook_name`` (None: the whole model)."""
-    from replab.hooks import stop_at_layer
 
     return stop_at_layer([hook_name], model.cfg.n_layers)
 
@@ -56,7 +57,6 @@ def stop_layer(model: HookedTransformer, hook_name: str) -> int | None:
 def corpus_windows(tokenizer, corpus: str, seq_len: int, max_tokens: int | None = None,
                    seed: int = 0) -> torch.Tensor:
     """Token windows ``LongTensor [n, seq_len]`` of a corpus (``"builtin"``, a file, a dir)."""
-    from replab.prompts.corpus import read_corpus, token_chunks
 
     return token_chunks(read_corpus(corpus), tokenizer, seq_len, max_tokens, seed=seed)
 
@@ -87,7 +87,6 @@ def harvest_acts(model: HookedTransformer, hook_name: str, windows: torch.Tensor
     Returns:
         ``FloatTensor [n * (seq_len - skip_first), d]`` on CPU, window-major order.
     """
-    from replab._progress import progress_bar
 
     n, seq_len = windows.shape
     out = None

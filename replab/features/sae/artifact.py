@@ -24,7 +24,11 @@ from typing import TYPE_CHECKING
 
 from replab._version import __version__
 from replab.errors import ReplabError
-from replab.io import atomic_dir
+from replab.features.sae.acts import sae_hook_name
+from replab.io import atomic_dir, inside, read_json
+from replab.lenses.cache import identity_key
+from replab.models.cache import cache_dir
+from replab.models.coerce import as_model
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -37,8 +41,6 @@ FORMAT = "replab.sae"
 
 def cached_sae_dir(identity: dict, hook_name: str) -> Path:
     """``cache_dir()/saes/<model>-<sha16>/<hook_name>`` (may not exist yet)."""
-    from replab.lenses.cache import identity_key
-    from replab.models.cache import cache_dir
 
     return cache_dir() / "saes" / identity_key(identity) / hook_name
 
@@ -70,7 +72,6 @@ def check_replaceable(path: Path, marker: str, what: str) -> None:
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The ``replab.json`` of an SAE directory (ReplabError if missing or incomplete)."""
-    from replab.io import inside, read_json
 
     path = Path(path)
     if not path.is_dir():
@@ -112,7 +113,6 @@ def resolve_sae_dir(path: str | os.PathLike | None, model: HookedTransformer | N
         return Path(path)
     if model is None:
         raise ReplabError("give an SAE directory, or a model and --layer for the cached SAE")
-    from replab.features.sae.acts import sae_hook_name
 
     hook_name = sae_hook_name(model, hook, layer)
     cached = cached_sae_dir(model.replab_identity.to_dict(), hook_name)
@@ -124,7 +124,6 @@ def resolve_sae_dir(path: str | os.PathLike | None, model: HookedTransformer | N
 
 def model_for(meta: dict, model: HookedTransformer | str | None = None):
     """The model an SAE was trained on (``model`` if given; checked against ``meta``)."""
-    from replab.models.coerce import as_model
 
     ident = meta.get("model", {})
     model = as_model(ident.get("name") if model is None else model)

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from replab.errors import ReplabError
+from replab.features.sae.evaluate import evaluate_sae
+
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
@@ -53,11 +56,8 @@ def sae_lens_crosscheck(sae, model: HookedTransformer, hook_name: str, windows: 
     from sae_lens.evals import EvalConfig, run_evals
     from sae_lens.training.activation_scaler import ActivationScaler
 
-    from replab.features.sae.evaluate import evaluate_sae
-
     n = (len(windows) // batch_size) * batch_size
     if n == 0:
-        from replab.errors import ReplabError
 
         raise ReplabError(f"the SAELens cross-check needs at least {batch_size} windows")
     windows = windows[:n]

@@ -27,6 +27,14 @@ import numpy as np
 import pandas as pd
 
 from replab.errors import ReplabError
+from replab.features.sae.artifact import load_sae, model_for
+from replab.features.sae.latents import encode_store, logit_effects, top_examples
+from replab.features.sae.splice import decoder_rows
+from replab.hooks import SITES, parse_hook_name
+from replab.models import load_tokenizer
+from replab.probes.directions import Direction
+from replab.probes.splits import select_rows
+from replab.store.select import as_store
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -39,7 +47,6 @@ def read_direction(direction) -> tuple[np.ndarray, dict]:
     raw ``.npy`` vector, or a ``.safetensors`` file holding one tensor (or a ``direction``
     tensor). Provenance has ``hook``, ``layer``, ``label``, ``positive_class`` when known.
     """
-    from replab.probes.directions import Direction
 
     if isinstance(direction, Direction):
         d = direction
@@ -85,7 +92,6 @@ def _check_site(prov: dict, meta: dict) -> None:
     hook = prov.get("hook")
     if hook is None:
         return
-    from replab.hooks import SITES, parse_hook_name
 
     want = meta["hook_name"]
     name = SITES[hook].hook(prov.get("layer")) if hook in SITES else hook
@@ -120,9 +126,6 @@ def decompose_direction(sae_dir, direction, store=None, label: str | None = None
         mean_neg, diff, contribution, store_frequency, top_tokens, bottom_tokens`` (logit
         effects) and, with a store, ``example_tokens`` (tokens of the top-activating rows).
     """
-    from replab.features.sae.artifact import load_sae, model_for
-    from replab.features.sae.latents import logit_effects, top_examples
-    from replab.features.sae.splice import decoder_rows
 
     sae, meta = load_sae(sae_dir)
     vec, prov = read_direction(direction)
@@ -162,7 +165,6 @@ def decompose_direction(sae_dir, direction, store=None, label: str | None = None
         table[f"{side}_tokens"] = table["latent"].map(joined)
     examples = pd.DataFrame()
     if enc is not None:
-        from replab.models import load_tokenizer
 
         tok = _store_tokenizer(st, load_tokenizer)
         examples = top_examples(enc, st.index, chosen, tok,
@@ -186,8 +188,6 @@ def _store_tokenizer(store, load_tokenizer):
 
 
 def _attribute(sae, meta, store, label, positive_class, where, dots, vec, top_n):
-    from replab.features.sae.latents import encode_store
-    from replab.store.select import as_store
 
     st = as_store(store)
     hook = meta["hook_name"]
@@ -207,7 +207,6 @@ def _attribute(sae, meta, store, label, positive_class, where, dots, vec, top_n)
         if label not in index.columns:
             raise ReplabError(f"label {label!r} is not a column of the store index; "
                               f"columns: {', '.join(index.columns)}")
-        from replab.probes.splits import select_rows
 
         y = index[label].astype(str).to_numpy()
         rows, dropped = select_rows(index, label)    # the probes' filter: no controls, no odd-one-out

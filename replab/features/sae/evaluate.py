@@ -31,7 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from replab._progress import progress_bar
 from replab.errors import ReplabError
+from replab.features.sae.splice import sae_split
+from replab.hooks import parse_hook_name
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -46,7 +49,6 @@ def _continue_from(model: HookedTransformer, hook_name: str, tokens: torch.Tenso
     For ``resid_pre`` / ``resid_post`` hooks the forward restarts at the next block from
     ``x_new`` (``start_at_layer``), skipping the unchanged blocks before it.
     """
-    from replab.hooks import parse_hook_name
 
     alias, layer = parse_hook_name(hook_name)
     start = {"resid_pre": layer, "resid_post": None if layer is None else layer + 1}.get(alias)
@@ -112,8 +114,6 @@ def evaluate_sae(sae, model: HookedTransformer, hook_name: str, windows: torch.T
         predictions``; ``latents`` has one row per latent: ``latent, frequency,
         mean_activation`` (mean over tokens where it fires), ``max_activation, dead, dense``.
     """
-    from replab._progress import progress_bar
-    from replab.features.sae.splice import sae_split
 
     windows = torch.as_tensor(windows, dtype=torch.long)
     if windows.ndim != 2 or windows.shape[1] < skip_first + 2:

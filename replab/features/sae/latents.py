@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 
 from replab.errors import ReplabError
+from replab.features.sae.splice import decoder_rows, sae_encode
+from replab.prompts import token_ids
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -41,7 +43,6 @@ def encode_store(sae, acts, groups: dict[str, np.ndarray] | None = None, top_n: 
         kept rows where the latent fires), "top_val": [top_n, d_sae], "top_row": [top_n, d_sae]}``
         (numpy; ``top_row`` is -1 where fewer rows exist).
     """
-    from replab.features.sae.splice import sae_encode
 
     n = len(acts)
     keep = np.ones(n, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
@@ -75,7 +76,6 @@ def encode_store(sae, acts, groups: dict[str, np.ndarray] | None = None, top_n: 
 
 def highlight(tokenizer, prompt: str, position: int, prepend_bos: bool = False) -> str:
     """``prompt`` with the token at ``position`` wrapped as ``«token»``."""
-    from replab.prompts import token_ids
 
     try:
         ids = token_ids(tokenizer, prompt, prepend_bos=prepend_bos)
@@ -125,7 +125,6 @@ def logit_effects(sae, model: HookedTransformer, latents, n_tokens: int = 10) ->
     Returns one row per (latent, side, rank): ``latent, side ("top" | "bottom"), rank,
     token_id, token, effect`` (logit change per unit of latent activation).
     """
-    from replab.features.sae.splice import decoder_rows
 
     rows = decoder_rows(sae)
     w_u = model.W_U.detach().float().cpu()

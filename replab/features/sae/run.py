@@ -11,8 +11,18 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from replab._version import __version__
+from replab.errors import ReplabError
+from replab.features.sae import plots
+from replab.features.sae.acts import corpus_windows
+from replab.features.sae.artifact import WEIGHTS, check_replaceable, load_sae, model_for, read_meta, resolve_sae_dir
+from replab.features.sae.crosscheck import sae_lens_crosscheck
+from replab.features.sae.decompose import decompose_direction, read_direction
 from replab.features.sae.evaluate import DEAD_THRESHOLD, DENSE_THRESHOLD, evaluate_sae
-from replab.io import atomic_dir
+from replab.features.sae.plots import frequency_plot
+from replab.io import atomic_dir, sha256_file
+from replab.models.coerce import as_model
+from replab.prompts.corpus import corpus_sha256
 from replab.rundir import write_table
 
 if TYPE_CHECKING:
@@ -35,11 +45,6 @@ def run_decompose(sae_dir=None, direction=None, store=None, label: str | None = 
     ``examples`` and ``logit_effects`` as Parquet + CSV, ``top_latents.png`` and
     ``summary.json`` to ``out`` (default ``runs/sae-decompose``). Returns the summary.
     """
-    from replab._version import __version__
-    from replab.errors import ReplabError
-    from replab.features.sae import plots
-    from replab.features.sae.artifact import check_replaceable
-    from replab.features.sae.decompose import decompose_direction, read_direction
 
     t0 = time.perf_counter()
     if direction is None:
@@ -47,8 +52,6 @@ def run_decompose(sae_dir=None, direction=None, store=None, label: str | None = 
     out = Path(out or "runs/sae-decompose")
     check_replaceable(out, "summary.json", "a decompose run directory")
     if sae_dir is None:
-        from replab.features.sae.artifact import resolve_sae_dir
-        from replab.models.coerce import as_model
 
         _, prov = read_direction(direction)
         if prov.get("hook") is None:
@@ -83,7 +86,6 @@ def check_sae_lens_tokens(n: int, batch_size: int, seq_len: int | None = None,
                           n_windows: int | None = None) -> None:
     """ReplabError unless ``--sae-lens n`` is 0 (off) or gives at least ``batch_size`` windows of
     ``seq_len`` tokens (of the ``n_windows`` evaluated): the cross-check runs whole batches."""
-    from replab.errors import ReplabError
 
     if int(batch_size) < 1:
         raise ReplabError(f"--batch-size must be at least 1, got {batch_size}")
@@ -120,17 +122,6 @@ def run_sae_eval(path=None, model: HookedTransformer | str | None = None, corpus
     (default ``<SAE dir>/eval``). ``seq_len`` / ``skip_first`` default to the SAE's training
     values. Returns ``(summary, latents DataFrame)``; ``summary["metrics"]`` holds the numbers.
     """
-    from replab._version import __version__
-    from replab.features.sae.acts import corpus_windows
-    from replab.features.sae.artifact import (
-        check_replaceable,
-        load_sae,
-        model_for,
-        read_meta,
-        resolve_sae_dir,
-    )
-    from replab.features.sae.plots import frequency_plot
-    from replab.models.coerce import as_model
 
     t0 = time.perf_counter()
     check_sae_lens_tokens(sae_lens_tokens, batch_size)
@@ -146,9 +137,6 @@ def run_sae_eval(path=None, model: HookedTransformer | str | None = None, corpus
     check_replaceable(out, "eval.json", "an SAE eval directory")
     model = model_for(meta, model)
     sae, meta = load_sae(path)
-    from replab.features.sae.artifact import WEIGHTS
-    from replab.io import sha256_file
-    from replab.prompts.corpus import corpus_sha256
 
     run_cfg = {"corpus": corpus, "tokens": None, "seq_len": seq_len, "skip_first": skip_first,
                "batch_size": batch_size, "dead_threshold": dead_threshold, "dense_threshold": dense_threshold,
@@ -169,7 +157,6 @@ def run_sae_eval(path=None, model: HookedTransformer | str | None = None, corpus
                                     dead_threshold, dense_threshold, progress)
     cross = None
     if sae_lens_tokens:
-        from replab.features.sae.crosscheck import sae_lens_crosscheck
 
         cross = sae_lens_crosscheck(sae, model, meta["hook_name"], windows[:sae_lens_tokens // seq_len],
                                     batch_size)

@@ -30,8 +30,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from replab._progress import progress_bar
 from replab.errors import ReplabError
+from replab.features.sae.acts import corpus_windows, harvest_acts, sae_hook_name
+from replab.features.sae.artifact import META, cached_sae_dir, check_replaceable, read_meta, save_sae
 from replab.features.sae.config import SAETrainConfig, trainer_config, training_sae_config
+from replab.hooks import parse_hook_name
+from replab.models import current_options
+from replab.models.coerce import as_model
+from replab.prompts.corpus import corpus_sha256
+from replab.store import open_store
+from replab.threads import limit_threads
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -55,7 +64,6 @@ def _batches(acts: torch.Tensor, batch_size: int, gen: torch.Generator, device: 
 def train_device() -> str:
     """Where SAEs train: the ``--device`` / :func:`replab.models.model_options` device, else CUDA
     when available, else CPU (the CPU path is unchanged)."""
-    from replab.models import current_options
 
     return str(current_options()["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -86,8 +94,6 @@ def fit_sae(acts: torch.Tensor, cfg: SAETrainConfig, metadata: dict | None = Non
         "loss" column shows the training-batch FVU.
     """
     from sae_lens import SAETrainer
-
-    from replab._progress import progress_bar
 
     acts = acts.float().contiguous()
     if acts.ndim != 2 or len(acts) < cfg.batch_size:
@@ -154,7 +160,6 @@ def _source(cfg: SAETrainConfig, hook_name: str, model_sha: str | None) -> tuple
     cached lenses and SAE evaluations too); a store by its manifest's sha256 of the hook's tensor.
     """
     if cfg.store:
-        from replab.store import open_store
 
         st = open_store(cfg.store)
         if hook_name not in st.hooks:
@@ -165,7 +170,6 @@ def _source(cfg: SAETrainConfig, hook_name: str, model_sha: str | None) -> tuple
         tensor = next(t for t in st.manifest["tensors"] if t["hook"] == hook_name)
         return {"kind": "store", "store": str(cfg.store), "sha256": tensor["sha256"],
                 "rows": int(st.n_rows)}, st
-    from replab.prompts.corpus import corpus_sha256
 
     return {"kind": "corpus", "corpus": cfg.corpus, "sha256": corpus_sha256(cfg.corpus)}, None
 
@@ -173,7 +177,6 @@ def _source(cfg: SAETrainConfig, hook_name: str, model_sha: str | None) -> tuple
 def cached_training(path: Path, cfg: SAETrainConfig, identity: dict, source: dict) -> dict | None:
     """``replab.json`` of an SAE at ``path`` trained with the same config (:meth:`cache_key`),
     model weights and training data, or None."""
-    from replab.features.sae.artifact import META, read_meta
 
     if not (path / META).exists():
         return None
@@ -218,17 +221,12 @@ def train_sae(model: HookedTransformer | str | None = None, config: SAETrainConf
     """
     import dataclasses
 
-    from replab.features.sae.acts import sae_hook_name
-    from replab.features.sae.artifact import META, check_replaceable
-    from replab.models.coerce import as_model
-
     cfg = dataclasses.replace(config or SAETrainConfig(), **overrides)
     if out is not None:  # fail before an expensive run, not after it
         check_replaceable(Path(out), META, "an SAE directory")
     model = as_model(model)
     identity = model.replab_identity.to_dict()
     hook_name = sae_hook_name(model, cfg.hook, cfg.layer)
-    from replab.features.sae.artifact import cached_sae_dir
 
     path = Path(out) if out is not None else cached_sae_dir(identity, hook_name)
     source, store = _source(cfg, hook_name, identity.get("weights_sha256")) if activations is None else (
@@ -241,7 +239,6 @@ def train_sae(model: HookedTransformer | str | None = None, config: SAETrainConf
         import numpy as np
 
         activations = torch.from_numpy(np.array(store.acts(hook_name), dtype=np.float32))
-    from replab.threads import limit_threads
 
     with limit_threads(cfg.threads):
         path, stats = _train(model, cfg, identity, hook_name, path, activations, progress, source)
@@ -249,9 +246,6 @@ def train_sae(model: HookedTransformer | str | None = None, config: SAETrainConf
 
 
 def _train(model: HookedTransformer, cfg, identity, hook_name, path, activations, progress, source):
-    from replab.features.sae.acts import corpus_windows, harvest_acts
-    from replab.features.sae.artifact import save_sae
-    from replab.hooks import parse_hook_name
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
     corpus_tokens = None

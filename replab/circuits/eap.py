@@ -1,0 +1,318 @@
+"""Edge attribution: first-order estimates of every edge's patching effect in a few passes.
+
+For an edge ``u -> v`` (:mod:`replab.circuits.graph`) the exact effect is the change of the
+prompt-averaged metric ``M`` when only that edge carries the corrupt value, everything else
+clean: ``v``'s input becomes ``x_v + Δ_u`` with ``Δ_u = corrupt_u − clean_u`` (the sender's
+output difference, ``[N, T, d_model]``). Estimates, all normalised by ``M_clean − M_corrupt``
+(so they are comparable with ``exact = (M_patched − M_clean) / (M_clean − M_corrupt)``, the
+engine's normalised effect minus 1):
+
+* ``eap`` (edge attribution patching, Syed et al. 2023; = AtP on edges):
+  ``Δ_u · ∂M/∂x_v`` at the clean run. One corrupt forward, one clean forward, one backward,
+  for every edge at once (the senders of a receiver are a prefix of the sender list, so a whole
+  layer of receivers is one matrix product).
+* ``eap-ig`` (Hanna et al. 2024): ``Δ_u · (1/m) Σ_{k=1..m} ∂M/∂x_v`` evaluated with the input
+  embedding moved to ``corrupt + (k/m)(clean − corrupt)`` (the clean tokens otherwise): the
+  paper's right Riemann sum, so ``m = 1`` is exactly EAP. (The reference implementation,
+  hannamw/EAP-IG, sums ``k = 0..m−1``: the corrupt end instead of the clean one.)
+* ``atp*`` (Kramár et al. 2024), reported next to plain AtP (= ``eap``):
+  - **QK fix**: for edges into a query or key input the attention pattern is recomputed exactly
+    (norm, projection, rotary, scores, softmax with ``x_v + Δ_u``) and only the rest is
+    linearised: ``Σ (pattern' − pattern) · ∂M/∂pattern``; value, MLP and logit edges keep the
+    linear estimate. Every run first checks that the recomputation reproduces the model's own
+    pattern at ``Δ = 0`` (tolerance 1e-4).
+  - **GradDrop**: for each layer ℓ one more backward pass with the gradient through layer ℓ's
+    attention and MLP outputs zeroed; ``graddrop = Σ_ℓ |estimate with ℓ dropped| / (L − 1)``, a
+    magnitude that exposes effects which cancel between paths (compare it with ``|exact|``).
+
+Gradients are taken in :func:`~replab.patching.edge_patch.edge_mode` (each head has its own
+q/k/v input hook), on batches of prompts whose contributions add up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from replab.circuits.graph import EdgeGraph, edge_graph
+from replab.circuits.qk_fix import QK_TOL, qk_edge_mask, qk_fixed_estimates
+from replab.errors import ReplabError
+from replab.patching.edge_patch import edge_mode, head_outputs
+from replab.patching.metrics import FULL_VOCAB, check_metric, metric_values, readout
+
+GRAD_METHODS = ("eap", "eap-ig", "atp*")
+
+
+@dataclass
+class EdgeAttribution:
+    """Attribution scores of every edge of ``graph`` (arrays ``[n_edges]``, edge order).
+
+    ``scores`` is the method's signed estimate (normalised); ``extra`` holds the side-by-side
+    columns (``atp`` and ``atp_star`` and, with GradDrop, ``graddrop`` for ``atp*``);
+    ``passes`` counts forwards and backwards.
+    """
+
+    graph: EdgeGraph
+    method: str
+    metric: str
+    scores: np.ndarray
+    clean_metric: float
+    corrupt_metric: float
+    passes: dict
+    seconds: float
+    steps: int | None = None
+    extra: dict = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"method": self.method, "metric": self.metric, "steps": self.steps,
+                "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric,
+                "passes": self.passes, "seconds": round(self.seconds, 3), "checks": self.checks}
+
+
+class _DropGrad(torch.autograd.Function):
+    """Identity forward, zero gradient backward (GradDrop)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+def _batches(n: int, n_tokens: int, batch_size: int | None) -> list[slice]:
+    size = batch_size or max(1, 512 // max(1, n_tokens))
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _sender_stack(model, acts: dict) -> torch.Tensor:
+    """Sender outputs ``[N, T, S, d]`` in graph order from cached hook activations."""
+    parts = [acts["blocks.0.hook_resid_pre"][:, :, None]]
+    for layer in range(model.cfg.n_layers):
+        parts.append(head_outputs(model, acts[f"blocks.{layer}.attn.hook_z"], layer))
+        parts.append(acts[f"blocks.{layer}.hook_mlp_out"][:, :, None])
+    return torch.cat(parts, dim=2)
+
+
+def _sender_hooks(model) -> list[str]:
+    n = model.cfg.n_layers
+    return (["blocks.0.hook_resid_pre"] + [f"blocks.{k}.attn.hook_z" for k in range(n)]
+            + [f"blocks.{k}.hook_mlp_out" for k in range(n)])
+
+
+def _metric_sum(model, task, rows: slice, metric: str, final: torch.Tensor, clean_logp) -> torch.Tensor:
+    """Σ over the batch's prompts of the per-prompt metric, from final residuals ``[n, T, d]``."""
+    need_full = metric in FULL_VOCAB
+    r = readout(model, final[:, -1], task.candidates[rows], need_full, metric == "kl")
+    return metric_values(metric, r, clean_logp, getattr(task, "class_a", None)).sum()
+
+
+def _run_metric(model, tokens, task, rows, metric, clean_logp) -> tuple[float, torch.Tensor]:
+    """Metric sum and sender outputs of one run without gradients."""
+    names = set(_sender_hooks(model))
+    store: dict = {}
+
+    def keep(act, hook):
+        store[hook.name] = act
+
+    with torch.inference_mode(), edge_mode(model):
+        final = model.run_with_hooks(tokens, stop_at_layer=model.cfg.n_layers,
+                                     fwd_hooks=[(n, keep) for n in names])
+        value = float(_metric_sum(model, task, rows, metric, final, clean_logp))
+        return value, _sender_stack(model, store)
+
+
+def _clean_logp(model, tokens) -> torch.Tensor:
+    with torch.inference_mode():
+        final = model(tokens, stop_at_layer=model.cfg.n_layers)
+        full = model.unembed(model.ln_final(final[:, -1:]))[:, 0]
+        return torch.log_softmax(full, dim=-1)
+
+
+def _grad_pass(model, tokens, task, rows, metric, n_total: int, clean_logp, input_value=None,
+               drop: int | None = None, patterns: bool = False, senders: bool = False) -> dict:
+    """One forward + backward (edge mode) of ``Σ metric / n_total``: gradients at every receiver
+    input (``q``, ``k``, ``v`` ``[n, T, heads, d]``, ``mlp`` ``[n, T, d]`` per layer, ``logits``),
+    and optionally attention patterns and their gradients, resid_pre per layer and sender outputs."""
+    n_layers = model.cfg.n_layers
+    store: dict = {}
+    keep_grad = {}
+    for layer in range(n_layers):
+        for kind, name in (("q", "hook_q_input"), ("k", "hook_k_input"), ("v", "hook_v_input"),
+                           ("mlp", "hook_mlp_in")):
+            keep_grad[f"blocks.{layer}.{name}"] = (kind, layer)
+        if patterns:
+            keep_grad[f"blocks.{layer}.attn.hook_pattern"] = ("pattern", layer)
+    keep_grad[f"blocks.{n_layers - 1}.hook_resid_post"] = ("logits", n_layers - 1)
+
+    def grab(act, hook):
+        act.retain_grad()
+        store[keep_grad[hook.name]] = act
+        return act
+
+    def leaf(act, hook):
+        x = (input_value if input_value is not None else act).detach().clone().requires_grad_(True)
+        store["input"] = x
+        return x
+
+    def keep(act, hook):
+        store[hook.name] = act.detach()
+
+    def dropper(act, hook):
+        return _DropGrad.apply(act)
+
+    hooks = [("blocks.0.hook_resid_pre", leaf)] + [(n, grab) for n in keep_grad]
+    if senders:
+        hooks += [(n, keep) for n in _sender_hooks(model) if n != "blocks.0.hook_resid_pre"]
+    if patterns:
+        hooks += [(f"blocks.{k}.hook_resid_pre", keep) for k in range(1, n_layers)]
+    if drop is not None:
+        hooks += [(f"blocks.{drop}.hook_attn_out", dropper), (f"blocks.{drop}.hook_mlp_out", dropper)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), edge_mode(model):
+            final = model.run_with_hooks(tokens, stop_at_layer=n_layers, fwd_hooks=hooks)
+            value = _metric_sum(model, task, rows, metric, final, clean_logp)
+            (value / n_total).backward()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    out = {"value": float(value.detach()), "grads": {}, "acts": {}}
+    for key, act in store.items():
+        if isinstance(key, tuple):
+            g = act.grad if act.grad is not None else torch.zeros_like(act)
+            out["grads"][key] = g.detach()
+            if key[0] == "pattern":
+                out["acts"][key] = act.detach()
+    if patterns:
+        out["acts"]["resid_pre"] = {0: store["input"].detach(),
+                                    **{k: store[f"blocks.{k}.hook_resid_pre"] for k in range(1, n_layers)}}
+    if senders:
+        acts = {"blocks.0.hook_resid_pre": store["input"].detach(),
+                **{k: v for k, v in store.items() if isinstance(k, str) and k != "input"}}
+        with torch.no_grad():
+            out["senders"] = _sender_stack(model, acts)
+    return out
+
+
+@torch.no_grad()
+def _linear_scores(graph: EdgeGraph, delta: torch.Tensor, grads: dict) -> np.ndarray:
+    """``Δ_u · g_v`` summed over prompts and positions for every edge: ``[n_edges]`` (float64)."""
+    out = []
+    h = graph.n_heads
+    for layer in range(graph.n_layers):
+        up = 1 + layer * (h + 1)
+        d = delta[:, :, :up]
+        for kind in ("q", "k", "v"):
+            out.append(torch.einsum("ntsd,nthd->hs", d, grads[(kind, layer)]).reshape(-1))
+        out.append(torch.einsum("ntsd,ntd->s", delta[:, :, :up + h], grads[("mlp", layer)]))
+    out.append(torch.einsum("ntsd,ntd->s", delta, grads[("logits", graph.n_layers - 1)]))
+    return torch.cat(out).double().cpu().numpy()
+
+
+def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric: str = "logit_diff",
+                    graddrop: bool = True, batch_size: int | None = None, progress: bool = False) -> EdgeAttribution:
+    """Attribution scores of every edge (module docstring) on ``task`` (a PatchTask).
+
+    Args:
+        method: ``eap``, ``eap-ig`` or ``atp*``.
+        steps: integration steps of ``eap-ig`` (``steps=1`` is EAP).
+        metric: a metric of :mod:`replab.patching.metrics` (``kl`` only with ``eap-ig``: its
+            gradient at the clean run is 0).
+        graddrop: for ``atp*``, also the GradDrop magnitudes (one more backward per layer).
+        batch_size: prompts per pass (default: about 512 tokens; contributions add up).
+    Returns:
+        :class:`EdgeAttribution` (scores normalised by ``M_clean − M_corrupt``).
+    """
+    from replab._progress import progress_bar
+
+    method = {"atp-star": "atp*", "atpstar": "atp*", "eapig": "eap-ig"}.get(method, method)
+    if method not in GRAD_METHODS:
+        raise ReplabError(f"unknown attribution method {method!r} (known: {', '.join(GRAD_METHODS)})")
+    metric = check_metric(metric)
+    if metric == "kl" and method != "eap-ig":
+        raise ReplabError("the kl metric has zero gradient at the clean run; use it with --method eap-ig, or "
+                          "use logit_diff, margin, logprob or prob")
+    if steps < 1:
+        raise ReplabError(f"--steps must be at least 1, not {steps}")
+    graph = edge_graph(model)
+    t0 = time.time()
+    n, t = task.clean.shape
+    drops = list(range(model.cfg.n_layers)) if (method == "atp*" and graddrop) else []
+    n_grad = {"eap": 1, "eap-ig": steps, "atp*": 1 + len(drops)}[method]
+    lin = np.zeros((1 if method != "atp*" else 1 + len(drops), graph.n_edges))
+    qk = np.zeros_like(lin) if method == "atp*" else None
+    clean_sum = corrupt_sum = 0.0
+    worst = 0.0
+    batches = _batches(n, t, batch_size)
+    with progress_bar(len(batches) * (1 + n_grad), f"{method} attribution", "pass", enabled=progress) as bar:
+        for rows in batches:
+            clean, corrupt = task.clean[rows], task.corrupt[rows]
+            logp = _clean_logp(model, clean) if metric == "kl" else None
+            value, corrupt_senders = _run_metric(model, corrupt, task, rows, metric, logp)
+            corrupt_sum += value
+            bar.advance(1)
+            if method == "eap-ig":
+                with torch.inference_mode():
+                    e_clean = model(clean, stop_at_layer=0)               # blocks.0.hook_resid_pre
+                e_corrupt = corrupt_senders[:, :, 0]
+                summed = None
+                for k in range(1, steps + 1):
+                    x_in = None if k == steps else e_corrupt + (k / steps) * (e_clean - e_corrupt)
+                    res = _grad_pass(model, clean, task, rows, metric, n, logp, input_value=x_in,
+                                     senders=k == steps)
+                    summed = res["grads"] if summed is None else {q: summed[q] + g for q, g in res["grads"].items()}
+                    bar.advance(1)
+                clean_sum += res["value"]
+                delta = corrupt_senders - res["senders"]
+                lin[0] += _linear_scores(graph, delta, {q: g / steps for q, g in summed.items()})
+                continue
+            res = _grad_pass(model, clean, task, rows, metric, n, logp, senders=True, patterns=method == "atp*")
+            bar.advance(1)
+            clean_sum += res["value"]
+            delta = corrupt_senders - res["senders"]
+            lin[0] += _linear_scores(graph, delta, res["grads"])
+            if method == "atp*":
+                passes = [res]
+                for j, layer in enumerate(drops):
+                    p = _grad_pass(model, clean, task, rows, metric, n, logp, drop=layer, patterns=True)
+                    lin[1 + j] += _linear_scores(graph, delta, p["grads"])
+                    passes.append({"grads": {k: v for k, v in p["grads"].items() if k[0] == "pattern"}})
+                    bar.advance(1)
+                est, err = qk_fixed_estimates(model, graph, delta, passes)
+                qk += est
+                worst = max(worst, err)
+    return _finish(model, task, graph, method, metric, steps, lin, qk, clean_sum / n, corrupt_sum / n,
+                   n_grad, worst, time.time() - t0)
+
+
+def _finish(model, task, graph, method, metric, steps, lin, qk, clean_m, corrupt_m, n_grad, worst, seconds):
+    from replab.patching.metrics import normalized
+
+    denom = clean_m - corrupt_m
+    normalized(0.0, clean_m, corrupt_m)        # raises when the task does not separate the runs
+    scores = lin[0] / denom
+    extra, checks = {}, {}
+    if method == "atp*":
+        if worst > QK_TOL:
+            raise ReplabError(f"the QK fix's recomputed attention pattern differs from the model's by {worst:.2e} "
+                              f"(> {QK_TOL:g}); AtP* cannot be trusted on this model")
+        checks["qk_recompute"] = {"value": worst, "expected": 0.0, "tolerance": QK_TOL, "ok": True,
+                                  "what": "attention pattern recomputed by the QK fix at Δ = 0 equals hook_pattern"}
+        mask = qk_edge_mask(graph)
+        star = np.where(mask[None], qk, lin) / denom                   # [1 + drops, n_edges]
+        extra["atp"] = lin[0] / denom
+        extra["atp_star"] = star[0]
+        scores = star[0]
+        if star.shape[0] > 1:
+            extra["graddrop"] = np.abs(star[1:]).sum(0) / max(1, graph.n_layers - 1)
+    passes = {"forwards": 1 + n_grad, "backwards": n_grad}
+    return EdgeAttribution(graph, method, metric, scores, clean_m, corrupt_m, passes, seconds,
+                           steps if method == "eap-ig" else None, extra, checks)

@@ -1,0 +1,120 @@
+"""The library calls behind ``replab circuit edges`` and ``replab circuit discover``.
+
+Each loads the model and task, runs, and writes a run directory (tables as Parquet + CSV,
+figures as PNG + SVG, circuits as JSON, ``summary.json`` last with the model identity).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from replab.errors import ReplabError
+from replab.io import write_json_atomic
+from replab.rundir import finish_run, start_run, write_table
+
+
+def _load(model, task, template, limit, dataset=None):
+    from replab.patching.runs import load
+
+    return load(model, dataset or task, template, limit)
+
+
+def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str | None = None, *,
+              steps: int = 5, metric: str = "logit_diff", edges=None, graddrop: bool = True, n_top: int = 50,
+              n_random: int = 200, seed: int = 0, verify: bool = True, template=None, limit=None,
+              dataset=None, progress: bool = True) -> dict:
+    """:func:`replab.circuits.edges.score_edges` on a named task, written to ``out``:
+    ``edges.parquet|csv`` (every edge), ``verification.parquet|csv`` (the exactly patched edges),
+    ``approx_vs_exact.png|svg`` and ``summary.json``. Returns the summary (plus ``out``)."""
+    from replab.circuits.edge_plots import approx_vs_exact
+    from replab.circuits.edges import check_options, score_edges
+    from replab.patching.plots import save_figure
+
+    method = check_options(method, metric, steps, edges)       # before the model loads
+    m, t = _load(model, task, template, limit, dataset)
+    res = score_edges(m, t, method, steps=steps, metric=metric, edges=edges, graddrop=graddrop, n_top=n_top,
+                      n_random=n_random, seed=seed, verify=verify, progress=progress)
+    tag = method.replace("*", "star")
+    out = start_run(Path(out or f"runs/edges-{tag}-{t.name.replace('/', '_')}"))
+    files = write_table(res.table, out, "edges")
+    sample = res.sample
+    if len(sample):
+        files += write_table(sample.reset_index(drop=True), out, "verification")
+    if res.verification.get("status") == "ran":
+        files += save_figure(approx_vs_exact(sample, method, f"{method} vs exact edge patching, task {t.name}"),
+                             out / "approx_vs_exact")
+    summary = {"kind": "circuit_edges", "task": t.describe(), "steps": steps if method == "eap-ig" else None,
+               **res.summary(), "files": files}
+    return {**finish_run(out, summary, m), "out": str(out)}
+
+
+def run_discover(task: str = "next_day", methods=("eap-ig",), sizes=None, out=None, model: str | None = None, *,
+                 steps: int = 5, metric: str = "logit_diff", graddrop: bool = False, threshold: float = 0.8,
+                 compare_heads=None, template=None, limit=None, dataset=None, progress: bool = True) -> dict:
+    """:func:`replab.circuits.discover.discover_circuits` on a named task, written to ``out``:
+    ``faithfulness.parquet|csv``, ``faithfulness.png|svg`` (one line per method), and per circuit
+    ``circuits/<method>_<k>.json`` + ``.png|svg``; ``summary.json`` names the smallest circuit
+    reaching ``threshold`` per method, its heads (the node-level view) and, given
+    ``compare_heads`` (a head list or a JSON file with a ``heads`` list), their overlap."""
+    from replab.circuits.discover import DEFAULT_SIZES, discover_circuits
+    from replab.circuits.edge_plots import circuit_figure, faithfulness_curve
+    from replab.circuits.edges import check_options
+    from replab.circuits.graph import head_overlap, heads_by_weight
+    from replab.patching.plots import save_figure
+
+    if isinstance(methods, str):
+        methods = [x.strip() for x in methods.split(",") if x.strip()]
+    if not methods:
+        raise ReplabError("give at least one attribution method (--method eap,eap-ig,atp*)")
+    methods = [check_options(mth, metric, steps, None, exact_ok=False) for mth in methods]
+    other = _heads_arg(compare_heads)
+    m, t = _load(model, task, template, limit, dataset)
+    res = discover_circuits(m, t, methods, sizes or DEFAULT_SIZES, steps=steps, metric=metric,
+                            graddrop=graddrop, progress=progress)
+    out = start_run(Path(out or f"runs/discover-{t.name.replace('/', '_')}"))
+    files = write_table(res.table, out, "faithfulness")
+    files += save_figure(faithfulness_curve(res.table, f"edge circuits on {t.name}: exact faithfulness", threshold),
+                         out / "faithfulness")
+    g = res.graph
+    for (method, k), circuit in res.circuits.items():
+        stem = out / "circuits" / f"{method.replace('*', 'star')}_{k}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stem.with_suffix(".json"), {**circuit, "task": t.name, "metric": metric})
+        files.append(str(stem.with_suffix(".json")))
+        files += save_figure(circuit_figure(circuit, g.n_layers, g.n_heads, g.n_kv_heads), stem)
+    best = res.smallest(threshold)
+    heads = {mth: (res.circuits[(mth, b["n_edges"])]["heads"] if b else None) for mth, b in best.items()}
+    heavy = {mth: ([{"head": h, "weight": w} for h, w in
+                    heads_by_weight(res.circuits[(mth, b["n_edges"])]["edges"], g.n_heads, g.n_kv_heads)[:15]]
+                   if b else None) for mth, b in best.items()}
+    overlap = ({mth: head_overlap(h, other) for mth, h in heads.items() if h is not None}
+               if other is not None else "not run: no --compare-heads given")
+    summary = {"kind": "circuit_discover", "task": t.describe(), "metric": metric, "methods": list(methods),
+               "steps": steps, "graph": g.counts(), "threshold": threshold, "exact": res.plan,
+               "seconds": res.seconds, "attribution": {mth: a.describe() for mth, a in res.attributions.items()},
+               "curve": res.table.to_dict("records"), "smallest_reaching_threshold": best,
+               "heads_of_smallest": heads, "heaviest_heads_of_smallest": heavy,
+               "overlap_with_compare_heads": overlap, "files": files}
+    return {**finish_run(out, summary, m), "out": str(out)}
+
+
+def _heads_arg(value):
+    """A comma list of heads, a JSON file with ``heads``, or None."""
+    if value is None:
+        return None
+    from replab.circuits.graph import parse_node
+
+    path = Path(str(value))
+    if path.suffix == ".json":
+        if not path.exists():
+            raise ReplabError(f"--compare-heads file {path} does not exist")
+        data = json.loads(path.read_text())
+        heads = list(data["heads"] if isinstance(data, dict) and "heads" in data else data)
+    else:
+        heads = [h.strip() for h in str(value).split(",") if h.strip()]
+    for h in heads:
+        kind, spec = parse_node(h)
+        if spec[0] != "head" or kind != "sender":
+            raise ReplabError(f"--compare-heads takes query heads such as L5H3, not {h!r}")
+    return heads

@@ -1,0 +1,22 @@
+"""Replay a circuit run from its ``config.yaml`` (:mod:`replab.circuits.runs`): one command,
+``replab circuit replay DIR/config.yaml``, repeats the run with the same model, task, options
+and seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from replab.circuits import blocks_run, path_run, prune_run, validate_run  # noqa: F401 (they register runners)
+from replab.circuits.runs import RUNNERS, read_config
+from replab.errors import ReplabError
+
+
+def replay_run(path, out=None, progress: bool = True) -> dict:
+    """Repeat the run ``path`` (a run directory or its ``config.yaml``) with the same options,
+    writing to ``out`` (default: the same directory). Returns the new summary."""
+    config = read_config(path)
+    kind = config["kind"]
+    if kind not in RUNNERS:
+        raise ReplabError(f"cannot replay a {kind!r} run (known: {', '.join(sorted(RUNNERS))})")
+    target = Path(out) if out is not None else (Path(path) if Path(path).is_dir() else Path(path).parent)
+    return RUNNERS[kind](**config["options"], out=target, progress=progress)

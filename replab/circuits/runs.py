@@ -1,0 +1,120 @@
+"""What every circuit command shares: loading, the run directory, ``config.yaml`` and replay.
+
+Every ``replab circuit ...`` run writes, before anything else, ``<out>/config.yaml``::
+
+    kind: necessity                       # which run_* call made it
+    command: replab circuit necessity --task next_day --components L23H3,L29H1 ...
+    replay: replab circuit replay runs/x/config.yaml
+    options: {task: next_day, components: [L23H3, L29H1], ablation: mean, seed: 0, ...}
+    replab_version: ...
+
+``options`` are the call's resolved keyword arguments (components in canonical form, every
+default filled in), so ``replab circuit replay DIR/config.yaml [--out NEW]`` (or
+:func:`replab.circuits.replay.replay_run` in Python) repeats the run exactly: same model, task, prompts, seeds. Then
+the tables (Parquet + CSV), figures (PNG + SVG) and ``summary.json`` last
+(:mod:`replab.rundir`), which repeats the config and adds the model identity.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+
+from replab.errors import ReplabError
+from replab.rundir import finish_run, start_run
+
+CONFIG = "config.yaml"
+#: ``kind -> run_* function``; filled by :func:`runner` in the modules that define them
+#: (:mod:`replab.circuits.replay` imports them all).
+RUNNERS: dict[str, Callable[..., dict]] = {}
+#: options that are not part of the experiment (they never go into config.yaml)
+_VOLATILE = ("out", "progress")
+
+
+def runner(kind: str):
+    """Register a ``run_*`` function under ``kind`` (what a replay calls)."""
+    def wrap(fn):
+        RUNNERS[kind] = fn
+        return fn
+    return wrap
+
+
+def load(model: str | None = None, task: str = "next_day", dataset: str | None = None,
+         classes: str | None = None, template: str | None = None, limit: int | None = None):
+    """``(model, PatchTask)``: the model (default SmolLM2) and a task on its tokenizer
+    (:func:`replab.patching.catalog.load_task`)."""
+    from replab.models import load_model
+    from replab.patching.catalog import load_task
+
+    m = load_model(model, device="cpu")
+    return m, load_task(task, m.tokenizer, template=template, limit=limit,
+                        prepend_bos=bool(m.cfg.default_prepend_bos), classes=classes, dataset=dataset)
+
+
+def _plain(value):
+    """JSON/YAML-safe copy (tuples -> lists, numpy scalars -> Python)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def command_line(kind: str, options: dict) -> str:
+    """The ``replab circuit KIND --opt value ...`` line equivalent to ``options``."""
+    parts = ["replab", "circuit", kind]
+    for key, value in options.items():
+        if value is None or key in _VOLATILE:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, ",".join(map(str, value))]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def start(out, kind: str, options: dict) -> Path:
+    """Create the run directory and write ``config.yaml`` (module docstring)."""
+    import yaml
+
+    from replab._version import __version__
+
+    out = start_run(out)
+    opts = {k: _plain(v) for k, v in options.items() if k not in _VOLATILE}
+    config = {"kind": kind, "command": command_line(kind, opts),
+              "replay": shlex.join(["replab", "circuit", "replay", str(out / CONFIG)]),
+              "options": opts, "replab_version": __version__}
+    (out / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return out
+
+
+def finish(out: Path, summary: dict, model) -> dict:
+    """Write ``summary.json`` last (with the config and model identity); return it plus ``out``."""
+    import yaml
+
+    config = yaml.safe_load((out / CONFIG).read_text())
+    summary = {"kind": f"circuit_{config['kind']}", **summary, "config": config}
+    return {**finish_run(out, _plain(summary), model), "out": str(out)}
+
+
+def read_config(path) -> dict:
+    """A run's ``config.yaml`` (given the file or its directory)."""
+    import yaml
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / CONFIG
+    if not p.is_file():
+        raise ReplabError(f"{path}: no {CONFIG} (give a circuit run directory or its config.yaml)")
+    config = yaml.safe_load(p.read_text()) or {}
+    if "kind" not in config or "options" not in config:
+        raise ReplabError(f"{p} is not a circuit run config (it needs kind and options)")
+    return config

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The circuit acceptance runs on the default model (SmolLM2-135M-Instruct), as reported in
+# docs/circuits.md. Each step is one `replab circuit ...` command writing a replayable run
+# directory under $OUT (default runs/circuits). Slow on a CPU (hours): run it once, with nice.
+#   bash scripts/circuits_acceptance.sh            # everything
+#   STEPS="seq" bash scripts/circuits_acceptance.sh  # one part: seq | nextday | grid
+set -euo pipefail
+OUT=${OUT:-runs/circuits}
+PY=${PY:-python}
+R="$PY -m replab circuit"
+STEPS=${STEPS:-"seq nextday grid"}
+mkdir -p "$OUT"
+
+pick_circuit() {  # $1 prune run dir, $2 order, $3 threshold -> writes $1/circuit_<order>_<threshold>.json
+  $PY - "$1" "$2" "$3" <<'PYEOF'
+import json, sys
+d, order, th = sys.argv[1], sys.argv[2], float(sys.argv[3])
+lv = [x for x in json.load(open(f"{d}/summary.json"))["levels"] if x["order"] == order and x["threshold"] == th][0]
+path = f"{d}/circuit_{order}_{th:g}.json"
+json.dump({"components": lv["heads"], "performance": lv["performance"]}, open(path, "w"))
+print(path)
+PYEOF
+}
+
+top_member() {  # $1 minimality run dir -> the member whose removal costs the set most
+  $PY -c "import json,sys; r=json.load(open(sys.argv[1]+'/summary.json'))['records']; \
+print(max(r, key=lambda x: x['delta'])['components'][0])" "$1"
+}
+
+validate() {  # $1 name, $2 task args, $3 circuit file
+  local name=$1 args=$2 circuit=$3
+  $R necessity   $args --components "$circuit" --out "$OUT/$name-necessity"
+  $R sufficiency $args --components "$circuit" --out "$OUT/$name-sufficiency"
+  $R minimality  $args --components "$circuit" --out "$OUT/$name-minimality"
+  $R hydra       $args --ablate "$(top_member "$OUT/$name-minimality")" --out "$OUT/$name-hydra"
+}
+
+for step in $STEPS; do
+  case $step in
+    seq)
+      $R prune --task sequences --limit 8 --orders greedy,attribution,reverse,random:3 --candidates 16 \
+               --check-every 50 --out "$OUT/seq-prune"
+      validate seq "--task sequences" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
+      ;;
+    nextday)
+      $R prune --task next_day --orders greedy,attribution,reverse,random:3 --candidates 16 \
+               --check-every 50 --out "$OUT/nextday-prune"
+      validate nextday "--task next_day" "$(pick_circuit "$OUT/nextday-prune" greedy 0.8)"
+      ;;
+    grid)
+      $R grid --task superclass --classes artist,athlete,scientist,politician,writer --layer 20 \
+              --pairs 8 --out "$OUT/superclass-grid-L20"
+      ;;
+  esac
+done
+echo "done: $OUT"
