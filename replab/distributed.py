@@ -136,7 +136,8 @@ def model_spec(model) -> dict:
     n_devices = int(getattr(model.cfg, "n_devices", 1) or 1)
     return {"name": name, "dtype": ident.dtype, "device": "cuda" if device.startswith("cuda") else device,
             "n_devices": n_devices, "identity": ident.to_dict(), "digest": state_digest(model),
-            "threads": torch.get_num_threads(), "replab_version": __version__}
+            "threads": torch.get_num_threads(), "replab_version": __version__,
+            "test_env": {k: v for k, v in os.environ.items() if k.startswith("REPLAB_TEST_")}}
 
 
 def load_worker_model(spec: dict):
@@ -164,10 +165,25 @@ def load_worker_model(spec: dict):
     return model
 
 
+def crash_point() -> None:
+    """Tests only: ``$REPLAB_TEST_CRASH_ONCE`` names a marker file; the first worker to reach
+    this point while the file does not exist creates it and dies at once (``os._exit``, as a
+    killed process would: no exception, no cleanup), so the kill tests are deterministic."""
+    marker = os.environ.get("REPLAB_TEST_CRASH_ONCE")
+    if marker and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os._exit(1)
+
+
 class ModelWorker:
-    """Base of the Ray actors: loads the model of a :func:`model_spec` once."""
+    """Base of the Ray actors: loads the model of a :func:`model_spec` once.
+
+    The driver's ``REPLAB_TEST_*`` variables (test hooks such as ``REPLAB_TEST_BATCH_DELAY``)
+    travel in the spec, so a worker behaves as the local engine would in the same test."""
 
     def __init__(self, spec: dict):
+        os.environ.update(spec.get("test_env", {}))
         self.model = load_worker_model(spec)
 
     def where(self) -> dict:
@@ -180,7 +196,9 @@ def start_pool(cls, model, workers: int | None = None, address: str | None = Non
     """Connect (:func:`connect`) and start ``workers`` actors of ``cls`` holding ``model``.
 
     Each actor asks Ray for ``cpus_per_worker`` CPUs (default: the driver's torch thread count
-    for a CPU model, 1 for a CUDA one) and ``n_devices`` GPUs for a CUDA model. ``workers``
+    for a CPU model, at most the CPUs of the cluster's largest node; 1 for a CUDA one) and
+    ``n_devices`` GPUs for a CUDA model. Every worker runs the driver's torch thread count
+    whatever it reserves. ``workers``
     defaults to what the cluster holds; more than it holds is a one-line error (Ray would
     wait for resources forever). ``max_workers``: never more than this (the number of jobs).
     """
@@ -190,7 +208,11 @@ def start_pool(cls, model, workers: int | None = None, address: str | None = Non
     cuda = spec["device"] == "cuda"
     gpus = float(spec["n_devices"]) if cuda else 0.0
     cpus = float(cpus_per_worker if cpus_per_worker is not None else (1 if cuda else spec["threads"]))
-    connect(address, num_cpus=None if workers is None else math.ceil(int(workers) * cpus))
+    ray = connect(address, num_cpus=None if workers is None else math.ceil(int(workers) * cpus))
+    if cpus_per_worker is None:               # never more than a node has (e.g. a small local cluster)
+        node_cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        if node_cpus and max(node_cpus) > 0:
+            cpus = min(cpus, max(node_cpus))
     room = cluster_slots(cpus, gpus)
     deadline = time.monotonic() + 10          # actors just stopped free their resources shortly after
     while (room == 0 or (workers and int(workers) > room)) and time.monotonic() < deadline:

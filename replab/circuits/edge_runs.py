@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from replab.distributed import check_engine
 from replab.errors import ReplabError
 from replab.io import write_json_atomic
+from replab.patching.executors import engine_scope
 from replab.rundir import finish_run, start_run, write_table
 
 
@@ -23,18 +25,24 @@ def _load(model, task, template, limit, dataset=None):
 def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str | None = None, *,
               steps: int = 5, metric: str = "logit_diff", edges=None, graddrop: bool = True, n_top: int = 50,
               n_random: int = 200, seed: int = 0, verify: bool = True, template=None, limit=None,
-              dataset=None, progress: bool = True) -> dict:
+              dataset=None, progress: bool = True, engine: str = "local", workers: int | None = None,
+              address: str | None = None) -> dict:
     """:func:`replab.circuits.edges.score_edges` on a named task, written to ``out``:
     ``edges.parquet|csv`` (every edge), ``verification.parquet|csv`` (the exactly patched edges),
-    ``approx_vs_exact.png|svg`` and ``summary.json``. Returns the summary (plus ``out``)."""
+    ``approx_vs_exact.png|svg`` and ``summary.json``. Returns the summary (plus ``out``).
+    ``engine="ray"`` patches the edges exactly on ``workers`` Ray actors of the cluster at
+    ``address`` (:mod:`replab.patching.executors`; same scores as the local engine)."""
     from replab.circuits.edge_plots import approx_vs_exact
     from replab.circuits.edges import check_options, score_edges
     from replab.patching.plots import save_figure
 
     method = check_options(method, metric, steps, edges)       # before the model loads
+    check_engine(engine)
     m, t = _load(model, task, template, limit, dataset)
-    res = score_edges(m, t, method, steps=steps, metric=metric, edges=edges, graddrop=graddrop, n_top=n_top,
-                      n_random=n_random, seed=seed, verify=verify, progress=progress)
+    with engine_scope(engine, workers=workers, address=address) as eng:
+        res = score_edges(m, t, method, steps=steps, metric=metric, edges=edges, graddrop=graddrop, n_top=n_top,
+                          n_random=n_random, seed=seed, verify=verify, progress=progress, engine=eng)
+        described = eng.describe()
     tag = method.replace("*", "star")
     out = start_run(Path(out or f"runs/edges-{tag}-{t.name.replace('/', '_')}"))
     files = write_table(res.table, out, "edges")
@@ -45,7 +53,7 @@ def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str 
         files += save_figure(approx_vs_exact(sample, method, f"{method} vs exact edge patching, task {t.name}"),
                              out / "approx_vs_exact")
     summary = {"kind": "circuit_edges", "task": t.describe(), "steps": steps if method == "eap-ig" else None,
-               **res.summary(), "files": files}
+               **res.summary(), "engine": described, "files": files}
     return {**finish_run(out, summary, m), "out": str(out)}
 
 

@@ -69,8 +69,10 @@ def edge_checks(res) -> list[Check]:
 
 
 def exact_edges(model, task, graph: EdgeGraph, idx, metric: str = "logit_diff", *, progress: bool = False,
-                forwards=None):
-    """Exact scores of edges ``idx`` in one :func:`~replab.patching.plan.run_plan` call.
+                forwards=None, engine="local"):
+    """Exact scores of edges ``idx`` in one :func:`~replab.patching.plan.run_plan` call
+    (``engine``: where its forwards run, e.g. ``"ray"``; see
+    :mod:`replab.patching.executors`; the scores are the local engine's).
 
     Returns ``(table, plan)``: table rows ``edge_index, edge, exact, exact_ci_low, exact_ci_high,
     answer_logit, foil_logit`` (``exact`` = normalised effect − 1) and the PlanResult (its checks
@@ -84,7 +86,7 @@ def exact_edges(model, task, graph: EdgeGraph, idx, metric: str = "logit_diff", 
                 for i in idx]
     res = run_plan(model, task, variants + edge_check_variants(graph), metric, base="clean",
                    extra_checks=edge_checks, progress=progress, label="exact edges", unit="edge",
-                   forwards=forwards)
+                   forwards=forwards, engine=engine)
     n = len(idx)
     table = pd.DataFrame({"edge_index": idx, "edge": [names[i] for i in idx], "exact": res.effect[:n] - 1,
                           "exact_ci_low": res.ci_low[:n] - 1, "exact_ci_high": res.ci_high[:n] - 1,
@@ -160,7 +162,8 @@ class EdgeScores:
 
 def score_edges(model, task, method: str = "eap", *, steps: int = 5, metric: str = "logit_diff",
                 edges=None, graddrop: bool = True, n_top: int = 50, n_random: int = 200, seed: int = 0,
-                verify: bool = True, progress: bool = False, attribution: EdgeAttribution | None = None) -> EdgeScores:
+                verify: bool = True, progress: bool = False, attribution: EdgeAttribution | None = None,
+                engine="local") -> EdgeScores:
     """Score every edge with ``method`` and verify a sample exactly (module docstring).
 
     Args:
@@ -171,6 +174,8 @@ def score_edges(model, task, method: str = "eap", *, steps: int = 5, metric: str
         n_top, n_random, seed: the verification sample.
         verify: False skips the exact sample (the summary says the check did not run).
         attribution: a precomputed :class:`~replab.circuits.eap.EdgeAttribution` to reuse.
+        engine: where the exact edge patching runs (``"local"``, ``"ray"`` or an engine from
+            :func:`~replab.patching.executors.make_engine`); attribution runs in this process.
     Returns:
         :class:`EdgeScores`.
     """
@@ -215,7 +220,7 @@ def score_edges(model, task, method: str = "eap", *, steps: int = 5, metric: str
     plan: dict = {}
     if len(pick):
         t0 = time.time()
-        exact, res = exact_edges(model, task, graph, pick, metric, progress=progress)
+        exact, res = exact_edges(model, task, graph, pick, metric, progress=progress, engine=engine)
         seconds["exact"] = round(time.time() - t0, 3)
         for c in ("exact", "exact_ci_low", "exact_ci_high"):
             table.loc[pick, c] = exact[c].to_numpy()

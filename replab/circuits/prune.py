@@ -47,6 +47,7 @@ from replab.circuits.attribution import ablation_attribution
 from replab.circuits.components import Component, all_heads, interventions, names
 from replab.errors import ReplabError
 from replab.patching.engine import Variant
+from replab.patching.executors import engine_scope
 from replab.patching.interventions import Intervention
 from replab.patching.plan import plan_forwards, run_plan
 
@@ -106,9 +107,9 @@ def parse_thresholds(spec) -> list[float]:
 class _Evaluator:
     """Exact performance of ablated head sets, in batched engine runs on cached forwards."""
 
-    def __init__(self, model, task, ablation: Ablation, metric: str, n_boot: int, seed: int):
+    def __init__(self, model, task, ablation: Ablation, metric: str, n_boot: int, seed: int, engine="local"):
         self.model, self.task, self.ablation, self.metric = model, task, ablation, metric
-        self.n_boot, self.seed = n_boot, seed
+        self.n_boot, self.seed, self.engine = n_boot, seed, engine
         heads = all_heads(model)
         probe = [Variant(interventions(heads, model, ablation.source, task.n_tokens, ablation.seed))]
         hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
@@ -139,7 +140,7 @@ class _Evaluator:
         variants = variants or [self.variant(s, f"v{i}") for i, s in enumerate(sets)]
         res = run_plan(self.model, self.task, variants, self.metric, base="clean", sources=sources or self.sources,
                        forwards=self.forwards, n_boot=self.n_boot, seed=self.seed, progress=progress, label=label,
-                       unit="set")
+                       unit="set", engine=self.engine)
         self.n_variants += len(variants) + res.n_engine_variants
         self.n_runs += 1
         self.seconds += time.time() - t0
@@ -275,7 +276,8 @@ def _levels(order_name, removed, perf, thresholds, heads):
 
 def prune_heads(model, task, thresholds=(0.97, 0.9, 0.8, 0.7), orders=("greedy", "attribution", "reverse", "random:20"),
           ablation: Ablation | None = None, metric: str = "logit_diff", candidates: int | None = None,
-          check_every: int = 10, seed: int = 0, n_boot: int = 200, progress: bool = False) -> PruneResult:
+          check_every: int = 10, seed: int = 0, n_boot: int = 200, progress: bool = False,
+          engine="local") -> PruneResult:
     """Prune heads along each order down to the lowest threshold (module docstring).
 
     Args:
@@ -284,6 +286,10 @@ def prune_heads(model, task, thresholds=(0.97, 0.9, 0.8, 0.7), orders=("greedy",
         candidates: greedy only: evaluate exactly the K heads attribution ranks least harmful.
         check_every: greedy with candidates: every this many steps (and step 0), also evaluate
             every candidate to measure agreement with exact greedy (0: never).
+        engine: where the batched engine runs go: ``"local"``, ``"ray"`` or an engine from
+            :func:`~replab.patching.executors.make_engine` (its workers load the model once for
+            the whole pruning); the results are the local engine's. Attribution passes
+            (gradients) run in this process.
     Returns:
         :class:`PruneResult`.
     """
@@ -295,10 +301,17 @@ def prune_heads(model, task, thresholds=(0.97, 0.9, 0.8, 0.7), orders=("greedy",
         raise ReplabError(f"--candidates must be at least 1, not {candidates}")
     ths = parse_thresholds(thresholds)
     order_names = parse_orders(orders)
+    with engine_scope(engine) as runner:
+        return _prune(model, task, ths, order_names, ablation, metric, candidates, check_every, seed, n_boot,
+                      progress, runner)
+
+
+def _prune(model, task, ths, order_names, ablation, metric, candidates, check_every, seed, n_boot, progress,
+           engine) -> PruneResult:
     heads = all_heads(model)
     floor = min(ths)
     t_start = time.time()
-    ev = _Evaluator(model, task, ablation, metric, n_boot, seed)
+    ev = _Evaluator(model, task, ablation, metric, n_boot, seed, engine)
     curves, levels, timing, agreement = [], [], {}, {}
     for name in order_names:
         t0, v0 = time.time(), ev.n_variants
@@ -335,7 +348,8 @@ def prune_heads(model, task, thresholds=(0.97, 0.9, 0.8, 0.7), orders=("greedy",
                "variant_forwards": ev.n_variants, "engine_runs": ev.n_runs,
                "attribution_passes": getattr(ev, "n_attribution", 0), "prompts": task.n_prompts,
                "tokens": task.n_tokens, "seconds": round(time.time() - t_start, 2),
-               "engine_seconds": round(ev.seconds, 2), "checks": res.checks_dict(), "bootstrap": res.bootstrap}
+               "engine_seconds": round(ev.seconds, 2), "checks": res.checks_dict(), "bootstrap": res.bootstrap,
+               "engine": engine.describe() if hasattr(engine, "describe") else {"engine": str(engine)}}
     return PruneResult(records, curves_df, survival(records, model), level_diffs(records), agreement, summary)
 
 

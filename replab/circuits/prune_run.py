@@ -16,6 +16,8 @@ import pandas as pd
 
 from replab.circuits.ablation import Ablation
 from replab.circuits.runs import finish, load, runner, start
+from replab.distributed import check_engine
+from replab.patching.executors import engine_scope
 from replab.rundir import write_table
 
 
@@ -23,7 +25,8 @@ from replab.rundir import write_table
 def run_prune(task: str = "sequences", out=None, model: str | None = None, dataset=None, classes=None,
               template=None, limit=None, thresholds="0.97,0.9,0.8,0.7", orders="greedy,attribution,reverse,random:20",
               metric: str = "logit_diff", ablation: str = "mean", mean_over=None, candidates: int | None = None,
-              check_every: int = 10, seed: int = 0, n_boot: int = 200, progress: bool = True) -> dict:
+              check_every: int = 10, seed: int = 0, n_boot: int = 200, progress: bool = True,
+              engine: str = "local", workers: int | None = None, address: str | None = None) -> dict:
     """Iterative pruning (:func:`replab.circuits.prune.prune_heads`) on a task, saved to ``out``.
 
     Args:
@@ -31,6 +34,9 @@ def run_prune(task: str = "sequences", out=None, model: str | None = None, datas
         orders: ``greedy``, ``attribution``, ``reverse``, ``forward``, ``random:N``.
         candidates: greedy evaluates exactly only the K heads attribution ranks least harmful.
         check_every: with ``candidates``: every this many steps also run exact greedy's step.
+        engine, workers, address: ``engine="ray"`` runs the batched engine runs on ``workers``
+            Ray actors of the cluster at ``address`` (:mod:`replab.patching.executors`); the
+            levels are the local engine's. Not part of the config (a replay runs locally).
     Returns:
         The summary (``levels``: ``order, threshold, heads, n_heads, performance, ablation,
         metric``, ...) written to ``<out>/summary.json``, plus ``out``.
@@ -39,6 +45,7 @@ def run_prune(task: str = "sequences", out=None, model: str | None = None, datas
     from replab.circuits.prune import parse_orders, parse_thresholds, prune_heads
     from replab.patching.plots import save_figure
 
+    check_engine(engine)                      # before the model loads: "pip install 'replab[ray]'"
     abl = Ablation(ablation, mean_over, seed)
     ths = parse_thresholds(thresholds)
     parse_orders(orders)
@@ -49,7 +56,8 @@ def run_prune(task: str = "sequences", out=None, model: str | None = None, datas
                "ablation": abl.kind, "mean_over": mean_over, "candidates": candidates, "check_every": check_every,
                "seed": seed, "n_boot": n_boot}
     out = start(out or "runs/circuit-prune", "prune", options)
-    res = prune_heads(m, t, ths, orders, abl, metric, candidates, check_every, seed, n_boot, progress)
+    with engine_scope(engine, workers=workers, address=address) as eng:
+        res = prune_heads(m, t, ths, orders, abl, metric, candidates, check_every, seed, n_boot, progress, eng)
     files = write_table(pd.DataFrame(res.levels), out, "levels") + write_table(res.curves, out, "curves")
     files += write_table(res.survival, out, "survival") + write_table(res.diffs, out, "level_diffs")
     if res.agreement.get("checks"):

@@ -14,8 +14,8 @@ JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON on st
 MODEL_OPT = typer.Option(None, "--model", "-m",
                          help="Model: default SmolLM2-135M-Instruct, 'tiny', or a local HF dir.")
 
-# The Ray engine (docs/scaling.md): shared by `harvest` and `patch sweep` (and any command
-# whose library call passes `engine` to run_plan).
+# The Ray engine (docs/scaling.md): shared by `harvest`, `patch sweep`, `circuit prune` and
+# `circuit edges` (any command whose library call passes `engine` down to run_plan).
 ENGINE_OPT = typer.Option("local", "--engine",
                           help="local (this process) or ray (Ray workers, one model each; needs "
                                "pip install 'replab[ray]'). Results are identical.")
@@ -23,7 +23,8 @@ ADDRESS_OPT = typer.Option(None, "--address",
                            help="Ray cluster: auto (started with `ray start`), ray://HOST:10001, or "
                                 "HOST:6379; default: a new local cluster.")
 WORKERS_OPT = typer.Option(None, "--workers", min=1,
-                           help="Ray workers (default: one per CPU of the cluster, or per GPU for --device cuda).")
+                           help="Ray workers (default: as many as the cluster's free CPUs hold, each taking "
+                                "the driver's torch thread count; one per GPU for a CUDA model).")
 
 
 def examples(*lines: str) -> str:

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
+from replab.cli._common import (
+    ADDRESS_OPT,
+    ENGINE_OPT,
+    JSON_OPT,
+    MODEL_OPT,
+    WORKERS_OPT,
+    examples,
+    human_console,
+    print_json,
+)
 from replab.cli.circuit import app
 
 _TASK = typer.Option("next_day", "--task", "-t", help="Task: a builtin task (next_day, fact_recall) or prompt set.")
@@ -29,7 +38,8 @@ def _fmt(v) -> str:
     "replab circuit edges --task next_day --method eap-ig --steps 5 --json",
     "replab circuit edges --task next_day --method 'atp*'",
     "replab circuit edges --task next_day --method exact --edges 'L23H3->LOGITS,EMBED->L0KV1.v'",
-    "replab circuit edges --model tiny --task next_day --method eap --top 20 --random 50"))
+    "replab circuit edges --model tiny --task next_day --method eap --top 20 --random 50",
+    "replab circuit edges --task next_day --method exact --edges all --engine ray --address auto --workers 8"))
 def edges_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPLATE, limit: int = _LIMIT,
               method: str = typer.Option("eap", "--method", "-M", help="eap | eap-ig | atp* | exact"),
               steps: int = _STEPS, metric: str = _METRIC,
@@ -41,6 +51,7 @@ def edges_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPL
               verify: bool = typer.Option(True, "--verify/--no-verify", help="Patch the sample exactly."),
               graddrop: bool = typer.Option(True, "--graddrop/--no-graddrop",
                                             help="atp*: GradDrop magnitudes (one backward pass per layer)."),
+              engine: str = ENGINE_OPT, address: str = ADDRESS_OPT, workers: int = WORKERS_OPT,
               out: str = _OUT, model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Score every edge of the model's graph (EAP, EAP-IG, AtP*) and check a sample exactly in the
     same run: Spearman/Pearson against exact edge patching and sign disagreements."""
@@ -48,7 +59,7 @@ def edges_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPL
 
     s = run_edges(task, method, out, model, steps=steps, metric=metric, edges=edges, graddrop=graddrop,
                   n_top=top, n_random=random, seed=seed, verify=verify, template=template, limit=limit,
-                  dataset=dataset, progress=not json_out)
+                  dataset=dataset, progress=not json_out, engine=engine, workers=workers, address=address)
     if json_out:
         print_json(s)
         return

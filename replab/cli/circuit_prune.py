@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples
+from replab.cli._common import ADDRESS_OPT, ENGINE_OPT, JSON_OPT, MODEL_OPT, WORKERS_OPT, examples
 from replab.cli.circuit import app
 from replab.cli.circuit_options import (
     ABLATION,
@@ -29,7 +29,8 @@ PRUNE_KEYS = ("levels", "thresholds", "orders", "ablation", "metric", "intact_me
 @app.command("prune", epilog=examples(
     "replab circuit prune --task sequences --thresholds 0.97,0.9,0.8,0.7 --orders greedy,attribution,reverse,random:20",
     "replab circuit prune --task sequences --orders greedy --candidates 16 --json",
-    "replab circuit prune --task next_day --orders attribution,random:5 --ablation zero --metric margin"))
+    "replab circuit prune --task next_day --orders attribution,random:5 --ablation zero --metric margin",
+    "replab circuit prune --task sequences --orders greedy,random:20 --engine ray --address auto --workers 8"))
 def prune_cmd(task: str = typer.Option("sequences", "--task", "-t", help="Task (default: sequences)."),
               thresholds: str = typer.Option("0.97,0.9,0.8,0.7", "--thresholds", help="Performance levels."),
               orders: str = typer.Option("greedy,attribution,reverse,random:20", "--orders",
@@ -43,6 +44,7 @@ def prune_cmd(task: str = typer.Option("sequences", "--task", "-t", help="Task (
               dataset: str = DATASET, classes: str = CLASSES, template: str = TEMPLATE, limit: int = LIMIT,
               metric: str = METRIC, ablation: str = ABLATION, mean_over: str = MEAN_OVER, seed: int = SEED,
               n_boot: int = typer.Option(200, "--n-boot", help="Bootstrap resamples for the levels' CIs."),
+              engine: str = ENGINE_OPT, address: str = ADDRESS_OPT, workers: int = WORKERS_OPT,
               out: str = OUT, model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Remove heads until performance (ablated / intact metric) falls below each threshold,
     along several orders; every level re-measured exactly."""
@@ -50,7 +52,8 @@ def prune_cmd(task: str = typer.Option("sequences", "--task", "-t", help="Task (
 
     s = run_prune(task=task, out=out, model=model, dataset=dataset, classes=classes, template=template, limit=limit,
                   thresholds=thresholds, orders=orders, metric=metric, ablation=ablation, mean_over=mean_over,
-                  candidates=candidates, check_every=check_every, seed=seed, n_boot=n_boot, progress=not json_out)
+                  candidates=candidates, check_every=check_every, seed=seed, n_boot=n_boot, progress=not json_out,
+                  engine=engine, workers=workers, address=address)
     lines = [f"intact {s['metric']} {s['intact_metric']:.3f}; {s['variant_forwards']} variant forwards in "
              f"{s['engine_runs']} engine runs, {s['seconds']:.0f} s"]
     named = [lv for lv in s["levels"] if not lv["order"].startswith("random")]

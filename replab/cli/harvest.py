@@ -45,12 +45,18 @@ def harvest_cmd(
     store = harvest(loaded, dataset=dataset, hooks=hooks, layers=layers, positions=positions,
                     dtype=store_dtype, batch_size=batch_size, out=out, progress=not json_out,
                     engine=engine, workers=workers, address=address)
-    summary = store.summary()
+    summary = {**store.summary(), "run": store.harvest_run}
     if json_out:
         print_json(summary)
     else:
+        run = store.harvest_run or {}
+        rate = ""
+        if run.get("rows_per_second"):
+            where = f" on {run['workers']} Ray worker(s)" if run.get("workers") else ""
+            rate = (f"; {run['rows']:,} rows computed in {run['seconds']:.1f} s "
+                    f"({run['rows_per_second']:,.0f} rows/s{where})")
         typer.echo(f"wrote {summary['n_rows']:,} rows x {summary['hooks']} hooks "
-                   f"({summary['bytes'] / 1e6:.1f} MB) to {out}")
+                   f"({summary['bytes'] / 1e6:.1f} MB) to {out}{rate}")
 
 
 HARVEST_EPILOG = examples(

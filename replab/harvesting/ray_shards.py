@@ -18,7 +18,7 @@
 
 A worker killed mid-shard is restarted by Ray and the shard recomputed; the driver receives
 each shard's result once. The store is byte-identical to a local harvest of the same inputs
-(``tests/test_ray.py``). Only the driver touches ``out``, so workers on other machines need
+(``tests/test_distributed.py``). Only the driver touches ``out``, so workers on other machines need
 no shared file system; the activations cross the network once, worker -> driver.
 """
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 from replab._progress import progress_bar
-from replab.distributed import ModelWorker, start_pool
+from replab.distributed import ModelWorker, crash_point, start_pool
 
 SHARD_BYTES = 64 << 20
 SHARDS_PER_WORKER = 4
@@ -47,6 +47,7 @@ class HarvestWorker(ModelWorker):
         out = []
         for b, row_start, tokens, chosen in batches:
             out.append((b, row_start, compute(self.model, tokens, chosen, names, stop)))
+            crash_point()                    # tests: a worker dies mid-shard, after computing rows
             if delay:
                 time.sleep(delay)
         return out

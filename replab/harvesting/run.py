@@ -59,7 +59,7 @@ class HarvestPlan:
 
 def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", positions="last",
             dtype=None, batch_size=None, out=None, progress: bool = True, engine: str = "local",
-            workers: int | None = None, address: str | None = None):
+            workers: int | None = None, address: str | None = None, cpus_per_worker: float | None = None):
     """Harvest activations of ``model`` on ``dataset`` into an activation store.
 
     Args:
@@ -79,12 +79,18 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
         engine: ``"local"`` (this process) or ``"ray"``: contiguous shards of batches run on
             Ray actors that each load the model once (:mod:`replab.harvesting.ray_shards`); the
             store is byte-identical to the local one.
-        workers: Ray actors (default: as many as the cluster's CPUs, or GPUs for a CUDA model).
+        workers: Ray actors (default: as many as the cluster's free CPUs hold, or its GPUs for a
+            CUDA model).
         address: the Ray cluster (``"auto"``, ``"ray://HOST:10001"``; default: the one this
             process joined, else a new local one).
+        cpus_per_worker: Ray CPUs each worker reserves (default: the driver's torch thread
+            count, which every worker uses so that its kernels round as the driver's do).
 
     Returns:
-        The finished :class:`~replab.store.ActivationStore`. Rows are in dataset order,
+        The finished :class:`~replab.store.ActivationStore`, with ``harvest_run``: this call's
+        ``{"engine", "rows", "seconds", "rows_per_second"}`` (rows computed now, not resumed;
+        for Ray also ``"workers"`` and ``"shards"``; seconds include starting the workers and
+        writing the store). Rows are in dataset order,
         then position order; each stored tensor is ``[rows, d]`` (head hooks flattened
         to ``n_heads * d_head``). Nothing past the last requested layer is computed
         and the unembedding is skipped.
@@ -106,20 +112,27 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
     hp = plan_harvest(model, dataset, hooks, layers, positions, dtype, batch_size)
     writer = StoreWriter(out, hp.plan, hp.index, hp.dims, hp.store_dtype)
     first = writer.start()
+    stats = {"engine": engine, "rows": 0, "seconds": 0.0}
     if not writer.complete:
+        t0 = time.perf_counter()
         try:
             if engine == "ray":
                 from replab.harvesting.ray_shards import run_shards
 
-                run_shards(model, writer, hp, first, batch_arrays, progress=progress, workers=workers,
-                           address=address)
+                stats.update(run_shards(model, writer, hp, first, batch_arrays, progress=progress, workers=workers,
+                                        address=address, cpus_per_worker=cpus_per_worker))
             else:
                 _run_batches(model, writer, hp, first, progress)
+                stats.update(rows=len(hp.index) - int(hp.starts[min(len(hp.token_lists), first * hp.batch_size)]))
         except BaseException:
             writer.close()
             raise
         writer.finish(hp.manifest)
-    return open_store(out)
+        stats["seconds"] = time.perf_counter() - t0
+    stats["rows_per_second"] = stats["rows"] / stats["seconds"] if stats["seconds"] else None
+    store = open_store(out)
+    store.harvest_run = stats
+    return store
 
 
 def plan_harvest(model, dataset, hooks=("resid_post",), layers="all", positions="last", dtype=None,

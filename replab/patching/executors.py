@@ -39,10 +39,11 @@ seeded from it) depend only on the intervention, never on its place in the plan.
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 
 import torch
 
-from replab.distributed import ModelWorker
+from replab.distributed import ModelWorker, check_engine, crash_point, model_spec, require_ray, start_pool
 from replab.errors import ReplabError
 from replab.patching.edge_patch import EdgePatch, edge_mode, has_edges, validate_edge
 from replab.patching.engine import (
@@ -71,6 +72,15 @@ class LocalEngine:
 
     def describe(self) -> dict:
         return {"engine": "local"}
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def variant_to_dict(v: Variant) -> dict:
@@ -125,8 +135,6 @@ class RayEngine:
 
     def __init__(self, workers: int | None = None, address: str | None = None,
                  cpus_per_worker: float | None = None, split: str = "chunks"):
-        from replab.distributed import require_ray
-
         require_ray()
         if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
             raise ReplabError(f"workers must be a positive integer, got {workers!r}")
@@ -139,8 +147,6 @@ class RayEngine:
 
     # ----------------------------------------------------------------- actors
     def _actors(self, model):
-        from replab.distributed import model_spec, require_ray, start_pool
-
         ray = require_ray()
         spec = model_spec(model)
 
@@ -163,6 +169,12 @@ class RayEngine:
 
     def describe(self) -> dict:
         return {"engine": "ray", "workers": len(self._pool) if self._pool is not None else self.workers}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -------------------------------------------------------------- the loop
     def run_variants(self, model, clean: torch.Tensor, corrupt: torch.Tensor, variants: list[Variant],
@@ -294,36 +306,47 @@ class PatchWorker(ModelWorker):
                                      max_tokens=max_tokens, sources=sources, recorded=recorded,
                                      vectorise=opts["vectorise"], edge_memory=edge_memory)
             rec = {part[j][0]: {h: x.cpu() for h, x in r.items()} for j, r in recorded.items()}
+            crash_point()
             return finals.cpu(), rec
         raw: dict = {}
         with edge_mode(self.model, opts["split"]):
             out = run_chunk(self.model, part, {**self._forwards, "custom": sources}, base, p, n_prompts, raw,
                             opts["vectorise"])
         rec = {vi: {h: x.cpu() for h, x in r.items()} for vi, r in raw.items()}
+        crash_point()                        # tests: a worker dies after computing its chunk
         return torch.stack([out[vi] for vi, _ in part]).cpu(), rec
 
 
-_SHARED: dict = {}
-
-
-def make_engine(engine="local", workers: int | None = None, address: str | None = None):
+def make_engine(engine="local", workers: int | None = None, address: str | None = None,
+                cpus_per_worker: float | None = None):
     """An engine for :func:`~replab.patching.plan.run_plan` from what a command line gives.
 
     ``engine``: ``"local"``, ``"ray"``, or an engine object (returned as it is). ``"ray"`` with
-    the same ``workers`` and ``address`` returns the same :class:`RayEngine` in a process, so
-    repeated plans reuse its actors. Without Ray installed, ``"ray"`` is a one-line
-    ReplabError saying what to install.
+    a new :class:`RayEngine`: its actors start with its first plan and live until its
+    :meth:`~RayEngine.close` (or the end of a ``with`` block), so a caller running many plans on
+    one model passes the same engine object to each and loads the model on every worker once.
+    :func:`~replab.patching.plan.run_plan` given the string ``"ray"`` makes one for that plan and
+    closes it. Without Ray installed, ``"ray"`` is a one-line ReplabError saying what to install.
     """
     if not isinstance(engine, str) and engine is not None:
         if not hasattr(engine, "run_variants"):
             raise ReplabError(f"engine {engine!r} has no run_variants method")
         return engine
-    from replab.distributed import check_engine
-
     name = check_engine(engine or "local")
     if name == "local":
         return LocalEngine()
-    key = (workers, address)
-    if key not in _SHARED:
-        _SHARED[key] = RayEngine(workers=workers, address=address)
-    return _SHARED[key]
+    return RayEngine(workers=workers, address=address, cpus_per_worker=cpus_per_worker)
+
+
+@contextmanager
+def engine_scope(engine="local", workers: int | None = None, address: str | None = None,
+                 cpus_per_worker: float | None = None):
+    """``with engine_scope("ray", workers=2) as eng:`` an engine for several
+    :func:`~replab.patching.plan.run_plan` calls (its workers load the model once), closed on
+    exit when it was made here; an engine object passed in is yielded as it is and left open."""
+    runner = make_engine(engine, workers=workers, address=address, cpus_per_worker=cpus_per_worker)
+    try:
+        yield runner
+    finally:
+        if runner is not engine:
+            runner.close()

@@ -232,7 +232,8 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
         engine: where the variants' forwards run: ``"local"`` (this process), ``"ray"`` (Ray
             actors, one model each: :mod:`replab.patching.executors`) or an engine object from
             :func:`~replab.patching.executors.make_engine`. Everything else (forwards on the
-            driver, metrics, CIs, checks) is the same, and so are the results.
+            driver, metrics, CIs, checks) is the same, and so are the results. A name makes an
+            engine for this plan only; pass an engine object to keep its workers across plans.
     Returns:
         :class:`PlanResult`.
     """
@@ -249,10 +250,14 @@ def run_plan(model, task, variants, metric: str = "logit_diff", *, base: str = "
         forwards = plan_forwards(model, task, variants, base, identity=identity)
     t0 = time.time()
     recorded: dict = {}
-    with progress_bar(len(variants) + len(extra), label, unit, enabled=progress) as bar:
-        finals, forwards = runner.run_variants(model, task.clean, task.corrupt, variants + extra, base=base,
-                                               forwards=forwards, max_tokens=max_tokens, progress=bar.advance,
-                                               sources=sources, recorded=recorded)
+    try:
+        with progress_bar(len(variants) + len(extra), label, unit, enabled=progress) as bar:
+            finals, forwards = runner.run_variants(model, task.clean, task.corrupt, variants + extra, base=base,
+                                                   forwards=forwards, max_tokens=max_tokens, progress=bar.advance,
+                                                   sources=sources, recorded=recorded)
+    finally:
+        if runner is not engine:         # made here from a name: its workers stop with the plan
+            runner.close()
     seconds = time.time() - t0
     values, cand = task_metrics(model, task, metric, finals, forwards)
     clean, corrupt, patched = values["clean"], values["corrupt"], values["patched"]

@@ -35,7 +35,8 @@ def load(model_name: str | None, task: str, template: str | None = None, limit: 
 def run_sweep(task: str = "next_day", site: str = "resid_pre", by: str = "layer,position",
               out=None, model: str | None = None, template: str | None = None,
               limit: int | None = None, progress: bool = True, engine: str = "local",
-              workers: int | None = None, address: str | None = None, **kw) -> dict:
+              workers: int | None = None, address: str | None = None, cpus_per_worker: float | None = None,
+              **kw) -> dict:
     """:func:`replab.patching.sweeps.sweep` on a named task, saved to ``out``.
 
     ``engine="ray"`` runs the cells on ``workers`` Ray actors of the cluster at ``address``
@@ -43,7 +44,7 @@ def run_sweep(task: str = "next_day", site: str = "resid_pre", by: str = "layer,
     from replab.patching.executors import make_engine
     from replab.patching.sweeps import sweep
 
-    runner = make_engine(engine, workers=workers, address=address)
+    runner = make_engine(engine, workers=workers, address=address, cpus_per_worker=cpus_per_worker)
     m, t = load(model, task, template, limit)
     res = sweep(m, t, site=site, by=by, progress=progress, engine=runner, **kw)
     res.summary["engine"] = runner.describe()

@@ -41,18 +41,24 @@ class RemoteFiles:
     """The files of one store directory at a URL.
 
     Attributes:
-        url: the directory's URL; ``bytes_read``: bytes fetched so far (tests check reads
-        stay lazy).
+        url: the directory's URL.
+        bytes_read: bytes fetched so far.
+        requests: every fetch, in order: ``("object", name)`` for a whole object,
+            ``("range", name, start, end)`` for a byte range (``name`` relative to ``url``);
+            tests check that reads stay lazy.
     """
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.fs, self.root = filesystem(self.url)
         self.bytes_read = 0
+        self.requests: list[tuple] = []
+
+    def _name(self, url_or_name: str) -> str:
+        return url_or_name[len(self.url) + 1:] if url_or_name.startswith(self.url + "/") else url_or_name
 
     def _path(self, url_or_name: str) -> str:
-        name = url_or_name[len(self.url) + 1:] if url_or_name.startswith(self.url + "/") else url_or_name
-        return self.root.rstrip("/") + "/" + name
+        return self.root.rstrip("/") + "/" + self._name(url_or_name)
 
     def url_of(self, name: str) -> str:
         """The URL of a file given by its name in the store (or already by its URL)."""
@@ -74,13 +80,17 @@ class RemoteFiles:
         return int(self.fs.size(self._path(name)))
 
     def read(self, name: str) -> bytes:
+        """A whole object (the manifest, the index)."""
         data = self.fs.cat_file(self._path(name))
         self.bytes_read += len(data)
+        self.requests.append(("object", self._name(name)))
         return data
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes ``start:end`` of an object: one range request."""
         data = self.fs.cat_file(self._path(name), start=start, end=end)
         self.bytes_read += len(data)
+        self.requests.append(("range", self._name(name), int(start), int(end)))
         return data
 
     def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
@@ -92,9 +102,12 @@ class RemoteFiles:
             if isinstance(part, BaseException):
                 raise ReplabError(f"{self.url_of(name)}: cannot read ({part})")
         self.bytes_read += sum(len(p) for p in out)
+        self.requests += [("range", self._name(name), int(a), int(b)) for a, b in ranges]
         return out
 
     def sha256(self, name: str, chunk: int = 1 << 24) -> str:
+        """sha256 of a whole object (streamed in ``chunk`` pieces)."""
+        self.requests.append(("object", self._name(name)))
         h = hashlib.sha256()
         with self.fs.open(self._path(name), "rb") as f:
             while block := f.read(chunk):

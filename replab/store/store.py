@@ -29,10 +29,13 @@ class ActivationStore:
         remote: True for a store at an fsspec URL (read by byte ranges, never downloaded whole).
         manifest: the parsed ``manifest.json`` (model identity, dataset, config, tensors).
         index: DataFrame with one row per stored vector, aligned with every tensor.
+        harvest_run: on the store :func:`replab.harvest` returns, that call's engine, rows,
+            seconds and rows per second (None when opened with :func:`open_store`).
     """
 
     def __init__(self, path: str | Path, verify: bool | None = None):
         loc = location(path)
+        self.harvest_run: dict | None = None     # set by replab.harvest on the store it returns
         verify = _VERIFY.get() if verify is None else bool(verify)
         self.remote = isinstance(loc, str)
         self._finite: set[str] = set()
