@@ -110,6 +110,18 @@ def test_memory_store_round_trip_and_lazy_row_ranges(tiny, local_store, tmp_path
     assert store.files.bytes_read - before == 4 * row_bytes
     np.testing.assert_array_equal(np.asarray(arr), want)                    # and all of it, when asked
     np.testing.assert_array_equal(store.rows(hook, lo, hi), want[lo:hi])
+    # and without replab, as docs/scaling.md shows: the header's length, then one byte range
+    import fsspec
+    from numpy.lib import format as npf
+
+    fs, path = fsspec.core.url_to_fs(f"{url}/tensors/{hook}.npy")
+    with fs.open(path, "rb") as f:
+        npf.read_magic(f)
+        shape, _, dtype = npf.read_array_header_1_0(f)
+        offset = f.tell()
+    row = shape[1] * dtype.itemsize
+    raw = fs.cat_file(path, start=offset + lo * row, end=offset + hi * row)
+    np.testing.assert_array_equal(np.frombuffer(raw, dtype).reshape(-1, shape[1]), want[lo:hi])
     assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").iterdir())
 
 

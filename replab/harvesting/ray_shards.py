@@ -72,7 +72,8 @@ def run_shards(model, writer, hp, first: int, compute, progress: bool = True, wo
                address: str | None = None, shard_batches: int | None = None,
                cpus_per_worker: float | None = None) -> dict:
     """Compute batches ``first..`` of ``hp`` on Ray actors and submit them, in order, to
-    ``writer``; returns ``{"workers", "shards", "rows", "seconds"}``.
+    ``writer``; returns ``{"workers", "shards", "rows", "start_seconds", "seconds"}``
+    (``start_seconds``: connecting, starting the actors and loading the model on each).
 
     Args:
         model: the driver's model (workers load the same one: :func:`replab.distributed.model_spec`).
@@ -92,6 +93,7 @@ def run_shards(model, writer, hp, first: int, compute, progress: bool = True, wo
     mean_rows = hp.index.shape[0] / max(1, hp.n_batches)
     t0 = time.perf_counter()
     pool = start_pool(HarvestWorker, model, workers, address, cpus_per_worker, max_workers=hp.n_batches - first)
+    started = time.perf_counter() - t0
     shards = plan_shards(first, hp.n_batches, len(pool), int(mean_rows * width), shard_batches)
     jobs = [(compute, [(b, *hp.batch(b)) for b in range(lo, hi)], hp.names, hp.stop) for lo, hi in shards]
     rows_before = int(hp.starts[min(len(hp.token_lists), first * hp.batch_size)])
@@ -109,4 +111,4 @@ def run_shards(model, writer, hp, first: int, compute, progress: bool = True, wo
     finally:
         pool.close()
     return {"workers": len(pool.info), "shards": len(shards), "rows": len(hp.index) - rows_before,
-            "seconds": time.perf_counter() - t0}
+            "start_seconds": started, "seconds": time.perf_counter() - t0}

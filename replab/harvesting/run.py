@@ -89,8 +89,9 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
     Returns:
         The finished :class:`~replab.store.ActivationStore`, with ``harvest_run``: this call's
         ``{"engine", "rows", "seconds", "rows_per_second"}`` (rows computed now, not resumed;
-        for Ray also ``"workers"`` and ``"shards"``; seconds include starting the workers and
-        writing the store). Rows are in dataset order,
+        for Ray also ``"workers"``, ``"shards"`` and ``"start_seconds"``, the part spent
+        starting the workers and loading the model on each; seconds include it and writing the
+        store). Rows are in dataset order,
         then position order; each stored tensor is ``[rows, d]`` (head hooks flattened
         to ``n_heads * d_head``). Nothing past the last requested layer is computed
         and the unembedding is skipped.
