@@ -109,6 +109,8 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
         raise ReplabError(f"batch size must be a positive integer, got {batch_size!r}")
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise ReplabError(f"workers must be a positive integer, got {workers!r}")
+    if engine == "local" and (workers is not None or address is not None):
+        raise ReplabError("--workers and --address choose Ray workers: add --engine ray")
     model = as_model(model)
     hp = plan_harvest(model, dataset, hooks, layers, positions, dtype, batch_size)
     writer = StoreWriter(out, hp.plan, hp.index, hp.dims, hp.store_dtype)
