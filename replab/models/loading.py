@@ -46,6 +46,11 @@ TINY = "tiny"
 _resolve_dtype = resolve_dtype
 _resolve_device = resolve_device
 
+# Hugging Face's `kernels` package warns on every HF model load that it skips a publisher trust
+# check "because Hugging Face Hub is in offline mode": replab is offline by design and loads no
+# hub kernels, so the line is noise on stderr.
+logging.getLogger("kernels").setLevel(logging.ERROR)
+
 
 def load_tokenizer(name: str | None = None):
     """The Hugging Face tokenizer of a model (fast: no weights are loaded)."""
