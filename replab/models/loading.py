@@ -71,7 +71,8 @@ def load_hf_model(name: str | None = None, dtype=None):
     from transformers import AutoModelForCausalLM
 
     src = embedded.hf_dir() if embedded.is_default(name) else _local_source(name)
-    return AutoModelForCausalLM.from_pretrained(str(src), dtype=resolve_dtype(dtype))
+    with _quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(str(src), dtype=resolve_dtype(dtype))
 
 
 def load_model(name: str | None = None, device=None, dtype=None, n_devices: int | None = None,
