@@ -289,3 +289,19 @@ def dir_locked(path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def json_plain(value):
+    """A JSON-safe copy: dicts with string keys, lists for tuples, Python numbers for numpy
+    scalars, strings for paths, None for NaN."""
+    if isinstance(value, dict):
+        return {str(k): json_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value

@@ -21,12 +21,14 @@ def python_api_block() -> str:
 
 #: the only edits the fast variant makes: the tiny model for the default one, and layer
 #: numbers folded into the tiny model's 4 layers (``blocks.14.`` -> ``blocks.2.``,
-#: ``layer=20`` -> ``layer=0``, ``Intervention("z", 23`` -> ``Intervention("z", 3``).
+#: ``layer=20`` -> ``layer=0``, ``layers="14,20"`` -> ``layers="2,0"``,
+#: ``Intervention("z", 23`` -> ``Intervention("z", 3``).
 TINY_LAYERS = 4
 TINY_EDITS = (
     (r"replab\.load_model\(\)", lambda m: 'replab.load_model("tiny")'),
     (r"blocks\.(\d+)\.", lambda m: f"blocks.{int(m[1]) % TINY_LAYERS}."),
     (r"\blayer=(\d+)", lambda m: f"layer={int(m[1]) % TINY_LAYERS}"),
+    (r'\blayers="(\d+),(\d+)"', lambda m: f'layers="{int(m[1]) % TINY_LAYERS},{int(m[2]) % TINY_LAYERS}"'),
     (r"Intervention\((\"\w+\"), (\d+)", lambda m: f"Intervention({m[1]}, {int(m[2]) % TINY_LAYERS}"),
 )
 

@@ -21,6 +21,7 @@ from replab.cli import (  # noqa: F401 (sae_patch adds `sae patch`, circuit_* ad
     circuit_report,
     circuit_validate,
     datasets,
+    experiments,
     features,
     heads,
     lens,
@@ -59,6 +60,8 @@ app.add_typer(circuit.app, name="circuit")
 app.command("test-prompt", epilog=patch.TEST_PROMPT_EPILOG)(patch.test_prompt_cmd)
 app.command("harvest", epilog=HARVEST_EPILOG)(harvest_cmd)
 app.add_typer(models.app, name="models")
+app.command("run", epilog=experiments.RUN_EPILOG)(experiments.run_cmd)
+app.add_typer(experiments.runs_app, name="runs")
 models.add_model_options(app)   # --dtype/--device/--n-devices on every model-running command
 add_verify_options(app)   # --verify on every command that reads a store
 

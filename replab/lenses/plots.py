@@ -49,7 +49,7 @@ def trajectory_heatmap(table: pd.DataFrame, path: str | Path, prompt_id: int = 0
     lens = t["lens"].iloc[0]
     ax.set_title(title or f"{lens} lens: top-1 prediction per layer and position")
     fig.colorbar(im, ax=ax, label=color.replace("_", " "), fraction=0.04, pad=0.02)
-    return save(fig, path, tight_layout=True)[0]
+    return save(fig, path, formats=("png", "svg"), tight_layout=True)[0]
 
 
 def target_curve(table: pd.DataFrame, path: str | Path, summary: pd.DataFrame | None = None,
@@ -87,7 +87,7 @@ def target_curve(table: pd.DataFrame, path: str | Path, summary: pd.DataFrame | 
     fig.suptitle(title or f"{lens} lens: target {table['target'].dropna().iloc[0]!r}"
                  if last["prompt_id"].nunique() == 1 else
                  title or f"{lens} lens: answer probability and rank by layer (last position)")
-    return save(fig, path, tight_layout=True)[0]
+    return save(fig, path, formats=("png", "svg"), tight_layout=True)[0]
 
 
 def logit_diff_plot(summary: pd.DataFrame, path: str | Path, title: str | None = None,
@@ -110,7 +110,7 @@ def logit_diff_plot(summary: pd.DataFrame, path: str | Path, title: str | None =
     ax.set_title(title or f"{lens} lens: logit difference (answer − foil) by layer")
     ax.grid(alpha=0.3)
     ax.legend()
-    return save(fig, path, tight_layout=True)[0]
+    return save(fig, path, formats=("png", "svg"), tight_layout=True)[0]
 
 
 def eval_plot(df: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
@@ -132,4 +132,4 @@ def eval_plot(df: pd.DataFrame, path: str | Path, title: str | None = None) -> P
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or "Lens quality on held-out text")
-    return save(fig, path, tight_layout=True)[0]
+    return save(fig, path, formats=("png", "svg"), tight_layout=True)[0]

@@ -46,6 +46,11 @@ TINY = "tiny"
 _resolve_dtype = resolve_dtype
 _resolve_device = resolve_device
 
+# Hugging Face's `kernels` package warns on every HF model load that it skips a publisher trust
+# check "because Hugging Face Hub is in offline mode": replab is offline by design and loads no
+# hub kernels, so the line is noise on stderr.
+logging.getLogger("kernels").setLevel(logging.ERROR)
+
 
 def load_tokenizer(name: str | None = None):
     """The Hugging Face tokenizer of a model (fast: no weights are loaded)."""
@@ -66,7 +71,8 @@ def load_hf_model(name: str | None = None, dtype=None):
     from transformers import AutoModelForCausalLM
 
     src = embedded.hf_dir() if embedded.is_default(name) else _local_source(name)
-    return AutoModelForCausalLM.from_pretrained(str(src), dtype=resolve_dtype(dtype))
+    with _quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(str(src), dtype=resolve_dtype(dtype))
 
 
 def load_model(name: str | None = None, device=None, dtype=None, n_devices: int | None = None,

@@ -1,0 +1,20 @@
+"""The experiments ``replab run`` knows, one per workflow of ``docs/workflows.md``."""
+
+from __future__ import annotations
+
+from replab.errors import ReplabError
+from replab.experiments.lens_comparison import EXPERIMENT as LENSES
+from replab.experiments.spec import Experiment
+
+#: ``name -> Experiment``, in the order of the workflows
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
+    LENSES,
+)}
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment called ``name`` (``fact_recall`` is accepted for ``fact-recall``)."""
+    exp = EXPERIMENTS.get(str(name).replace("_", "-"))
+    if exp is None:
+        raise ReplabError(f"unknown experiment {name!r} (known: {', '.join(EXPERIMENTS)})")
+    return exp
