@@ -18,12 +18,13 @@ Steps (WORKFLOWS W1):
    only, the up-projection branch is not patched), in the same batched run as step 2; each
    component's table row has its input-stage number beside its output-stage number, and
    ``matters_more`` names the stage with the larger absolute drop.
-4. **Supporting evidence** (correlational; :mod:`replab.circuits.report_evidence`): the mean absolute activation of each head's ``z``
-   and each MLP's ``post`` at the final prompt position (clean run), and the L2 norms of the
-   gradient of the target's negative log-likelihood for every attention/MLP weight matrix of
-   the Hugging Face model (:mod:`replab.circuits.gradients`; exact ``named_parameters()``
-   names). A head's own gradient norm uses its slices (its ``q_proj`` rows and ``o_proj``
-   columns; its KV head's ``k_proj``/``v_proj`` rows).
+4. **Supporting evidence** (correlational; :mod:`replab.circuits.report_evidence`): the mean
+   absolute activation of each head's ``z`` and each MLP's ``post`` at the final prompt
+   position (clean run), and the L2 norms of the gradient of the target's negative
+   log-likelihood for every attention/MLP weight matrix of the Hugging Face model
+   (:mod:`replab.circuits.gradients`; exact ``named_parameters()`` names). A head's own
+   gradient norm uses its slices (its ``q_proj`` rows and ``o_proj`` columns; its KV head's
+   ``k_proj``/``v_proj`` rows).
 5. **Ranking**: the candidates are the ``top`` components by drop (the causal evidence
    selects them); they are ordered by a combined score
    ``0.5·pct(drop) + 0.25·pct(grad norm) + 0.25·pct(mean |activation|)``, where ``pct`` is
@@ -47,9 +48,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from replab.circuits.report_evidence import GradientEvidence, gradient_evidence, mean_abs_activations
+from replab.circuits.report_evidence import gradient_evidence, mean_abs_activations
 from replab.circuits.report_patching import (
-    PatchedUnits,
     Setup,
     check_options,
     component_units,
@@ -170,11 +170,7 @@ def rank_components(components: pd.DataFrame, refined: pd.DataFrame | None, top:
         table[f"pct_{col}"] = table.groupby("kind")[col].rank(pct=True)
     table["combined_score"] = (WEIGHTS["drop"] * table["pct_drop"] + WEIGHTS["grad_norm"] * table["pct_grad_norm"]
                                + WEIGHTS["mean_abs_activation"] * table["pct_mean_abs_activation"])
-    table["refine_site"] = [("v" if k == "head" else "mlp_pre") for k in table["kind"]]
-    ref_drop = {} if refined is None else dict(zip(refined["component"], refined["drop"], strict=True))
-    unit = lambda r: unit_name("v", r.layer, int(r.kv_head)) if r.kind == "head" else unit_name("mlp_pre", r.layer)  # noqa: E731
-    table["refine_drop"] = [ref_drop.get(unit(r), np.nan) for r in table.itertuples()]
-    table["matters_more"] = [_stage(r.kind, r.drop, r.refine_drop) for r in table.itertuples()]
+    table = compare_stages(table, refined)
     chosen = table[is_cand].sort_values(["combined_score", "drop"], ascending=False)
     candidates = []
     for rank, r in enumerate(chosen.itertuples(), start=1):
@@ -183,6 +179,23 @@ def rank_components(components: pd.DataFrame, refined: pd.DataFrame | None, top:
                            "evidence": _evidence(r, setup, group, grad_slices.get(r.component)),
                            "parameters": parameters[r.component]})
     return table, candidates
+
+
+def compare_stages(components: pd.DataFrame, refined: pd.DataFrame | None) -> pd.DataFrame:
+    """Step 3's comparison: ``components`` (step 2's :func:`patch_units` table, heads and MLPs)
+    with ``refine_unit`` (a head's KV head ``LxKVg``, an MLP's ``LxMLP.pre``), ``refine_site``
+    (``v`` / ``mlp_pre``), ``refine_drop`` (NaN where ``refined`` lacks the unit) and
+    ``matters_more``: the stage with the larger absolute drop (``value (v)`` / ``output (z)``,
+    ``input (pre)`` / ``output (post)``; None without a refinement number)."""
+    table = components.copy()
+    table["refine_site"] = [("v" if k == "head" else "mlp_pre") for k in table["kind"]]
+    ref_drop = {} if refined is None else dict(zip(refined["component"], refined["drop"], strict=True))
+    units = [unit_name("v", r.layer, int(r.kv_head)) if r.kind == "head" else unit_name("mlp_pre", r.layer)
+             for r in table.itertuples()]
+    table["refine_unit"] = units
+    table["refine_drop"] = [ref_drop.get(u, np.nan) for u in units]
+    table["matters_more"] = [_stage(r.kind, r.drop, r.refine_drop) for r in table.itertuples()]
+    return table
 
 
 def lora_modules(candidates: list[dict]) -> list[str]:
@@ -197,12 +210,14 @@ LORA_NOTE = ("full module names (PEFT matches them exactly); a head's weights ar
 
 
 def build_report(model, setup: Setup, prompt: str, answer: str, prompt_index: int, dataset: str, scoring: str,
-                 check: dict, patched: PatchedUnits, candidates: list[dict], gradients: GradientEvidence,
+                 check: dict, clean: float, full: float, checks: dict, candidates: list[dict], grad_norms: dict,
                  layers: list[int], seconds: dict) -> dict:
-    """The JSON report (``report.json``; keys in docs/heads.md) from the steps' results."""
+    """The JSON report (``report.json``; keys in docs/heads.md) from the steps' results: ``check``
+    (:func:`answer_check`), ``clean`` / ``full`` / ``checks`` (:class:`PatchedUnits`'s, plus the
+    gradient check), ``candidates`` (:func:`rank_components`), ``grad_norms``
+    (:class:`GradientEvidence`'s)."""
     key = "logit" if scoring == "first_token" else "sum_logprob"
     tok = model.tokenizer
-    clean, full = patched.clean, patched.full
     return {
         "target": {"text": answer, "tokens": [tok.decode([t]) for t in setup.target_ids], "token_ids": setup.target_ids,
                    "scoring": scoring, "metric": key, **check},
@@ -211,12 +226,12 @@ def build_report(model, setup: Setup, prompt: str, answer: str, prompt_index: in
                        "fully_corrupted": full, "full_drop": clean - full,
                        "note": "fully_corrupted: every prompt position of the layer-0 residual stream patched"},
         "candidates": candidates,
-        "grad_norms": gradients.grad_norms,
+        "grad_norms": grad_norms,
         "prompt": {"text": prompt, "index": prompt_index, "dataset": dataset,
                    "tokens": [tok.decode([t]) for t in setup.prompt_ids]},
         "ranking": RANKING,
         "lora": {"target_modules": lora_modules(candidates), "note": LORA_NOTE},
-        "checks": {**patched.checks, "hf_loss_equals_tl": gradients.check},
+        "checks": checks,
         "per": {"z": "query head", "v": "KV head (shared by its query heads)", "mlp": "layer"},
         "layers": layers,
         "seconds": seconds,
@@ -275,8 +290,9 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
     # 5. combined ranking of the causally selected candidates
     table, candidates = rank_components(table, refined, top, setup, grads.parameters, grads.grad_slices, group)
     tick(1)
-    report = build_report(model, setup, prompt, answer, prompt_index, dataset, scoring, check, patched, candidates,
-                          grads, lays, {**steps, "total": round(time.time() - t_start, 2)})
+    report = build_report(model, setup, prompt, answer, prompt_index, dataset, scoring, check, patched.clean,
+                          patched.full, {**patched.checks, "hf_loss_equals_tl": grads.check}, candidates,
+                          grads.grad_norms, lays, {**steps, "total": round(time.time() - t_start, 2)})
     return ComponentReport(report, table, grads.grad_table)
 
 
