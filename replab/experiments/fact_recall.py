@@ -193,6 +193,7 @@ def step_report(ctx) -> dict:
     first = cands[0]
     return {"top_candidate": first["component"], "top_candidate_score": first["evidence"]["combined_score"],
             "n_candidates": len(cands), "candidate_order": [x["component"] for x in cands],
+            "n_heads_in_candidates": sum(x["evidence"]["kind"] == "head" for x in cands),
             "lora_target_modules": report["lora"]["target_modules"],
             "n_lora_modules": len(report["lora"]["target_modules"]),
             "n_parameters": len({n for x in cands for n in x["parameters"]}),
@@ -237,7 +238,7 @@ def headline(results: dict, config: dict) -> dict:
 def _corruption_text(s: dict):
     a = s["stages"]["answer_check"]
     if a["corruption"] == "other-prompt":
-        return text("The corrupted input is the prompt “{stages.answer_check.corrupt_prompt}” (its "
+        return text("The corrupted input is the prompt “{stages.answer_check.corrupt_prompt}” (source: "
                     "{stages.answer_check.corrupt_source}); zero and mean ablation give different answers, so the "
                     "report records the corruption.", s)
     if a["corruption"] == "mean":
@@ -310,13 +311,15 @@ def narrative(s: dict) -> list[Section]:
                        [("largest gradient norms", e["top_parameters"])], command=e["command"]))
 
     order = ", ".join(f"{{stages.ranked_report.candidate_order.{i}}}" for i in range(min(3, r["n_candidates"])))
-    paras = [text("Which heads and MLPs recall this fact, ranked by 0.5 × the drop's percentile + 0.25 × the gradient "
-                  "norm's + 0.25 × the activation's among the top {stages.ranked_report.n_candidates} by drop: "
-                  + order + (" …" if r["n_candidates"] > 3 else "") + ".", s),
+    paras = [text("Which heads and MLPs recall this fact: the top {stages.ranked_report.n_candidates} components by "
+                  "drop, ordered by 0.5 × the drop's percentile + 0.25 × the gradient norm's + 0.25 × the "
+                  "activation's; " + ("the first three: " if r["n_candidates"] > 3 else "in order: ") + order + ".",
+                  s),
              text("LoRA target_modules for an edit of these components ({stages.ranked_report.n_lora_modules} modules, "
                   "{stages.ranked_report.n_parameters} weight matrices): {stages.ranked_report.lora_target_modules}. "
-                  "A head is a slice of its layer's attention matrices, so LoRA on them also edits the layer's other "
-                  "heads; {stages.ranked_report.report} lists each candidate's evidence and exact parameter names.", s)]
+                  + ("A head is a slice of its layer's attention matrices, so LoRA on them also edits the layer's "
+                     "other heads. " if r["n_heads_in_candidates"] else "")
+                  + "{stages.ranked_report.report} lists each candidate's evidence and exact parameter names.", s)]
     if not r["all_checks_ok"]:
         paras.append(text("A sanity check failed: see the checks in the report JSON.", s))
     out.append(Section("Ranked components and LoRA targets", paras, tables=[("candidates", r["candidates"])],

@@ -38,7 +38,8 @@ DEFAULTS = {
     "atp_top": 20,                 # components per kind patched exactly next to their AtP estimate
     "atp_all_heads": True,         # also patch every head exactly (Spearman over all heads)
 }
-QUICK = {"limit": 3, "top_k": 5, "grid_layers": "20-", "pattern_top": 6, "atp_top": 5, "atp_all_heads": False}
+QUICK = {"limit": 3, "top_k": 5, "dla_top": 2, "grid_layers": "22-", "pattern_top": 4, "atp_top": 3,
+         "atp_all_heads": False}
 
 TASK_KEYS = ("task", "template", "limit")
 
@@ -163,7 +164,7 @@ def step_grid(ctx) -> dict:
     out, parts, checks = ctx.out, {}, {}
     for site in ("resid_pre", "attn_out", "mlp_out"):
         t = pd.read_parquet(out / site / "sweep.parquet")
-        parts[site] = _best_cell(t)
+        parts[site] = _best_cell(t[t["layer"] == t["layer"].min()] if site == "resid_pre" else t)
         checks[site] = _checks(out / site)
     for site in ("z", "v", "pattern"):
         t = pd.read_parquet(out / "heads" / site / "sweep.parquet")
@@ -324,11 +325,12 @@ def narrative(s: dict) -> list[Section]:
     moved = ("; the last position carries the largest effect from layer "
              "{stages.patching_grid.last_position_from_layer} on" if g["last_position_from_layer"] is not None
              else "; the last position never carries the largest effect of its layer")
-    best = "{stages.patching_grid.best.%s.layer}, “{stages.patching_grid.best.%s.token}” " \
+    cell = "layer {stages.patching_grid.best.%s.layer}, “{stages.patching_grid.best.%s.token}” " \
         "({stages.patching_grid.best.%s.effect})"
-    paras.append(text("In the residual stream the largest effect is at layer " + best % (("resid_pre",) * 3) + moved
-                      + ". Attention output: largest at layer " + best % (("attn_out",) * 3)
-                      + "; MLP output: layer " + best % (("mlp_out",) * 3) + ".", s,
+    paras.append(text("In the residual stream at the grid's first layer ({stages.patching_grid.best.resid_pre.layer}) "
+                      "the largest effect is at “{stages.patching_grid.best.resid_pre.token}” "
+                      "({stages.patching_grid.best.resid_pre.effect})" + moved + ". Attention output: largest at "
+                      + cell % (("attn_out",) * 3) + "; MLP output: " + cell % (("mlp_out",) * 3) + ".", s,
                       **{f"stages__patching_grid__best__{k}__effect": ".2f" for k in ("resid_pre", "attn_out",
                                                                                       "mlp_out")}))
     paras.append(text("Head output patching singles out {stages.patching_grid.top_head} "
