@@ -15,6 +15,7 @@ Stages, one per step of W2 (docs/workflows.md), each a call of :mod:`replab.patc
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import pandas as pd
@@ -176,14 +177,14 @@ def step_grid(ctx) -> dict:
     argmax = resid.loc[resid.groupby("layer")["normalized_effect"].idxmax()]
     moved = argmax[argmax["position"] == last]["layer"]
     full = [ch["engine_full"]["value"] for ch in checks.values()]
-    empty = [ch["engine_empty"]["value"] for ch in checks.values()]
+    empty = [abs(ch["engine_empty"]["value"] - ch["engine_empty"]["expected"]) for ch in checks.values()]
     first = s["top_heads"][0]
     figs = [f"{site}/heatmap.png" for site in ("resid_pre", "attn_out", "mlp_out")] + \
         [f"heads/{site}/heatmap.png" for site in ("z", "v", "pattern")] + \
         ["heads/scatter_z_vs_v.png", "heads/scatter_z_vs_pattern.png"]
     base = _summary(out / "resid_pre")
     return {"direction": c["direction"], "clean_metric": base["clean_metric"], "corrupt_metric": base["corrupt_metric"],
-            "full_patch_min": min(full), "full_patch_max": max(full), "empty_patch_max_abs": max(abs(v) for v in empty),
+            "full_patch_min": min(full), "full_patch_max": max(full), "empty_patch_max_error": max(empty),
             "all_checks_ok": all(x["ok"] for ch in checks.values() for x in ch.values()),
             "expected_full": 1.0 if c["direction"] == "denoise" else 0.0,
             "best": parts, "last_position_from_layer": int(moved.min()) if len(moved) else None,
@@ -196,8 +197,6 @@ def step_grid(ctx) -> dict:
 
 
 def _summary(d) -> dict:
-    import json
-
     return json.loads((d / "summary.json").read_text())
 
 
@@ -319,9 +318,9 @@ def narrative(s: dict) -> list[Section]:
     paras = [text(f"Activation patching, {what}, normalised so that 0 = corrupted and 1 = clean. Sanity checks in "
                   "every sweep: patching the whole residual stream gives {stages.patching_grid.full_patch_min}–"
                   "{stages.patching_grid.full_patch_max} (expected {stages.patching_grid.expected_full}) and the "
-                  "empty patch is within {stages.patching_grid.empty_patch_max_abs} of its expected value.", s,
+                  "empty patch reproduces the base run within {stages.patching_grid.empty_patch_max_error}.", s,
                   stages__patching_grid__full_patch_min=".4f", stages__patching_grid__full_patch_max=".4f",
-                  stages__patching_grid__empty_patch_max_abs=".1e")]
+                  stages__patching_grid__empty_patch_max_error=".1e")]
     moved = ("; the last position carries the largest effect from layer "
              "{stages.patching_grid.last_position_from_layer} on" if g["last_position_from_layer"] is not None
              else "; the last position never carries the largest effect of its layer")
