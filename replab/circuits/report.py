@@ -18,12 +18,13 @@ Steps (WORKFLOWS W1):
    only, the up-projection branch is not patched), in the same batched run as step 2; each
    component's table row has its input-stage number beside its output-stage number, and
    ``matters_more`` names the stage with the larger absolute drop.
-4. **Supporting evidence** (correlational): the mean absolute activation of each head's ``z``
-   and each MLP's ``post`` at the final prompt position (clean run), and the L2 norms of the
-   gradient of the target's negative log-likelihood for every attention/MLP weight matrix of
-   the Hugging Face model (:mod:`replab.circuits.gradients`; exact ``named_parameters()``
-   names). A head's own gradient norm uses its slices (its ``q_proj`` rows and ``o_proj``
-   columns; its KV head's ``k_proj``/``v_proj`` rows).
+4. **Supporting evidence** (correlational; :mod:`replab.circuits.report_evidence`): the mean
+   absolute activation of each head's ``z`` and each MLP's ``post`` at the final prompt
+   position (clean run), and the L2 norms of the gradient of the target's negative
+   log-likelihood for every attention/MLP weight matrix of the Hugging Face model
+   (:mod:`replab.circuits.gradients`; exact ``named_parameters()`` names). A head's own
+   gradient norm uses its slices (its ``q_proj`` rows and ``o_proj`` columns; its KV head's
+   ``k_proj``/``v_proj`` rows).
 5. **Ranking**: the candidates are the ``top`` components by drop (the causal evidence
    selects them); they are ordered by a combined score
    ``0.5·pct(drop) + 0.25·pct(grad norm) + 0.25·pct(mean |activation|)``, where ``pct`` is
@@ -47,17 +48,18 @@ import numpy as np
 import pandas as pd
 import torch
 
+from replab.circuits.report_evidence import gradient_evidence, mean_abs_activations
 from replab.circuits.report_patching import (
     Setup,
     check_options,
-    intervention,
+    component_units,
     mean_activations,
-    reference_full_corruption,
-    score_variants,
+    patch_units,
+    refine_units,
+    unit_name,
 )
 from replab.errors import ReplabError
 from replab.hooks import parse_layers
-from replab.patching import Intervention, Variant
 
 WEIGHTS = {"drop": 0.5, "grad_norm": 0.25, "mean_abs_activation": 0.25}
 RANKING = ("candidates = the top components by drop (causal); order = combined score "
@@ -143,27 +145,108 @@ def answer_check(model, setup: Setup) -> dict:
             "top5": [{"token": tok.decode([int(t)]), "logit": float(first[t])} for t in top.indices]}
 
 
-def _checks(model, setup: Setup, scoring: str, key: str, res: dict, clean: float) -> dict:
-    ref_full = reference_full_corruption(model, setup, scoring)
-    out = {"empty_patch_equals_clean": (res[key][0], clean),
-           "full_corruption_equals_reference": (res[key][1], ref_full),
-           "clean_into_clean_is_noop": (res[key][2], clean)}
-    checks = {}
-    for name, (got, want) in out.items():
-        err = abs(float(got) - float(want))
-        checks[name] = {"value": float(got), "expected": float(want), "abs_error": err,
-                        "ok": err <= 1e-4 * max(1.0, abs(float(want)))}
-    bad = [n for n, c in checks.items() if not c["ok"]]
-    if bad:
-        raise ReplabError(f"sanity check failed: {bad[0]} (error {checks[bad[0]]['abs_error']:.2e})")
-    return checks
+def rank_components(components: pd.DataFrame, refined: pd.DataFrame | None, top: int, setup: Setup,
+                    parameters: dict, grad_slices: dict, group: int) -> tuple[pd.DataFrame, list[dict]]:
+    """Step 5: rank the ``top`` components by drop (the causal selection), order them by the
+    combined score (:data:`RANKING`) and attach each one's evidence and exact parameter names.
+
+    Args:
+        components: :func:`patch_units`' table of the step-2 units with ``mean_abs_activation``
+            and ``grad_norm`` columns added.
+        refined: :func:`patch_units`' table of step-3 units (any subset; a component whose
+            unit is missing gets no refinement number), or None.
+        parameters / grad_slices: :class:`GradientEvidence`'s, by component name.
+    Returns:
+        ``(table, candidates)``: the components with ranking columns, and the candidates in rank
+        order (``component``, ``rank``, ``evidence``, ``parameters``).
+    """
+    if top < 1:
+        raise ReplabError("--top must be at least 1")
+    table = components.copy()
+    table["causal_rank"] = table["drop"].rank(ascending=False, method="first").astype(int)
+    is_cand = table["causal_rank"] <= top
+    table["pct_drop"] = table["drop"].where(is_cand).rank(pct=True)
+    for col in ("grad_norm", "mean_abs_activation"):
+        table[f"pct_{col}"] = table.groupby("kind")[col].rank(pct=True)
+    table["combined_score"] = (WEIGHTS["drop"] * table["pct_drop"] + WEIGHTS["grad_norm"] * table["pct_grad_norm"]
+                               + WEIGHTS["mean_abs_activation"] * table["pct_mean_abs_activation"])
+    table = compare_stages(table, refined)
+    chosen = table[is_cand].sort_values(["combined_score", "drop"], ascending=False)
+    candidates = []
+    for rank, r in enumerate(chosen.itertuples(), start=1):
+        table.loc[r.Index, "rank"] = rank
+        candidates.append({"component": r.component, "rank": rank,
+                           "evidence": _evidence(r, setup, group, grad_slices.get(r.component)),
+                           "parameters": parameters[r.component]})
+    return table, candidates
+
+
+def compare_stages(components: pd.DataFrame, refined: pd.DataFrame | None) -> pd.DataFrame:
+    """Step 3's comparison: ``components`` (step 2's :func:`patch_units` table, heads and MLPs)
+    with ``refine_unit`` (a head's KV head ``LxKVg``, an MLP's ``LxMLP.pre``), ``refine_site``
+    (``v`` / ``mlp_pre``), ``refine_drop`` (NaN where ``refined`` lacks the unit) and
+    ``matters_more``: the stage with the larger absolute drop (``value (v)`` / ``output (z)``,
+    ``input (pre)`` / ``output (post)``; None without a refinement number)."""
+    table = components.copy()
+    table["refine_site"] = [("v" if k == "head" else "mlp_pre") for k in table["kind"]]
+    ref_drop = {} if refined is None else dict(zip(refined["component"], refined["drop"], strict=True))
+    units = [unit_name("v", r.layer, int(r.kv_head)) if r.kind == "head" else unit_name("mlp_pre", r.layer)
+             for r in table.itertuples()]
+    table["refine_unit"] = units
+    table["refine_drop"] = [ref_drop.get(u, np.nan) for u in units]
+    table["matters_more"] = [_stage(r.kind, r.drop, r.refine_drop) for r in table.itertuples()]
+    return table
+
+
+def lora_modules(candidates: list[dict]) -> list[str]:
+    """The full module names (PEFT ``target_modules``) of the candidates' parameters, in model order."""
+    return sorted({n.rsplit(".", 1)[0] for c in candidates for n in c["parameters"]},
+                  key=lambda n: [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in n.split(".")])
+
+
+LORA_NOTE = ("full module names (PEFT matches them exactly); a head's weights are slices of its "
+             "layer's q/k/v/o matrices (see evidence.grad_slices), so LoRA on them also edits the "
+             "layer's other heads")
+
+
+def build_report(model, setup: Setup, prompt: str, answer: str, prompt_index: int, dataset: str, scoring: str,
+                 check: dict, clean: float, full: float, checks: dict, candidates: list[dict], grad_norms: dict,
+                 layers: list[int], seconds: dict) -> dict:
+    """The JSON report (``report.json``; keys in docs/heads.md) from the steps' results: ``check``
+    (:func:`answer_check`), ``clean`` / ``full`` / ``checks`` (:class:`PatchedUnits`'s, plus the
+    gradient check), ``candidates`` (:func:`rank_components`), ``grad_norms``
+    (:class:`GradientEvidence`'s)."""
+    key = "logit" if scoring == "first_token" else "sum_logprob"
+    tok = model.tokenizer
+    return {
+        "target": {"text": answer, "tokens": [tok.decode([t]) for t in setup.target_ids], "token_ids": setup.target_ids,
+                   "scoring": scoring, "metric": key, **check},
+        "corruption": {"kind": setup.corruption, "corrupt_prompt": setup.corrupt_prompt,
+                       "source": setup.corrupt_source, "n_mean_prompts": setup.n_mean or None, "clean": clean,
+                       "fully_corrupted": full, "full_drop": clean - full,
+                       "note": "fully_corrupted: every prompt position of the layer-0 residual stream patched"},
+        "candidates": candidates,
+        "grad_norms": grad_norms,
+        "prompt": {"text": prompt, "index": prompt_index, "dataset": dataset,
+                   "tokens": [tok.decode([t]) for t in setup.prompt_ids]},
+        "ranking": RANKING,
+        "lora": {"target_modules": lora_modules(candidates), "note": LORA_NOTE},
+        "checks": checks,
+        "per": {"z": "query head", "v": "KV head (shared by its query heads)", "mlp": "layer"},
+        "layers": layers,
+        "seconds": seconds,
+    }
 
 
 def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruption: str = "other-prompt",
                      scoring: str = "first_token", top: int = 10, hf_model=None, dataset: str = "dataset",
                      layers="all", progress=None) -> ComponentReport:
     """The W1 report for prompt ``prompt_index`` of ``rows`` (a prompt set's rows: ``prompt``,
-    ``answer``, optionally ``corrupt_prompt``). See the module docstring for every step.
+    ``answer``, optionally ``corrupt_prompt``). See the module docstring for every step; each
+    step is also its own call (:func:`build_setup` + :func:`answer_check`, :func:`patch_units`
+    of :func:`component_units` and :func:`refine_units`, :func:`mean_abs_activations`,
+    :func:`gradient_evidence`, :func:`rank_components`, :func:`build_report`), which is how
+    ``replab run fact-recall`` runs them as stages.
 
     Args:
         model: a TransformerLens model from :func:`replab.load_model`.
@@ -173,143 +256,44 @@ def component_report(model, rows: pd.DataFrame, prompt_index: int = 0, corruptio
             (gradient norms always cover every layer).
         progress: optional ``advance(n)``, called once per step (6 steps).
     """
-    from replab.circuits.gradients import (
-        block_parameters,
-        component_parameters,
-        gradient_norms,
-        head_slices,
-        hf_model_for,
-    )
-
     check_options(corruption, scoring)
     if top < 1:
         raise ReplabError("--top must be at least 1")
     tick = progress or (lambda n=1: None)
     t_start = time.time()
     cfg = model.cfg
-    L, H = cfg.n_layers, cfg.n_heads
-    n_kv = cfg.n_key_value_heads or H
-    group = H // n_kv
+    group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
     setup, prompt, answer = build_setup(model, rows, prompt_index, corruption)
-    key = "logit" if scoring == "first_token" else "sum_logprob"
     check = answer_check(model, setup)
-    clean = check[key]
     steps = {"setup": round(time.time() - t_start, 2)}
     tick(1)
 
     # 2. broad patching (every head's z, every MLP's post) and 3. the refinement stages (every KV
     # head's v, every MLP's pre), all in one batched engine run with three sanity variants
-    lays = parse_layers(layers, L)
-    comps = [("head", la, h) for la in lays for h in range(H)] + [("mlp", la, None) for la in lays]
-    refine_units = [("v", la, g) for la in lays for g in range(n_kv)] + [("mlp_pre", la, None) for la in lays]
-    variants = [Variant(()), Variant((intervention(setup, "resid_pre", 0),)),
-                Variant((Intervention("z", L // 2, head=0, positions=tuple(range(setup.n_prompt)), source="clean"),))]
-    variants += [Variant((intervention(setup, "z" if k == "head" else "mlp_post", la, h),)) for k, la, h in comps]
-    variants += [Variant((intervention(setup, s, la, h),)) for s, la, h in refine_units]
-    t0 = time.time()
-    res = score_variants(model, setup, variants, scoring)
-    steps["patching"] = round(time.time() - t0, 2)
-    t0 = time.time()
-    checks = _checks(model, setup, scoring, key, res, clean)
-    steps["checks"] = round(time.time() - t0, 2)
-    full = float(res[key][1])
+    lays = parse_layers(layers, cfg.n_layers)
+    comps, refine = component_units(model, lays), refine_units(model, lays)
+    patched = patch_units(model, setup, comps + refine, check, scoring)
+    steps.update(patched.seconds)
     tick(1)
-    n_c = 3 + len(comps)
-    table = pd.DataFrame([{"component": f"L{la}H{h}" if k == "head" else f"L{la}MLP", "kind": k, "layer": la,
-                           "head": h, "kv_head": None if h is None else h // group,
-                           "site": "z" if k == "head" else "mlp_post"} for k, la, h in comps])
-    table["patched"] = res[key][3:n_c]
-    table["drop"] = clean - table["patched"]
-    table["drop_logit"] = check["logit"] - res["logit"][3:n_c]
-    table["drop_logprob"] = check["logprob"] - res["logprob"][3:n_c]
-    table["normalized_drop"] = table["drop"] / (clean - full) if abs(clean - full) > 1e-6 else np.nan
-    ref_drop = {u: clean - float(v) for u, v in zip(refine_units, res[key][n_c:], strict=True)}
+    table = patched.table.iloc[:len(comps)].reset_index(drop=True)
+    refined = patched.table.iloc[len(comps):].reset_index(drop=True)
     tick(1)
 
     # 4. evidence: mean |activation| at the final prompt position, gradient norms (HF model)
-    names = {f"blocks.{la}.attn.hook_z" for la in range(L)} | {f"blocks.{la}.mlp.hook_post" for la in range(L)}
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(torch.tensor([setup.prompt_ids]), names_filter=lambda n: n in names,
-                                        return_type=None)
-    act = [float(cache[f"blocks.{la}.attn.hook_z"][0, -1, h].abs().mean()) if k == "head"
-           else float(cache[f"blocks.{la}.mlp.hook_post"][0, -1].abs().mean()) for k, la, h in comps]
-    table["mean_abs_activation"] = act
+    table["mean_abs_activation"] = mean_abs_activations(model, setup, comps)
     tick(1)
-    t0 = time.time()
-    hf = hf_model if hf_model is not None else hf_model_for(model)
-    steps["hf_load"] = round(time.time() - t0, 2)
-    t0 = time.time()
-    grad_norms, grads, loss = gradient_norms(hf, setup.prompt_ids, setup.target_ids, scoring)
-    steps["gradients"] = round(time.time() - t0, 2)
-    tl_loss = -(check["logprob"] if scoring == "first_token" else check["sum_logprob"])
-    checks["hf_loss_equals_tl"] = {"value": loss, "expected": tl_loss, "abs_error": abs(loss - tl_loss),
-                                   "ok": abs(loss - tl_loss) <= 1e-3 * max(1.0, abs(tl_loss))}
-    if not checks["hf_loss_equals_tl"]["ok"]:
-        raise ReplabError(f"the Hugging Face model's loss {loss:.5f} differs from the analysed model's "
-                          f"{tl_loss:.5f}: they are not the same model")
-    params = block_parameters(hf)
-    g_rows, slices, params_of = [], {}, {}
-    for k, la, h in comps:
-        names_k = component_parameters(params, k, la)
-        params_of[(k, la, h)] = names_k
-        if k == "head":
-            sl = head_slices(params, grads, la, h, H, n_kv, cfg.d_head)
-            slices[(la, h)] = sl
-            g = np.sqrt(sum(s["grad_norm"] ** 2 for s in sl.values())) if sl else \
-                np.sqrt(sum(grad_norms[n] ** 2 for n in names_k))
-        else:
-            g = np.sqrt(sum(grad_norms[n] ** 2 for n in names_k))
-        g_rows.append(float(g))
-    table["grad_norm"] = g_rows
+    grads = gradient_evidence(model, setup, comps, check, scoring, hf_model)
+    steps.update(grads.seconds)
+    table["grad_norm"] = [grads.component_grad_norm[c] for c in table["component"]]
     tick(1)
 
     # 5. combined ranking of the causally selected candidates
-    table["causal_rank"] = table["drop"].rank(ascending=False, method="first").astype(int)
-    is_cand = table["causal_rank"] <= top
-    table["pct_drop"] = table["drop"].where(is_cand).rank(pct=True)
-    for col in ("grad_norm", "mean_abs_activation"):
-        table[f"pct_{col}"] = table.groupby("kind")[col].rank(pct=True)
-    table["combined_score"] = (WEIGHTS["drop"] * table["pct_drop"] + WEIGHTS["grad_norm"] * table["pct_grad_norm"]
-                               + WEIGHTS["mean_abs_activation"] * table["pct_mean_abs_activation"])
-    table["refine_site"] = [("v" if k == "head" else "mlp_pre") for k in table["kind"]]
-    unit = lambda r: ("v", r.layer, int(r.kv_head)) if r.kind == "head" else ("mlp_pre", r.layer, None)  # noqa: E731
-    table["refine_drop"] = [ref_drop.get(unit(r), np.nan) for r in table.itertuples()]
-    table["matters_more"] = [_stage(r.kind, r.drop, r.refine_drop) for r in table.itertuples()]
-    chosen = table[is_cand].sort_values(["combined_score", "drop"], ascending=False)
-    candidates = []
-    for rank, r in enumerate(chosen.itertuples(), start=1):
-        table.loc[r.Index, "rank"] = rank
-        h = None if r.kind == "mlp" else int(r.head)
-        candidates.append({"component": r.component, "rank": rank,
-                           "evidence": _evidence(r, setup, group, slices.get((r.layer, h))),
-                           "parameters": params_of[(r.kind, r.layer, h)]})
+    table, candidates = rank_components(table, refined, top, setup, grads.parameters, grads.grad_slices, group)
     tick(1)
-    modules = sorted({n.rsplit(".", 1)[0] for c in candidates for n in c["parameters"]},
-                     key=lambda n: [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in n.split(".")])
-    tok = model.tokenizer
-    report = {
-        "target": {"text": answer, "tokens": [tok.decode([t]) for t in setup.target_ids], "token_ids": setup.target_ids,
-                   "scoring": scoring, "metric": key, **check},
-        "corruption": {"kind": corruption, "corrupt_prompt": setup.corrupt_prompt, "source": setup.corrupt_source,
-                       "n_mean_prompts": setup.n_mean or None, "clean": clean, "fully_corrupted": full,
-                       "full_drop": clean - full,
-                       "note": "fully_corrupted: every prompt position of the layer-0 residual stream patched"},
-        "candidates": candidates,
-        "grad_norms": grad_norms,
-        "prompt": {"text": prompt, "index": prompt_index, "dataset": dataset,
-                   "tokens": [tok.decode([t]) for t in setup.prompt_ids]},
-        "ranking": RANKING,
-        "lora": {"target_modules": modules,
-                 "note": "full module names (PEFT matches them exactly); a head's weights are slices of its "
-                         "layer's q/k/v/o matrices (see evidence.grad_slices), so LoRA on them also edits the "
-                         "layer's other heads"},
-        "checks": checks,
-        "per": {"z": "query head", "v": "KV head (shared by its query heads)", "mlp": "layer"},
-        "layers": lays,
-        "seconds": {**steps, "total": round(time.time() - t_start, 2)},
-    }
-    grad_table = pd.DataFrame([{"name": n, **params[n], "grad_norm": v} for n, v in grad_norms.items()])
-    return ComponentReport(report, table, grad_table)
+    report = build_report(model, setup, prompt, answer, prompt_index, dataset, scoring, check, patched.clean,
+                          patched.full, {**patched.checks, "hf_loss_equals_tl": grads.check}, candidates,
+                          grads.grad_norms, lays, {**steps, "total": round(time.time() - t_start, 2)})
+    return ComponentReport(report, table, grads.grad_table)
 
 
 def _stage(kind: str, out_drop: float, in_drop: float) -> str | None:

@@ -1,6 +1,8 @@
 """The W1 report's run directory: ``report.json``, ``report.md``, tables, a figure, ``summary.json`` last.
 
-:func:`run_component_report` is what ``replab circuit report`` calls.
+:func:`run_component_report` is what ``replab circuit report`` calls; :func:`write_component_report`
+writes the directory (``replab run fact-recall``'s last stage calls it too), and the step figures
+(:func:`drops_figure`, :func:`stages_figure`, :func:`grad_norms_figure`) are public.
 """
 
 from __future__ import annotations
@@ -46,21 +48,35 @@ def run_component_report(dataset: str | None = None, task: str | None = None, pr
     with progress_bar(6, "component report", "step", enabled=progress) as bar:
         rep = component_report(m, rows, prompt_index, corruption, scoring, top, dataset=name, layers=layers,
                                progress=bar.advance)
-    out = start_run(Path(out or f"runs/report-{name}-{prompt_index}-{corruption}"))
-    report = {**rep.report, "model": m.replab_identity.to_dict()}
-    report["seconds"]["with_loading"] = round(time.time() - t0, 2)
-    files = write_table(rep.components, out, "components") + write_table(rep.grad_norms, out, "grad_norms")
+    out = Path(out or f"runs/report-{name}-{prompt_index}-{corruption}")
+    options = {"dataset": dataset, "task": task, "prompt_index": prompt_index, "corruption": corruption,
+               "scoring": scoring, "top": top, "layers": rep.report["layers"]}
+    report, _ = write_component_report(out, rep.report, rep.components, rep.grad_norms, m, options,
+                                       with_loading=round(time.time() - t0, 2))
+    return {**report, "out": str(out)}
+
+
+def write_component_report(out, report: dict, components: pd.DataFrame, grad_norms: pd.DataFrame, model,
+                           options: dict, with_loading: float | None = None) -> tuple[dict, list[str]]:
+    """Write a W1 report's run directory (``report.json``, ``report.md``, ``components``,
+    ``grad_norms``, ``drops.png|svg``, then ``summary.json``) from
+    :func:`replab.circuits.report.build_report`'s dict and its tables. Returns the report (with
+    the model identity added) and the files written."""
+    out = start_run(Path(out))
+    report = {**report, "model": model.replab_identity.to_dict(), "seconds": dict(report["seconds"])}
+    if with_loading is not None:
+        report["seconds"]["with_loading"] = with_loading
+    files = write_table(components, out, "components") + write_table(grad_norms, out, "grad_norms")
     write_json_atomic(out / "report.json", _jsonable(report), sort_keys=False)
     write_text_atomic(out / "report.md", markdown(report))
     files += [str(out / "report.json"), str(out / "report.md")]
-    files += _figure(rep.components, report, out)
+    files += _figure(components, report, out)
     summary = {"kind": "component_report", "prompt": report["prompt"], "target": report["target"],
                "corruption": report["corruption"], "candidates": [c["component"] for c in report["candidates"]],
                "lora": report["lora"], "checks": report["checks"], "seconds": report["seconds"], "files": files,
-               "options": {"dataset": dataset, "task": task, "prompt_index": prompt_index, "corruption": corruption,
-                           "scoring": scoring, "top": top, "layers": report["layers"]}}
-    finish_run(out, summary, m)
-    return {**report, "out": str(out)}
+               "options": options}
+    finish_run(out, summary, model)
+    return report, files
 
 
 def _jsonable(x):
@@ -121,6 +137,15 @@ def markdown(report: dict) -> str:
 
 
 def _figure(table: pd.DataFrame, report: dict, out: Path) -> list[str]:
+    t = report["target"]
+    return drops_figure(table, out / "drops", f"{report['prompt']['text']!r} → {t['text']!r}: drop in target "
+                        f"{t['metric']} ({report['corruption']['kind']} corruption)")
+
+
+def drops_figure(table: pd.DataFrame, stem: Path, title: str) -> list[str]:
+    """W1 step 2's figure: the drop of every head (layer × query head heatmap, ``z`` patched) and
+    every MLP (bars, ``post`` patched) from a table with ``kind``, ``layer``, ``head``, ``drop``;
+    ``<stem>.png`` and ``.svg``."""
     import seaborn as sns
 
     from replab._figures import pyplot, save
@@ -141,8 +166,52 @@ def _figure(table: pd.DataFrame, report: dict, out: Path) -> list[str]:
     b.set_xlabel("drop")
     b.set_ylabel("layer")
     b.set_title("MLPs (post patched)")
-    t = report["target"]
-    fig.suptitle(f"{report['prompt']['text']!r} → {t['text']!r}: drop in target {t['metric']} "
-                 f"({report['corruption']['kind']} corruption)")
+    fig.suptitle(title)
     fig.tight_layout()
-    return [str(p) for p in save(fig, out / "drops", formats=("png", "svg"))]
+    return [str(p) for p in save(fig, stem, formats=("png", "svg"))]
+
+
+def stages_figure(table: pd.DataFrame, stem: Path, title: str) -> list[str]:
+    """W1 step 3's figure: for each component of ``table`` (``component``, ``drop``,
+    ``refine_drop``, ``refine_site``, as :func:`replab.circuits.report.compare_stages` gives), the
+    output-stage drop (``z`` / ``post``) beside the input-stage drop (``v`` per KV head /
+    ``pre``); ``<stem>.png`` and ``.svg``."""
+    from replab._figures import pyplot, save
+
+    plt = pyplot()
+    n = len(table)
+    y = np.arange(n)
+    fig, ax = plt.subplots(figsize=(7.5, 0.38 * n + 1.8))
+    ax.barh(y - 0.2, table["drop"], height=0.4, color="tab:blue", label="output stage (head z / MLP post)")
+    ax.barh(y + 0.2, table["refine_drop"], height=0.4, color="tab:orange",
+            label="input stage (KV head v / MLP gate pre)")
+    ax.set_yticks(y, [f"{c} ({s})" for c, s in zip(table["component"], table["refine_site"], strict=True)])
+    ax.invert_yaxis()
+    ax.axvline(0, color="grey", lw=0.7)
+    ax.set_xlabel("drop of the target's score")
+    ax.set_ylabel("component (refined by)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return [str(p) for p in save(fig, stem, formats=("png", "svg"))]
+
+
+def grad_norms_figure(grad_norms: pd.DataFrame, stem: Path, title: str) -> list[str]:
+    """W1 step 4's figure: the gradient norm of every attention/MLP weight matrix, layer × matrix
+    (the last part of its name, e.g. ``q_proj``; a table with ``name``, ``layer``, ``grad_norm``,
+    as :class:`replab.circuits.report_evidence.GradientEvidence` gives); ``<stem>.png`` and ``.svg``."""
+    import seaborn as sns
+
+    from replab._figures import pyplot, save
+
+    plt = pyplot()
+    df = grad_norms.assign(matrix=[n.rsplit(".", 2)[-2] for n in grad_norms["name"]])
+    order = list(dict.fromkeys(df["matrix"]))
+    grid = df.pivot_table(index="layer", columns="matrix", values="grad_norm", aggfunc="sum")[order]
+    fig, ax = plt.subplots(figsize=(6.5, 0.22 * len(grid) + 2.0))
+    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws={"label": "L2 norm of d NLL / dW"})
+    ax.set_xlabel("weight matrix")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.tight_layout()
+    return [str(p) for p in save(fig, stem, formats=("png", "svg"))]

@@ -22,13 +22,16 @@ positions are patched) and position ``T + k − 1`` is read out, for each ``k``.
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from replab.errors import ReplabError
-from replab.hooks import hook_name
+from replab.hooks import hook_name, parse_layers
 from replab.patching import Intervention, Variant, run_variants
 from replab.patching.metrics import readout
 
@@ -143,3 +146,116 @@ def reference_full_corruption(model, setup: Setup, scoring: str) -> float:
             return float(logits[setup.target_ids[0]])
         total += lp
     return total
+
+
+#: the patched site of each unit kind: a query head's ``z``, an MLP's ``post`` (step 2); a KV head's
+#: ``v``, an MLP's gate pre-activation (step 3)
+UNIT_SITES = {"head": "z", "mlp": "mlp_post", "v": "v", "mlp_pre": "mlp_pre"}
+
+
+def unit_name(kind: str, layer: int, index: int | None = None) -> str:
+    """``L3H2`` (query head), ``L3MLP``, ``L3KV0`` (KV head, refinement), ``L3MLP.pre``."""
+    return {"head": f"L{layer}H{index}", "mlp": f"L{layer}MLP", "v": f"L{layer}KV{index}",
+            "mlp_pre": f"L{layer}MLP.pre"}[kind]
+
+
+def component_units(model, layers="all") -> list[tuple[str, int, int | None]]:
+    """Step 2's units, ``(kind, layer, head)``: every query head (``"head"``) of ``layers``, then
+    every MLP (``"mlp"``, head None)."""
+    lays = parse_layers(layers, model.cfg.n_layers)
+    return [("head", la, h) for la in lays for h in range(model.cfg.n_heads)] + [("mlp", la, None) for la in lays]
+
+
+def refine_units(model, layers="all", components: list[str] | None = None) -> list[tuple[str, int, int | None]]:
+    """Step 3's units, ``(kind, layer, index)``: every KV head's ``v`` (``"v"``) of ``layers``, then
+    every MLP's ``pre`` (``"mlp_pre"``); with ``components`` (names such as ``L3H2``, ``L5MLP``),
+    only the units that refine them (a head's KV head, an MLP's pre), in the same order
+    (``layers`` is then ignored)."""
+    cfg = model.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    if components is None:
+        lays = parse_layers(layers, cfg.n_layers)
+        return [("v", la, g) for la in lays for g in range(n_kv)] + [("mlp_pre", la, None) for la in lays]
+    group = cfg.n_heads // n_kv
+    want = set()
+    for name in components:
+        kind, la, h = _parse_component(name, cfg.n_layers, cfg.n_heads)
+        want.add(("v", la, h // group) if kind == "head" else ("mlp_pre", la, None))
+    return sorted(want, key=lambda u: (u[0] != "v", u[1], u[2] or 0))
+
+
+def _parse_component(name: str, n_layers: int, n_heads: int) -> tuple[str, int, int | None]:
+    m = re.fullmatch(r"L(\d+)(?:H(\d+)|(MLP))", str(name))
+    if not m or int(m.group(1)) >= n_layers or (m.group(2) is not None and int(m.group(2)) >= n_heads):
+        raise ReplabError(f"not a component of this model: {name!r} (L<layer>H<head> or L<layer>MLP)")
+    return ("head", int(m.group(1)), int(m.group(2))) if m.group(2) is not None else ("mlp", int(m.group(1)), None)
+
+
+@dataclass
+class PatchedUnits:
+    """Result of :func:`patch_units`: ``table`` (one row per unit), the three sanity ``checks``,
+    the ``clean`` score, the ``full`` (fully corrupted) score and the ``seconds`` of the
+    patched run and of the checks."""
+
+    table: pd.DataFrame
+    checks: dict
+    clean: float
+    full: float
+    seconds: dict
+
+
+def patch_units(model, setup: Setup, units: list[tuple[str, int, int | None]], check: dict,
+                scoring: str = "first_token") -> PatchedUnits:
+    """Steps 2 and 3 in one batched engine run: each unit's site (:data:`UNIT_SITES`) replaced by
+    the setup's corruption at every prompt position, plus three sanity variants (the empty patch,
+    the whole layer-0 residual stream, a clean-into-clean patch) checked against a plain forward
+    and an independent TransformerLens-hook reference (ReplabError on failure). ``check`` is
+    :func:`replab.circuits.report.answer_check`'s result (the clean scores).
+
+    Returns:
+        :class:`PatchedUnits`; its table has per unit ``component`` (:func:`unit_name`), ``kind``,
+        ``layer``, ``head`` (query head or None), ``kv_head``, ``site``, ``patched`` (the score),
+        ``drop`` = clean − patched, ``drop_logit`` and ``drop_logprob`` (first target token),
+        ``normalized_drop`` = drop / the fully corrupted run's drop.
+    """
+    cfg = model.cfg
+    L, H = cfg.n_layers, cfg.n_heads
+    group = H // (cfg.n_key_value_heads or H)
+    key = "logit" if scoring == "first_token" else "sum_logprob"
+    clean = check[key]
+    variants = [Variant(()), Variant((intervention(setup, "resid_pre", 0),)),
+                Variant((Intervention("z", L // 2, head=0, positions=tuple(range(setup.n_prompt)), source="clean"),))]
+    variants += [Variant((intervention(setup, UNIT_SITES[k], la, h),)) for k, la, h in units]
+    t0 = time.time()
+    res = score_variants(model, setup, variants, scoring)
+    t1 = time.time()
+    checks = _checks(model, setup, scoring, key, res, clean)
+    seconds = {"patching": round(t1 - t0, 2), "checks": round(time.time() - t1, 2)}
+    full = float(res[key][1])
+    table = pd.DataFrame([{"component": unit_name(k, la, h), "kind": k, "layer": la,
+                           "head": h if k == "head" else None,
+                           "kv_head": (h // group if k == "head" else h) if k in ("head", "v") else None,
+                           "site": UNIT_SITES[k]} for k, la, h in units],
+                         columns=["component", "kind", "layer", "head", "kv_head", "site"])
+    table["patched"] = res[key][3:]
+    table["drop"] = clean - table["patched"]
+    table["drop_logit"] = check["logit"] - res["logit"][3:]
+    table["drop_logprob"] = check["logprob"] - res["logprob"][3:]
+    table["normalized_drop"] = table["drop"] / (clean - full) if abs(clean - full) > 1e-6 else np.nan
+    return PatchedUnits(table, checks, clean, full, seconds)
+
+
+def _checks(model, setup: Setup, scoring: str, key: str, res: dict, clean: float) -> dict:
+    ref_full = reference_full_corruption(model, setup, scoring)
+    out = {"empty_patch_equals_clean": (res[key][0], clean),
+           "full_corruption_equals_reference": (res[key][1], ref_full),
+           "clean_into_clean_is_noop": (res[key][2], clean)}
+    checks = {}
+    for name, (got, want) in out.items():
+        err = abs(float(got) - float(want))
+        checks[name] = {"value": float(got), "expected": float(want), "abs_error": err,
+                        "ok": err <= 1e-4 * max(1.0, abs(float(want)))}
+    bad = [n for n, c in checks.items() if not c["ok"]]
+    if bad:
+        raise ReplabError(f"sanity check failed: {bad[0]} (error {checks[bad[0]]['abs_error']:.2e})")
+    return checks

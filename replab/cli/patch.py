@@ -114,17 +114,19 @@ def heads_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPL
 
 
 @app.command("grid", epilog=examples("replab patch grid --task next_day --out runs/w2/grid",
-                                     "replab patch grid --task next_day --direction noise --json"))
+                                     "replab patch grid --task next_day --direction noise --json",
+                                     "replab patch grid --task next_day --limit 3 --layers 20-29"))
 def grid_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPLATE,
              limit: int = _LIMIT, out: str = _OUT,
              direction: str = typer.Option("denoise", "--direction", help="denoise or noise"),
+             layers: str = typer.Option("all", "--layers", help="Layer spec of every sweep: all, 20-29, 20-, ..."),
              model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """W2 step 5 (docs/workflows.md) in one command: resid_pre / attn_out / mlp_out layer × position heatmaps, and
     head output / value / pattern heatmaps with the z-vs-v and z-vs-pattern scatters."""
     from replab.patching.runs import run_grid
 
     s = run_grid(_task(task, dataset), out=out, model=model, template=template, limit=limit,
-                 progress=not json_out, direction=direction)
+                 progress=not json_out, direction=direction, **({} if layers == "all" else {"layers": layers}))
     _done(s, json_out, [f"{k}: {v}/" for k, v in s["parts"].items()] + [_top_heads_line(s)])
 
 

@@ -2,7 +2,9 @@
 below cite): load the model and task, run, write a run directory.
 
 These are what the ``replab patch`` / ``replab attribute`` / ``replab test-prompt`` commands
-call; each returns the summary dict that is also written to ``<out>/summary.json``.
+call; each returns the summary dict that is also written to ``<out>/summary.json``. ``model``
+is a model name (None: the default SmolLM2) or an already loaded model (``replab run next-day``
+passes its one loaded model to every step).
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
-def load(model_name: str | None, task: str, template: str | None = None, limit: int | None = None):
-    """``(model, PatchTask)``: the model (default SmolLM2) and a task on its tokenizer."""
-    from replab.models import load_model, load_tokenizer
+def load(model_name, task: str, template: str | None = None, limit: int | None = None):
+    """``(model, PatchTask)``: the model (a name, default SmolLM2, or a loaded model) and a task
+    on its tokenizer."""
+    from replab.models import load_tokenizer
+    from replab.models.coerce import as_model
     from replab.patching.catalog import load_task
 
-    model = load_model(model_name)
-    tok = model.tokenizer or load_tokenizer(model_name)
+    model = as_model(model_name)
+    tok = model.tokenizer or load_tokenizer(model_name if isinstance(model_name, str) else None)
     return model, load_task(task, tok, template=template, limit=limit,
                             prepend_bos=bool(model.cfg.default_prepend_bos))
 
@@ -249,7 +253,7 @@ def run_patterns(task: str = "next_day", heads: str | None = None, from_dir=None
     names = {f"blocks.{layer}.attn.hook_pattern" for layer, _ in chosen}
     with torch.inference_mode():
         _, cache = m.run_with_cache(t.clean, names_filter=lambda n: n in names)
-    third = lambda layer: ("early", "middle", "late")[min(2, layer * 3 // L)]  # noqa: E731
+    third = lambda layer: layer_group(layer, L)  # noqa: E731
     pats, groups, rows = {}, {}, []
     for layer, h in sorted(chosen):
         p = cache[f"blocks.{layer}.attn.hook_pattern"][:, h].mean(0).cpu().numpy()
@@ -266,8 +270,25 @@ def run_patterns(task: str = "next_day", heads: str | None = None, from_dir=None
     files += save_figure(attention_patterns(pats, t.str_tokens, f"attention patterns, {t.name} "
                                             "(mean over clean prompts)", groups, notes), out / "patterns")
     summary = {"kind": "attention_patterns", "task": t.describe(), "files": files,
-               "heads": table.to_dict("records")}
+               "heads": table.to_dict("records"), "groups": layer_groups(L)}
     return {**finish_run(out, summary, m), "out": str(out)}
+
+
+GROUPS = ("early", "middle", "late")
+
+
+def layer_group(layer: int, n_layers: int) -> str:
+    """W2 step 6: ``early``, ``middle`` or ``late``: the third of the network ``layer`` is in."""
+    return GROUPS[min(2, layer * 3 // n_layers)]
+
+
+def layer_groups(n_layers: int) -> dict[str, list[int]]:
+    """``{group: [first layer, last layer]}`` of :func:`layer_group` (a group may be empty: absent)."""
+    out: dict[str, list[int]] = {}
+    for layer in range(n_layers):
+        g = out.setdefault(layer_group(layer, n_layers), [layer, layer])
+        g[1] = layer
+    return out
 
 
 def _top_from(from_dir, top: int) -> tuple[list[tuple[int, int]], dict[str, str]]:
@@ -299,12 +320,12 @@ def _top_from(from_dir, top: int) -> tuple[list[tuple[int, int]], dict[str, str]
 
 def test_prompt(prompt: str, answer: str | None = None, k: int = 10, model: str | None = None) -> dict:
     """W2 step 1: the top-k next tokens with logits and probabilities, and the answer's rank."""
-    from replab.models import load_model
+    from replab.models.coerce import as_model
     from replab.prompts import answer_ids, token_ids
 
     if not prompt:
         raise ReplabError("empty prompt")
-    m = load_model(model)
+    m = as_model(model)
     ids = token_ids(m.tokenizer, prompt, bool(m.cfg.default_prepend_bos))
     with torch.inference_mode():
         logits = m(torch.tensor([ids]))[0, -1]
