@@ -10,7 +10,9 @@ The run directory::
                          provenance (model identity, versions, seeds, stage times)
 
 **Caching and resuming.** A stage's key hashes the model identity (name, weights and config
-hash), the values of the options it reads and the key of the stage before it. A rerun reuses a
+hash), the replab version, the values of the options it reads and the key of the stage before
+it (the stage's code is not hashed: after changing an experiment's code within one version, use
+``force``). A rerun reuses a
 stage whose ``stage.json`` holds the same key; ``force`` recomputes every stage; a run that was
 interrupted resumes at the first stage without a matching ``stage.json``. ``summary.json`` is
 removed when a run starts and written when it ends, so an unfinished run never looks complete.
@@ -166,7 +168,7 @@ def _run_locked(exp: Experiment, model_name, config: dict, out: Path, quick: boo
     ctx = StageContext(config=config, out=out, run_dir=out, results={}, model_name=model_name,
                        progress=progress)
     identity = ctx.model.replab_identity.to_dict()
-    key = _hash({"model": identity_key(identity), "experiment": exp.name})
+    key = _hash({"model": identity_key(identity), "experiment": exp.name, "replab": __version__})
     timings = []
     for i, stage in enumerate(exp.stages, 1):
         key = _hash({"previous": key, "stage": stage.name, "options": {k: config[k] for k in stage.keys}})
