@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from replab.errors import ReplabError
 from replab.experiments.lens_comparison import EXPERIMENT as LENSES
+from replab.experiments.sequences import EXPERIMENT as SEQUENCES
 from replab.experiments.spec import Experiment
 
 #: ``name -> Experiment``, in the order of the workflows
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
+    SEQUENCES,
     LENSES,
 )}
 
