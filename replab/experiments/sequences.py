@@ -14,8 +14,8 @@ Stages, each one or a few library calls (nothing is re-implemented here):
 4. ``geometry``: a harvest of the ``sequence_types`` set (:func:`replab.harvesting.harvest`),
    PCA / UMAP per layer coloured by sequence type (:func:`replab.geometry.plot_geometry`) and
    class-mean cosines per layer (:func:`replab.geometry.cosine_layers`);
-5. ``compare``: the circuits of two sequence types (months, weekdays) pruned separately and
-   compared, overlap and each circuit on the other's task
+5. ``compare``: the circuits of two sequence types (months, weekdays) pruned separately down to
+   ``circuit_threshold`` and compared, overlap and each circuit on the other's task
    (:func:`replab.circuits.prune_run.run_compare`).
 """
 
@@ -26,6 +26,7 @@ import shlex
 import numpy as np
 import pandas as pd
 
+from replab.circuits.ablation import Ablation
 from replab.circuits.prune import parse_orders, parse_thresholds
 from replab.circuits.prune_run import run_compare, run_prune
 from replab.circuits.validate_run import run_necessity, run_sufficiency
@@ -70,8 +71,11 @@ DEFAULTS = {
 }
 QUICK = {"limit": 4, "thresholds": "0.9,0.8", "orders": "attribution,reverse", "circuit_threshold": 0.8,
          "ablations": "zero,mean,mean-other/repeat", "ablation_tests": "sufficiency", "n_random": 0,
-         "n_boot": 50, "n_seqs": 3, "ov_tokens": "weekdays", "geometry_layers": "0-7", "umap_layers": 0, "compare_limit": 3,
-         "compare_orders": "reverse"}
+         "n_boot": 50, "n_seqs": 3, "ov_tokens": "weekdays", "geometry_layers": "0-7", "umap_layers": 0,
+         "compare_limit": 3, "compare_orders": "reverse"}
+
+
+_TESTS = {"sufficiency": run_sufficiency, "necessity": run_necessity}
 
 
 def _task(c: dict, types: str | None = None) -> str:
@@ -94,11 +98,33 @@ def _level_key(r: dict) -> tuple:
     return (r["n_heads"], r["order"])
 
 
-def prune(ctx) -> dict:
-    c = ctx.config
+def _check(c: dict) -> None:
+    """Options every stage relies on, checked before the first (slow) stage runs."""
     ths = parse_thresholds(c["thresholds"])
     if c["circuit_threshold"] not in ths:
         raise ReplabError(f"circuit_threshold {c['circuit_threshold']} is not one of the thresholds {ths}")
+    parse_orders(c["orders"])
+    parse_orders(c["compare_orders"])
+    if len(_items(c["compare_types"])) != 2:
+        raise ReplabError(f"compare_types needs two sequence types, not {c['compare_types']!r}")
+    unknown = [t for t in _items(c["ablation_tests"]) if t not in _TESTS]
+    if unknown:
+        raise ReplabError(f"unknown ablation test(s) {', '.join(unknown)} (use {', '.join(_TESTS)})")
+    for spec in _items(c["ablations"]):
+        kind, mean_over = _ablation_spec(spec, c)
+        Ablation(kind, mean_over, c["seed"])
+    for pair in _items(c["geometry_pairs"]):
+        if len(pair.split(":")) != 2:
+            raise ReplabError(f"geometry_pairs: {pair!r} is not TYPE:TYPE")
+
+
+def _items(spec) -> list[str]:
+    return [x.strip() for x in str(spec or "").split(",") if x.strip()]
+
+
+def prune(ctx) -> dict:
+    c = ctx.config
+    _check(c)
     orders = parse_orders(c["orders"])
     s = run_prune(task=_task(c), out=ctx.out, model=ctx.model, limit=c["limit"], thresholds=c["thresholds"],
                   orders=c["orders"], metric=c["metric"], ablation=c["ablation"], candidates=c["candidates"],
@@ -153,17 +179,13 @@ def _ablation_spec(spec: str, c: dict) -> tuple[str, str | None]:
 def ablations(ctx) -> dict:
     c = ctx.config
     heads = ctx.results["prune"]["circuit"]["heads"]
-    tests = [t.strip() for t in c["ablation_tests"].split(",") if t.strip()]
-    run = {"sufficiency": run_sufficiency, "necessity": run_necessity}
-    unknown = [t for t in tests if t not in run]
-    if unknown:
-        raise ReplabError(f"unknown ablation test(s) {unknown} (use sufficiency, necessity)")
+    tests = _items(c["ablation_tests"])
     rows, figures, commands = [], [], []
     for test in tests:
-        for spec in [a.strip() for a in c["ablations"].split(",") if a.strip()]:
+        for spec in _items(c["ablations"]):
             kind, mean_over = _ablation_spec(spec, c)
             out = ctx.out / f"{test}_{spec.replace('/', '-')}"
-            s = run[test](heads, task=_task(c), out=out, model=ctx.model, limit=c["limit"], metric=c["metric"],
+            s = _TESTS[test](heads, task=_task(c), out=out, model=ctx.model, limit=c["limit"], metric=c["metric"],
                           ablation=kind, mean_over=mean_over, n_random=c["n_random"], seed=c["seed"],
                           n_boot=c["n_boot"], progress=ctx.progress)
             r = s["records"][0]
@@ -224,7 +246,7 @@ def heads_stage(ctx) -> dict:
                 f"--seed {c['seed']} --out {ctx.out / 'detect'}"]
     figures = [rel(ctx.out / "detect" / f"heatmap_{x}.png", ctx.run_dir) for x in d["detectors"]]
     ov, ov_top = {}, {}
-    for name in [t.strip() for t in c["ov_tokens"].split(",") if t.strip()]:
+    for name in _items(c["ov_tokens"]):
         s = run_ov(tokens=name, model=ctx.model, out=ctx.out / f"ov_{name}")
         ov[name] = (pd.read_parquet(ctx.out / f"ov_{name}" / "ov_scores.parquet"), s["tokens"]["n"])
         ov_top[name] = [{"head": f"L{r['layer']}H{r['head']}", "next_item": r["next_item"]}
@@ -296,9 +318,10 @@ def geometry(ctx) -> dict:
                        f"({c['geometry_positions']})")
     figures.append(rel(png, ctx.run_dir))
     commands.append(f"replab plot cosine --store {store_dir} --color seq_type --out {ctx.out}")
-    pairs = [p.split(":") for p in c["geometry_pairs"].split(",") if p.strip()]
+    pairs = [p.split(":") for p in _items(c["geometry_pairs"])]
     summaries = [_pair_summary(cos, a.strip(), b.strip()) for a, b in pairs]
     counts = store.index["seq_type"].value_counts()
+    off = cos[cos["class_a"] != cos["class_b"]]             # pairs of different types
     by_layer = []
     for layer, sub in cos.groupby("layer"):
         row = {"layer": int(layer)}
@@ -309,21 +332,19 @@ def geometry(ctx) -> dict:
     return {"n_rows": int(len(store.index)), "n_types": int(len(counts)), "types": sorted(counts.index.tolist()),
             "layers": pca["layers"], "umap_layers": umap_layers, "positions": c["geometry_positions"],
             "pairs": summaries, "cosine_by_layer": by_layer,
-            "cosine_min": float(cos["cosine"].min()), "cosine_max": float(cos["cosine"].max()),
-            "chance": float(cos[cos["class_a"] != cos["class_b"]]["baseline"].mean()),
+            "cosine_min": float(off["cosine"].min()), "cosine_max": float(off["cosine"].max()),
+            "chance": float(off["baseline"].mean()),
             "figures": figures, "command": " && ".join(commands)}
 
 
 def compare(ctx) -> dict:
     c = ctx.config
-    types = [t.strip() for t in c["compare_types"].split(",") if t.strip()]
-    if len(types) != 2:
-        raise ReplabError(f"compare_types needs two sequence types, not {c['compare_types']!r}")
+    types = _items(c["compare_types"])
     th = c["circuit_threshold"]
     runs, commands, sizes = [], [], {}
     for t in types:
         s = run_prune(task=_task(c, t), out=ctx.out / t, model=ctx.model, limit=c["compare_limit"],
-                      thresholds=c["thresholds"], orders=c["compare_orders"], metric=c["metric"],
+                      thresholds=f"{th:g}", orders=c["compare_orders"], metric=c["metric"],
                       ablation=c["ablation"], seed=c["seed"], n_boot=c["n_boot"], progress=ctx.progress)
         runs.append(ctx.out / t)
         commands.append(_command(s, ctx.out / t, ctx))

@@ -27,7 +27,7 @@ def headline(results: dict, config: dict) -> dict:
     if h["best_next_item"]:
         out["best_next_item_score"] = h["best_next_item"]["score"]
     if g["pairs"]:
-        out["first_pair_cosine_max"] = g["pairs"][0]["cosine_max"]
+        out[f"cosine_max_{g['pairs'][0]['a']}_{g['pairs'][0]['b']}"] = g["pairs"][0]["cosine_max"]
     out.update({"compare_jaccard": c["jaccard"], "compare_a_on_b": c["a_on_b"]})
     return out
 
@@ -51,6 +51,14 @@ def _prune_section(s: dict) -> Section:
         "(KL to the clean run {stages.prune.circuit.kl} nats).", s,
         stages__prune__circuit__threshold=_PCT, stages__prune__circuit__performance=_F3,
         stages__prune__circuit__kl=_F3))
+    same = [lv for lv in p["levels"] if lv["threshold"] == circ["threshold"] and lv["n_heads"]]
+    calm = min(same, key=lambda lv: lv["kl"])
+    if calm["kl"] < circ["kl"]:
+        i = p["levels"].index(calm)
+        paras.append(text(
+            "Keeping the logit difference is not keeping the output distribution: the "
+            f"{calm['order']} order's circuit at the same threshold has {{stages.prune.levels.{i}.n_heads}} heads "
+            f"and KL {{stages.prune.levels.{i}.kl}} nats.", s, **{f"stages__prune__levels__{i}__kl": _F3}))
     if p["shared"]:
         sh = p["shared"]
         share = ("they share all of the smaller one's heads" if sh["n_shared"] == min(sh["n_a"], sh["n_b"])
@@ -100,7 +108,7 @@ def _ablation_section(s: dict) -> Section:
                       stages__ablations__harshest_performance=_F3, stages__ablations__largest_kl_value=_F3))
     verdicts = [r for r in a["rows"] if r.get("random_mean") is not None]
     if verdicts:
-        beyond = [r for r in verdicts if r["verdict"] and "beyond chance" in r["verdict"] and "not" not in r["verdict"]]
+        beyond = [r for r in verdicts if str(r["verdict"]).startswith(("sufficient beyond", "necessary beyond"))]
         paras.append(text(f"Against random head sets of the same size and layer profile, {len(beyond)} of "
                           f"{len(verdicts)} tests are beyond chance.", s))
     rows = [{k: r[k] for k in ("test", "ablation", "performance", "normalized_effect", "kl", "verdict")}
@@ -153,11 +161,11 @@ def _geometry_section(s: dict) -> Section:
                     f"{{{k}.cosine_max}} at its highest (layer {{{k}.max_layer}}), {{{k}.cosine_last}} at layer "
                     f"{{{k}.last_layer}}.", s, **spec)
         if p["closest_from"] is None:
-            more = text(f" {p['b']} is not {p['a']}'s closest type at the last layer ({p['closest_last']} is).", s)
+            more = text(f" At the last layer the type closest to {p['a']} is {p['closest_last']}, not {p['b']}.", s)
         elif p["closest_from"] == p["first_layer"]:
-            more = text(f" {p['b']} is {p['a']}'s closest type at every layer.", s)
+            more = text(f" {p['b']} is the type closest to {p['a']} at every layer.", s)
         else:
-            more = text(f" From layer {{{k}.closest_from}} on, {p['b']} is {p['a']}'s closest type.", s)
+            more = text(f" From layer {{{k}.closest_from}} on, {p['b']} is the type closest to {p['a']}.", s)
         paras.append(line + more)
     return Section("Geometry of sequence types (step 4)", paras, g["figures"],
                    [("Cosine per layer", g["cosine_by_layer"])], g["command"])
@@ -166,7 +174,9 @@ def _geometry_section(s: dict) -> Section:
 def _compare_section(s: dict) -> Section:
     c = s["stages"]["compare"]
     a, b = c["a"], c["b"]
-    paras = [text(f"Pruned separately ({c['order']} order), the {a} circuit at " "{stages.compare.threshold} has "
+    paras = [text(f"Pruned separately ({c['order']} order, {{stages.compare.sizes.{a}.n_prompts}} {a} and "
+                  f"{{stages.compare.sizes.{b}.n_prompts}} {b} prompts), the {a} circuit at "
+                  "{stages.compare.threshold} has "
                   "{stages.compare.n_a} heads and the " f"{b} circuit " "{stages.compare.n_b}; they share "
                   "{stages.compare.n_shared} (Jaccard {stages.compare.jaccard})"
                   + (": " + ", ".join(c["shared"]) if c["shared"] and len(c["shared"]) <= 12 else "") + ".", s,
@@ -175,11 +185,19 @@ def _compare_section(s: dict) -> Section:
                       "difference and {stages.compare.a_on_b} of the " f"{b} task's; the {b} circuit keeps "
                       "{stages.compare.b_on_b} of its own and {stages.compare.b_on_a} of the " f"{a} task's.", s,
                       **{f"stages__compare__{x}": _F3 for x in ("a_on_a", "a_on_b", "b_on_b", "b_on_a")}))
-    share = min(c["a_on_b"], c["b_on_a"]) >= c["threshold"]
-    paras.append(text(("Each circuit carries the other task at least as well as the threshold: the two sequence "
-                       "types share a working circuit." if share else
-                       "At least one circuit falls below the threshold on the other task: the circuits are not "
-                       "interchangeable."), s))
+    ab, ba = c["a_on_b"] >= c["threshold"], c["b_on_a"] >= c["threshold"]
+    if ab and ba:
+        verdict = "Each circuit does the other task at least as well as the threshold: the two types share a circuit."
+    elif ba or ab:
+        x, y = (b, a) if ba else (a, b)
+        verdict = (f"The {x} circuit is enough for the {y} task as well (above the threshold); the {y} circuit is "
+                   f"not enough for the {x} task.")
+    else:
+        verdict = "Neither circuit reaches the threshold on the other task: the two types use different circuits."
+    paras.append(text(verdict, s))
+    if max(c["n_a"], c["n_b"]) > 3 * max(1, min(c["n_a"], c["n_b"])):
+        paras.append(text("The two circuits differ in size several times over, so the Jaccard index mostly "
+                          "reflects that; the cross-task performance is the fairer comparison.", s))
     return Section(f"{a} against {b} (step 5)", paras, [], [("Overlap per level", c["overlap"])], c["command"])
 
 
