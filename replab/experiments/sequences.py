@@ -76,6 +76,7 @@ QUICK = {"limit": 4, "thresholds": "0.9,0.8", "orders": "attribution,reverse", "
 
 
 _TESTS = {"sufficiency": run_sufficiency, "necessity": run_necessity}
+_MAX_ROWS = 30          # circuit heads listed in summary.json (every one is in heads/circuit_heads.parquet)
 
 
 def _task(c: dict, types: str | None = None) -> str:
@@ -131,7 +132,7 @@ def prune(ctx) -> dict:
                   seed=c["seed"], n_boot=c["n_boot"], progress=ctx.progress)
     levels = [{"order": lv["order"], "threshold": lv["threshold"], "n_heads": lv["n_heads"],
                "performance": lv["performance"], "search_performance": lv["search_performance"], "kl": lv["kl"],
-               "heads": lv["heads"] if lv["n_heads"] <= 30 else None} for lv in s["levels"]]
+               "heads": lv["heads"] if lv["n_heads"] <= _MAX_ROWS else None} for lv in s["levels"]]
     at = [lv for lv in s["levels"] if lv["threshold"] == c["circuit_threshold"] and lv["n_heads"] > 0]
     if not at:
         raise ReplabError(f"every order removes all heads at {c['circuit_threshold']}: no circuit to study "
@@ -264,8 +265,12 @@ def heads_stage(ctx) -> dict:
         commands.append(f"replab heads patterns{_model_flag(ctx)} --heads {','.join(heads)} "
                         f"--prompt {shlex.quote(c['pattern_prompt'])} --out {ctx.out / 'patterns'}")
     write_table(pd.DataFrame(table), ctx.out, "circuit_heads")
+    if len(table) > _MAX_ROWS:      # a large circuit: its heads with the highest detector scores (all in the table)
+        rel_score = lambda r: max((r.get(x) or 0) / v for x, v in d["ideal"].items() if v)  # noqa: E731
+        table = sorted(table, key=rel_score, reverse=True)[:_MAX_ROWS]
     return {"n_heads": len(heads), "ideal": d["ideal"], "top_heads": d["top_heads"], "ov_top": ov_top,
-            "circuit_heads": table, "best_detector": best["detector"], "best_next_item": best["next_item"],
+            "circuit_heads": table, "n_rows_shown": len(table), "best_detector": best["detector"],
+            "best_next_item": best["next_item"],
             "patterns": patterns, "n_heads_model": ctx.results["prune"]["n_heads_model"],
             "figures": figures, "command": " && ".join(commands)}
 
@@ -360,7 +365,7 @@ def compare(ctx) -> dict:
                 "jaccard": r["jaccard"]} for r in s["overlap"]]
     return {"a": types[0], "b": types[1], "order": order, "threshold": th, "sizes": sizes,
             "n_a": ov["n_a"], "n_b": ov["n_b"], "n_shared": ov["n_shared"], "jaccard": ov["jaccard"],
-            "shared": ov["shared"] if len(ov["shared"]) <= 30 else None,
+            "shared": ov["shared"] if len(ov["shared"]) <= _MAX_ROWS else None,
             "a_on_a": perf("A", "A"), "a_on_b": perf("A", "B"), "b_on_b": perf("B", "B"), "b_on_a": perf("B", "A"),
             "overlap": overlap, "command": " && ".join(commands)}
 

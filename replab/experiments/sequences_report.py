@@ -144,7 +144,10 @@ def _heads_section(s: dict) -> Section:
     if h["patterns"]:
         att = ", ".join(f"{p['head']} → {p['last_attends_to'].split(':', 1)[1]!r}" for p in h["patterns"][:8])
         paras.append(text(f"From the last token of the pattern prompt the circuit heads attend most to: {att}.", s))
-    return Section("Head function (step 3)", paras, h["figures"], [("Circuit heads", h["circuit_heads"])],
+    caption = ("Circuit heads" if h["n_rows_shown"] == h["n_heads"] else
+               f"The {h['n_rows_shown']} circuit heads (of {h['n_heads']}) with the highest detector scores "
+               "relative to a perfect head (all in heads/circuit_heads.parquet)")
+    return Section("Head function (step 3)", paras, h["figures"], [(caption, h["circuit_heads"])],
                    h["command"])
 
 
