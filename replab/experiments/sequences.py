@@ -231,7 +231,8 @@ def _circuit_table(ctx, detect: dict, ov: dict, heads: list[str]) -> tuple[list[
             rows[r.name][f"copy_{name}"] = float(r.copy)
             if r.next_item > best_ov["score"]:
                 best_ov = {"head": r.name, "tokens": name, "score": float(r.next_item), "chance": 1.0 / n,
-                           "n_items": n, "rank": int(r.rank), "copy": float(r.copy)}
+                           "n_items": n, "rank": int(r.rank), "copy": float(r.copy),
+                           "n_tied": int((table["next_item"] == r.next_item).sum()) - 1}
     cols = ["head"] + [f"{d}{x}" for d in detect["detectors"] for x in ("", "_rank")] \
         + [f"{k}_{name}" for name in ov for k in ("next_item", "copy")]
     return [{k: r.get(k) for k in cols} for r in rows.values()], {"detector": best if "head" in best else None,

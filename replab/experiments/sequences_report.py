@@ -135,8 +135,9 @@ def _heads_section(s: dict) -> Section:
         paras.append(text(f"The best OV next-item score in the circuit is {n['head']}'s on {n['tokens']}: "
                           "{stages.heads.best_next_item.score} of the items have the next item as the top logit "
                           f"({verdict} chance, " "{stages.heads.best_next_item.chance}; rank "
-                          "{stages.heads.best_next_item.rank} of {stages.heads.n_heads_model} heads); its copy "
-                          "score is {stages.heads.best_next_item.copy}.", s,
+                          "{stages.heads.best_next_item.rank} of {stages.heads.n_heads_model} heads"
+                          + (", tied with {stages.heads.best_next_item.n_tied} others" if n["n_tied"] else "")
+                          + "); its copy score is {stages.heads.best_next_item.copy}.", s,
                           stages__heads__best_next_item__score=_F3, stages__heads__best_next_item__chance=_F3,
                           stages__heads__best_next_item__copy=_F3))
     tops = "; ".join(f"{d}: " + ", ".join(x["head"] for x in v) for d, v in h["top_heads"].items())
@@ -160,9 +161,10 @@ def _geometry_section(s: dict) -> Section:
     for i, p in enumerate(g["pairs"]):
         k = f"stages.geometry.pairs.{i}"
         spec = {f"stages__geometry__pairs__{i}__{x}": _F3 for x in ("cosine_first", "cosine_max", "cosine_last")}
+        spec[f"stages__geometry__pairs__{i}__baseline"] = _F3
         line = text(f"{p['a']} and {p['b']}: cosine {{{k}.cosine_first}} at layer {{{k}.first_layer}}, "
                     f"{{{k}.cosine_max}} at its highest (layer {{{k}.max_layer}}), {{{k}.cosine_last}} at layer "
-                    f"{{{k}.last_layer}}.", s, **spec)
+                    f"{{{k}.last_layer}} (chance {{{k}.baseline}}).", s, **spec)
         if p["closest_from"] is None:
             more = text(f" At the last layer the type closest to {p['a']} is {p['closest_last']}, not {p['b']}.", s)
         elif p["closest_from"] == p["first_layer"]:
