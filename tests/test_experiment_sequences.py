@@ -101,6 +101,9 @@ def _complete(out, s: dict, model) -> None:
     assert set(config["options"]) == set(get_experiment("sequences").defaults)
     for sub in ("prune", "compare/compare", "heads/detect"):
         assert (out / sub / "summary.json").is_file(), sub
+    # the circuit runs got the loaded model; their config.yaml names it so that a replay loads it again
+    for sub in ("prune", "compare/months"):
+        assert yaml.safe_load((out / sub / "config.yaml").read_text())["options"]["model"] == model
     for test in config["options"]["ablation_tests"].split(","):
         for a in config["options"]["ablations"].split(","):
             assert (out / "ablations" / f"{test}_{a.replace('/', '-')}" / "summary.json").is_file()

@@ -72,7 +72,7 @@ DEFAULTS = {
 QUICK = {"limit": 4, "thresholds": "0.9,0.8", "orders": "attribution,reverse", "circuit_threshold": 0.8,
          "ablations": "zero,mean,mean-other/repeat", "ablation_tests": "sufficiency", "n_random": 0,
          "n_boot": 50, "n_seqs": 3, "ov_tokens": "weekdays", "geometry_layers": "0-7", "umap_layers": 0,
-         "compare_limit": 3, "compare_orders": "reverse"}
+         "max_pattern_heads": 6, "compare_limit": 3, "compare_orders": "reverse"}
 
 
 _TESTS = {"sufficiency": run_sufficiency, "necessity": run_necessity}
