@@ -73,9 +73,10 @@ def run_prune(task: str = "sequences", out=None, model: str | None = None, datas
 
 
 @runner("compare")
-def run_compare(run_a, run_b, out=None, cross: bool = True, progress: bool = True) -> dict:
+def run_compare(run_a, run_b, out=None, cross: bool = True, progress: bool = True, model=None) -> dict:
     """Compare the circuits of two runs (:mod:`replab.circuits.compare`): overlap per level,
-    and (``cross``) each circuit's performance on both runs' tasks."""
+    and (``cross``) each circuit's performance on both runs' tasks. ``model``: an already
+    loaded model for the cross-performance (it must be the runs' model; default: load it)."""
     from replab.circuits.compare import circuits_of, compare_circuits, cross_performance
 
     ca, cfg_a = circuits_of(run_a)
@@ -92,12 +93,18 @@ def run_compare(run_a, run_b, out=None, cross: bool = True, progress: bool = Tru
 
             raise ReplabError(f"the runs use different models ({oa.get('model')} vs {ob.get('model')}): "
                               "cross-performance needs one model (use --no-cross)")
+        from replab.circuits.runs import model_option
         from replab.models import load_model
         from replab.patching.catalog import load_task
 
         tables = []
         both = {**{f"A:{k}": v for k, v in ca.items()}, **{f"B:{k}": v for k, v in cb.items()}}
-        model = load_model(oa.get("model"), device="cpu")
+        if model is None:
+            model = load_model(oa.get("model"), device="cpu")
+        elif model_option(model) != oa.get("model"):
+            from replab.errors import ReplabError
+
+            raise ReplabError(f"the runs use model {oa.get('model')}, not {model_option(model)}")
         for side, o in (("A", oa), ("B", ob)):
             t = load_task(o.get("task", "next_day"), model.tokenizer, template=o.get("template"), limit=o.get("limit"),
                           prepend_bos=bool(model.cfg.default_prepend_bos), classes=o.get("classes"),

@@ -6,12 +6,14 @@ from replab.errors import ReplabError
 from replab.experiments.fact_recall import EXPERIMENT as FACT_RECALL
 from replab.experiments.lens_comparison import EXPERIMENT as LENSES
 from replab.experiments.next_day import EXPERIMENT as NEXT_DAY
+from replab.experiments.sequences import EXPERIMENT as SEQUENCES
 from replab.experiments.spec import Experiment
 
 #: ``name -> Experiment``, in the order of the workflows
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     FACT_RECALL,
     NEXT_DAY,
+    SEQUENCES,
     LENSES,
 )}
 

@@ -1,0 +1,210 @@
+"""Headline and narrative of the ``sequences`` experiment (W4), computed from ``summary.json`` only.
+
+Every number goes through :func:`~replab.experiments.report.text` (marked with its key, so the
+browser test checks it against the file); sentences branch on the results.
+"""
+
+from __future__ import annotations
+
+from markupsafe import Markup
+
+from replab.experiments.report import text
+from replab.experiments.spec import Section
+
+_PCT = ".0%"
+_F3 = ".3f"
+
+
+def headline(results: dict, config: dict) -> dict:
+    p, a, h, g, c = (results[k] for k in ("prune", "ablations", "heads", "geometry", "compare"))
+    circ = p["circuit"]
+    out = {"circuit_threshold": circ["threshold"], "circuit_heads": circ["n_heads"],
+           "circuit_performance": circ["performance"], "circuit_kl": circ["kl"],
+           "orders_shared_heads": p["shared"]["n_shared"] if p["shared"] else None,
+           "harshest_ablation_performance": a["harshest_performance"]}
+    if h["best_detector"]:
+        out["best_detector_score"] = h["best_detector"]["score"]
+    if h["best_next_item"]:
+        out["best_next_item_score"] = h["best_next_item"]["score"]
+    if g["pairs"]:
+        out[f"cosine_max_{g['pairs'][0]['a']}_{g['pairs'][0]['b']}"] = g["pairs"][0]["cosine_max"]
+    out.update({"compare_jaccard": c["jaccard"], "compare_a_on_b": c["a_on_b"]})
+    return out
+
+
+def _join(parts: list) -> Markup:
+    return Markup(" ").join(parts)
+
+
+def _prune_section(s: dict) -> Section:
+    p = s["stages"]["prune"]
+    circ = p["circuit"]
+    paras = [text(f"Task: {p['n_prompts']} clean/corrupt pairs of {p['n_tokens']} tokens "
+                  f"({s['config']['options']['types']}, corruption {s['config']['options']['corruption']}); the "
+                  "intact model's logit difference is {stages.prune.clean_metric} on clean prompts and "
+                  "{stages.prune.corrupt_metric} on corrupt ones. Heads were removed (mean-ablated) along "
+                  "{stages.prune.n_orders} orders (" + ", ".join(p["orders"]) + ") until performance (ablated / "
+                  "intact logit difference) fell below each threshold.", s)]
+    paras.append(text(
+        "{stages.prune.circuit.n_heads} heads keep {stages.prune.circuit.threshold} of the performance: the "
+        f"{circ['order']} order's circuit, re-measured at " "{stages.prune.circuit.performance} "
+        "(KL to the clean run {stages.prune.circuit.kl} nats).", s,
+        stages__prune__circuit__threshold=_PCT, stages__prune__circuit__performance=_F3,
+        stages__prune__circuit__kl=_F3))
+    same = [lv for lv in p["levels"] if lv["threshold"] == circ["threshold"] and lv["n_heads"]]
+    calm = min(same, key=lambda lv: lv["kl"])
+    if calm["kl"] < circ["kl"]:
+        i = p["levels"].index(calm)
+        paras.append(text(
+            "Keeping the logit difference is not keeping the output distribution: the "
+            f"{calm['order']} order's circuit at the same threshold has {{stages.prune.levels.{i}.n_heads}} heads "
+            f"and KL {{stages.prune.levels.{i}.kl}} nats.", s, **{f"stages__prune__levels__{i}__kl": _F3}))
+    if p["shared"]:
+        sh = p["shared"]
+        share = ("they share all of the smaller one's heads" if sh["n_shared"] == min(sh["n_a"], sh["n_b"])
+                 else "they share {stages.prune.shared.n_shared} heads" if sh["n_shared"]
+                 else "they share no head")
+        paras.append(text(f"The {sh['order_a']} and {sh['order_b']} orders give the two smallest circuits at this "
+                          "threshold ({stages.prune.shared.n_a} and {stages.prune.shared.n_b} heads); " + share
+                          + (": " + ", ".join(sh["heads"]) if 0 < len(sh["heads"]) <= 12 else "") + ".", s))
+    if p["n_survive_every_order"]:
+        names = p["survive_every_order"]
+        paras.append(text("{stages.prune.n_survive_every_order} heads survive in every order's circuit"
+                          + (": " + ", ".join(names) if len(names) <= 12 else "") + ".", s))
+    else:
+        paras.append(text("No head survives in every order's circuit at this threshold: the orders find "
+                          "different circuits.", s))
+    if p["n_levels_above_intact"]:
+        paras.append(text("{stages.prune.n_levels_above_intact} level circuits score above the intact model "
+                          "(performance > 1): removing heads raised the logit difference, which is why KL is "
+                          "reported next to it.", s))
+    paras.append(text("Every level was re-measured in a fresh batched run; the largest difference from the "
+                      "search's value is {stages.prune.max_remeasure_diff}.", s,
+                      stages__prune__max_remeasure_diff=".1e"))
+    rows = [{k: lv[k] for k in ("order", "threshold", "n_heads", "performance", "kl")} for lv in p["levels"]]
+    return Section("Iterative pruning (step 1)", paras, p["figures"], [("Level circuits", rows)], p["command"])
+
+
+def _ablation_section(s: dict) -> Section:
+    a = s["stages"]["ablations"]
+    first = a["tests"][0]
+    what = ("kept alone (every other head ablated)" if first == "sufficiency" else "removed")
+    parts = []
+    for i, r in enumerate(a["rows"]):
+        if r["test"] != first:
+            continue
+        k = f"stages.ablations.rows.{i}"
+        parts.append(text(f"{r['ablation']}: {{{k}.performance}} (KL {{{k}.kl}})", s,
+                          **{f"stages__ablations__rows__{i}__performance": _F3,
+                             f"stages__ablations__rows__{i}__kl": _F3}))
+    paras = [_join([text(f"The circuit of {{stages.ablations.n_heads}} heads {what}, performance (ablated / "
+                         "intact logit difference) and KL to the clean run by ablation:", s),
+                    Markup("; ").join(parts) + "."])]
+    paras.append(text(f"The harshest ablation by logit difference is {a['harshest']} "
+                      "({stages.ablations.harshest_performance}); the one that moves the output distribution most "
+                      f"is {a['largest_kl']} (KL " "{stages.ablations.largest_kl_value} nats)"
+                      + (", the same one." if a["harshest"] == a["largest_kl"] else
+                         ": logit difference and KL rank the ablations differently.") , s,
+                      stages__ablations__harshest_performance=_F3, stages__ablations__largest_kl_value=_F3))
+    verdicts = [r for r in a["rows"] if r.get("random_mean") is not None]
+    if verdicts:
+        beyond = [r for r in verdicts if str(r["verdict"]).startswith(("sufficient beyond", "necessary beyond"))]
+        paras.append(text(f"Against random head sets of the same size and layer profile, {len(beyond)} of "
+                          f"{len(verdicts)} tests are beyond chance.", s))
+    rows = [{k: r[k] for k in ("test", "ablation", "performance", "normalized_effect", "kl", "verdict")}
+            for r in a["rows"]]
+    return Section("Ablation choices (step 2)", paras, a["figures"], [("Circuit under each ablation", rows)],
+                   a["command"])
+
+
+def _heads_section(s: dict) -> Section:
+    h = s["stages"]["heads"]
+    paras = []
+    b = h["best_detector"]
+    if b:
+        paras.append(text(
+            f"{b['head']} is the circuit's strongest {b['detector']}-token head" if b["detector"] != "induction"
+            else f"{b['head']} is the circuit's strongest induction head", s)
+            + text(": score {stages.heads.best_detector.score} (a perfect head scores "
+                   "{stages.heads.best_detector.ideal}; rank {stages.heads.best_detector.rank} of "
+                   "{stages.heads.n_heads_model} heads).", s, stages__heads__best_detector__score=_F3,
+                   stages__heads__best_detector__ideal=_F3))
+    n = h["best_next_item"]
+    if n:
+        verdict = ("above" if n["score"] > n["chance"] else "not above")
+        paras.append(text(f"The best OV next-item score in the circuit is {n['head']}'s on {n['tokens']}: "
+                          "{stages.heads.best_next_item.score} of the items have the next item as the top logit "
+                          f"({verdict} chance, " "{stages.heads.best_next_item.chance}; rank "
+                          "{stages.heads.best_next_item.rank} of {stages.heads.n_heads_model} heads"
+                          + (", tied with {stages.heads.best_next_item.n_tied} others" if n["n_tied"] else "")
+                          + "); its copy score is {stages.heads.best_next_item.copy}.", s,
+                          stages__heads__best_next_item__score=_F3, stages__heads__best_next_item__chance=_F3,
+                          stages__heads__best_next_item__copy=_F3))
+    tops = "; ".join(f"{d}: " + ", ".join(x["head"] for x in v) for d, v in h["top_heads"].items())
+    paras.append(text(f"Model-wide, the top heads per detector are {tops}.", s))
+    if h["patterns"]:
+        att = ", ".join(f"{p['head']} → {p['last_attends_to'].split(':', 1)[1]!r}" for p in h["patterns"][:8])
+        paras.append(text(f"From the last token of the pattern prompt the circuit heads attend most to: {att}.", s))
+    caption = ("Circuit heads" if h["n_rows_shown"] == h["n_heads"] else
+               f"The {h['n_rows_shown']} circuit heads (of {h['n_heads']}) with the highest detector scores "
+               "relative to a perfect head (all in heads/circuit_heads.parquet)")
+    return Section("Head function (step 3)", paras, h["figures"], [(caption, h["circuit_heads"])],
+                   h["command"])
+
+
+def _geometry_section(s: dict) -> Section:
+    g = s["stages"]["geometry"]
+    paras = [text(f"{{stages.geometry.n_rows}} prompts of {{stages.geometry.n_types}} sequence types, the residual "
+                  f"stream at position rule {g['positions']}. Cosines are between class-mean directions relative "
+                  "to the grand mean; unrelated classes would score about {stages.geometry.chance}.", s,
+                  stages__geometry__chance=_F3)]
+    for i, p in enumerate(g["pairs"]):
+        k = f"stages.geometry.pairs.{i}"
+        spec = {f"stages__geometry__pairs__{i}__{x}": _F3 for x in ("cosine_first", "cosine_max", "cosine_last")}
+        spec[f"stages__geometry__pairs__{i}__baseline"] = _F3
+        line = text(f"{p['a']} and {p['b']}: cosine {{{k}.cosine_first}} at layer {{{k}.first_layer}}, "
+                    f"{{{k}.cosine_max}} at its highest (layer {{{k}.max_layer}}), {{{k}.cosine_last}} at layer "
+                    f"{{{k}.last_layer}} (chance {{{k}.baseline}}).", s, **spec)
+        if p["closest_from"] is None:
+            more = text(f" At the last layer the type closest to {p['a']} is {p['closest_last']}, not {p['b']}.", s)
+        elif p["closest_from"] == p["first_layer"]:
+            more = text(f" {p['b']} is the type closest to {p['a']} at every layer.", s)
+        else:
+            more = text(f" From layer {{{k}.closest_from}} on, {p['b']} is the type closest to {p['a']}.", s)
+        paras.append(line + more)
+    return Section("Geometry of sequence types (step 4)", paras, g["figures"],
+                   [("Cosine per layer", g["cosine_by_layer"])], g["command"])
+
+
+def _compare_section(s: dict) -> Section:
+    c = s["stages"]["compare"]
+    a, b = c["a"], c["b"]
+    paras = [text(f"Pruned separately ({c['order']} order, {{stages.compare.sizes.{a}.n_prompts}} {a} and "
+                  f"{{stages.compare.sizes.{b}.n_prompts}} {b} prompts), the {a} circuit at "
+                  "{stages.compare.threshold} has "
+                  "{stages.compare.n_a} heads and the " f"{b} circuit " "{stages.compare.n_b}; they share "
+                  "{stages.compare.n_shared} (Jaccard {stages.compare.jaccard})"
+                  + (": " + ", ".join(c["shared"]) if c["shared"] and len(c["shared"]) <= 12 else "") + ".", s,
+                  stages__compare__threshold=_PCT, stages__compare__jaccard=_F3)]
+    paras.append(text(f"Kept alone, the {a} circuit keeps " "{stages.compare.a_on_a} of the " f"{a} task's logit "
+                      "difference and {stages.compare.a_on_b} of the " f"{b} task's; the {b} circuit keeps "
+                      "{stages.compare.b_on_b} of its own and {stages.compare.b_on_a} of the " f"{a} task's.", s,
+                      **{f"stages__compare__{x}": _F3 for x in ("a_on_a", "a_on_b", "b_on_b", "b_on_a")}))
+    ab, ba = c["a_on_b"] >= c["threshold"], c["b_on_a"] >= c["threshold"]
+    if ab and ba:
+        verdict = "Each circuit does the other task at least as well as the threshold: the two types share a circuit."
+    elif ba or ab:
+        x, y = (b, a) if ba else (a, b)
+        verdict = (f"The {x} circuit is enough for the {y} task as well (above the threshold); the {y} circuit is "
+                   f"not enough for the {x} task.")
+    else:
+        verdict = "Neither circuit reaches the threshold on the other task: the two types use different circuits."
+    paras.append(text(verdict, s))
+    if max(c["n_a"], c["n_b"]) > 3 * max(1, min(c["n_a"], c["n_b"])):
+        paras.append(text("The two circuits differ in size several times over, so the Jaccard index mostly "
+                          "reflects that; the cross-task performance is the fairer comparison.", s))
+    return Section(f"{a} against {b} (step 5)", paras, [], [("Overlap per level", c["overlap"])], c["command"])
+
+
+def narrative(s: dict) -> list[Section]:
+    return [_prune_section(s), _ablation_section(s), _heads_section(s), _geometry_section(s), _compare_section(s)]
