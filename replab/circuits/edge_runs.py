@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from replab.errors import ReplabError
-from replab.io import write_json_atomic
+from replab.hooks import head_label, parse_head_list
+from replab.io import read_text, write_json_atomic
 from replab.rundir import finish_run, start_run, write_table
 
 
@@ -100,21 +101,24 @@ def run_discover(task: str = "next_day", methods=("eap-ig",), sizes=None, out=No
 
 
 def _heads_arg(value):
-    """A comma list of heads, a JSON file with ``heads``, or None."""
+    """A comma list of heads (``L5H3,20.1``), a JSON file with a list or a ``heads`` list, or
+    None -> canonical names (``["L5H3", "L20H1"]``); heads parsed by :func:`replab.hooks.parse_head_list`."""
     if value is None:
         return None
-    from replab.circuits.graph import parse_node
-
     path = Path(str(value))
     if path.suffix == ".json":
-        if not path.exists():
+        if not path.is_file():
             raise ReplabError(f"--compare-heads file {path} does not exist")
-        data = json.loads(path.read_text())
-        heads = list(data["heads"] if isinstance(data, dict) and "heads" in data else data)
+        try:
+            data = json.loads(read_text(path, "--compare-heads file"))
+        except ValueError as exc:
+            raise ReplabError(f"--compare-heads file {path} is not JSON ({exc})") from None
+        heads = data.get("heads", data.get("components")) if isinstance(data, dict) else data
+        if not isinstance(heads, list):
+            raise ReplabError(f"--compare-heads file {path} must hold a list of heads or {{\"heads\": [...]}}")
     else:
-        heads = [h.strip() for h in str(value).split(",") if h.strip()]
-    for h in heads:
-        kind, spec = parse_node(h)
-        if spec[0] != "head" or kind != "sender":
-            raise ReplabError(f"--compare-heads takes query heads such as L5H3, not {h!r}")
-    return heads
+        heads = str(value)
+    try:
+        return [head_label(layer, h) for layer, h in parse_head_list(heads)]
+    except ReplabError as exc:
+        raise ReplabError(f"--compare-heads takes query heads such as L5H3: {exc}") from None
