@@ -207,13 +207,19 @@ def _linear_scores(graph: EdgeGraph, delta: torch.Tensor, grads: dict) -> np.nda
     """``Δ_u · g_v`` summed over prompts and positions for every edge: ``[n_edges]`` (float64)."""
     out = []
     h = graph.n_heads
+    # senders as rows [S, N·T·d], laid out once: the senders of a receiver are a prefix, so each
+    # receiver group is one matrix product with a contiguous block of rows (no copies per layer)
+    flat = delta.permute(2, 0, 1, 3).reshape(delta.shape[2], -1).contiguous()
+
+    def rows(g):            # [N, T, H, d] -> [H, N·T·d]; [N, T, d] -> [1, N·T·d]
+        return (g.permute(2, 0, 1, 3) if g.ndim == 4 else g[None]).reshape(-1, flat.shape[1])
+
     for layer in range(graph.n_layers):
         up = 1 + layer * (h + 1)
-        d = delta[:, :, :up]
         for kind in ("q", "k", "v"):
-            out.append(torch.einsum("ntsd,nthd->hs", d, grads[(kind, layer)]).reshape(-1))
-        out.append(torch.einsum("ntsd,ntd->s", delta[:, :, :up + h], grads[("mlp", layer)]))
-    out.append(torch.einsum("ntsd,ntd->s", delta, grads[("logits", graph.n_layers - 1)]))
+            out.append((rows(grads[(kind, layer)]) @ flat[:up].T).reshape(-1))          # [H, up] -> h-major
+        out.append((rows(grads[("mlp", layer)]) @ flat[:up + h].T).reshape(-1))
+    out.append((rows(grads[("logits", graph.n_layers - 1)]) @ flat.T).reshape(-1))
     return torch.cat(out).double().cpu().numpy()
 
 
