@@ -435,6 +435,19 @@ def test_cli_edges_and_discover(tmp_path, capsys):
     circuit = json.loads((tmp_path / "d" / "circuits" / "eap-ig_20.json").read_text())
     assert len(circuit["edges"]) == 20 and (tmp_path / "d" / "circuits" / "eap-ig_20.png").exists()
     assert (tmp_path / "d" / "faithfulness.png").exists()
+    # both runs are replayable from their config.yaml (written first; summary.json last)
+    import yaml
+
+    for run, kind in (("e", "edges"), ("d", "discover")):
+        config = yaml.safe_load((tmp_path / run / "config.yaml").read_text())
+        assert config["kind"] == kind and config["command"].startswith(f"replab circuit {kind} ")
+        assert (tmp_path / run / "summary.json").stat().st_mtime_ns >= (tmp_path / run / "config.yaml").stat().st_mtime_ns
+    assert "--top 5 --random 10" in yaml.safe_load((tmp_path / "e" / "config.yaml").read_text())["command"]
+    code, out, err = run_cli(["circuit", "replay", tmp_path / "d", "--out", tmp_path / "d2", "--json"], capsys)
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["kind"] == "circuit_discover" and again["curve"] == d["curve"]
+    assert again["overlap_with_compare_heads"] == d["overlap_with_compare_heads"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -65,15 +65,16 @@ def _plain(value):
     return value
 
 
-def command_line(kind: str, options: dict) -> str:
-    """The ``replab circuit KIND --opt value ...`` line equivalent to ``options``."""
+def command_line(kind: str, options: dict, flags: dict | None = None) -> str:
+    """The ``replab circuit KIND --opt value ...`` line equivalent to ``options`` (``flags``:
+    option name -> command-line flag where they differ, e.g. ``{"n_top": "--top"}``)."""
     parts = ["replab", "circuit", kind]
     for key, value in options.items():
         if value is None or key in _VOLATILE:
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = (flags or {}).get(key) or "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            parts.append(flag if value else f"--no-{key.replace('_', '-')}")
+            parts.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):
             parts += [flag, ",".join(map(str, value))]
         else:
@@ -81,15 +82,16 @@ def command_line(kind: str, options: dict) -> str:
     return shlex.join(parts)
 
 
-def start(out, kind: str, options: dict) -> Path:
-    """Create the run directory and write ``config.yaml`` (module docstring)."""
+def start(out, kind: str, options: dict, flags: dict | None = None) -> Path:
+    """Create the run directory and write ``config.yaml`` (module docstring); ``flags`` as in
+    :func:`command_line`."""
     import yaml
 
     from replab._version import __version__
 
     out = start_run(out)
     opts = {k: _plain(v) for k, v in options.items() if k not in _VOLATILE}
-    config = {"kind": kind, "command": command_line(kind, opts),
+    config = {"kind": kind, "command": command_line(kind, opts, flags),
               "replay": shlex.join(["replab", "circuit", "replay", str(out / CONFIG)]),
               "options": opts, "replab_version": __version__}
     (out / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
