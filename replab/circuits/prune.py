@@ -318,6 +318,7 @@ def prune_heads(model, task, thresholds=(0.97, 0.9, 0.8, 0.7), orders=("greedy",
     kept_sets = {k: [h for h in heads if h.name in set(k)] for k in keys}
     res = ev.run([[h for h in heads if h.name not in set(k)] for k in keys], progress, "re-measure levels")
     kl = res.values("kl")[2].mean(1)
+    logits = res.table()[["answer_logit", "foil_logit", "max_other_logit", "candidate_logits"]].to_dict("records")
     at = {k: i for i, k in enumerate(keys)}
     records = []
     for lv in levels:
@@ -327,7 +328,7 @@ def prune_heads(model, task, thresholds=(0.97, 0.9, 0.8, 0.7), orders=("greedy",
                         "search_performance": lv["search_performance"], "crossed": lv["crossed"],
                         "metric_value": float(res.patched[i].mean()), "normalized_effect": float(res.effect[i]),
                         "ci_low": float(res.ci_low[i]), "ci_high": float(res.ci_high[i]), "kl": float(kl[i]),
-                        "ablation": ablation.describe(), "metric": metric})
+                        "ablation": ablation.describe(), "metric": metric, **logits[i]})
     curves_df = pd.DataFrame(curves)
     summary = {"thresholds": ths, "orders": order_names, "ablation": ablation.describe(), "metric": metric,
                "intact_metric": ev.intact, "clean_metric": ev.clean_metric, "corrupt_metric": ev.corrupt_metric,
