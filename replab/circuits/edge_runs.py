@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from replab.circuits.runs import finish, runner, start
 from replab.errors import ReplabError
 from replab.hooks import head_label, parse_head_list
 from replab.io import read_text, write_json_atomic
-from replab.circuits.runs import finish, runner, start
 from replab.rundir import write_table
 
 #: option name -> command-line flag where they differ
