@@ -154,3 +154,30 @@ def test_dataset_spec_rows_file_stays_next_to_the_spec(tmp_path, capsys):
     spec.write_text("builder: rows\nfile: ../outside.jsonl\n")
     expect_error(capsys, ["datasets", "export", spec, "--out", tmp_path / "x.jsonl"],
                  r"'\.\./outside\.jsonl' " + OUTSIDE)
+
+
+def test_plot_probes_and_circuit_runs_read_only_their_own_files(tmp_path, capsys):
+    outside = tmp_path / "outside.parquet"
+    pd.DataFrame({"layer": [0], "kind": ["logistic"], "balanced_accuracy": [0.9]}).to_parquet(outside)
+    run = tmp_path / "probe"
+    run.mkdir()
+    _link_out(run, "records.parquet", outside)
+    expect_error(capsys, ["plot", "probes", "--run", run], r"records\.parquet' " + OUTSIDE)
+    # circuit compare / replay: summary.json or config.yaml linked out, or damaged
+    circ = tmp_path / "circ"
+    circ.mkdir()
+    (tmp_path / "config.yaml").write_text("kind: prune\noptions: {task: next_day}\n")
+    _link_out(circ, "config.yaml", tmp_path / "config.yaml")
+    expect_error(capsys, ["circuit", "replay", circ], r"config\.yaml' " + OUTSIDE)
+    (circ / "config.yaml").unlink()
+    (circ / "config.yaml").write_text("kind: [prune\n")
+    expect_error(capsys, ["circuit", "replay", circ], r"not valid YAML")
+    (circ / "config.yaml").write_text("kind: prune\noptions: {task: next_day}\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"levels": []}))
+    _link_out(circ, "summary.json", tmp_path / "summary.json")
+    expect_error(capsys, ["circuit", "compare", circ, circ, "--no-cross", "--out", tmp_path / "cmp"],
+                 r"summary\.json' " + OUTSIDE)
+    (circ / "summary.json").unlink()
+    (circ / "summary.json").write_text("{not json")
+    expect_error(capsys, ["circuit", "compare", circ, circ, "--no-cross", "--out", tmp_path / "cmp"],
+                 r"invalid JSON")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from replab.errors import ReplabError
+from replab.io import inside, read_text
 from replab.rundir import finish_run, start_run
 
 CONFIG = "config.yaml"
@@ -113,10 +114,13 @@ def read_config(path) -> dict:
 
     p = Path(path)
     if p.is_dir():
-        p = p / CONFIG
+        p = inside(p, CONFIG, "run config")
     if not p.is_file():
         raise ReplabError(f"{path}: no {CONFIG} (give a circuit run directory or its config.yaml)")
-    config = yaml.safe_load(p.read_text()) or {}
-    if "kind" not in config or "options" not in config:
+    try:
+        config = yaml.safe_load(read_text(p, "run config")) or {}
+    except yaml.YAMLError as exc:
+        raise ReplabError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(config, dict) or "kind" not in config or not isinstance(config.get("options"), dict):
         raise ReplabError(f"{p} is not a circuit run config (it needs kind and options)")
     return config
