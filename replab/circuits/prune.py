@@ -301,14 +301,14 @@ def prune_heads(model, task, thresholds=(0.97, 0.9, 0.8, 0.7), orders=("greedy",
     ev = _Evaluator(model, task, ablation, metric, n_boot, seed)
     curves, levels, timing, agreement = [], [], {}, {}
     for name in order_names:
-        t0, v0 = time.time(), ev.n_variants
+        t0, c0, v0 = time.time(), time.process_time(), ev.n_variants
         if name == "greedy":
             removed, perf, agreement = _greedy(model, ev, floor, candidates, check_every, progress)
         else:
             order = _fixed_order(name, model, ev, seed)
             removed, perf = _prefix_search(order, ev, floor, progress, f"prune {name}")
-        timing[name] = {"seconds": round(time.time() - t0, 2), "variant_forwards": ev.n_variants - v0,
-                        "heads_removed": len(removed)}
+        timing[name] = {"seconds": round(time.time() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2),
+                        "variant_forwards": ev.n_variants - v0, "heads_removed": len(removed)}
         curves += [{"order": name, "step": 0, "n_heads": len(heads), "removed": None, "performance": 1.0}]
         curves += [{"order": name, "step": i + 1, "n_heads": len(heads) - i - 1, "removed": h.name, "performance": p}
                    for i, (h, p) in enumerate(zip(removed, perf, strict=True))]
