@@ -126,6 +126,54 @@ def kv_head_of(head: int, n_heads: int, n_kv_heads: int) -> int:
     return head // (n_heads // n_kv_heads)
 
 
+#: How every command writes a query head: ``L5H3`` (also ``5.3``, ``5:3``, ``5H3``;
+#: case-insensitive). The circuit components (``L5H3.v@-1``) and the head lists of
+#: ``replab heads`` / ``replab patch patterns`` / ``--compare-heads`` all parse heads with it.
+HEAD_PATTERN = r"L?(\d+)[.H:](\d+)"
+_HEAD_NAME = re.compile(HEAD_PATTERN, re.IGNORECASE)
+
+
+def head_label(layer: int, head: int) -> str:
+    """``(5, 3)`` -> ``"L5H3"``, the canonical way a head is printed."""
+    return f"L{int(layer)}H{int(head)}"
+
+
+def parse_head(text) -> tuple[int, int]:
+    """``"L5H3"`` (or ``"5.3"``, ``"5:3"``, ``"l5h3"``) -> ``(5, 3)``; ReplabError otherwise."""
+    m = _HEAD_NAME.fullmatch(str(text).strip())
+    if not m:
+        raise ReplabError(f"bad head {text!r}; use L5H3 or 5.3 (LAYER.HEAD)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_head(layer: int, head: int, n_layers: int, n_heads: int, name: str | None = None) -> None:
+    """ReplabError naming ``name`` (default ``L5H3``) when the layer or query head does not exist."""
+    name = name or head_label(layer, head)
+    if not 0 <= layer < n_layers:
+        raise ReplabError(f"{name} does not exist: layer {layer} is out of range (this model has layers "
+                          f"0-{n_layers - 1})")
+    if not 0 <= head < n_heads:
+        raise ReplabError(f"{name} does not exist: head {head} is out of range (layer {layer} has query heads "
+                          f"0-{n_heads - 1})")
+
+
+def parse_head_list(spec, n_layers: int | None = None, n_heads: int | None = None) -> list[tuple[int, int]]:
+    """Query heads from ``"L5H3,20.1"``, a list of names, or a list of ``(layer, head)`` pairs ->
+    ``[(5, 3), (20, 1)]``, duplicates dropped (order kept). With ``n_layers`` and ``n_heads``
+    every head is checked (:func:`check_head`). ReplabError on a bad name or an empty list."""
+    if isinstance(spec, (list, tuple)) and spec and not isinstance(spec[0], str):
+        heads = [(int(a), int(b)) for a, b in spec]
+    else:
+        items = spec if isinstance(spec, (list, tuple)) else str(spec if spec is not None else "").split(",")
+        heads = [parse_head(item) for item in (str(s).strip() for s in items) if item]
+    if not heads:
+        raise ReplabError("no heads given")
+    if n_layers is not None and n_heads is not None:
+        for layer, h in heads:
+            check_head(layer, h, n_layers, n_heads)
+    return list(dict.fromkeys(heads))
+
+
 def parse_layers(spec, n_layers: int) -> list[int]:
     """Parse a layer spec into sorted layer numbers.
 

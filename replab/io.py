@@ -6,6 +6,7 @@
 * :func:`atomic_dir` builds a directory under a temporary name and renames it into place;
 * :func:`sha256_file` hashes a file in chunks;
 * :func:`read_text` reads UTF-8 text with a one-line error naming the bad byte's line;
+  :func:`read_json` / :func:`read_table` read a JSON object / a Parquet table with one-line errors;
 * :func:`writable_dir` / :class:`DirLock`: an output directory that exists, is writable and
   has one writer at a time;
 * :func:`inside` resolves a file name read from an artifact (a manifest, a run summary)
@@ -131,7 +132,7 @@ def url_join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
-def inside(root, name, what: str = "file") -> Path | str:
+def inside(root, name, what: str = "file", follow_links: bool = True) -> Path | str:
     """``root / name`` resolved, or a ReplabError if it would leave ``root``.
 
     ``name`` comes from an artifact's own metadata (a manifest's tensor list, a summary's file
@@ -139,6 +140,9 @@ def inside(root, name, what: str = "file") -> Path | str:
     refused, so reading an artifact never opens a file elsewhere (``../../etc/passwd``).
     For a URL ``root`` (:func:`location`) the result is a URL string: ``name`` may not be
     absolute, hold a URL (``s3://other/x``), a backslash, or ``..`` segments that leave ``root``.
+    ``follow_links=False`` checks the name only (no absolute path, no ``..`` leaving
+    ``root``) and returns ``root / name`` unresolved: for directories whose files are
+    symlinks by design (a Hugging Face hub snapshot links its files into ``../../blobs``).
     """
     root = location(root)
     if isinstance(root, str):
@@ -148,6 +152,11 @@ def inside(root, name, what: str = "file") -> Path | str:
     text = str(name)
     if not text or "\x00" in text or os.path.isabs(text) or Path(text).is_absolute():
         raise ReplabError(f"{root}: {what} {text!r} is not a path inside the directory")
+    if not follow_links:
+        norm = os.path.normpath(text)
+        if norm == ".." or norm.startswith(".." + os.sep):
+            raise ReplabError(f"{root}: {what} {text!r} points outside the directory")
+        return root / norm
     base = root.resolve()
     target = (base / text).resolve()
     if target != base and base not in target.parents:
@@ -209,6 +218,21 @@ def read_json(path, what: str = "JSON file") -> dict:
     if not isinstance(data, dict):
         raise ReplabError(f"{path}: unreadable {what} (not a JSON object)")
     return data
+
+
+def read_table(path, what: str = "table"):
+    """A Parquet table (``pandas.DataFrame``) from ``path``; one-line ReplabError naming the
+    file when it is missing or not a readable Parquet file (truncated, overwritten, not Parquet)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise ReplabError(f"{path}: missing {what}")
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ReplabError(f"{path}: unreadable {what} ({first})") from None
 
 
 def writable_dir(path, what: str = "output directory") -> Path:

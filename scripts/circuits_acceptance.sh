@@ -3,7 +3,11 @@
 # docs/circuits.md. Each step is one `replab circuit ...` command writing a replayable run
 # directory under $OUT (default runs/circuits). Slow on a CPU (hours): run it once, with nice.
 #   bash scripts/circuits_acceptance.sh            # everything
-#   STEPS="seq" bash scripts/circuits_acceptance.sh  # one part: seq | nextday | grid
+#   STEPS="seq" bash scripts/circuits_acceptance.sh  # one part: seq | seqval | nextday | grid | edges
+# seq prunes on the first 8 prompts of the sequence task, then validates the greedy 0.8
+# circuit on those 8 prompts (seq8-*) and on all 26 (seq-*, the same circuit on new prompts);
+# seqval repeats only the validation; edges compares the next_day edge circuits (docs/edges.md,
+# runs/discover/next_day) with the pruning circuit.
 set -euo pipefail
 OUT=${OUT:-runs/circuits}
 PY=${PY:-python}
@@ -40,7 +44,15 @@ for step in $STEPS; do
     seq)
       $R prune --task sequences --limit 8 --orders greedy,attribution,reverse,random:3 --candidates 16 \
                --check-every 50 --out "$OUT/seq-prune"
+      validate seq8 "--task sequences --limit 8" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
       validate seq "--task sequences" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
+      ;;
+    seqval)
+      validate seq8 "--task sequences --limit 8" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
+      validate seq "--task sequences" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
+      ;;
+    edges)
+      $PY scripts/edges_vs_pruning.py runs/discover/next_day "$OUT/nextday-prune" --json "$OUT/nextday-edges-vs-prune.json"
       ;;
     nextday)
       $R prune --task next_day --orders greedy,attribution,reverse,random:3 --candidates 16 \

@@ -4,6 +4,7 @@ tiny model against hand-written hooks and replab's DLA."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -74,8 +75,26 @@ def test_hydra_direct_effects_agree_with_dla(tiny, task):
         by_hand = (out / store["ln_final.hook_scale"][:, :, None] * tiny.ln_final.w * u[:, None]).sum(-1).mean(0)
     got = res.table[res.table.layer == 3].sort_values("head_index")["dla_ablated"].to_numpy()
     np.testing.assert_allclose(got, by_hand.numpy(), atol=1e-5)
-    assert res.verdict.startswith(("widen the set", "no backup", "nothing to compensate"))
+    assert res.verdict.startswith(("widen the set", "no backup", "no direct effect lost"))
     assert bool(res.table.set_index("head").loc["L2H1", "in_set"])
+
+
+def test_hydra_verdicts():
+    from replab.circuits.hydra import backup_verdict
+
+    def others(lost):
+        comp = np.array([0.3, 0.05, 0.01])
+        return pd.DataFrame({"head": ["L3H1", "L3H2", "L2H0"], "compensation": comp, "ci_low": [0.1, 0.01, -0.1],
+                             "fraction_of_lost": comp / lost if lost > 0 else np.nan})
+    v, b = backup_verdict(others(1.0), 1.0, 0.1, "logit_diff", 2.0, 1.0)
+    assert v.startswith("widen the set: L3H1 compensates +0.300 (30% of the lost direct effect +1.00)")
+    assert list(b["head"]) == ["L3H1"]
+    v, b = backup_verdict(others(10.0), 10.0, 0.1, "logit_diff", 2.0, 1.0)
+    assert v.startswith("no backup: no head compensates more than +0.300 (3% of") and b.empty
+    # the set's own direct effect rose (it acts through later heads): no fraction of a negative loss
+    v, b = backup_verdict(others(-0.02), -0.02, 0.1, "logit_diff", 4.5, 2.7)
+    assert v.startswith("no direct effect lost: the set's own direct effect changes by +0.020 while logit_diff "
+                        "goes 4.500 -> 2.700") and "L3H1 +0.300" in v and b.empty
 
 
 def test_grid_splits_by_class_with_controls(tiny):

@@ -43,6 +43,12 @@ def test_path_and_prune_commands(tmp_path, capsys):
     assert code == 0, err
     s = json.loads(stdout)
     assert [r["sender"] for r in s["records"]] == [["L0H1"], ["L1H2"]] and "KV head 1" in s["note"]
+    # --senders all: every head below the receiver, each scored alone, in one run
+    code, stdout, err = run_cli(["circuit", "path", *T, "--senders", "all", "--receiver", "L2H1.v",
+                                 "--out", tmp_path / "pall", "--json"], capsys)
+    assert code == 0, err
+    assert sorted(r["sender"][0] for r in json.loads(stdout)["records"]) == sorted(
+        f"L{layer}H{h}" for layer in (0, 1) for h in range(4))
     code, stdout, err = run_cli(["circuit", "prune", *T, "--metric", "margin", "--orders", "reverse,random:2",
                                  "--thresholds", "0.5", "--out", tmp_path / "pr", "--json"], capsys)
     # the random tiny model's clean margin is negative: pruning refuses, in one line
@@ -86,7 +92,9 @@ def test_compare_and_blocks_commands(tmp_path, capsys):
     assert len(cross) == 4 and set(cross["task_of"]) == {"A", "B"}
     own = json.loads((runs[0] / "summary.json").read_text())["records"][0]["metric"]
     assert cross[(cross.circuit == "A:set") & (cross.task_of == "A")]["metric_value"].iloc[0] == pytest.approx(own)
-    code, stdout, err = run_cli(["circuit", "blocks", *T, "--layer", "2", "--positions", "last", "--out",
+    code, stdout, err = run_cli(["circuit", "blocks", *T, "--layers", "1-2", "--positions", "last", "--out",
                                  tmp_path / "blk", "--json"], capsys)
     assert code == 0, err
-    assert len(json.loads(stdout)["records"]) == 12 and (tmp_path / "blk" / "blocks_heatmap.png").is_file()
+    recs = json.loads(stdout)["records"]     # 2 layers x 2 tests x (RESID + 4 heads + MLP)
+    assert len(recs) == 24 and {r["layer"] for r in recs} == {1, 2}
+    assert (tmp_path / "blk" / "blocks_heatmap.png").is_file() and (tmp_path / "blk" / "blocks_heatmap.svg").is_file()

@@ -57,6 +57,9 @@ def test_levels_are_remeasured_and_greedy_is_exact(tiny, task):
         assert lv["performance"] == pytest.approx(_perf(tiny, task, removed), abs=1e-4)
         assert lv["performance"] >= lv["threshold"] or not lv["crossed"]
         assert lv["search_performance"] == pytest.approx(lv["performance"], abs=1e-4)   # chained states are exact
+        # every candidate's logit is logged with the level (logit_diff = answer - foil on prompt means)
+        assert lv["answer_logit"] - lv["foil_logit"] == pytest.approx(lv["metric_value"], abs=1e-4)
+        assert len(lv["candidate_logits"]) == task.candidates.shape[1]
     # greedy's first removal is the head whose removal hurts least, measured by hand
     first = res.curves[(res.curves.order == "greedy") & (res.curves.step == 1)].iloc[0]
     singles = {name: _perf(tiny, task, parse_components(name, tiny)) for name in sorted(heads)}

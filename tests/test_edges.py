@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from replab.circuits.eap import attribute_edges
-from replab.circuits.graph import circuit_heads, edge_graph, head_overlap, parse_node
+from replab.circuits.graph import circuit_heads, edge_graph, head_overlap, node_view_overlap, parse_node
 from replab.errors import ReplabError
 from replab.patching import load_task
 from replab.patching.edge_patch import EdgePatch, edge_mode
@@ -169,6 +169,16 @@ def test_circuit_heads_and_overlap(graph):
     assert circuit_heads(graph, idx) == ["L0H1", "L1H0", "L2H2", "L2H3"]
     o = head_overlap(["L0H1", "L1H0", "L2H2"], ["L2H2", "L3H1"])
     assert o["shared"] == ["L2H2"] and o["only_a"] == ["L0H1", "L1H0"] and o["jaccard"] == pytest.approx(0.25)
+    # node-level view against a pruning circuit: every touched head, and the heaviest heads
+    # (a k/v edge's weight is split over its KV group: L2H2, L2H3 get 0.3 each here)
+    circuit = {"heads": circuit_heads(graph, idx),
+               "edges": [{"sender": "L0H1", "receiver": "L2KV1.v", "score": -0.6},
+                         {"sender": "EMBED", "receiver": "L1H0.q", "score": 0.5}]}
+    v = node_view_overlap(circuit, ["L0H1", "L1H0", "L3H3"], 4, 2)
+    assert v["heaviest_heads"] == ["L0H1", "L1H0", "L2H2"] and v["ranks_of_heads"] == {"L0H1": 1, "L1H0": 2,
+                                                                                       "L3H3": None}
+    assert v["touched"]["n_shared"] == 2 and v["touched"]["jaccard"] == pytest.approx(2 / 5)
+    assert v["heaviest"]["shared"] == ["L0H1", "L1H0"] and v["heaviest"]["jaccard"] == pytest.approx(0.5)
 
 
 def test_edge_patch_validation(tiny, task):
@@ -435,6 +445,20 @@ def test_cli_edges_and_discover(tmp_path, capsys):
     circuit = json.loads((tmp_path / "d" / "circuits" / "eap-ig_20.json").read_text())
     assert len(circuit["edges"]) == 20 and (tmp_path / "d" / "circuits" / "eap-ig_20.png").exists()
     assert (tmp_path / "d" / "faithfulness.png").exists()
+    # both runs are replayable from their config.yaml (written first; summary.json last)
+    import yaml
+
+    for run, kind in (("e", "edges"), ("d", "discover")):
+        config = yaml.safe_load((tmp_path / run / "config.yaml").read_text())
+        assert config["kind"] == kind and config["command"].startswith(f"replab circuit {kind} ")
+        first, last = ((tmp_path / run / f).stat().st_mtime_ns for f in ("config.yaml", "summary.json"))
+        assert last >= first
+    assert "--top 5 --random 10" in yaml.safe_load((tmp_path / "e" / "config.yaml").read_text())["command"]
+    code, out, err = run_cli(["circuit", "replay", tmp_path / "d", "--out", tmp_path / "d2", "--json"], capsys)
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["kind"] == "circuit_discover" and again["curve"] == d["curve"]
+    assert again["overlap_with_compare_heads"] == d["overlap_with_compare_heads"]
 
 
 @pytest.mark.parametrize("args, message", [

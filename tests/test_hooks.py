@@ -57,3 +57,34 @@ def test_stop_at_layer():
     assert stop_at_layer(["blocks.3.hook_resid_post"], 4) == 4
     assert stop_at_layer(["hook_embed"], 4) == 1
     assert stop_at_layer(["ln_final.hook_normalized"], 4) is None
+
+
+def test_one_head_syntax_for_every_head_list():
+    """Heads are parsed by one function (replab.hooks) for `replab heads`, `patch patterns`,
+    the circuit components, path receivers and `--compare-heads`."""
+    from replab.circuits.components import parse_component
+    from replab.circuits.edge_runs import _heads_arg
+    from replab.circuits.path import parse_receiver
+    from replab.heads import runs as heads_runs
+    from replab.hooks import check_head, parse_head, parse_head_list
+
+    assert heads_runs.parse_head_list is parse_head_list
+    assert parse_head_list("L5H3, 20.1,l5h3,7:0") == [(5, 3), (20, 1), (7, 0)]
+    assert parse_head_list([(1, 2), (1, 2)]) == [(1, 2)] and parse_head_list(["L1H2"], 4, 4) == [(1, 2)]
+    assert parse_head("5H3") == (5, 3)
+    for bad in ("L5", "banana", "5.x"):
+        with pytest.raises(ReplabError, match=r"bad head .*use L5H3 or 5\.3"):
+            parse_head_list(bad)
+    with pytest.raises(ReplabError, match="no heads given"):
+        parse_head_list(" , ")
+    with pytest.raises(ReplabError, match=r"L9H1 does not exist: layer 9 is out of range \(this model has layers"):
+        parse_head_list("9.1", 4, 4)
+    with pytest.raises(ReplabError, match=r"L1H7 does not exist: head 7 is out of range"):
+        check_head(1, 7, 4, 4)
+    c = parse_component("5.3.v@-1")
+    assert c.name == "L5H3.v@-1" and parse_component("l5h3").name == "L5H3"
+    r = parse_receiver("9.1.q")
+    assert (r.kind, r.layer, r.head, r.part) == ("head", 9, 1, "q")
+    assert _heads_arg("5.3,L2H1,L5H3") == ["L5H3", "L2H1"]
+    with pytest.raises(ReplabError, match="query heads such as L5H3"):
+        _heads_arg("L1MLP")

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import pandas as pd
-
 from replab.circuits.ablation import Ablation
 from replab.circuits.components import names, parse_components
 from replab.circuits.runs import finish, load, runner, start
@@ -100,6 +98,7 @@ def run_grid(sweep: str = "blocks", task: str = "superclass", layer=None, layers
     ``pairs`` entity pairs each, plus the control people), or any task split by its per-prompt
     ``label`` (e.g. ``seq_type`` for ``sequences``)."""
     from replab.circuits.grid import control_task, grid_sweep, superclass_tasks
+    from replab.circuits.plots import grid_heatmap
     from replab.models import load_model
     from replab.patching.catalog import load_task
     from replab.patching.plots import save_figure
@@ -139,7 +138,7 @@ def run_grid(sweep: str = "blocks", task: str = "superclass", layer=None, layers
     files = write_table(res.rows, out, "grid") + write_table(res.by_class, out, "by_class")
     if len(res.controls):
         files += write_table(res.controls, out, "controls")
-    files += save_figure(_grid_heatmap(res.by_class, f"{sweep} split by class ({metric}, {abl.describe()})"),
+    files += save_figure(grid_heatmap(res.by_class, f"{sweep} split by class ({metric}, {abl.describe()})"),
                          out / "grid_heatmap")
     answers = {int(a) for t in tasks.values() for a in t.answer.tolist()}
     summary = {**res.summary, "n_answer_words": len(answers), "tasks": {_g(g): t.describe() for g, t in tasks.items()},
@@ -150,22 +149,3 @@ def run_grid(sweep: str = "blocks", task: str = "superclass", layer=None, layers
 
 def _g(group) -> str:
     return "→".join(group) if isinstance(group, tuple) else str(group)
-
-
-def _grid_heatmap(by_class: pd.DataFrame, title: str):
-    import seaborn as sns
-
-    from replab._figures import pyplot
-
-    plt = pyplot()
-    t = by_class.assign(column=by_class["test"] + " " + by_class["block"].astype(str)
-                        + by_class["layer"].map(lambda x: "" if x is None or pd.isna(x) else f" L{int(x)}"))
-    grid = t.pivot_table(index="class", columns="column", values="normalized_effect", aggfunc="mean")
-    fig, ax = plt.subplots(figsize=(0.5 * grid.shape[1] + 3, 0.5 * grid.shape[0] + 2))
-    sns.heatmap(grid, ax=ax, cmap="RdBu", center=0.5, vmin=-0.25, vmax=1.25, annot=grid.shape[1] <= 30,
-                fmt=".2f", annot_kws={"fontsize": 6}, cbar_kws={"label": "normalised effect"})
-    ax.set_xlabel("test, component")
-    ax.set_ylabel("class (clean prompts)")
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig

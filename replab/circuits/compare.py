@@ -12,7 +12,6 @@ in one batched engine run per task: performance = metric / intact metric.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +20,7 @@ from replab.circuits.ablation import Ablation
 from replab.circuits.components import all_heads, interventions, parse_components
 from replab.circuits.runs import read_config
 from replab.errors import ReplabError
+from replab.io import inside, read_json
 from replab.patching.engine import Variant
 from replab.patching.plan import run_plan
 
@@ -29,12 +29,15 @@ def circuits_of(run) -> tuple[dict[str, list[str]], dict]:
     """``({level label: [head names]}, config)`` of a circuit run directory."""
     d = Path(run)
     config = read_config(d)
-    summary_file = d / "summary.json"
+    summary_file = inside(d, "summary.json", "run summary")
     if not summary_file.is_file():
         raise ReplabError(f"{run} has no summary.json (an unfinished run?)")
-    s = json.loads(summary_file.read_text())
+    s = read_json(summary_file, "run summary")
     if config["kind"] == "prune":
-        return {f"{lv['order']}@{lv['threshold']:g}": list(lv["heads"]) for lv in s["levels"]}, config
+        try:
+            return {f"{lv['order']}@{lv['threshold']:g}": list(lv["heads"]) for lv in s["levels"]}, config
+        except (KeyError, TypeError, ValueError):
+            raise ReplabError(f"{summary_file}: no readable pruning levels (order, threshold, heads)") from None
     comps = config["options"].get("components") or config["options"].get("ablate")
     if not comps:
         raise ReplabError(f"{run} ({config['kind']}) names no component set")

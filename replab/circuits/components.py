@@ -14,7 +14,8 @@ component      what it is                                            interventio
 =============  ====================================================  ==========================
 
 A position suffix restricts any of them: ``L5H3@-1`` (the last position), ``L5H3@3,4``,
-``L5H3.q@-1``. Lists are comma-separated (``L5H3@3,4,L7MLP``: a bare integer after an ``@``
+``L5H3.q@-1``. A head is written as everywhere in replab (:data:`replab.hooks.HEAD_PATTERN`:
+``L5H3``, also ``5.3``). Lists are comma-separated (``L5H3@3,4,L7MLP``: a bare integer after an ``@``
 continues that component's positions) or a JSON file holding a list of names (or
 ``{"components": [...]}``). Names are case-insensitive and printed canonically.
 
@@ -35,11 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replab.errors import ReplabError
+from replab.hooks import HEAD_PATTERN, check_head, kv_head_of, parse_head, query_heads_of
 
 KINDS = ("head", "mlp", "attn", "resid", "embed")
-_HEAD = re.compile(r"^L(\d+)H(\d+)(?:\.([QKV]))?(?:@(-?\d+(?:,-?\d+)*))?$")
-_BLOCK = re.compile(r"^L(\d+)(MLP|ATTN|RESID)(?:@(-?\d+(?:,-?\d+)*))?$")
-_EMBED = re.compile(r"^EMBED(?:@(-?\d+(?:,-?\d+)*))?$")
+_POS = r"(?:@(-?\d+(?:,-?\d+)*))?"
+# the head itself is written as everywhere else in replab (replab.hooks.HEAD_PATTERN: L5H3, 5.3)
+_HEAD = re.compile(rf"^({HEAD_PATTERN})(?:\.([QKV]))?{_POS}$", re.IGNORECASE)
+_BLOCK = re.compile(rf"^L(\d+)(MLP|ATTN|RESID){_POS}$")
+_EMBED = re.compile(rf"^EMBED{_POS}$")
 _SITE = {"mlp": "mlp_out", "attn": "attn_out", "resid": "resid_post", "embed": "resid_pre"}
 
 
@@ -93,8 +97,6 @@ class Component:
         return tuple(sorted(set(out)))
 
     def kv_head(self, model) -> int:
-        from replab.hooks import kv_head_of
-
         cfg = model.cfg
         return kv_head_of(self.head, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads)
 
@@ -102,8 +104,6 @@ class Component:
         """For ``.k``/``.v``: the query heads that read the same KV head (e.g. ``"L5H3,L5H4,L5H5"``)."""
         if self.part not in ("k", "v"):
             return None
-        from replab.hooks import query_heads_of
-
         cfg = model.cfg
         heads = query_heads_of(self.kv_head(model), cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads)
         return ",".join(f"L{self.layer}H{h}" for h in heads)
@@ -140,8 +140,9 @@ def parse_component(text: str) -> Component:
     pos = lambda s: None if s is None else tuple(int(x) for x in s.split(","))  # noqa: E731
     m = _HEAD.match(t)
     if m:
-        part = m.group(3).lower() if m.group(3) else None
-        return Component("head", int(m.group(1)), int(m.group(2)), part, pos(m.group(4)))
+        layer, head = parse_head(m.group(1))
+        part = m.group(4).lower() if m.group(4) else None
+        return Component("head", layer, head, part, pos(m.group(5)))
     m = _BLOCK.match(t)
     if m:
         return Component(m.group(2).lower(), int(m.group(1)), None, None, pos(m.group(3)))
@@ -191,10 +192,10 @@ def check_components(comps, model, n_tokens: int | None = None) -> None:
     """ReplabError if a component's layer, head or position does not exist."""
     cfg = model.cfg
     for c in comps:
-        if c.kind != "embed" and not 0 <= c.layer < cfg.n_layers:
+        if c.kind == "head":
+            check_head(c.layer, c.head, cfg.n_layers, cfg.n_heads, c.name)
+        elif c.kind != "embed" and not 0 <= c.layer < cfg.n_layers:
             raise ReplabError(f"{c.name}: layer {c.layer} is out of range: this model has layers 0-{cfg.n_layers - 1}")
-        if c.kind == "head" and not 0 <= c.head < cfg.n_heads:
-            raise ReplabError(f"{c.name}: head {c.head} is out of range: layer {c.layer} has heads 0-{cfg.n_heads - 1}")
         if n_tokens is not None:
             c.abs_positions(n_tokens)
 

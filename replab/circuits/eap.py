@@ -203,17 +203,33 @@ def _grad_pass(model, tokens, task, rows, metric, n_total: int, clean_logp, inpu
 
 
 @torch.no_grad()
-def _linear_scores(graph: EdgeGraph, delta: torch.Tensor, grads: dict) -> np.ndarray:
-    """``Δ_u · g_v`` summed over prompts and positions for every edge: ``[n_edges]`` (float64)."""
+def _linear_scores(graph: EdgeGraph, delta: torch.Tensor, grads: dict, start: int = 0) -> np.ndarray:
+    """``Δ_u · g_v`` summed over prompts and positions for every edge: ``[n_edges]`` (float64).
+    Positions before ``start`` are skipped: the clean and corrupt prompts agree there, so every
+    sender's ``Δ_u`` is zero (causal attention)."""
     out = []
     h = graph.n_heads
+    if start:
+        delta = delta[:, start:]
+        grads = {key: g[:, start:] for key, g in grads.items()}
+    # senders as rows [S, N·T·d], laid out once: the senders of a receiver are a prefix, so each
+    # receiver group is one matrix product with a contiguous block of rows (no copies per layer)
+    flat = delta.permute(2, 0, 1, 3).reshape(delta.shape[2], -1).contiguous()
+    grads = {key: g.contiguous() for key, g in grads.items()}
+
+    def rows(g):            # [N, T, H, d] -> [H, N·T·d]; [N, T, d] -> [1, N·T·d]
+        return (g.permute(2, 0, 1, 3) if g.ndim == 4 else g[None]).reshape(-1, flat.shape[1])
+
     for layer in range(graph.n_layers):
         up = 1 + layer * (h + 1)
-        d = delta[:, :, :up]
-        for kind in ("q", "k", "v"):
-            out.append(torch.einsum("ntsd,nthd->hs", d, grads[(kind, layer)]).reshape(-1))
-        out.append(torch.einsum("ntsd,ntd->s", delta[:, :, :up + h], grads[("mlp", layer)]))
-    out.append(torch.einsum("ntsd,ntd->s", delta, grads[("logits", graph.n_layers - 1)]))
+        g = [rows(grads[(kind, layer)]) for kind in ("q", "k", "v", "mlp")]
+        prod = torch.cat(g) @ flat[:up + h].T        # one product per layer: the sender rows are read once
+        at = 0
+        for part in g[:3]:                           # q, k, v receivers read the senders below the layer
+            out.append(prod[at:at + len(part), :up].reshape(-1))                         # [H, up] -> h-major
+            at += len(part)
+        out.append(prod[at])                         # the MLP also reads its own layer's heads
+    out.append((rows(grads[("logits", graph.n_layers - 1)]) @ flat.T).reshape(-1))
     return torch.cat(out).double().cpu().numpy()
 
 
@@ -252,6 +268,8 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
     clean_sum = corrupt_sum = 0.0
     worst = 0.0
     batches = _batches(n, t, batch_size)
+    differ = (task.clean != task.corrupt).any(0).nonzero()
+    start = int(differ[0]) if len(differ) else t          # first position where any pair differs
     with progress_bar(len(batches) * (1 + n_grad), f"{method} attribution", "pass", enabled=progress) as bar:
         for rows in batches:
             clean, corrupt = task.clean[rows], task.corrupt[rows]
@@ -272,18 +290,18 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
                     bar.advance(1)
                 clean_sum += res["value"]
                 delta = corrupt_senders - res["senders"]
-                lin[0] += _linear_scores(graph, delta, {q: g / steps for q, g in summed.items()})
+                lin[0] += _linear_scores(graph, delta, {q: g / steps for q, g in summed.items()}, start)
                 continue
             res = _grad_pass(model, clean, task, rows, metric, n, logp, senders=True, patterns=method == "atp*")
             bar.advance(1)
             clean_sum += res["value"]
             delta = corrupt_senders - res["senders"]
-            lin[0] += _linear_scores(graph, delta, res["grads"])
+            lin[0] += _linear_scores(graph, delta, res["grads"], start)
             if method == "atp*":
                 passes = [res]
                 for j, layer in enumerate(drops):
                     p = _grad_pass(model, clean, task, rows, metric, n, logp, drop=layer, patterns=True)
-                    lin[1 + j] += _linear_scores(graph, delta, p["grads"])
+                    lin[1 + j] += _linear_scores(graph, delta, p["grads"], start)
                     passes.append({"grads": {k: v for k, v in p["grads"].items() if k[0] == "pattern"}})
                     bar.advance(1)
                 est, err = qk_fixed_estimates(model, graph, delta, passes)

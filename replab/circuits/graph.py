@@ -250,3 +250,17 @@ def head_overlap(a, b) -> dict:
     return {"shared": sorted(sa & sb, key=key), "only_a": sorted(sa - sb, key=key),
             "only_b": sorted(sb - sa, key=key), "n_a": len(sa), "n_b": len(sb), "n_shared": len(sa & sb),
             "jaccard": (len(sa & sb) / len(union)) if union else float("nan")}
+
+
+def node_view_overlap(circuit: dict, heads, n_heads: int, n_kv_heads: int) -> dict:
+    """The node-level view of an edge circuit (a circuit JSON of ``replab circuit discover``:
+    ``heads`` it touches, ``edges`` with scores) against a head set (e.g. a pruning circuit):
+    ``touched`` = :func:`head_overlap` of every head the circuit touches with ``heads``;
+    ``heaviest`` = the same for its ``len(heads)`` heaviest heads (:func:`heads_by_weight`),
+    which is what a circuit touching most heads can be compared by."""
+    heads = sorted({str(h) for h in heads})
+    ranked = [h for h, _ in heads_by_weight(circuit["edges"], n_heads, n_kv_heads)]
+    return {"touched": head_overlap(circuit["heads"], heads),
+            "heaviest": head_overlap(ranked[:len(heads)], heads),
+            "heaviest_heads": ranked[:len(heads)],
+            "ranks_of_heads": {h: (ranked.index(h) + 1 if h in ranked else None) for h in heads}}

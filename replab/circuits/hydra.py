@@ -16,8 +16,10 @@ ranked by its compensation, with the clean value beside it and a bootstrap CI ov
 
 Verdict: "widen the set: <head> compensates +x (y% of the lost effect)" when some head
 compensates at least ``min_fraction`` of the lost effect, else "no backup: no head
-compensates more than x". The DLA is on the answer − foil logit difference whatever
-``metric`` is; ``metric`` itself is reported for the clean and ablated runs.
+compensates more than x"; when the set's own direct effect does not fall (it acts through
+later components), "no direct effect lost: ..." with the metric change and the largest rise
+(``fraction_of_lost`` is then NaN: there is nothing to take a fraction of). The DLA is on
+the answer − foil logit difference whatever ``metric`` is; ``metric`` itself is reported for the clean and ablated runs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,29 @@ from replab.patching.bootstrap import mean_ci
 from replab.patching.engine import Variant
 from replab.patching.logit_attribution import head_direct_effects, vector_direct_effect
 from replab.patching.plan import plan_forwards, run_plan
+
+
+def backup_verdict(others: pd.DataFrame, lost: float, min_fraction: float, metric: str, clean: float,
+                   ablated: float) -> tuple[str, pd.DataFrame]:
+    """``(verdict, backups)`` from the heads outside the set sorted by ``compensation``
+    (columns ``head, compensation, fraction_of_lost, ci_low``) and the set's lost direct effect
+    (module docstring). ``backups``: the heads compensating at least ``min_fraction`` of it
+    with a CI above 0 (none when nothing was lost)."""
+    top = others.iloc[0]
+    if lost <= 1e-9:
+        # a set whose own direct effect does not fall acts through later components: there is no
+        # lost direct effect for another head to make up, so no percentage of it is meaningful
+        return (f"no direct effect lost: the set's own direct effect changes by {-lost:+.3f} while {metric} goes "
+                f"{clean:.3f} -> {ablated:.3f} (it acts through later components); largest rise of another "
+                f"head: {top['head']} {top['compensation']:+.3f}"), others.iloc[:0]
+    backups = others[(others["fraction_of_lost"] >= min_fraction) & (others["ci_low"] > 0)]
+    if len(backups):
+        b = backups.iloc[0]
+        extra = f"; also {', '.join(backups['head'].iloc[1:4])}" if len(backups) > 1 else ""
+        return (f"widen the set: {b['head']} compensates {b['compensation']:+.3f} ({b['fraction_of_lost']:.0%} of "
+                f"the lost direct effect {lost:+.2f}){extra}"), backups
+    return (f"no backup: no head compensates more than {top['compensation']:+.3f} "
+            f"({top['fraction_of_lost']:.0%} of the lost direct effect {lost:+.2f}, {top['head']})"), backups
 
 
 @dataclass
@@ -92,24 +117,13 @@ def find_backups(model, task, ablate: list[Component], ablation: Ablation | None
                          "in_set": (layer, h) in in_set, "dla_clean": float(d_clean[:, layer, h].mean()),
                          "dla_ablated": float(d_abl[:, layer, h].mean()), "compensation": c, "ci_low": lo,
                          "ci_high": hi,
-                         "fraction_of_lost": c / lost_mean if abs(lost_mean) > 1e-9 else float("nan")})
+                         "fraction_of_lost": c / lost_mean if lost_mean > 1e-9 else float("nan")})
     table = pd.DataFrame(rows)
     others = table[~table["in_set"]].sort_values("compensation", ascending=False).reset_index(drop=True)
-    top = others.iloc[0]
-    backups = others[(others["fraction_of_lost"] >= min_fraction) & (others["ci_low"] > 0)]
-    if abs(lost_mean) < 1e-9:
-        verdict = (f"nothing to compensate: the set's direct effect does not change ({lost_mean:+.3f}); top rise "
-                   f"{top['head']} {top['compensation']:+.3f}")
-    elif len(backups):
-        b = backups.iloc[0]
-        extra = f"; also {', '.join(backups['head'].iloc[1:4])}" if len(backups) > 1 else ""
-        verdict = (f"widen the set: {b['head']} compensates {b['compensation']:+.3f} ({b['fraction_of_lost']:.0%} of "
-                   f"the lost direct effect {lost_mean:+.2f}){extra}")
-    else:
-        verdict = (f"no backup: no head compensates more than {top['compensation']:+.3f} "
-                   f"({top['fraction_of_lost']:.0%} of the lost direct effect {lost_mean:+.2f}, {top['head']})")
+    ablated_metric = float(res.patched[0].mean())
+    verdict, backups = backup_verdict(others, lost_mean, min_fraction, metric, res.clean_metric, ablated_metric)
     summary = {"ablate": names(ablate), "ablation": ablation.describe(), "metric": metric,
-               "clean_metric": res.clean_metric, "ablated_metric": float(res.patched[0].mean()),
+               "clean_metric": res.clean_metric, "ablated_metric": ablated_metric,
                "corrupt_metric": res.corrupt_metric, "normalized_effect": float(res.effect[0]),
                "ci_low": float(res.ci_low[0]), "ci_high": float(res.ci_high[0]),
                "lost_direct_effect": lost_mean, "min_fraction": min_fraction,

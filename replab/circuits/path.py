@@ -40,7 +40,6 @@ path-patched run), ``clean_metric``, ``corrupt_metric``, ``normalized_effect`` (
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +47,7 @@ import pandas as pd
 import torch
 
 from replab.circuits.ablation import Ablation
-from replab.circuits.components import Component, all_heads, check_components, names
+from replab.circuits.components import Component, all_heads, check_components, names, parse_component
 from replab.errors import ReplabError
 from replab.patching.checks import ENGINE_TOL, Check
 from replab.patching.engine import Variant
@@ -90,14 +89,18 @@ class Receiver:
 def parse_receiver(text: str, model=None) -> Receiver:
     """``logits``, ``L9H1.q|.k|.v`` or ``L12MLP`` -> :class:`Receiver`."""
     t = str(text).strip().upper()
-    if t == "LOGITS":
+    try:     # the component vocabulary (replab.circuits.components), positions not allowed here
+        c = None if t == "LOGITS" else parse_component(t)
+    except ReplabError:
+        c = Component("invalid")
+    if c is None:
         r = Receiver("logits")
-    elif m := re.fullmatch(r"L(\d+)H(\d+)\.([QKV])", t):
-        r = Receiver("head", int(m.group(1)), int(m.group(2)), m.group(3).lower())
-    elif m := re.fullmatch(r"L(\d+)MLP", t):
-        r = Receiver("mlp", int(m.group(1)))
+    elif c.kind == "head" and c.part and c.positions is None:
+        r = Receiver("head", c.layer, c.head, c.part)
+    elif c.kind == "mlp" and c.positions is None:
+        r = Receiver("mlp", c.layer)
     else:
-        hint = " (a head receiver needs its input: .q, .k or .v)" if re.fullmatch(r"L\d+H\d+", t) else ""
+        hint = " (a head receiver needs its input: .q, .k or .v)" if c.is_head_output and c.positions is None else ""
         raise ReplabError(f"unknown receiver {text!r}{hint}: use logits, L9H1.q, L9H1.k, L9H1.v or L12MLP")
     if model is not None and r.kind != "logits":
         check_components([Component("head", r.layer, r.head) if r.kind == "head" else Component("mlp", r.layer)],

@@ -60,6 +60,7 @@ def blocks_heatmap(table: pd.DataFrame, title: str):
     fig, ax = plt.subplots(figsize=(0.55 * grid.shape[1] + 3, 0.45 * grid.shape[0] + 1.8))
     sns.heatmap(grid, ax=ax, cmap="RdBu", center=0.5, vmin=-0.25, vmax=1.25, annot=True, fmt=".2f",
                 annot_kws={"fontsize": 6}, cbar_kws={"label": EFFECT})
+    ax.tick_params(axis="y", rotation=0)
     ax.set_xlabel("component at the layer")
     ax.set_ylabel("test, layer")
     ax.set_title(title)
@@ -144,5 +145,25 @@ def survival_heatmap(freq: pd.DataFrame, n_layers: int, n_heads: int, title: str
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def grid_heatmap(by_class: pd.DataFrame, title: str):
+    """A grid run's normalised effects: rows = class (of the clean prompts), columns = test ×
+    component (× layer)."""
+    import seaborn as sns
+
+    plt = _plt()
+    t = by_class.assign(column=by_class["test"] + " " + by_class["block"].astype(str)
+                        + by_class["layer"].map(lambda x: "" if x is None or pd.isna(x) else f" L{int(x)}"))
+    grid = t.pivot_table(index="class", columns="column", values="normalized_effect", aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(0.5 * grid.shape[1] + 3.5, 0.5 * grid.shape[0] + 2.5))
+    sns.heatmap(grid, ax=ax, cmap="RdBu", center=0.5, vmin=-0.25, vmax=1.25, annot=grid.shape[1] <= 30,
+                fmt=".2f", annot_kws={"fontsize": 6}, cbar_kws={"label": EFFECT})
+    ax.tick_params(axis="y", rotation=0)
+    ax.set_xlabel("test, component")
+    ax.set_ylabel("class (clean prompts)")
+    ax.set_title(title)
     fig.tight_layout()
     return fig

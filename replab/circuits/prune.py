@@ -314,14 +314,14 @@ def _prune(model, task, ths, order_names, ablation, metric, candidates, check_ev
     ev = _Evaluator(model, task, ablation, metric, n_boot, seed, engine)
     curves, levels, timing, agreement = [], [], {}, {}
     for name in order_names:
-        t0, v0 = time.time(), ev.n_variants
+        t0, c0, v0 = time.time(), time.process_time(), ev.n_variants
         if name == "greedy":
             removed, perf, agreement = _greedy(model, ev, floor, candidates, check_every, progress)
         else:
             order = _fixed_order(name, model, ev, seed)
             removed, perf = _prefix_search(order, ev, floor, progress, f"prune {name}")
-        timing[name] = {"seconds": round(time.time() - t0, 2), "variant_forwards": ev.n_variants - v0,
-                        "heads_removed": len(removed)}
+        timing[name] = {"seconds": round(time.time() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2),
+                        "variant_forwards": ev.n_variants - v0, "heads_removed": len(removed)}
         curves += [{"order": name, "step": 0, "n_heads": len(heads), "removed": None, "performance": 1.0}]
         curves += [{"order": name, "step": i + 1, "n_heads": len(heads) - i - 1, "removed": h.name, "performance": p}
                    for i, (h, p) in enumerate(zip(removed, perf, strict=True))]
@@ -331,6 +331,7 @@ def _prune(model, task, ths, order_names, ablation, metric, candidates, check_ev
     kept_sets = {k: [h for h in heads if h.name in set(k)] for k in keys}
     res = ev.run([[h for h in heads if h.name not in set(k)] for k in keys], progress, "re-measure levels")
     kl = res.values("kl")[2].mean(1)
+    logits = res.table()[["answer_logit", "foil_logit", "max_other_logit", "candidate_logits"]].to_dict("records")
     at = {k: i for i, k in enumerate(keys)}
     records = []
     for lv in levels:
@@ -340,7 +341,7 @@ def _prune(model, task, ths, order_names, ablation, metric, candidates, check_ev
                         "search_performance": lv["search_performance"], "crossed": lv["crossed"],
                         "metric_value": float(res.patched[i].mean()), "normalized_effect": float(res.effect[i]),
                         "ci_low": float(res.ci_low[i]), "ci_high": float(res.ci_high[i]), "kl": float(kl[i]),
-                        "ablation": ablation.describe(), "metric": metric})
+                        "ablation": ablation.describe(), "metric": metric, **logits[i]})
     curves_df = pd.DataFrame(curves)
     summary = {"thresholds": ths, "orders": order_names, "ablation": ablation.describe(), "metric": metric,
                "intact_metric": ev.intact, "clean_metric": ev.clean_metric, "corrupt_metric": ev.corrupt_metric,

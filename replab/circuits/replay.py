@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from replab.circuits import blocks_run, path_run, prune_run, validate_run  # noqa: F401 (they register runners)
+from replab.circuits import blocks_run, edge_runs, path_run, prune_run, validate_run  # noqa: F401 (register runners)
 from replab.circuits.runs import RUNNERS, read_config
 from replab.errors import ReplabError
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from replab.errors import ReplabError
+from replab.io import inside, read_text
 from replab.rundir import finish_run, start_run
 
 CONFIG = "config.yaml"
@@ -78,15 +79,16 @@ def _plain(value):
     return value
 
 
-def command_line(kind: str, options: dict) -> str:
-    """The ``replab circuit KIND --opt value ...`` line equivalent to ``options``."""
+def command_line(kind: str, options: dict, flags: dict | None = None) -> str:
+    """The ``replab circuit KIND --opt value ...`` line equivalent to ``options`` (``flags``:
+    option name -> command-line flag where they differ, e.g. ``{"n_top": "--top"}``)."""
     parts = ["replab", "circuit", kind]
     for key, value in options.items():
         if value is None or key in _VOLATILE:
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = (flags or {}).get(key) or "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            parts.append(flag if value else f"--no-{key.replace('_', '-')}")
+            parts.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):
             parts += [flag, ",".join(map(str, value))]
         else:
@@ -94,8 +96,9 @@ def command_line(kind: str, options: dict) -> str:
     return shlex.join(parts)
 
 
-def start(out, kind: str, options: dict) -> Path:
-    """Create the run directory and write ``config.yaml`` (module docstring)."""
+def start(out, kind: str, options: dict, flags: dict | None = None) -> Path:
+    """Create the run directory and write ``config.yaml`` (module docstring); ``flags`` as in
+    :func:`command_line`."""
     import yaml
 
     from replab._version import __version__
@@ -103,7 +106,7 @@ def start(out, kind: str, options: dict) -> Path:
     out = start_run(out)
     opts = {k: _plain(model_option(v) if k == "model" else v) for k, v in options.items()
             if k not in _VOLATILE}
-    config = {"kind": kind, "command": command_line(kind, opts),
+    config = {"kind": kind, "command": command_line(kind, opts, flags),
               "replay": shlex.join(["replab", "circuit", "replay", str(out / CONFIG)]),
               "options": opts, "replab_version": __version__}
     (out / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
@@ -125,10 +128,13 @@ def read_config(path) -> dict:
 
     p = Path(path)
     if p.is_dir():
-        p = p / CONFIG
+        p = inside(p, CONFIG, "run config")
     if not p.is_file():
         raise ReplabError(f"{path}: no {CONFIG} (give a circuit run directory or its config.yaml)")
-    config = yaml.safe_load(p.read_text()) or {}
-    if "kind" not in config or "options" not in config:
+    try:
+        config = yaml.safe_load(read_text(p, "run config")) or {}
+    except yaml.YAMLError as exc:
+        raise ReplabError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(config, dict) or "kind" not in config or not isinstance(config.get("options"), dict):
         raise ReplabError(f"{p} is not a circuit run config (it needs kind and options)")
     return config

@@ -97,15 +97,16 @@ def probes(run: Path = typer.Option(..., "--run", help="A `replab probe train` r
                                       help="balanced_accuracy, accuracy, heldout_balanced_accuracy..."),
            json_out: bool = JSON_OPT):
     """Probe accuracy vs layer for every kind in one figure, with 95% CIs."""
-    import pandas as pd
-
     from replab.errors import ReplabError
+    from replab.io import inside, read_table
     from replab.probes.plots import plot_probe_curves
 
-    path = Path(run) / "records.parquet"
+    if not Path(run).is_dir():
+        raise ReplabError(f"{run}: not a directory (give a probe run directory)")
+    path = inside(run, "records.parquet", "probe records")       # a link out of the run is refused
     if not path.exists():
         raise ReplabError(f"{path}: no such file (is {run} a probe run directory?)")
-    records = pd.read_parquet(path)
+    records = read_table(path, "probe records")
     if metric not in records.columns:
         raise ReplabError(f"unknown metric {metric!r}; the records have {', '.join(records.columns)}")
     png = plot_probe_curves(records, Path(run) / "figures" / f"{metric}_vs_layer", metric=metric,

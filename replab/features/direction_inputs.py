@@ -34,6 +34,7 @@ import numpy as np
 
 from replab.errors import ReplabError
 from replab.hooks import canonical_site
+from replab.io import inside
 from replab.probes.directions import Direction, direction_path, direction_vectors, load_probe
 from replab.probes.erasure import fit_eraser
 from replab.probes.splits import select_rows
@@ -138,7 +139,7 @@ def _from_probe_run(run: Path, layer: int | None, cls: str | None, kind: str) ->
     layer), found through :func:`replab.probes.directions.load_directions`; the same vector
     from the saved probe weights when the run has no artifact for that layer (older runs
     saved the best layer only) or for an ``A-B`` difference."""
-    probe_json = run / "probes" / f"{kind}.json"
+    probe_json = inside(run, f"probes/{kind}.json", "probe file")
     if not probe_json.is_file():
         have = sorted(p.stem for p in (run / "probes").glob("*.json"))
         raise ReplabError(f"probe run {run} has no {kind} probe (it has: {', '.join(have) or 'none'})")
@@ -156,7 +157,8 @@ def _from_probe_run(run: Path, layer: int | None, cls: str | None, kind: str) ->
 def _probe_artifact(run: Path, kind: str, layer: int, cls: str, shuffled: bool) -> Path | None:
     """Path of a probe run's (shuffled) Direction artifact, or None."""
 
-    path = direction_path(run / "directions", kind, layer, cls, shuffled)
+    name = direction_path("directions", kind, layer, cls, shuffled)
+    path = inside(run, name, "Direction artifact")     # a link out of the run is refused, not followed
     return path if path.is_file() else None
 
 
@@ -268,13 +270,18 @@ def load_direction(src, layer: int | None = None, cls: str | None = None,
 def _store_of(direction_json: Path) -> str | None:
     """The store a Direction artifact's probe run was trained on (from the run's summary)."""
     run = direction_json.parent.parent
-    for cand in (run / "summary.json", *sorted((run / "probes").glob("*.json"))):
+    if not (run / "probes").is_dir():              # not inside a probe run directory
+        return None
+    names = ["summary.json", *(f"probes/{p.name}" for p in sorted((run / "probes").glob("*.json")))]
+    for name in names:
+        cand = inside(run, name, "run file")       # the run's own files only (a link out is refused)
         try:
-            store = json.loads(cand.read_text()).get("store")
+            data = json.loads(cand.read_text())
         except (OSError, ValueError):
             continue
-        if store:
-            return str(store)
+        store = data.get("store") if isinstance(data, dict) else None
+        if store and isinstance(store, str):
+            return store
     return None
 
 

@@ -12,6 +12,7 @@ from replab.errors import ReplabError
 from replab.features.config import LatentRunConfig, build_run_config
 from replab.features.latent_patch import patch_latents
 from replab.features.sae.artifact import load_sae, model_for, read_meta, resolve_sae_dir
+from replab.io import inside, read_table
 from replab.models.coerce import as_model
 from replab.patching.plots import save_figure
 from replab.rundir import finish_run, start_run, write_table
@@ -22,13 +23,16 @@ if TYPE_CHECKING:
 
 def latents_from(path) -> list[int]:
     """Top latents of a ``replab sae decompose`` run (its ``top_latents`` table, in order)."""
-    import pandas as pd
-
     d = Path(path)
-    table = d / "top_latents.parquet"
+    if not d.is_dir():
+        raise ReplabError(f"{path} is not a `replab sae decompose` run (not a directory)")
+    table = inside(d, "top_latents.parquet", "latent table")
     if not table.is_file():
         raise ReplabError(f"{path} is not a `replab sae decompose` run (no top_latents.parquet)")
-    return [int(x) for x in pd.read_parquet(table)["latent"].tolist()]
+    df = read_table(table, "latent table")
+    if "latent" not in df.columns:
+        raise ReplabError(f"{table}: no 'latent' column (not a `replab sae decompose` table)")
+    return [int(x) for x in df["latent"].tolist()]
 
 
 def run_latent_patch(sae_dir=None, out=None, model: HookedTransformer | str | None = None,
@@ -50,6 +54,7 @@ def run_latent_patch(sae_dir=None, out=None, model: HookedTransformer | str | No
     if sae_dir is not None:
         options["sae"] = sae_dir
     cfg = build_run_config(LatentRunConfig, config, options)
+    from_latents = latents_from(cfg.from_dir) if cfg.patch.latents is None and cfg.from_dir else None
     m = as_model(model)
     path = resolve_sae_dir(cfg.sae, m, cfg.hook, cfg.layer)
     m = model_for(read_meta(path), m)
@@ -57,8 +62,8 @@ def run_latent_patch(sae_dir=None, out=None, model: HookedTransformer | str | No
     t = cfg.load_task(m)
     rule = cfg.patch.positions or ("entity_last" if "entity_last" in t.meta.get("positions", {}) else "all")
     latents = cfg.patch.latents
-    if latents is None and cfg.from_dir:
-        latents = latents_from(cfg.from_dir)[:cfg.patch.top]
+    if latents is None and from_latents is not None:
+        latents = from_latents[:cfg.patch.top]
     patch = dataclasses.replace(cfg.patch, latents=latents, positions=rule)
     table, summary = patch_latents(m, sae, meta, t, patch, progress=progress,
                                    position_rule=rule if isinstance(rule, str) else None)

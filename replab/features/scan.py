@@ -38,6 +38,7 @@ from replab.errors import ReplabError
 from replab.features.config import MIN_FULL, ScanConfig, ScanRunConfig, build_run_config, with_overrides
 from replab.features.direction_inputs import load_direction, probe_shuffled
 from replab.hooks import canonical_site, parse_layers
+from replab.io import inside, read_table
 from replab.models.coerce import as_model
 from replab.patching.engine import Variant
 from replab.patching.interventions import Intervention
@@ -60,10 +61,14 @@ def probe_accuracy(run: Path, kind: str) -> tuple[pd.DataFrame, str]:
     """Per-layer accuracy of a probe run's ``kind`` (its rows of ``records.parquet``; the
     ``logistic`` and ``meandiff`` records are full-rank, one per layer):
     ``(DataFrame [layer, probe_accuracy, probe_cv_accuracy, probe_control_accuracy], column)``."""
-    path = Path(run) / "records.parquet"
+    if not Path(run).is_dir():
+        raise ReplabError(f"{run} is not a probe run directory")
+    path = inside(run, "records.parquet", "probe records")
     if not path.is_file():
         raise ReplabError(f"{run} is not a probe run directory (no records.parquet)")
-    rec = pd.read_parquet(path)
+    rec = read_table(path, "probe records")
+    if "kind" not in rec.columns or "layer" not in rec.columns:
+        raise ReplabError(f"{path}: not a probe run's records (no kind/layer columns)")
     kinds = sorted(set(rec["kind"]))
     rec = rec[rec["kind"] == kind]
     if rec.empty:
@@ -265,6 +270,7 @@ def run_scan(probe=None, out=None, model: HookedTransformer | str | None = None,
     run = Path(cfg.probe)
     if not (run / "probes").is_dir():
         raise ReplabError(f"{cfg.probe} is not a probe run directory (replab probe train --out ...)")
+    probe_accuracy(run, cfg.scan.kind)                   # its records are readable: fail before the model loads
     m = as_model(model)
     t = cfg.load_task(m)
     sep = check_separation(m, t, cfg.scan.metric or t.meta.get("metric") or "logit_diff")
@@ -282,11 +288,15 @@ def scan_layer(path) -> int:
     """The chosen layer of a ``features scan`` run directory (ReplabError if it chose none)."""
     import json
 
-    p = Path(path) / "summary.json"
+    if not Path(path).is_dir():
+        raise ReplabError(f"{path} is not a finished `replab features scan` run (not a directory)")
+    p = inside(path, "summary.json", "scan summary")
     try:
         s = json.loads(p.read_text())
     except (OSError, ValueError):
         raise ReplabError(f"{path} is not a finished `replab features scan` run (no readable summary.json)") from None
+    if not isinstance(s, dict):
+        raise ReplabError(f"{p}: not a scan summary (not a JSON object)")
     if s.get("kind") != "features_scan":
         raise ReplabError(f"{path} is not a `replab features scan` run")
     if s.get("chosen_layer") is None:

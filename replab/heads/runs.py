@@ -7,7 +7,6 @@ the options and the replab version.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -25,33 +24,12 @@ from replab.heads.ov import ov_matrices, ov_table
 from replab.heads.plots import composition_heatmap, layer_head_heatmap, matrix_panels, positional_panels
 from replab.heads.qk import has_learned_positions, is_rotary, matrix_frame, positional_qk, qk_matrices, qk_table
 from replab.heads.tokensets import resolve
-from replab.hooks import parse_layers
+from replab.hooks import parse_head_list, parse_layers
 from replab.models.coerce import as_model
 from replab.patching.plots import attention_patterns
 from replab.patching.runs import run_patterns as w2_patterns
 from replab.prompts import load_prompts
 from replab.rundir import finish_run, start_run, write_table
-
-
-def parse_head_list(spec, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
-    """``"L5H3,20.1"`` (or a list of pairs) -> ``[(5, 3), (20, 1)]`` (query heads), validated."""
-    if isinstance(spec, (list, tuple)) and spec and not isinstance(spec[0], str):
-        heads = [(int(a), int(b)) for a, b in spec]
-    else:
-        items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
-        heads = []
-        for item in [s.strip() for s in items if s.strip()]:
-            m = re.fullmatch(r"L?(\d+)[.H:](\d+)", item)
-            if not m:
-                raise ReplabError(f"bad head {item!r}; use L5H3 or 5.3")
-            heads.append((int(m.group(1)), int(m.group(2))))
-    if not heads:
-        raise ReplabError("no heads given")
-    for layer, h in heads:
-        if not (0 <= layer < n_layers and 0 <= h < n_heads):
-            raise ReplabError(f"head L{layer}H{h} does not exist (layers 0-{n_layers - 1}, query heads "
-                              f"0-{n_heads - 1})")
-    return list(dict.fromkeys(heads))
 
 
 def _save(fig, stem: Path) -> list[str]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replab.errors import ReplabError
+from replab.io import inside
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -103,11 +104,14 @@ def _indexed(path: Path, index_name: str) -> list[Path] | None:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ReplabError(f"{index}: invalid shard index ({exc})") from None
-    missing = [f for f in files if not (path / f).exists()]
+    # shard names come from the index: they must stay in the model directory (hub snapshots
+    # link their files into ../../blobs, so links are allowed, names that leave are not)
+    shards = [inside(path, f, f"shard named by {index_name}", follow_links=False) for f in files]
+    missing = [f for f, p in zip(files, shards, strict=True) if not p.exists()]
     if missing:
         raise ReplabError(f"{index} names {len(missing)} missing shard(s), e.g. {missing[0]}; "
                           "the download is incomplete")
-    return [path / f for f in files]
+    return shards
 
 
 def weight_files(path: Path) -> tuple[list[Path], bool]:

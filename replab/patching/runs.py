@@ -17,6 +17,8 @@ import pandas as pd
 import torch
 
 from replab.errors import ReplabError
+from replab.hooks import check_head, parse_head_list
+from replab.io import inside, read_table
 from replab.rundir import finish_run, start_run, write_table
 
 if TYPE_CHECKING:
@@ -223,21 +225,6 @@ def _atp_figure(table: pd.DataFrame, out: Path, name: str) -> list[str]:
     return save_figure(fig, out / "atp_vs_exact")
 
 
-def parse_heads(spec: str) -> list[tuple[int, int]]:
-    """``"14.3,20.1"`` (or ``L14H3``) -> [(14, 3), (20, 1)]."""
-    import re
-
-    heads = []
-    for item in [s for s in spec.split(",") if s.strip()]:
-        m = re.fullmatch(r"\s*L?(\d+)[.H:](\d+)\s*", item)
-        if not m:
-            raise ReplabError(f"bad head {item!r}; use LAYER.HEAD, e.g. 14.3")
-        heads.append((int(m.group(1)), int(m.group(2))))
-    if not heads:
-        raise ReplabError("no heads given")
-    return heads
-
-
 def run_patterns(task: str = "next_day", heads: str | None = None, from_dir=None, top: int = 9,
                  out=None, model: str | None = None, template=None, limit=None) -> dict:
     """W2 steps 4 and 6: attention patterns (averaged over the clean prompts) of chosen heads,
@@ -245,11 +232,10 @@ def run_patterns(task: str = "next_day", heads: str | None = None, from_dir=None
     from replab.patching.plots import attention_patterns, save_figure
 
     m, t = load(model, task, template, limit)
-    chosen, notes = (parse_heads(heads), {}) if heads else _top_from(from_dir, top)
     L, H = m.cfg.n_layers, m.cfg.n_heads
+    chosen, notes = (parse_head_list(heads, L, H), {}) if heads else _top_from(from_dir, top)
     for layer, h in chosen:
-        if not (0 <= layer < L and 0 <= h < H):
-            raise ReplabError(f"head {layer}.{h} does not exist (layers 0-{L - 1}, heads 0-{H - 1})")
+        check_head(layer, h, L, H)
     names = {f"blocks.{layer}.attn.hook_pattern" for layer, _ in chosen}
     with torch.inference_mode():
         _, cache = m.run_with_cache(t.clean, names_filter=lambda n: n in names)
@@ -300,14 +286,17 @@ def _top_from(from_dir, top: int) -> tuple[list[tuple[int, int]], dict[str, str]
     if from_dir is None:
         raise ReplabError("give --heads or --from (a `patch heads`, `patch sweep` or `attribute dla` run)")
     d = Path(from_dir)
-    dla_file = d / "dla_heads.parquet"
+    if not d.is_dir():
+        raise ReplabError(f"--from {from_dir} is not a run directory")
+    dla_file = inside(d, "dla_heads.parquet", "DLA table")
     if dla_file.is_file():
-        tops = top_heads(pd.read_parquet(dla_file), top)
+        tops = top_heads(read_table(dla_file, "DLA table"), top)
         return ([(int(r.layer), int(r.head)) for r in tops.itertuples()],
                 {f"L{int(r.layer)}H{int(r.head)}": f"DLA {r.logit_diff:+.2f} ({r.sign})" for r in tops.itertuples()})
-    for cand in (d / "z" / "sweep.parquet", d / "heads" / "z" / "sweep.parquet", d / "sweep.parquet"):
+    for name in ("z/sweep.parquet", "heads/z/sweep.parquet", "sweep.parquet"):
+        cand = inside(d, name, "sweep table")
         if cand.is_file():
-            df = pd.read_parquet(cand)
+            df = read_table(cand, "sweep table")
             if "head" not in df or df["head"].isna().all():
                 continue
             df = df.groupby(["layer", "head"], as_index=False)["normalized_effect"].mean()

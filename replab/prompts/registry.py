@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from replab.errors import ReplabError
+from replab.io import inside
 from replab.models import load_tokenizer
 from replab.prompts.builders import BUILDER_META, BUILDERS
 from replab.prompts.io import read_user_rows, read_yaml
@@ -96,7 +97,7 @@ def _expand_spec(spec: dict, path: Path, tokenizer, prepend_bos: bool) -> list[d
         f = spec.get("file")
         if not f:
             raise ReplabError(f"{path}: builder 'rows' needs a 'file:' (a JSONL/CSV next to the spec)")
-        target = path.parent / f
+        target = inside(path.parent, f, "rows file of the spec")     # next to the spec, never elsewhere
         if not target.is_file():
             raise ReplabError(f"{path}: rows file {f} does not exist")
         return read_user_rows(target)
