@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.replab-setup
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit test-integration bench lens sae clean
+.PHONY: setup demo test test-slow test-unit test-integration bench lens sae clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -40,14 +40,22 @@ $(VENV)/.browser: $(STAMP)
 demo: setup
 	bash scripts/demo.sh
 
+# `make test`: everything but the tests marked slow, on two pytest workers (a file per worker,
+# one torch thread each: the fastest split on a 2-core machine). `make test-slow`: the slow ones
+# (the README's Python API block on SmolLM2 as written, Ray clusters, long trainings); CI runs both.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: setup $(VENV)/.browser
-	$(PY) -m pytest -q
+	$(PYTEST) -m "not slow"
+
+test-slow: setup $(VENV)/.browser
+	$(PYTEST) -m slow
 
 test-unit: setup
-	$(PY) -m pytest -q -m "not integration"
+	$(PYTEST) -m "not integration"
 
-test-integration: setup
-	$(PY) -m pytest -q -m integration
+test-integration: setup $(VENV)/.browser
+	$(PYTEST) -m integration
 
 bench: setup
 	$(PY) bench/bench_harvest.py
