@@ -40,16 +40,25 @@ def runner(kind: str):
     return wrap
 
 
-def load(model: str | None = None, task: str = "next_day", dataset: str | None = None,
+def load(model=None, task: str = "next_day", dataset: str | None = None,
          classes: str | None = None, template: str | None = None, limit: int | None = None):
-    """``(model, PatchTask)``: the model (default SmolLM2) and a task on its tokenizer
+    """``(model, PatchTask)``: the model (a name, default SmolLM2, loaded on the CPU; or an
+    already loaded model, used as it is) and a task on its tokenizer
     (:func:`replab.patching.catalog.load_task`)."""
-    from replab.models import load_model
+    from replab.models.coerce import as_model
     from replab.patching.catalog import load_task
 
-    m = load_model(model, device="cpu")
+    m = as_model(model, device="cpu")
     return m, load_task(task, m.tokenizer, template=template, limit=limit,
                         prepend_bos=bool(m.cfg.default_prepend_bos), classes=classes, dataset=dataset)
+
+
+def model_option(model) -> str | None:
+    """The ``model`` option a run records: a name as given (None: the default), or a loaded
+    model's identity name (which :func:`replab.models.load_model` accepts)."""
+    if model is None or isinstance(model, (str, Path)):
+        return None if model is None else str(model)
+    return model.replab_identity.name
 
 
 def _plain(value):
@@ -88,6 +97,7 @@ def start(out, kind: str, options: dict) -> Path:
     from replab._version import __version__
 
     out = start_run(out)
+    options = {**options, "model": model_option(options["model"])} if "model" in options else options
     opts = {k: _plain(v) for k, v in options.items() if k not in _VOLATILE}
     config = {"kind": kind, "command": command_line(kind, opts),
               "replay": shlex.join(["replab", "circuit", "replay", str(out / CONFIG)]),

@@ -5,9 +5,11 @@ from __future__ import annotations
 from replab.errors import ReplabError
 from replab.experiments.lens_comparison import EXPERIMENT as LENSES
 from replab.experiments.spec import Experiment
+from replab.experiments.superset import EXPERIMENT as SUPERSET
 
 #: ``name -> Experiment``, in the order of the workflows
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
+    SUPERSET,
     LENSES,
 )}
 
