@@ -75,8 +75,9 @@ def path(ctx) -> dict:
     layer, n = int(top[1:].split("H")[0]), c["path_sender_layers"]
     if layer == 0:
         raise ReplabError(f"{top} is in layer 0: no head sits below it to path-patch from")
+    first = 0 if n is None else max(0, layer - int(n))
     senders = "all" if n is None else ",".join(
-        f"L{lay}H{h}" for lay in range(max(0, layer - int(n)), layer) for h in range(ctx.model.cfg.n_heads))
+        f"L{lay}H{h}" for lay in range(first, layer) for h in range(ctx.model.cfg.n_heads))
     s = run_path(senders, receiver, out=ctx.out / "senders", each=True, **common)
     recs = sorted(s["records"], key=lambda r: r["normalized_effect"])
     best = recs[0]
@@ -84,7 +85,8 @@ def path(ctx) -> dict:
     conf = run_path(sender, receiver, out=ctx.out / "confirm", ablation=c["path_confirm_ablation"], **common)
     cr = conf["records"][0]
     flags = _flags(ctx)
-    return {"receiver": s["receiver"], "n_senders": s["n_sender_sets"], "top_sender": sender,
+    return {"receiver": s["receiver"], "n_senders": s["n_sender_sets"], "first_sender_layer": first,
+            "last_sender_layer": layer - 1, "top_sender": sender,
             "top_effect": best["normalized_effect"], "top_ci": [best["ci_low"], best["ci_high"]],
             "top_drop": best["drop"],
             "next": [{"sender": "+".join(r["sender"]), "normalized_effect": r["normalized_effect"], "drop": r["drop"]}

@@ -130,7 +130,8 @@ def _hydra(s: dict) -> Section:
 
 def _path(s: dict) -> Section:
     p = s["stages"]["path"]
-    paras = [text("Path patching from each of the {stages.path.n_senders} earlier heads into {stages.path.receiver} "
+    paras = [text("Path patching from each of the {stages.path.n_senders} heads of layers "
+                  "{stages.path.first_sender_layer} to {stages.path.last_sender_layer} into {stages.path.receiver} "
                   "(sender from the corrupt run, every other head frozen clean): the strongest path is from "
                   "{stages.path.top_sender}, leaving {stages.path.top_effect} of the effect (a drop of "
                   "{stages.path.top_drop}); {stages.path.n_paths_over_5pct} path(s) drop it by more than 5%.", s,
