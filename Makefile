@@ -70,10 +70,10 @@ lens: setup
 	nice -n 10 $(PY) bench/bench_lens.py
 
 # Train (once, cached per model and config: about 12 CPU minutes, 30 minutes wall on a busy
-# 2-core machine; `replab sae train --force` retrains) and evaluate the SAE the demo's W3 step
-# uses: the layer its scan chose (runs/demo/w3/scan), else SAE_LAYER (20: the scan's choice
-# on SmolLM2).
-SAE_LAYER ?= $(shell $(PY) -c 'import json; print(json.load(open("runs/demo/w3/scan/summary.json"))["chosen_layer"] or 20)' 2>/dev/null || echo 20)
+# 2-core machine; `replab sae train --force` retrains) and evaluate the full-size SAE (4096
+# latents) at the layer the demo's feature scan chose (runs/demo/superset/scan), else SAE_LAYER
+# (20: the scan's choice on SmolLM2). The demo itself trains a smaller one (README, "Demo").
+SAE_LAYER ?= $(shell $(PY) -c 'import json; print(json.load(open("runs/demo/superset/scan/summary.json"))["chosen_layer"] or 20)' 2>/dev/null || echo 20)
 sae: setup
 	OMP_NUM_THREADS=1 nice -n 10 $(PY) -m replab sae train --layer $(SAE_LAYER) --threads 1
 	$(PY) -m replab sae eval --layer $(SAE_LAYER)

@@ -99,11 +99,11 @@ def run_grid(sweep: str = "blocks", task: str = "superclass", layer=None, layers
     ``label`` (e.g. ``seq_type`` for ``sequences``)."""
     from replab.circuits.grid import control_task, grid_sweep, superclass_tasks
     from replab.circuits.plots import grid_heatmap
-    from replab.models import load_model
+    from replab.models.coerce import as_model
     from replab.patching.catalog import load_task
     from replab.patching.plots import save_figure
 
-    m = load_model(model, device="cpu")
+    m = as_model(model, device="cpu")
     bos = bool(m.cfg.default_prepend_bos)
     superclass = str(task).split(":")[0] == "superclass"
     metric = metric or ("class_mass" if superclass else "logit_diff")

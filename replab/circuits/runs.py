@@ -46,10 +46,10 @@ def load(model=None, task: str = "next_day", dataset: str | None = None,
     """``(model, PatchTask)``: the model (a name, default SmolLM2, loaded on the CPU; or an
     already loaded model, used as it is) and a task on its tokenizer
     (:func:`replab.patching.catalog.load_task`)."""
-    from replab.models import load_model
+    from replab.models.coerce import as_model
     from replab.patching.catalog import load_task
 
-    m = load_model(model, device="cpu") if model is None or isinstance(model, (str, Path)) else model
+    m = as_model(model, device="cpu")
     return m, load_task(task, m.tokenizer, template=template, limit=limit,
                         prepend_bos=bool(m.cfg.default_prepend_bos), classes=classes, dataset=dataset)
 

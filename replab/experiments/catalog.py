@@ -8,11 +8,13 @@ from replab.experiments.lens_comparison import EXPERIMENT as LENSES
 from replab.experiments.next_day import EXPERIMENT as NEXT_DAY
 from replab.experiments.sequences import EXPERIMENT as SEQUENCES
 from replab.experiments.spec import Experiment
+from replab.experiments.superset import EXPERIMENT as SUPERSET
 
 #: ``name -> Experiment``, in the order of the workflows
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     FACT_RECALL,
     NEXT_DAY,
+    SUPERSET,
     SEQUENCES,
     LENSES,
 )}
