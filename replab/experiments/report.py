@@ -60,13 +60,15 @@ def num(summary: dict, key: str, spec: str | None = None) -> Markup:
 
 def text(template: str, summary: dict, **specs) -> Markup:
     """A sentence with numbers: ``text("first top-1 at layer {headline.layer}", s)`` puts
-    :func:`num` of each ``{dotted.key}``; ``specs`` maps a key (dots as ``__``) to a format."""
+    :func:`num` of each ``{dotted.key}``; a format goes after a colon (``{headline.frac:.0%}``)
+    or in ``specs``, which maps a key (dots as ``__``) to a format."""
     out, rest = [], template
     while "{" in rest:
         before, _, after = rest.partition("{")
-        key, _, rest = after.partition("}")
+        field, _, rest = after.partition("}")
+        key, _, spec = field.partition(":")
         out.append(escape(before))
-        out.append(num(summary, key, specs.get(key.replace(".", "__"))))
+        out.append(num(summary, key, spec or specs.get(key.replace(".", "__"))))
     out.append(escape(rest))
     return Markup("").join(out)
 
