@@ -1,4 +1,4 @@
-"""The one hook vocabulary: sites, their synonyms, layer specs and hook-name parsing.
+"""The one hook vocabulary: sites, their synonyms, layer specs, head names and hook-name parsing.
 
 Every package speaks in these terms: a *site* is a friendly name for a per-layer
 TransformerLens hook point (``resid_post`` -> ``blocks.L.hook_resid_post``), a *layer spec*
@@ -24,6 +24,11 @@ would have to mean either ``resid_pre`` or ``resid_post``, and the two differ by
 
 Grouped-query attention (SmolLM2: 9 query heads share 3 KV heads): ``k`` and ``v`` exist once
 per KV head; :func:`query_heads_of` lists the query heads that read one.
+
+A query head is written ``L5H3`` (also ``5.3``, ``5:3``; case-insensitive) everywhere:
+:func:`parse_head` / :func:`parse_head_list` / :func:`check_head` are the one parser behind
+``replab heads --heads``, ``replab patch patterns --heads``, the circuit components
+(``L5H3.v@-1``) and ``--compare-heads``.
 """
 
 from __future__ import annotations

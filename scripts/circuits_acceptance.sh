@@ -3,7 +3,7 @@
 # docs/circuits.md. Each step is one `replab circuit ...` command writing a replayable run
 # directory under $OUT (default runs/circuits). Slow on a CPU (hours): run it once, with nice.
 #   bash scripts/circuits_acceptance.sh            # everything
-#   STEPS="seq" bash scripts/circuits_acceptance.sh  # one part: seq | seqval | nextday | grid | edges
+#   STEPS="seq" bash scripts/circuits_acceptance.sh  # one part: seq | seqval | nextday | grid | compare | edges
 # seq prunes on the first 8 prompts of the sequence task, then validates the greedy 0.8
 # circuit on those 8 prompts (seq8-*) and on all 26 (seq-*, the same circuit on new prompts);
 # seqval repeats only the validation; edges compares the next_day edge circuits (docs/edges.md,
@@ -12,7 +12,7 @@ set -euo pipefail
 OUT=${OUT:-runs/circuits}
 PY=${PY:-python}
 R="$PY -m replab circuit"
-STEPS=${STEPS:-"seq nextday grid"}
+STEPS=${STEPS:-"seq nextday grid compare edges"}
 mkdir -p "$OUT"
 
 pick_circuit() {  # $1 prune run dir, $2 order, $3 threshold -> writes $1/circuit_<order>_<threshold>.json
@@ -62,6 +62,11 @@ for step in $STEPS; do
     grid)
       $R grid --task superclass --classes artist,athlete,scientist,politician,writer --layer 20 \
               --pairs 8 --out "$OUT/superclass-grid-L20"
+      $R grid --task superclass --classes artist,athlete,scientist,politician,writer --layer 20 \
+              --pairs 8 --positions entity_last --out "$OUT/superclass-grid-L20-entity"
+      ;;
+    compare)
+      $R compare "$OUT/seq-prune" "$OUT/nextday-prune" --out "$OUT/compare-seq-nextday"
       ;;
   esac
 done
