@@ -1,6 +1,6 @@
 """``replab run superset --quick`` (W3) on SmolLM2, once per module: the run directory, sanity
 checks a researcher would make, the report in a browser, reuse on a second run, and replay from
-``config.yaml``."""
+``config.yaml``. Plus (tiny model) the circuit runs the experiment calls with a loaded model."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import yaml
 from report_browser import check_report
 
+from replab.circuits.blocks_run import run_blocks
+from replab.circuits.replay import replay_run
 from replab.experiments import get_experiment, run_experiment
 from replab.experiments.superset import QUICK
 from replab.experiments.superset_report import VERDICTS
-
-pytestmark = pytest.mark.integration
 
 #: what legitimately differs between two runs of one config: paths, times, whether a cache was hit
 VOLATILE = {"command", "sae_path", "cached", "train_seconds", "train_cpu_seconds", "dataset", "store",
@@ -33,12 +33,21 @@ def _numbers(summary: dict) -> dict:
             "options": summary["config"]["options"]}
 
 
+def test_circuit_runs_take_a_loaded_model_and_record_its_name(tiny, tmp_path):
+    first = run_blocks(1, task="next_day", model=tiny, out=tmp_path / "a", n_boot=50, progress=False)
+    config = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert config["options"]["model"] == "tiny" and "--model tiny" in config["command"]
+    again = replay_run(tmp_path / "a", out=tmp_path / "b", progress=False)       # loads "tiny" by name
+    assert again["records"] == first["records"]
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("superset") / "superset-quick"
     return out, run_experiment("superset", quick=True, out=out, progress=False)
 
 
+@pytest.mark.integration
 def test_run_directory_is_complete(quick_run):
     out, s = quick_run
     for name in ("config.yaml", "summary.json", "report.html"):
@@ -65,6 +74,7 @@ def _ordered(r: dict, lo: str, mid: str, hi: str) -> bool:
     return r[lo] <= r[mid] + 1e-9 and r[mid] <= r[hi] + 1e-9
 
 
+@pytest.mark.integration
 def test_results_are_sane(quick_run):
     _, s = quick_run
     st, h = s["stages"], s["headline"]
@@ -104,12 +114,14 @@ def test_results_are_sane(quick_run):
     assert h["latents_verdict"] == st["latents"]["verdict"]
 
 
+@pytest.mark.integration
 def test_report_in_a_browser(quick_run, tmp_path):
     out, _ = quick_run
     checked = check_report(out, tmp_path / "screenshots")
     assert checked["images"] >= 10 and checked["numbers"] >= 60
 
 
+@pytest.mark.integration
 def test_second_run_reuses_every_stage(quick_run):
     out, first = quick_run
     again = run_experiment("superset", quick=True, out=out, progress=False)
@@ -117,6 +129,7 @@ def test_second_run_reuses_every_stage(quick_run):
     assert _numbers(again) == _numbers(first)
 
 
+@pytest.mark.integration
 def test_replay_from_config_reproduces_the_summary(quick_run, tmp_path):
     out, first = quick_run
     replay = run_experiment(config=out / "config.yaml", out=tmp_path / "replay", progress=False)

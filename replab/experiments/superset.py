@@ -75,10 +75,10 @@ DEFAULTS = {
     "path_receiver": "v",           # the top head's input that path patching targets: q, k or v
     # senders: every head of the N layers below the top head (None: every earlier layer; on SmolLM2
     # at layer 20 that is 180 heads, 362 patched runs, about 20 minutes on a busy 2-core CPU)
-    "path_sender_layers": 3,
+    "path_sender_layers": 2,
     "path_confirm_ablation": "mean",  # ablating only the strongest path
     "grid_classes": "artist,athlete,scientist,politician,writer",
-    "grid_pairs": 6,                # entity pairs per ordered class pair
+    "grid_pairs": 4,                # entity pairs per ordered class pair (16: 320 pairs, ~4x the time)
     "grid_controls": True,
     "ranks": "1..4",
     "n_random": 100,                # random directions of the direction-patching verdict

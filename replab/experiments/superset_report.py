@@ -41,10 +41,11 @@ def _known(s: dict) -> Section:
 
 def _probe(s: dict) -> Section:
     p = s["stages"]["probe"]
+    held_out = "people" if p["split"] in ("group", "entity") else "{stages.probe.split}s"
     paras = [text("Harvested {stages.harvest.n_rows} residual-stream vectors at each person's last name token. "
                   "A linear probe of the super-class ({stages.probe.n_classes} classes, chance "
                   "{stages.probe.chance}) is most accurate at layer {stages.probe.best_layer}: balanced accuracy "
-                  "{stages.probe.best_accuracy} over folds that hold out whole {stages.probe.split}s.", s,
+                  "{stages.probe.best_accuracy} over folds that hold out whole " + held_out + ".", s,
                   **_pcts(s, "probe", "chance", "best_accuracy"))]
     if p["best_control"] is not None and p["best_selectivity"] is not None:
         paras.append(text("On the control task (random labels per entity) the same probe reaches "
@@ -68,10 +69,10 @@ def _scan(s: dict) -> Section:
                          "{stages.scan.direction_effect} (probe accuracy {stages.scan.probe_accuracy}).", s,
                          **_pcts(s, "scan", "full_effect", "direction_effect"))]
     if sc["probe_best_layer"] != sc["layer"]:
-        paras.append(text("The probe's most accurate layer, {stages.scan.probe_best_layer} "
+        paras.append(text("The probe's most accurate layer on held-out templates, {stages.scan.probe_best_layer} "
                           "({stages.scan.probe_best_accuracy}), is not the candidate: patching the name there "
-                          "restores only {stages.scan.probe_best_full_effect} of the gap.", s,
-                          stages__scan__probe_best_full_effect=PCT))
+                          "restores only {stages.scan.probe_best_full_effect} of the gap (the class information "
+                          "has left the name by then).", s))
     return Section("Feature scan: the candidate layer", paras, sc["figures"], command=sc["command"])
 
 
