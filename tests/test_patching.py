@@ -84,7 +84,7 @@ def test_ablation_sources_match_manual_hooks(tiny, task, source):
     iv = Intervention("mlp_out", 2, positions=(6,), source=source, scale=0.5 if source == "noise" else None, seed=3)
     _, cache = tiny.run_with_cache(task.corrupt)
     act = cache[iv.hook]
-    from replab.patching.engine import _derangement
+    from replab.patching.patch_values import derangement as _derangement
 
     if source == "zero":
         new = torch.zeros_like(act)

@@ -18,8 +18,8 @@ import torch
 
 from replab.circuits.components import Component, interventions
 from replab.errors import ReplabError
-from replab.patching.engine import source_values
 from replab.patching.interventions import Intervention, apply
+from replab.patching.patch_values import source_values
 
 
 def _metric_from_logits(model, last: torch.Tensor, task, metric: str, clean_logp) -> torch.Tensor:

@@ -57,7 +57,8 @@ from replab.patching.edge_patch import (
     sender_hook,
     validate_edge,
 )
-from replab.patching.interventions import Intervention, apply, select, validate
+from replab.patching.interventions import Intervention, validate
+from replab.patching.patch_values import hook_fn, noise_like, slice_positions, source_tensor
 
 RUN_SOURCES = ("clean", "corrupt")
 _PREFIX_UNSAFE_ARCH = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -125,59 +126,6 @@ class ForwardCache:
         return self.acts[name]
 
 
-def _derangement(n: int, seed: int) -> torch.Tensor:
-    if n < 2:
-        raise ReplabError("resample ablation needs at least 2 prompts")
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(n, generator=g)
-        if bool((perm != torch.arange(n)).all()):
-            return perm
-
-
-def _source(iv: Intervention, forwards: dict[str, ForwardCache], base: str) -> torch.Tensor | None:
-    """The source activation ``[N, ...]`` (absolute positions) of ``iv``, or None."""
-    if iv.source.startswith("custom:"):
-        name = iv.source.split(":", 1)[1]
-        if name not in forwards.get("custom", {}):
-            raise ReplabError(f"intervention source {iv.source!r} was not passed in sources=")
-        value = forwards["custom"][name]
-        if isinstance(value, dict):
-            if iv.hook not in value:
-                raise ReplabError(f"intervention source {iv.source!r} has no values for {iv.hook}")
-            value = value[iv.hook]
-        return value
-    if iv.source in ("clean", "corrupt"):
-        return forwards[iv.source][iv.hook]
-    b = forwards[base][iv.hook]
-    if iv.source == "zero":
-        return torch.zeros_like(b)
-    if iv.source == "mean":
-        return b.mean(0, keepdim=True).expand_as(b)
-    if iv.source == "resample":
-        return b[_derangement(b.shape[0], iv.seed)]
-    return None  # noise / steer modify the base activation itself
-
-
-def source_values(iv: Intervention, forwards: dict, base: str, sources: dict | None = None) -> torch.Tensor | None:
-    """What ``iv`` writes, ``[N, ...]`` over every position (None for noise/steer): the same
-    tensor the engine uses (for callers that need the values themselves, e.g. gradients)."""
-    return _source(iv, {**forwards, "custom": dict(sources or {})}, base)
-
-
-def _noise(iv: Intervention, like: torch.Tensor) -> torch.Tensor | None:
-    if iv.source != "noise":
-        return None
-    g = torch.Generator().manual_seed(iv.seed)
-    return torch.randn(like.shape, generator=g, dtype=like.dtype).to(like.device)
-
-
-def _slice_positions(t: torch.Tensor, iv: Intervention, p: int) -> torch.Tensor:
-    if t is None or p == 0:
-        return t
-    return t[:, :, p:] if iv.kind == "pattern" else t[:, p:]
-
-
 def shared_prefix(clean: torch.Tensor, corrupt: torch.Tensor) -> int:
     """Number of leading positions where every clean prompt equals its corrupt prompt."""
     diff = (clean != corrupt).any(0).nonzero()
@@ -227,71 +175,6 @@ def _kv_entry(forwards, base: str, layer: int, p: int, n_rep: int):
                                              frozen=True)
 
 
-def _copies(iv: Intervention) -> bool:
-    """True when ``iv`` only copies source values (what the vectorised write handles)."""
-    return iv.source not in ("noise", "steer") and iv.direction is None
-
-
-def _masked_write(act: torch.Tensor, patches: list, p: int) -> torch.Tensor:
-    """Write the entries selected by ``patches`` (rows ``r0:r1`` of one variant each, all with
-    the same source tensor ``src [N, ...]``) from ``src`` in one ``torch.where``."""
-    neurons = any(iv.neurons is not None for _, _, iv, _, _ in patches)
-    mask = torch.zeros(act.shape if neurons else (*act.shape[:-1], 1), dtype=torch.bool)
-    for r0, r1, iv, _, _ in patches:
-        idx = select(act[r0:r1], iv, p)
-        if idx is not None:
-            mask[r0:r1][idx] = True
-    src = patches[0][3]
-    n = src.shape[0]
-    full = src.to(act.dtype).repeat(act.shape[0] // n, *([1] * (src.dim() - 1))) if n != act.shape[0] \
-        else src.to(act.dtype)
-    return torch.where(mask, full, act)
-
-
-def _hook_fn(patches: list[tuple[int, int, Intervention, torch.Tensor, torch.Tensor]], p: int,
-             records: list[tuple[int, int, dict]] = (), vectorise: bool = True):
-    """The hook of one hook point: apply ``patches`` ``(r0, r1, iv, src, noise)``, then copy the
-    rows of recording variants into ``records`` ``(r0, r1, store)``."""
-    def fn(act, hook):
-        act = act.clone()
-        if vectorise:
-            act = _apply_vectorised(act, patches, p)
-        else:
-            for r0, r1, iv, src, noise in patches:
-                apply(act[r0:r1], src, iv, p, noise)
-        for r0, r1, store in records:
-            store[hook.name] = act[r0:r1].clone()
-        return act
-    return fn
-
-
-def _apply_vectorised(act: torch.Tensor, patches: list, p: int) -> torch.Tensor:
-    """Apply ``patches`` in stages: stage k holds the k-th patch of every variant (rows of
-    different variants never overlap, so a stage's order does not matter, while a variant's
-    own patches keep their order). In a stage, the copying patches that share a source tensor
-    are one masked write; the others (noise, steer, directions) are applied one by one."""
-    by_rows: dict[int, list] = defaultdict(list)
-    for patch in patches:
-        by_rows[patch[0]].append(patch)
-    depth = max((len(v) for v in by_rows.values()), default=0)
-    for k in range(depth):
-        stage = [v[k] for v in by_rows.values() if len(v) > k]
-        groups: dict[int, list] = defaultdict(list)
-        for patch in stage:
-            if _copies(patch[2]) and patch[3] is not None:
-                groups[id(patch[3])].append(patch)
-            else:
-                r0, r1, iv, src, noise = patch
-                apply(act[r0:r1], src, iv, p, noise)
-        for group in groups.values():
-            if len(group) == 1:
-                r0, r1, iv, src, noise = group[0]
-                apply(act[r0:r1], src, iv, p, noise)
-            else:
-                act = _masked_write(act, group, p)
-    return act
-
-
 @contextmanager
 def _block_hooks(model, fns: dict):
     """Forward hooks on just the named hook points, removed on exit. (TransformerLens's
@@ -324,7 +207,7 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
     def source_of(iv):
         key = (iv.source, iv.hook, iv.seed)
         if key not in sources:
-            sources[key] = _slice_positions(_source(iv, forwards, base), iv, p)
+            sources[key] = slice_positions(source_tensor(iv, forwards, base), iv, p)
         return sources[key]
 
     edges = EdgeGroup(model, group, forwards, base) if has_edges([v for _, v in group]) else None
@@ -347,13 +230,13 @@ def _run_group(model, group: list[tuple[int, Variant]], forwards: dict, base: st
                 if iv.layer == k and not isinstance(iv, EdgePatch):
                     like = forwards[base][iv.hook] if iv.source == "noise" else None
                     hooks[iv.hook].append((rows[vi], rows[vi] + n_prompts, iv, source_of(iv),
-                                           _slice_positions(_noise(iv, like) if like is not None else None, iv, p)))
+                                           slice_positions(noise_like(iv, like) if like is not None else None, iv, p)))
             for name in v.record:
                 if name.startswith(f"blocks.{k}."):
                     records[name].append((rows[vi], rows[vi] + n_prompts, recorded.setdefault(vi, {})))
         n_rep = x.shape[0] // n_prompts
         entry = _kv_entry(forwards, base, k, p, n_rep) if p > 0 else None
-        fns = {name: _hook_fn(hooks.get(name, []), p, records.get(name, []), vectorise)
+        fns = {name: hook_fn(hooks.get(name, []), p, records.get(name, []), vectorise)
                for name in set(hooks) | set(records)}
         if edges is not None:
             fns = edges.block_fns(k, rows, n_prompts, fns)
