@@ -108,6 +108,14 @@ def test_fact_recall_stages_equal_the_one_call_report(tmp_path):
     assert s["stages"]["ranked_report"]["lora_target_modules"] == ref["lora"]["target_modules"]
     assert s["stages"]["broad_patching"]["n_components"] == 2 * 4 + 2          # 2 layers x (4 heads + MLP)
     assert (tmp_path / "run" / "ranked_report" / "summary.json").is_file()       # a `circuit report` run dir
+    # `replab circuit report` writes config.yaml; `replab circuit replay` repeats it exactly
+    from replab.circuits.replay import replay_run
+
+    first = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert first["config"]["kind"] == "report" and first["config"]["options"]["model"] == model
+    again = replay_run(tmp_path / "ref" / "config.yaml", out=tmp_path / "again", progress=False)
+    for key in ("target", "corruption", "candidates", "grad_norms", "lora"):
+        _close(again[key], ref[key], 0.0)
 
 
 def test_next_day_runs_on_the_tiny_model(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from replab.circuits.runs import CONFIG, model_option, runner, start
 from replab.errors import ReplabError
 from replab.io import write_json_atomic, write_text_atomic
 from replab.models.coerce import as_model
@@ -30,13 +31,15 @@ def load_rows(dataset: str | None, task: str | None, tokenizer, prepend_bos: boo
     return ps.rows.reset_index(drop=True), ps.name
 
 
+@runner("report")
 def run_component_report(dataset: str | None = None, task: str | None = None, prompt_index: int = 0,
                          corruption: str = "other-prompt", scoring: str = "first_token", top: int = 10,
                          out=None, model=None, layers="all", progress: bool = False) -> dict:
     """``replab circuit report``: :func:`replab.circuits.report.component_report` on one prompt of a
-    set, written to ``out`` (``report.json``, ``report.md``, ``components.parquet|csv``,
-    ``grad_norms.parquet|csv``, ``drops.png|svg``, then ``summary.json``). Returns the report
-    dict with ``out`` added."""
+    set, written to ``out`` (``config.yaml`` first, then ``report.json``, ``report.md``,
+    ``components.parquet|csv``, ``grad_norms.parquet|csv``, ``drops.png|svg``, and
+    ``summary.json`` last). ``replab circuit replay OUT/config.yaml`` repeats it. Returns the
+    report dict with ``out`` added."""
     from replab._progress import progress_bar
     from replab.circuits.report import component_report
     from replab.circuits.report_patching import check_options
@@ -49,19 +52,23 @@ def run_component_report(dataset: str | None = None, task: str | None = None, pr
         rep = component_report(m, rows, prompt_index, corruption, scoring, top, dataset=name, layers=layers,
                                progress=bar.advance)
     out = Path(out or f"runs/report-{name}-{prompt_index}-{corruption}")
-    options = {"dataset": dataset, "task": task, "prompt_index": prompt_index, "corruption": corruption,
-               "scoring": scoring, "top": top, "layers": rep.report["layers"]}
+    given = {"dataset": dataset, "task": task, "prompt_index": prompt_index, "corruption": corruption,
+             "scoring": scoring, "top": top, "layers": layers, "model": model_option(model)}
+    config = _read_yaml(start(out, "report", given))
+    options = {**{k: v for k, v in given.items() if k != "model"}, "layers": rep.report["layers"]}
     report, _ = write_component_report(out, rep.report, rep.components, rep.grad_norms, m, options,
-                                       with_loading=round(time.time() - t0, 2))
+                                       with_loading=round(time.time() - t0, 2), config=config)
     return {**report, "out": str(out)}
 
 
 def write_component_report(out, report: dict, components: pd.DataFrame, grad_norms: pd.DataFrame, model,
-                           options: dict, with_loading: float | None = None) -> tuple[dict, list[str]]:
+                           options: dict, with_loading: float | None = None,
+                           config: dict | None = None) -> tuple[dict, list[str]]:
     """Write a W1 report's run directory (``report.json``, ``report.md``, ``components``,
     ``grad_norms``, ``drops.png|svg``, then ``summary.json``) from
-    :func:`replab.circuits.report.build_report`'s dict and its tables. Returns the report (with
-    the model identity added) and the files written."""
+    :func:`replab.circuits.report.build_report`'s dict and its tables; ``config`` (the run's
+    ``config.yaml``, when it has one) goes into the summary. Returns the report (with the model
+    identity added) and the files written."""
     out = start_run(Path(out))
     report = {**report, "model": model.replab_identity.to_dict(), "seconds": dict(report["seconds"])}
     if with_loading is not None:
@@ -74,9 +81,15 @@ def write_component_report(out, report: dict, components: pd.DataFrame, grad_nor
     summary = {"kind": "component_report", "prompt": report["prompt"], "target": report["target"],
                "corruption": report["corruption"], "candidates": [c["component"] for c in report["candidates"]],
                "lora": report["lora"], "checks": report["checks"], "seconds": report["seconds"], "files": files,
-               "options": options}
+               "options": options, **({"config": config} if config is not None else {})}
     finish_run(out, summary, model)
     return report, files
+
+
+def _read_yaml(out: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((out / CONFIG).read_text())
 
 
 def _jsonable(x):
