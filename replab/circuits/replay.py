@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from replab.circuits import (  # noqa: F401 (register runners)
-    blocks_run, edge_runs, path_run, prune_run, report_files, validate_run)
+from replab.circuits import blocks_run, edge_runs, path_run, prune_run, report_files, validate_run  # noqa: F401 (register runners)
 from replab.circuits.runs import RUNNERS, read_config
 from replab.errors import ReplabError
 
