@@ -337,6 +337,29 @@ def test_eap_ig_one_step_is_eap_and_matches_hand_integral(tiny, task, graph, eap
     assert not np.allclose(ig.scores, eap.scores)
 
 
+@pytest.mark.parametrize("rule", ["midpoint", "gauss-legendre"])
+def test_eap_ig_rules_match_hand_quadrature(tiny, task, graph, rule):
+    """The midpoint and Gauss–Legendre rules: the same hand-written edge derivative, evaluated at the
+    rule's nodes and weighted by hand; one more forward than the Riemann sum (the clean senders)."""
+    from replab.circuits.eap import ig_nodes
+
+    ig = attribute_edges(tiny, task, "eap-ig", steps=3, rule=rule)
+    assert ig.passes == {"forwards": 5, "backwards": 3} and ig.rule == rule
+    alphas = {"midpoint": [1 / 6, 1 / 2, 5 / 6],
+              "gauss-legendre": [0.5 - 0.5 * np.sqrt(0.6), 0.5, 0.5 + 0.5 * np.sqrt(0.6)]}[rule]
+    weights = {"midpoint": [1 / 3] * 3, "gauss-legendre": [5 / 18, 8 / 18, 5 / 18]}[rule]
+    np.testing.assert_allclose(ig_nodes(3, rule), [alphas, weights], atol=1e-12)
+    clean_c, corrupt_c = _caches(tiny, task)
+    e0, e1 = corrupt_c["hook_embed"], clean_c["hook_embed"]
+    denom = ig.clean_metric - ig.corrupt_metric
+    for i in graph.edge_index(PICK[:4]):
+        hand = sum(w * _edge_derivative(tiny, task, graph, i, input_value=e0 + a * (e1 - e0))
+                   for a, w in zip(alphas, weights, strict=True))
+        assert ig.scores[i] == pytest.approx(hand / denom, rel=1e-3, abs=1e-6)
+    with pytest.raises(ReplabError, match="unknown integration rule"):
+        attribute_edges(tiny, task, "eap-ig", steps=3, rule="trapezoid")
+
+
 def test_atp_star_qk_fix_by_hand(tiny, task, graph, eap, atp_star):
     """q/k edges: (pattern with the edge patched, from a TransformerLens forward) − pattern, times
     ∂M/∂pattern at the clean run; every other edge keeps the linear estimate."""

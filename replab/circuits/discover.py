@@ -128,13 +128,15 @@ def circuit_json(graph: EdgeGraph, order: np.ndarray, scores: np.ndarray, k: int
 
 
 def discover_circuits(model, task, methods=("eap-ig",), sizes=DEFAULT_SIZES, *, steps: int = 5,
-                      metric: str = "logit_diff", attributions: dict | None = None, graddrop: bool = False,
+                      metric: str = "logit_diff", rule: str = "riemann", attributions: dict | None = None,
+                      graddrop: bool = False,
                       progress: bool = False) -> Discovery:
     """Circuits of ``sizes`` edges for each method, each measured exactly (module docstring).
 
     Args:
         methods: attribution methods (``eap``, ``eap-ig``, ``atp*``) whose ranking builds circuits.
         sizes: numbers of kept edges (clipped to the graph's edge count).
+        steps, rule: ``eap-ig``'s integration steps and rule (:func:`~replab.circuits.eap.ig_nodes`).
         attributions: ``{method: EdgeAttribution}`` to reuse (others are computed).
         graddrop: rank ``atp*`` circuits by its GradDrop magnitude instead of ``|AtP*|``.
     Returns:
@@ -150,8 +152,8 @@ def discover_circuits(model, task, methods=("eap-ig",), sizes=DEFAULT_SIZES, *, 
     seconds = {}
     for m in methods:
         if m not in atts:
-            atts[m] = attribute_edges(model, task, m, steps=steps, metric=metric, graddrop=graddrop and m == "atp*",
-                                      progress=progress)
+            atts[m] = attribute_edges(model, task, m, steps=steps, metric=metric, rule=rule,
+                                      graddrop=graddrop and m == "atp*", progress=progress)
         seconds[f"attribution_{m}"] = round(atts[m].seconds, 3)
     rankings = {m: _ranking(atts[m], graddrop) for m in methods}
     variants = []

@@ -11,10 +11,15 @@ engine's normalised effect minus 1):
   ``Δ_u · ∂M/∂x_v`` at the clean run. One corrupt forward, one clean forward, one backward,
   for every edge at once (the senders of a receiver are a prefix of the sender list, so a whole
   layer of receivers is one matrix product).
-* ``eap-ig`` (Hanna et al. 2024): ``Δ_u · (1/m) Σ_{k=1..m} ∂M/∂x_v`` evaluated with the input
-  embedding moved to ``corrupt + (k/m)(clean − corrupt)`` (the clean tokens otherwise): the
-  paper's right Riemann sum, so ``m = 1`` is exactly EAP. (The reference implementation,
-  hannamw/EAP-IG, sums ``k = 0..m−1``: the corrupt end instead of the clean one.)
+* ``eap-ig`` (Hanna et al. 2024): ``Δ_u · ∫_0^1 ∂M/∂x_v dα`` with the input embedding moved to
+  ``corrupt + α(clean − corrupt)`` (the clean tokens otherwise), integrated with ``m`` gradient
+  passes. ``rule="riemann"`` (default) is the paper's right Riemann sum ``(1/m) Σ_{k=1..m}`` at
+  ``α = k/m``, so ``m = 1`` is exactly EAP (the reference implementation, hannamw/EAP-IG, sums
+  ``k = 0..m−1``: the corrupt end instead of the clean one). ``rule="midpoint"``
+  (``α = (k − ½)/m``) and ``rule="gauss-legendre"`` (``m`` Gauss–Legendre nodes on [0, 1], Captum's
+  default for integrated gradients) integrate the same path more accurately for the same ``m``;
+  they cost one more forward (the clean run's sender outputs, which the Riemann sum gets from
+  its ``α = 1`` pass).
 * ``atp*`` (Kramár et al. 2024), reported next to plain AtP (= ``eap``):
   - **QK fix**: for edges into a query or key input the attention pattern is recomputed exactly
     (norm, projection, rotary, scores, softmax with ``x_v + Δ_u``) and only the rest is
@@ -44,6 +49,20 @@ from replab.patching.edge_patch import edge_mode, head_outputs
 from replab.patching.metrics import FULL_VOCAB, check_metric, metric_values, readout
 
 GRAD_METHODS = ("eap", "eap-ig", "atp*")
+IG_RULES = ("riemann", "midpoint", "gauss-legendre")
+
+
+def ig_nodes(steps: int, rule: str = "riemann") -> tuple[np.ndarray, np.ndarray]:
+    """Points ``α`` in [0, 1] and weights (summing to 1) of an ``steps``-point rule for
+    ``∫_0^1 f(α) dα`` (:data:`IG_RULES`)."""
+    if rule == "riemann":
+        return np.arange(1, steps + 1) / steps, np.full(steps, 1.0 / steps)
+    if rule == "midpoint":
+        return (np.arange(1, steps + 1) - 0.5) / steps, np.full(steps, 1.0 / steps)
+    if rule == "gauss-legendre":
+        x, w = np.polynomial.legendre.leggauss(steps)
+        return (x + 1) / 2, w / 2
+    raise ReplabError(f"unknown integration rule {rule!r} (known: {', '.join(IG_RULES)})")
 
 
 @dataclass
@@ -66,9 +85,10 @@ class EdgeAttribution:
     steps: int | None = None
     extra: dict = field(default_factory=dict)
     checks: dict = field(default_factory=dict)
+    rule: str | None = None
 
     def describe(self) -> dict:
-        return {"method": self.method, "metric": self.metric, "steps": self.steps,
+        return {"method": self.method, "metric": self.metric, "steps": self.steps, "rule": self.rule,
                 "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric,
                 "passes": self.passes, "seconds": round(self.seconds, 3), "checks": self.checks}
 
@@ -120,7 +140,7 @@ def _run_metric(model, tokens, task, rows, metric, clean_logp) -> tuple[float, t
     def keep(act, hook):
         store[hook.name] = act
 
-    with torch.inference_mode(), edge_mode(model):
+    with torch.inference_mode():       # the senders need no per-head input copies (no edge mode)
         final = model.run_with_hooks(tokens, stop_at_layer=model.cfg.n_layers,
                                      fwd_hooks=[(n, keep) for n in names])
         value = float(_metric_sum(model, task, rows, metric, final, clean_logp))
@@ -234,12 +254,16 @@ def _linear_scores(graph: EdgeGraph, delta: torch.Tensor, grads: dict, start: in
 
 
 def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric: str = "logit_diff",
-                    graddrop: bool = True, batch_size: int | None = None, progress: bool = False) -> EdgeAttribution:
+                    rule: str = "riemann", graddrop: bool = True, batch_size: int | None = None,
+                    progress: bool = False) -> EdgeAttribution:
     """Attribution scores of every edge (module docstring) on ``task`` (a PatchTask).
 
     Args:
         method: ``eap``, ``eap-ig`` or ``atp*``.
-        steps: integration steps of ``eap-ig`` (``steps=1`` is EAP).
+        steps: integration steps (gradient passes) of ``eap-ig`` (``steps=1`` with the Riemann
+            rule is EAP).
+        rule: ``eap-ig``'s integration rule: ``riemann`` (the paper's), ``midpoint`` or
+            ``gauss-legendre`` (module docstring).
         metric: a metric of :mod:`replab.patching.metrics` (``kl`` only with ``eap-ig``: its
             gradient at the clean run is 0).
         graddrop: for ``atp*``, also the GradDrop magnitudes (one more backward per layer).
@@ -258,11 +282,13 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
                           "use logit_diff, margin, logprob or prob")
     if steps < 1:
         raise ReplabError(f"--steps must be at least 1, not {steps}")
+    alphas, weights = ig_nodes(steps, rule)
     graph = edge_graph(model)
     t0 = time.time()
     n, t = task.clean.shape
     drops = list(range(model.cfg.n_layers)) if (method == "atp*" and graddrop) else []
     n_grad = {"eap": 1, "eap-ig": steps, "atp*": 1 + len(drops)}[method]
+    n_fwd = 1 + n_grad + (method == "eap-ig" and rule != "riemann")      # + the clean run's senders
     lin = np.zeros((1 if method != "atp*" else 1 + len(drops), graph.n_edges))
     qk = np.zeros_like(lin) if method == "atp*" else None
     clean_sum = corrupt_sum = 0.0
@@ -270,7 +296,7 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
     batches = _batches(n, t, batch_size)
     differ = (task.clean != task.corrupt).any(0).nonzero()
     start = int(differ[0]) if len(differ) else t          # first position where any pair differs
-    with progress_bar(len(batches) * (1 + n_grad), f"{method} attribution", "pass", enabled=progress) as bar:
+    with progress_bar(len(batches) * n_fwd, f"{method} attribution", "pass", enabled=progress) as bar:
         for rows in batches:
             clean, corrupt = task.clean[rows], task.corrupt[rows]
             logp = _clean_logp(model, clean) if metric == "kl" else None
@@ -281,16 +307,22 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
                 with torch.inference_mode():
                     e_clean = model(clean, stop_at_layer=0)               # blocks.0.hook_resid_pre
                 e_corrupt = corrupt_senders[:, :, 0]
-                summed = None
-                for k in range(1, steps + 1):
-                    x_in = None if k == steps else e_corrupt + (k / steps) * (e_clean - e_corrupt)
-                    res = _grad_pass(model, clean, task, rows, metric, n, logp, input_value=x_in,
-                                     senders=k == steps)
-                    summed = res["grads"] if summed is None else {q: summed[q] + g for q, g in res["grads"].items()}
+                if rule != "riemann":            # no pass at α = 1: the clean run's senders separately
+                    value, clean_senders = _run_metric(model, clean, task, rows, metric, logp)
+                    clean_sum += value
                     bar.advance(1)
-                clean_sum += res["value"]
-                delta = corrupt_senders - res["senders"]
-                lin[0] += _linear_scores(graph, delta, {q: g / steps for q, g in summed.items()}, start)
+                summed = None
+                for alpha, weight in zip(alphas, weights, strict=True):
+                    x_in = None if alpha == 1 else e_corrupt + float(alpha) * (e_clean - e_corrupt)
+                    res = _grad_pass(model, clean, task, rows, metric, n, logp, input_value=x_in,
+                                     senders=alpha == 1)
+                    part = {q: float(weight) * g for q, g in res["grads"].items()}
+                    summed = part if summed is None else {q: summed[q] + g for q, g in part.items()}
+                    bar.advance(1)
+                if rule == "riemann":
+                    clean_sum += res["value"]
+                    clean_senders = res["senders"]
+                lin[0] += _linear_scores(graph, corrupt_senders - clean_senders, summed, start)
                 continue
             res = _grad_pass(model, clean, task, rows, metric, n, logp, senders=True, patterns=method == "atp*")
             bar.advance(1)
@@ -308,10 +340,11 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
                 qk += est
                 worst = max(worst, err)
     return _finish(model, task, graph, method, metric, steps, lin, qk, clean_sum / n, corrupt_sum / n,
-                   n_grad, worst, time.time() - t0)
+                   (n_fwd, n_grad), worst, time.time() - t0, rule)
 
 
-def _finish(model, task, graph, method, metric, steps, lin, qk, clean_m, corrupt_m, n_grad, worst, seconds):
+def _finish(model, task, graph, method, metric, steps, lin, qk, clean_m, corrupt_m, n_pass, worst, seconds,
+            rule):
     from replab.patching.metrics import normalized
 
     denom = clean_m - corrupt_m
@@ -331,6 +364,7 @@ def _finish(model, task, graph, method, metric, steps, lin, qk, clean_m, corrupt
         scores = star[0]
         if star.shape[0] > 1:
             extra["graddrop"] = np.abs(star[1:]).sum(0) / max(1, graph.n_layers - 1)
-    passes = {"forwards": 1 + n_grad, "backwards": n_grad}
+    passes = {"forwards": n_pass[0], "backwards": n_pass[1]}
     return EdgeAttribution(graph, method, metric, scores, clean_m, corrupt_m, passes, seconds,
-                           steps if method == "eap-ig" else None, extra, checks)
+                           steps if method == "eap-ig" else None, extra, checks,
+                           rule if method == "eap-ig" else None)

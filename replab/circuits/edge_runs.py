@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from replab.circuits.eap import ig_nodes
 from replab.circuits.runs import finish, runner, start
 from replab.distributed import check_engine
 from replab.errors import ReplabError
@@ -32,7 +33,8 @@ def _load(model, task, template, limit, dataset=None):
 
 @runner("edges")
 def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str | None = None, *,
-              steps: int = 5, metric: str = "logit_diff", edges=None, graddrop: bool = True, n_top: int = 50,
+              steps: int = 5, metric: str = "logit_diff", rule: str = "riemann", edges=None, graddrop: bool = True,
+              n_top: int = 50,
               n_random: int = 200, seed: int = 0, verify: bool = True, template=None, limit=None,
               dataset=None, progress: bool = True, engine: str = "local", workers: int | None = None,
               address: str | None = None) -> dict:
@@ -46,15 +48,17 @@ def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str 
     from replab.patching.plots import save_figure
 
     method = check_options(method, metric, steps, edges)       # before the model loads
+    ig_nodes(steps, rule)
     check_engine(engine)
     m, t = _load(model, task, template, limit, dataset)
     tag = method.replace("*", "star")
-    options = {"task": task, "method": method, "model": model, "steps": steps, "metric": metric,
+    options = {"task": task, "method": method, "model": model, "steps": steps, "rule": rule, "metric": metric,
                "edges": edges, "graddrop": graddrop, "n_top": n_top, "n_random": n_random, "seed": seed,
                "verify": verify, "template": template, "limit": limit, "dataset": dataset}
     out = start(Path(out or f"runs/edges-{tag}-{t.name.replace('/', '_')}"), "edges", options, _EDGE_FLAGS)
     with engine_scope(engine, workers=workers, address=address) as eng:
-        res = score_edges(m, t, method, steps=steps, metric=metric, edges=edges, graddrop=graddrop, n_top=n_top,
+        res = score_edges(m, t, method, steps=steps, metric=metric, rule=rule, edges=edges, graddrop=graddrop,
+                          n_top=n_top,
                           n_random=n_random, seed=seed, verify=verify, progress=progress, engine=eng)
         described = eng.describe()
     files = write_table(res.table, out, "edges")
@@ -64,14 +68,16 @@ def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str 
     if res.verification.get("status") == "ran":
         files += save_figure(approx_vs_exact(sample, method, f"{method} vs exact edge patching, task {t.name}"),
                              out / "approx_vs_exact")
-    summary = {"task": t.describe(), "steps": steps if method == "eap-ig" else None, **res.summary(),
+    summary = {"task": t.describe(), "steps": steps if method == "eap-ig" else None,
+               "rule": rule if method == "eap-ig" else None, **res.summary(),
                "engine": described, "files": files}
     return finish(out, summary, m)
 
 
 @runner("discover")
 def run_discover(task: str = "next_day", methods=("eap-ig",), sizes=None, out=None, model: str | None = None, *,
-                 steps: int = 5, metric: str = "logit_diff", graddrop: bool = False, threshold: float = 0.8,
+                 steps: int = 5, metric: str = "logit_diff", rule: str = "riemann", graddrop: bool = False,
+                 threshold: float = 0.8,
                  compare_heads=None, template=None, limit=None, dataset=None, progress: bool = True) -> dict:
     """:func:`replab.circuits.discover.discover_circuits` on a named task, written to ``out``:
     ``faithfulness.parquet|csv``, ``faithfulness.png|svg`` (one line per method), and per circuit
@@ -89,14 +95,17 @@ def run_discover(task: str = "next_day", methods=("eap-ig",), sizes=None, out=No
     if not methods:
         raise ReplabError("give at least one attribution method (--method eap,eap-ig,atp*)")
     methods = [check_options(mth, metric, steps, None, exact_ok=False) for mth in methods]
+    ig_nodes(steps, rule)
     other = _heads_arg(compare_heads)
     sizes = parse_sizes(sizes or DEFAULT_SIZES)
     m, t = _load(model, task, template, limit, dataset)
-    options = {"task": task, "methods": methods, "sizes": sizes, "model": model, "steps": steps, "metric": metric,
+    options = {"task": task, "methods": methods, "sizes": sizes, "model": model, "steps": steps, "rule": rule,
+               "metric": metric,
                "graddrop": graddrop, "threshold": threshold, "compare_heads": other, "template": template,
                "limit": limit, "dataset": dataset}
     out = start(Path(out or f"runs/discover-{t.name.replace('/', '_')}"), "discover", options, _DISCOVER_FLAGS)
-    res = discover_circuits(m, t, methods, sizes, steps=steps, metric=metric, graddrop=graddrop, progress=progress)
+    res = discover_circuits(m, t, methods, sizes, steps=steps, metric=metric, rule=rule, graddrop=graddrop,
+                            progress=progress)
     files = write_table(res.table, out, "faithfulness")
     files += save_figure(faithfulness_curve(res.table, f"edge circuits on {t.name}: exact faithfulness", threshold),
                          out / "faithfulness")
@@ -115,7 +124,7 @@ def run_discover(task: str = "next_day", methods=("eap-ig",), sizes=None, out=No
     overlap = ({mth: head_overlap(h, other) for mth, h in heads.items() if h is not None}
                if other is not None else "not run: no --compare-heads given")
     summary = {"task": t.describe(), "metric": metric, "methods": list(methods),
-               "steps": steps, "graph": g.counts(), "threshold": threshold, "exact": res.plan,
+               "steps": steps, "rule": rule, "graph": g.counts(), "threshold": threshold, "exact": res.plan,
                "seconds": res.seconds, "attribution": {mth: a.describe() for mth, a in res.attributions.items()},
                "curve": res.table.to_dict("records"), "smallest_reaching_threshold": best,
                "heads_of_smallest": heads, "heaviest_heads_of_smallest": heavy,

@@ -161,7 +161,8 @@ class EdgeScores:
 
 
 def score_edges(model, task, method: str = "eap", *, steps: int = 5, metric: str = "logit_diff",
-                edges=None, graddrop: bool = True, n_top: int = 50, n_random: int = 200, seed: int = 0,
+                rule: str = "riemann", edges=None, graddrop: bool = True, n_top: int = 50, n_random: int = 200,
+                seed: int = 0,
                 verify: bool = True, progress: bool = False, attribution: EdgeAttribution | None = None,
                 engine="local") -> EdgeScores:
     """Score every edge with ``method`` and verify a sample exactly (module docstring).
@@ -170,6 +171,8 @@ def score_edges(model, task, method: str = "eap", *, steps: int = 5, metric: str
         method: ``eap``, ``eap-ig``, ``atp*`` or ``exact`` (exact needs ``edges``: names
             ``SENDER->RECEIVER`` or ``"all"``).
         steps: ``eap-ig`` integration steps.
+        rule: ``eap-ig``'s integration rule (``riemann``, ``midpoint``, ``gauss-legendre``;
+            :func:`~replab.circuits.eap.ig_nodes`).
         edges: with an attribution method, extra edges to patch exactly besides the sample.
         n_top, n_random, seed: the verification sample.
         verify: False skips the exact sample (the summary says the check did not run).
@@ -198,7 +201,7 @@ def score_edges(model, task, method: str = "eap", *, steps: int = 5, metric: str
         att = None
         table["score"] = np.nan
     else:
-        att = attribution or attribute_edges(model, task, method, steps=steps, metric=metric,
+        att = attribution or attribute_edges(model, task, method, steps=steps, metric=metric, rule=rule,
                                              graddrop=graddrop, progress=progress)
         seconds["attribution"] = round(att.seconds, 3)
         table["score"] = att.scores

@@ -27,6 +27,8 @@ _LIMIT = typer.Option(None, "--limit", help="Use only the first N prompts.")
 _OUT = typer.Option(None, "--out", "-o", help="Run directory.")
 _METRIC = typer.Option("logit_diff", "--metric", help="logit_diff | margin | logprob | prob (kl: eap-ig only)")
 _STEPS = typer.Option(5, "--steps", help="Integration steps of eap-ig (1 = EAP).")
+_RULE = typer.Option("riemann", "--rule", help="eap-ig integration rule: riemann (the paper's) | midpoint | "
+                                              "gauss-legendre (more accurate per step, one more forward).")
 
 
 def _fmt(v) -> str:
@@ -36,13 +38,14 @@ def _fmt(v) -> str:
 @app.command("edges", epilog=examples(
     "replab circuit edges --task next_day --method eap",
     "replab circuit edges --task next_day --method eap-ig --steps 5 --json",
+    "replab circuit edges --task sequence_edges --method eap-ig --steps 5 --rule gauss-legendre",
     "replab circuit edges --task next_day --method 'atp*'",
     "replab circuit edges --task next_day --method exact --edges 'L23H3->LOGITS,EMBED->L0KV1.v'",
     "replab circuit edges --model tiny --task next_day --method eap --top 20 --random 50",
     "replab circuit edges --task next_day --method exact --edges all --engine ray --address auto --workers 8"))
 def edges_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPLATE, limit: int = _LIMIT,
               method: str = typer.Option("eap", "--method", "-M", help="eap | eap-ig | atp* | exact"),
-              steps: int = _STEPS, metric: str = _METRIC,
+              steps: int = _STEPS, rule: str = _RULE, metric: str = _METRIC,
               edges: str = typer.Option(None, "--edges", help="Edges to patch exactly (SENDER->RECEIVER,...; "
                                                                "'all' on small models). Needed by --method exact."),
               top: int = typer.Option(50, "--top", help="Verification sample: the top N edges by |score|."),
@@ -57,7 +60,7 @@ def edges_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TEMPL
     same run: Spearman/Pearson against exact edge patching and sign disagreements."""
     from replab.circuits.edge_runs import run_edges
 
-    s = run_edges(task, method, out, model, steps=steps, metric=metric, edges=edges, graddrop=graddrop,
+    s = run_edges(task, method, out, model, steps=steps, rule=rule, metric=metric, edges=edges, graddrop=graddrop,
                   n_top=top, n_random=random, seed=seed, verify=verify, template=template, limit=limit,
                   dataset=dataset, progress=not json_out, engine=engine, workers=workers, address=address)
     if json_out:
@@ -103,7 +106,7 @@ def discover_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TE
                                             help="Comma list of eap | eap-ig | atp* (one curve each)."),
                  sizes: str = typer.Option("50,100,200,500,1000,2000,5000", "--edges",
                                            help="Circuit sizes (edges kept), comma list."),
-                 steps: int = _STEPS, metric: str = _METRIC,
+                 steps: int = _STEPS, rule: str = _RULE, metric: str = _METRIC,
                  graddrop: bool = typer.Option(False, "--graddrop/--no-graddrop",
                                                help="Rank atp* circuits by GradDrop magnitude."),
                  threshold: float = typer.Option(0.8, "--threshold", help="Faithfulness to report the smallest "
@@ -117,7 +120,8 @@ def discover_cmd(task: str = _TASK, dataset: str = _DATASET, template: str = _TE
     from replab.circuits.discover import parse_sizes
     from replab.circuits.edge_runs import run_discover
 
-    s = run_discover(task, method, parse_sizes(sizes), out, model, steps=steps, metric=metric, graddrop=graddrop,
+    s = run_discover(task, method, parse_sizes(sizes), out, model, steps=steps, rule=rule, metric=metric,
+                     graddrop=graddrop,
                      threshold=threshold, compare_heads=compare_heads, template=template, limit=limit,
                      dataset=dataset, progress=not json_out)
     if json_out:
