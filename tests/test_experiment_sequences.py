@@ -24,7 +24,7 @@ from report_browser import check_report
 from replab.errors import ReplabError
 from replab.experiments import get_experiment, run_experiment
 
-STAGES = ("prune", "ablations", "heads", "geometry", "compare")
+STAGES = ("prune", "ablations", "sites", "heads", "geometry", "compare")
 # the tiny random model: its logit difference is positive on these small sequence tasks
 TINY = {"compare_types": "months,number_words", "compare_limit": 4, "geometry_layers": "all"}
 
@@ -64,6 +64,20 @@ def _sanity(out, s: dict) -> None:
     assert all(r["kl"] >= 0 for r in rows)
     same = [r for r in rows if r["test"] == "sufficiency" and r["ablation"] == opts["ablation"]]
     assert same and abs(same[0]["performance"] - circ["performance"]) < 1e-4
+    # sites: one necessity run per site, on exactly the circuit's heads at that site
+    from replab.circuits.components import names, parse_components
+    from replab.experiments.sequences_sites import site_components
+
+    sites = st["sites"]
+    assert [r["site"] for r in sites["rows"]] == opts["sites"].split(",")
+    for r in sites["rows"]:
+        lib_site = json.loads((out / "sites" / r["site"] / "summary.json").read_text())
+        rec = lib_site["records"][0]
+        want = site_components(circ["heads"], r["site"], st["prune"]["n_tokens"])
+        n_tokens = st["prune"]["n_tokens"]
+        assert lib_site["config"]["options"]["components"] == names(parse_components(want, None, n_tokens))
+        assert rec["ablation"] == opts["ablation"] and r["kl"] >= 0
+        assert r["performance"] == pytest.approx(rec["metric"] / rec["clean_metric"])
     # heads: the circuit's rows come from the detector table
     det = pd.read_parquet(out / "heads" / "detect" / "detectors.parquet")
     assert len(det) == s["model"]["n_layers"] * s["model"]["n_heads"] * len(opts["detectors"].split(","))

@@ -7,7 +7,9 @@ Stages, each one or a few library calls (nothing is re-implemented here):
    studied afterwards is the smallest level circuit at ``circuit_threshold``;
 2. ``ablations``: that circuit kept alone (sufficiency) and removed (necessity) under several
    ablations, zero / mean / mean over another corruption's prompts, with KL to the clean run
-   (:func:`replab.circuits.validate_run.run_sufficiency` / ``run_necessity``);
+   (:func:`replab.circuits.validate_run.run_sufficiency` / ``run_necessity``); then ``sites``:
+   the circuit removed at one site at a time, its heads' q, k or v inputs, or their outputs at
+   the last or the earlier positions (:mod:`replab.experiments.sequences_sites`);
 3. ``heads``: head detectors (:func:`replab.heads.run_detect`), OV copy and next-item scores
    on token sets (:func:`replab.heads.run_ov`) and the circuit heads' attention patterns
    (:func:`replab.heads.run_patterns`), joined for the circuit's heads;
@@ -31,7 +33,9 @@ from replab.circuits.prune import parse_orders, parse_thresholds
 from replab.circuits.prune_run import run_compare, run_prune
 from replab.circuits.validate_run import run_necessity, run_sufficiency
 from replab.errors import ReplabError
+from replab.experiments.sequences_common import model_flag, run_command, task_name
 from replab.experiments.sequences_report import headline, narrative
+from replab.experiments.sequences_sites import parse_sites, sites
 from replab.experiments.spec import Experiment, Stage, rel
 from replab.geometry import cosine_layers, plot_geometry
 from replab.geometry.plots import plot_cosines
@@ -53,6 +57,7 @@ DEFAULTS = {
     "circuit_threshold": 0.8,                  # the level studied by the later stages
     "ablations": "zero,mean,mean-other/repeat,mean-other/random",
     "ablation_tests": "sufficiency,necessity",
+    "sites": "output,last,earlier,q,k,v",      # the circuit ablated at one site at a time (necessity)
     "n_random": 20,                            # random sets of the same layer profile (0 or >= 20)
     "detectors": "previous,duplicate,induction",
     "n_seqs": 10,
@@ -79,22 +84,6 @@ _TESTS = {"sufficiency": run_sufficiency, "necessity": run_necessity}
 _MAX_ROWS = 30          # circuit heads listed in summary.json (every one is in heads/circuit_heads.parquet)
 
 
-def _task(c: dict, types: str | None = None) -> str:
-    return f"sequences:{types or c['types']}/{c['corruption']}"
-
-
-def _model_flag(ctx) -> str:
-    return f" --model {ctx.model_name}" if ctx.model_name else ""
-
-
-def _command(summary: dict, out, ctx) -> str:
-    """The library run's own ``replab circuit ...`` line (its config.yaml), with ``--out``."""
-    line = summary["config"]["command"]
-    if ctx.model_name and "--model" not in line:
-        line += _model_flag(ctx)
-    return f"{line} --out {shlex.quote(str(out))}"
-
-
 def _level_key(r: dict) -> tuple:
     return (r["n_heads"], r["order"])
 
@@ -114,6 +103,7 @@ def _check(c: dict) -> None:
     for spec in _items(c["ablations"]):
         kind, mean_over = _ablation_spec(spec, c)
         Ablation(kind, mean_over, c["seed"])
+    parse_sites(c["sites"])
     for pair in _items(c["geometry_pairs"]):
         if len(pair.split(":")) != 2:
             raise ReplabError(f"geometry_pairs: {pair!r} is not TYPE:TYPE")
@@ -127,7 +117,7 @@ def prune(ctx) -> dict:
     c = ctx.config
     _check(c)
     orders = parse_orders(c["orders"])
-    s = run_prune(task=_task(c), out=ctx.out, model=ctx.model, limit=c["limit"], thresholds=c["thresholds"],
+    s = run_prune(task=task_name(c), out=ctx.out, model=ctx.model, limit=c["limit"], thresholds=c["thresholds"],
                   orders=c["orders"], metric=c["metric"], ablation=c["ablation"], candidates=c["candidates"],
                   seed=c["seed"], n_boot=c["n_boot"], progress=ctx.progress)
     levels = [{"order": lv["order"], "threshold": lv["threshold"], "n_heads": lv["n_heads"],
@@ -154,7 +144,7 @@ def prune(ctx) -> dict:
     always = surv[surv["survival"] == 1.0]["head"].tolist()
     rises = [lv for lv in levels if lv["performance"] > 1.0]
     return {
-        "task": s["task"]["name"] if isinstance(s.get("task"), dict) and "name" in s["task"] else _task(c),
+        "task": s["task"]["name"] if isinstance(s.get("task"), dict) and "name" in s["task"] else task_name(c),
         "n_prompts": s["prompts"], "n_tokens": s["tokens"], "orders": s["orders"], "n_orders": len(s["orders"]),
         "order_names": orders, "thresholds": s["thresholds"], "n_heads_model": s["n_heads"],
         "clean_metric": s["clean_metric"], "corrupt_metric": s["corrupt_metric"], "intact_metric": s["intact_metric"],
@@ -164,7 +154,7 @@ def prune(ctx) -> dict:
         "n_levels_above_intact": len(rises),
         "variant_forwards": {o: t["variant_forwards"] for o, t in s["timing"].items()},
         "figures": [rel(ctx.out / "pareto.png", ctx.run_dir), rel(ctx.out / "survival.png", ctx.run_dir)],
-        "command": _command(s, ctx.out, ctx),
+        "command": run_command(s, ctx.out, ctx),
     }
 
 
@@ -186,7 +176,7 @@ def ablations(ctx) -> dict:
         for spec in _items(c["ablations"]):
             kind, mean_over = _ablation_spec(spec, c)
             out = ctx.out / f"{test}_{spec.replace('/', '-')}"
-            s = _TESTS[test](heads, task=_task(c), out=out, model=ctx.model, limit=c["limit"], metric=c["metric"],
+            s = _TESTS[test](heads, task=task_name(c), out=out, model=ctx.model, limit=c["limit"], metric=c["metric"],
                           ablation=kind, mean_over=mean_over, n_random=c["n_random"], seed=c["seed"],
                           n_boot=c["n_boot"], progress=ctx.progress)
             r = s["records"][0]
@@ -196,7 +186,7 @@ def ablations(ctx) -> dict:
                          "random_p05": r.get("random_p05"), "verdict": r.get("verdict")})
             if test == tests[0] and (out / "random_baseline.png").is_file() and c["n_random"]:
                 figures.append(rel(out / "random_baseline.png", ctx.run_dir))
-            commands.append(_command(s, out, ctx))
+            commands.append(run_command(s, out, ctx))
     first = [r for r in rows if r["test"] == tests[0]]
     harshest = min(first, key=lambda r: r["performance"])
     most_kl = max(first, key=lambda r: r["kl"])
@@ -244,7 +234,7 @@ def heads_stage(ctx) -> dict:
     heads = ctx.results["prune"]["circuit"]["heads"]
     d = run_detect(c["detectors"], model=ctx.model, n_seqs=c["n_seqs"], seed=c["seed"], out=ctx.out / "detect",
                    progress=ctx.progress)
-    commands = [f"replab heads detect{_model_flag(ctx)} --detectors {c['detectors']} --n-seqs {c['n_seqs']} "
+    commands = [f"replab heads detect{model_flag(ctx)} --detectors {c['detectors']} --n-seqs {c['n_seqs']} "
                 f"--seed {c['seed']} --out {ctx.out / 'detect'}"]
     figures = [rel(ctx.out / "detect" / f"heatmap_{x}.png", ctx.run_dir) for x in d["detectors"]]
     ov, ov_top = {}, {}
@@ -253,7 +243,7 @@ def heads_stage(ctx) -> dict:
         ov[name] = (pd.read_parquet(ctx.out / f"ov_{name}" / "ov_scores.parquet"), s["tokens"]["n"])
         ov_top[name] = [{"head": f"L{r['layer']}H{r['head']}", "next_item": r["next_item"]}
                         for r in s["top"].get("next_item", [])[:3]]
-        commands.append(f"replab heads ov{_model_flag(ctx)} --tokens {name} --out {ctx.out / f'ov_{name}'}")
+        commands.append(f"replab heads ov{model_flag(ctx)} --tokens {name} --out {ctx.out / f'ov_{name}'}")
         if (ctx.out / f"ov_{name}" / "heatmap_next_item.png").is_file():
             figures.append(rel(ctx.out / f"ov_{name}" / "heatmap_next_item.png", ctx.run_dir))
     table, best = _circuit_table(ctx, d, ov, heads)
@@ -263,7 +253,7 @@ def heads_stage(ctx) -> dict:
         patterns = [{"head": r["head"], "last_attends_to": r["last_attends_to"], "weight": r["weight"]}
                     for r in p["heads"]]
         figures.append(rel(ctx.out / "patterns" / "patterns.png", ctx.run_dir))
-        commands.append(f"replab heads patterns{_model_flag(ctx)} --heads {','.join(heads)} "
+        commands.append(f"replab heads patterns{model_flag(ctx)} --heads {','.join(heads)} "
                         f"--prompt {shlex.quote(c['pattern_prompt'])} --out {ctx.out / 'patterns'}")
     write_table(pd.DataFrame(table), ctx.out, "circuit_heads")
     if len(table) > _MAX_ROWS:      # a large circuit: its heads with the highest detector scores (all in the table)
@@ -305,7 +295,7 @@ def geometry(ctx) -> dict:
     store_dir = ctx.out / "store"
     store = harvest(ctx.model, dataset=c["geometry_dataset"], hooks=("resid_post",), layers=c["geometry_layers"],
                     positions=c["geometry_positions"], out=store_dir, progress=ctx.progress)
-    commands = [f"replab harvest{_model_flag(ctx)} --dataset {c['geometry_dataset']} --hooks resid_post "
+    commands = [f"replab harvest{model_flag(ctx)} --dataset {c['geometry_dataset']} --hooks resid_post "
                 f"--layers {c['geometry_layers']} --positions {c['geometry_positions']} --out {store_dir}"]
     pca = plot_geometry(store, "seq_type", "pca", out=ctx.out, seed=c["seed"])
     figures = [rel(pca["figure"], ctx.run_dir)]
@@ -349,11 +339,11 @@ def compare(ctx) -> dict:
     th = c["circuit_threshold"]
     runs, commands, sizes = [], [], {}
     for t in types:
-        s = run_prune(task=_task(c, t), out=ctx.out / t, model=ctx.model, limit=c["compare_limit"],
+        s = run_prune(task=task_name(c, t), out=ctx.out / t, model=ctx.model, limit=c["compare_limit"],
                       thresholds=f"{th:g}", orders=c["compare_orders"], metric=c["metric"],
                       ablation=c["ablation"], seed=c["seed"], n_boot=c["n_boot"], progress=ctx.progress)
         runs.append(ctx.out / t)
-        commands.append(_command(s, ctx.out / t, ctx))
+        commands.append(run_command(s, ctx.out / t, ctx))
         sizes[t] = {"n_prompts": s["prompts"], "clean_metric": s["clean_metric"]}
     s = run_compare(runs[0], runs[1], out=ctx.out / "compare", cross=True, model=ctx.model, progress=ctx.progress)
     commands.append(f"replab circuit compare {runs[0]} {runs[1]} --out {ctx.out / 'compare'}")
@@ -377,6 +367,7 @@ STAGES = (
            "circuit_threshold", "seed"), slow=True),
     Stage("ablations", "the circuit under zero / mean / mean-other ablations, with KL", ablations,
           ("ablations", "ablation_tests", "n_random")),
+    Stage("sites", "the circuit ablated by site: q, k, v, last and earlier positions", sites, ("sites",)),
     Stage("heads", "head detectors, OV next-item scores, attention patterns", heads_stage,
           ("detectors", "n_seqs", "ov_tokens", "pattern_prompt", "max_pattern_heads")),
     Stage("geometry", "PCA / UMAP and class-mean cosines of sequence types per layer", geometry,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from markupsafe import Markup
 
 from replab.experiments.report import text
+from replab.experiments.sequences_sites import sites_section
 from replab.experiments.spec import Section
 
 _PCT = ".0%"
@@ -207,4 +208,5 @@ def _compare_section(s: dict) -> Section:
 
 
 def narrative(s: dict) -> list[Section]:
-    return [_prune_section(s), _ablation_section(s), _heads_section(s), _geometry_section(s), _compare_section(s)]
+    return [_prune_section(s), _ablation_section(s), sites_section(s), _heads_section(s), _geometry_section(s),
+            _compare_section(s)]
