@@ -119,6 +119,28 @@ def _sender_stack(model, acts: dict) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
+@torch.no_grad()
+def _delta_rows(model, corrupt: dict, clean: dict, start: int = 0) -> torch.Tensor:
+    """``Δ_u`` of every sender as rows ``[S, N·T'·d]`` (graph order; positions from ``start``),
+    straight from the two runs' hook activations: a head's ``Δ`` is ``(z_corrupt − z_clean) W_O``
+    (one product per layer, written in place), so no per-run sender stack is built."""
+    def diff(name):
+        return (corrupt[name] - clean[name])[:, start:]
+
+    first = diff("blocks.0.hook_resid_pre")
+    n, t, d = first.shape
+    h = model.cfg.n_heads
+    rows = torch.empty(1 + model.cfg.n_layers * (h + 1), n * t, d, dtype=first.dtype)
+    rows[0] = first.reshape(n * t, d)
+    for layer in range(model.cfg.n_layers):
+        up = 1 + layer * (h + 1)
+        dz = diff(f"blocks.{layer}.attn.hook_z")                       # [N, T', H, d_head]
+        torch.bmm(dz.permute(2, 0, 1, 3).reshape(h, n * t, -1), model.blocks[layer].attn.W_O,
+                  out=rows[up:up + h])
+        rows[up + h] = diff(f"blocks.{layer}.hook_mlp_out").reshape(n * t, d)
+    return rows.reshape(rows.shape[0], -1)
+
+
 def _sender_hooks(model) -> list[str]:
     n = model.cfg.n_layers
     return (["blocks.0.hook_resid_pre"] + [f"blocks.{k}.attn.hook_z" for k in range(n)]
@@ -132,8 +154,9 @@ def _metric_sum(model, task, rows: slice, metric: str, final: torch.Tensor, clea
     return metric_values(metric, r, clean_logp, getattr(task, "class_a", None)).sum()
 
 
-def _run_metric(model, tokens, task, rows, metric, clean_logp) -> tuple[float, torch.Tensor]:
-    """Metric sum and sender outputs of one run without gradients."""
+def _run_metric(model, tokens, task, rows, metric, clean_logp) -> tuple[float, dict]:
+    """Metric sum and the sender hooks' activations (:func:`_sender_hooks`) of one run without
+    gradients."""
     names = set(_sender_hooks(model))
     store: dict = {}
 
@@ -144,7 +167,7 @@ def _run_metric(model, tokens, task, rows, metric, clean_logp) -> tuple[float, t
         final = model.run_with_hooks(tokens, stop_at_layer=model.cfg.n_layers,
                                      fwd_hooks=[(n, keep) for n in names])
         value = float(_metric_sum(model, task, rows, metric, final, clean_logp))
-        return value, _sender_stack(model, store)
+        return value, store
 
 
 def _clean_logp(model, tokens) -> torch.Tensor:
@@ -215,41 +238,45 @@ def _grad_pass(model, tokens, task, rows, metric, n_total: int, clean_logp, inpu
         out["acts"]["resid_pre"] = {0: store["input"].detach(),
                                     **{k: store[f"blocks.{k}.hook_resid_pre"] for k in range(1, n_layers)}}
     if senders:
-        acts = {"blocks.0.hook_resid_pre": store["input"].detach(),
-                **{k: v for k, v in store.items() if isinstance(k, str) and k != "input"}}
-        with torch.no_grad():
-            out["senders"] = _sender_stack(model, acts)
+        out["senders"] = {"blocks.0.hook_resid_pre": store["input"].detach(),
+                          **{k: v for k, v in store.items() if isinstance(k, str) and k != "input"}}
     return out
 
 
 @torch.no_grad()
-def _linear_scores(graph: EdgeGraph, delta: torch.Tensor, grads: dict, start: int = 0) -> np.ndarray:
+def _linear_scores(graph: EdgeGraph, flat: torch.Tensor, grads: dict, start: int = 0) -> np.ndarray:
     """``Δ_u · g_v`` summed over prompts and positions for every edge: ``[n_edges]`` (float64).
-    Positions before ``start`` are skipped: the clean and corrupt prompts agree there, so every
-    sender's ``Δ_u`` is zero (causal attention)."""
+    ``flat`` holds the senders' ``Δ_u`` as rows ``[S, N·T'·d]`` (:func:`_delta_rows`, positions
+    from ``start``). Positions before ``start`` are skipped: the clean and corrupt prompts agree
+    there, so every sender's ``Δ_u`` is zero (causal attention)."""
     out = []
     h = graph.n_heads
-    if start:
-        delta = delta[:, start:]
-        grads = {key: g[:, start:] for key, g in grads.items()}
-    # senders as rows [S, N·T·d], laid out once: the senders of a receiver are a prefix, so each
-    # receiver group is one matrix product with a contiguous block of rows (no copies per layer)
-    flat = delta.permute(2, 0, 1, 3).reshape(delta.shape[2], -1).contiguous()
-    grads = {key: g.contiguous() for key, g in grads.items()}
+    width = flat.shape[1]
 
-    def rows(g):            # [N, T, H, d] -> [H, N·T·d]; [N, T, d] -> [1, N·T·d]
-        return (g.permute(2, 0, 1, 3) if g.ndim == 4 else g[None]).reshape(-1, flat.shape[1])
+    def copy_rows(g, into):  # g[:, start:] as rows: [N, T, H, d] -> [H, N·T'·d], [N, T, d] -> [1, N·T'·d]
+        g = g[:, start:]
+        g = g.permute(2, 0, 1, 3) if g.ndim == 4 else g[None]
+        into.view(g.shape).copy_(g)                  # the only copy of the gradients
 
+    kinds = ("q", "k", "v", "mlp")
+    sizes = [grads[(kind, 0)].shape[2] if grads[(kind, 0)].ndim == 4 else 1 for kind in kinds]
+    buf = torch.empty(sum(sizes), width, dtype=flat.dtype)
     for layer in range(graph.n_layers):
         up = 1 + layer * (h + 1)
-        g = [rows(grads[(kind, layer)]) for kind in ("q", "k", "v", "mlp")]
-        prod = torch.cat(g) @ flat[:up + h].T        # one product per layer: the sender rows are read once
         at = 0
-        for part in g[:3]:                           # q, k, v receivers read the senders below the layer
-            out.append(prod[at:at + len(part), :up].reshape(-1))                         # [H, up] -> h-major
-            at += len(part)
+        for kind, k in zip(kinds, sizes, strict=True):
+            copy_rows(grads[(kind, layer)], buf[at:at + k])
+            at += k
+        # one product per layer; the senders of a receiver are a prefix of the rows
+        prod = buf @ flat[:up + h].T
+        at = 0
+        for k in sizes[:3]:                          # q, k, v receivers read the senders below the layer
+            out.append(prod[at:at + k, :up].reshape(-1))                                 # [H, up] -> h-major
+            at += k
         out.append(prod[at])                         # the MLP also reads its own layer's heads
-    out.append((rows(grads[("logits", graph.n_layers - 1)]) @ flat.T).reshape(-1))
+    last = torch.empty(1, width, dtype=flat.dtype)
+    copy_rows(grads[("logits", graph.n_layers - 1)], last)
+    out.append((last @ flat.T).reshape(-1))
     return torch.cat(out).double().cpu().numpy()
 
 
@@ -300,15 +327,15 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
         for rows in batches:
             clean, corrupt = task.clean[rows], task.corrupt[rows]
             logp = _clean_logp(model, clean) if metric == "kl" else None
-            value, corrupt_senders = _run_metric(model, corrupt, task, rows, metric, logp)
+            value, corrupt_acts = _run_metric(model, corrupt, task, rows, metric, logp)
             corrupt_sum += value
             bar.advance(1)
             if method == "eap-ig":
                 with torch.inference_mode():
                     e_clean = model(clean, stop_at_layer=0)               # blocks.0.hook_resid_pre
-                e_corrupt = corrupt_senders[:, :, 0]
+                e_corrupt = corrupt_acts["blocks.0.hook_resid_pre"]
                 if rule != "riemann":            # no pass at α = 1: the clean run's senders separately
-                    value, clean_senders = _run_metric(model, clean, task, rows, metric, logp)
+                    value, clean_acts = _run_metric(model, clean, task, rows, metric, logp)
                     clean_sum += value
                     bar.advance(1)
                 summed = None
@@ -321,19 +348,21 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
                     bar.advance(1)
                 if rule == "riemann":
                     clean_sum += res["value"]
-                    clean_senders = res["senders"]
-                lin[0] += _linear_scores(graph, corrupt_senders - clean_senders, summed, start)
+                    clean_acts = res["senders"]
+                lin[0] += _linear_scores(graph, _delta_rows(model, corrupt_acts, clean_acts, start), summed, start)
                 continue
             res = _grad_pass(model, clean, task, rows, metric, n, logp, senders=True, patterns=method == "atp*")
             bar.advance(1)
             clean_sum += res["value"]
-            delta = corrupt_senders - res["senders"]
-            lin[0] += _linear_scores(graph, delta, res["grads"], start)
+            flat = _delta_rows(model, corrupt_acts, res["senders"], start)
+            lin[0] += _linear_scores(graph, flat, res["grads"], start)
             if method == "atp*":
+                with torch.no_grad():
+                    delta = _sender_stack(model, corrupt_acts) - _sender_stack(model, res["senders"])
                 passes = [res]
                 for j, layer in enumerate(drops):
                     p = _grad_pass(model, clean, task, rows, metric, n, logp, drop=layer, patterns=True)
-                    lin[1 + j] += _linear_scores(graph, delta, p["grads"], start)
+                    lin[1 + j] += _linear_scores(graph, flat, p["grads"], start)
                     passes.append({"grads": {k: v for k, v in p["grads"].items() if k[0] == "pattern"}})
                     bar.advance(1)
                 est, err = qk_fixed_estimates(model, graph, delta, passes)
