@@ -316,17 +316,18 @@ PICK = ["EMBED->L0H1.q", "EMBED->L0KV1.k", "L0H2->L2KV0.v", "L1MLP->L3H3.q", "L2
 
 def test_eap_equals_first_order_estimate_by_hand(tiny, task, graph, eap):
     denom = eap.clean_metric - eap.corrupt_metric
-    assert eap.passes == {"forwards": 2, "backwards": 1}
+    start = int((task.clean != task.corrupt).any(0).nonzero()[0])
+    assert start > 0 and eap.passes == {"forwards": 2, "backwards": 1, "shared_prefix": start}
     for i in graph.edge_index(PICK):
         assert eap.scores[i] == pytest.approx(_edge_derivative(tiny, task, graph, i) / denom, rel=1e-4, abs=1e-7)
     assert float(np.abs(eap.scores).max()) > 1e-2
 
 
 def test_eap_ig_one_step_is_eap_and_matches_hand_integral(tiny, task, graph, eap):
-    one = attribute_edges(tiny, task, "eap-ig", steps=1)
+    one = attribute_edges(tiny, task, "eap-ig", steps=1, rule="riemann")
     np.testing.assert_array_equal(one.scores, eap.scores)
-    ig = attribute_edges(tiny, task, "eap-ig", steps=3)
-    assert ig.passes == {"forwards": 4, "backwards": 3}
+    ig = attribute_edges(tiny, task, "eap-ig", steps=3, rule="riemann")
+    assert {k: ig.passes[k] for k in ("forwards", "backwards")} == {"forwards": 4, "backwards": 3}
     clean_c, corrupt_c = _caches(tiny, task)
     e0, e1 = corrupt_c["hook_embed"], clean_c["hook_embed"]
     denom = ig.clean_metric - ig.corrupt_metric
@@ -337,6 +338,18 @@ def test_eap_ig_one_step_is_eap_and_matches_hand_integral(tiny, task, graph, eap
     assert not np.allclose(ig.scores, eap.scores)
 
 
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_shared_prefix_gives_the_scores_of_whole_sequences(tiny, task, method):
+    """The prefix where clean and corrupt agree, computed once (a frozen key/value cache), gives
+    the same scores as running every pass on whole sequences."""
+    fast = attribute_edges(tiny, task, method, steps=3)
+    full = attribute_edges(tiny, task, method, steps=3, share_prefix=False)
+    assert fast.passes["shared_prefix"] > 0 and "shared_prefix" not in full.passes
+    np.testing.assert_allclose(fast.scores, full.scores, rtol=1e-4, atol=1e-7)
+    assert fast.clean_metric == pytest.approx(full.clean_metric, abs=1e-5)
+    assert fast.corrupt_metric == pytest.approx(full.corrupt_metric, abs=1e-5)
+
+
 @pytest.mark.parametrize("rule", ["midpoint", "gauss-legendre"])
 def test_eap_ig_rules_match_hand_quadrature(tiny, task, graph, rule):
     """The midpoint and Gauss–Legendre rules: the same hand-written edge derivative, evaluated at the
@@ -344,7 +357,8 @@ def test_eap_ig_rules_match_hand_quadrature(tiny, task, graph, rule):
     from replab.circuits.eap import ig_nodes
 
     ig = attribute_edges(tiny, task, "eap-ig", steps=3, rule=rule)
-    assert ig.passes == {"forwards": 5, "backwards": 3} and ig.rule == rule
+    assert {k: ig.passes[k] for k in ("forwards", "backwards")} == {"forwards": 5, "backwards": 3}
+    assert ig.rule == rule
     alphas = {"midpoint": [1 / 6, 1 / 2, 5 / 6],
               "gauss-legendre": [0.5 - 0.5 * np.sqrt(0.6), 0.5, 0.5 + 0.5 * np.sqrt(0.6)]}[rule]
     weights = {"midpoint": [1 / 3] * 3, "gauss-legendre": [5 / 18, 8 / 18, 5 / 18]}[rule]
@@ -364,10 +378,11 @@ def test_atp_star_qk_fix_by_hand(tiny, task, graph, eap, atp_star):
     """q/k edges: (pattern with the edge patched, from a TransformerLens forward) − pattern, times
     ∂M/∂pattern at the clean run; every other edge keeps the linear estimate."""
     assert atp_star.checks["qk_recompute"]["ok"]
-    np.testing.assert_array_equal(atp_star.extra["atp"], eap.scores)
+    # AtP* runs whole sequences, EAP computes the shared prefix once: equal up to float rounding
+    np.testing.assert_allclose(atp_star.extra["atp"], eap.scores, rtol=1e-4, atol=2e-6)
     kinds = np.array([graph.receivers[r][0] for r in graph.edge_receiver])
     lin = ~np.isin(kinds, ("q", "k"))
-    np.testing.assert_allclose(atp_star.scores[lin], eap.scores[lin], rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(atp_star.scores[lin], atp_star.extra["atp"][lin])
     clean_c, corrupt_c = _caches(tiny, task)
     pats = {}
     def keep(act, hook):

@@ -128,7 +128,7 @@ def circuit_json(graph: EdgeGraph, order: np.ndarray, scores: np.ndarray, k: int
 
 
 def discover_circuits(model, task, methods=("eap-ig",), sizes=DEFAULT_SIZES, *, steps: int = 5,
-                      metric: str = "logit_diff", rule: str = "riemann", attributions: dict | None = None,
+                      metric: str = "logit_diff", rule: str = "gauss-legendre", attributions: dict | None = None,
                       graddrop: bool = False,
                       progress: bool = False) -> Discovery:
     """Circuits of ``sizes`` edges for each method, each measured exactly (module docstring).

@@ -33,8 +33,8 @@ def _load(model, task, template, limit, dataset=None):
 
 @runner("edges")
 def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str | None = None, *,
-              steps: int = 5, metric: str = "logit_diff", rule: str = "riemann", edges=None, graddrop: bool = True,
-              n_top: int = 50,
+              steps: int = 5, metric: str = "logit_diff", rule: str = "gauss-legendre", edges=None,
+              graddrop: bool = True, n_top: int = 50,
               n_random: int = 200, seed: int = 0, verify: bool = True, template=None, limit=None,
               dataset=None, progress: bool = True, engine: str = "local", workers: int | None = None,
               address: str | None = None) -> dict:
@@ -76,7 +76,7 @@ def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str 
 
 @runner("discover")
 def run_discover(task: str = "next_day", methods=("eap-ig",), sizes=None, out=None, model: str | None = None, *,
-                 steps: int = 5, metric: str = "logit_diff", rule: str = "riemann", graddrop: bool = False,
+                 steps: int = 5, metric: str = "logit_diff", rule: str = "gauss-legendre", graddrop: bool = False,
                  threshold: float = 0.8,
                  compare_heads=None, template=None, limit=None, dataset=None, progress: bool = True) -> dict:
     """:func:`replab.circuits.discover.discover_circuits` on a named task, written to ``out``:

@@ -161,7 +161,7 @@ class EdgeScores:
 
 
 def score_edges(model, task, method: str = "eap", *, steps: int = 5, metric: str = "logit_diff",
-                rule: str = "riemann", edges=None, graddrop: bool = True, n_top: int = 50, n_random: int = 200,
+                rule: str = "gauss-legendre", edges=None, graddrop: bool = True, n_top: int = 50, n_random: int = 200,
                 seed: int = 0,
                 verify: bool = True, progress: bool = False, attribution: EdgeAttribution | None = None,
                 engine="local") -> EdgeScores:

@@ -18,5 +18,7 @@ def replay_run(path, out=None, progress: bool = True) -> dict:
     kind = config["kind"]
     if kind not in RUNNERS:
         raise ReplabError(f"cannot replay a {kind!r} run (known: {', '.join(sorted(RUNNERS))})")
+    if kind in ("edges", "discover"):            # runs from before the --rule option used the Riemann sum
+        config["options"].setdefault("rule", "riemann")
     target = Path(out) if out is not None else (Path(path) if Path(path).is_dir() else Path(path).parent)
     return RUNNERS[kind](**config["options"], out=target, progress=progress)

@@ -26,9 +26,10 @@ _TEMPLATE = typer.Option(None, "--template", help="Keep one template (positions 
 _LIMIT = typer.Option(None, "--limit", help="Use only the first N prompts.")
 _OUT = typer.Option(None, "--out", "-o", help="Run directory.")
 _METRIC = typer.Option("logit_diff", "--metric", help="logit_diff | margin | logprob | prob (kl: eap-ig only)")
-_STEPS = typer.Option(5, "--steps", help="Integration steps of eap-ig (1 = EAP).")
-_RULE = typer.Option("riemann", "--rule", help="eap-ig integration rule: riemann (the paper's) | midpoint | "
-                                              "gauss-legendre (more accurate per step, one more forward).")
+_STEPS = typer.Option(5, "--steps", help="Integration steps (gradient passes) of eap-ig.")
+_RULE = typer.Option("gauss-legendre", "--rule",
+                     help="eap-ig integration rule: gauss-legendre (default: the most accurate per step) | "
+                          "midpoint | riemann (Hanna et al.'s right Riemann sum; with --steps 1 it is EAP).")
 
 
 def _fmt(v) -> str:
@@ -38,7 +39,7 @@ def _fmt(v) -> str:
 @app.command("edges", epilog=examples(
     "replab circuit edges --task next_day --method eap",
     "replab circuit edges --task next_day --method eap-ig --steps 5 --json",
-    "replab circuit edges --task sequence_edges --method eap-ig --steps 5 --rule gauss-legendre",
+    "replab circuit edges --task sequence_edges --method eap-ig --steps 5 --rule riemann",
     "replab circuit edges --task next_day --method 'atp*'",
     "replab circuit edges --task next_day --method exact --edges 'L23H3->LOGITS,EMBED->L0KV1.v'",
     "replab circuit edges --model tiny --task next_day --method eap --top 20 --random 50",
