@@ -153,6 +153,7 @@ def test_replay_from_config_reproduces_the_summary(tiny_run, tmp_path):
     ({"compare_types": "months"}, "two sequence types"),
     ({"ablation_tests": "sufficiency,bogus"}, "unknown ablation test"),
     ({"ablations": "mean,median"}, "unknown ablation"),
+    ({"sites": "q,x"}, "unknown site"),
     ({"orders": "sideways"}, "order"),
     ({"geometry_pairs": "digits"}, "TYPE:TYPE"),
 ])
