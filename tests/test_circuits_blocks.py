@@ -57,6 +57,12 @@ def test_hydra_direct_effects_agree_with_dla(tiny, task):
     want = heads.groupby(["layer", "head"])["logit_diff"].mean()
     got = res.table.set_index(["layer", "head_index"])["dla_clean"]
     np.testing.assert_allclose(got.loc[want.index].to_numpy(), want.to_numpy(), atol=1e-5)
+    # the scale of the "little lost" verdict: the clean logit difference (minus the unembedding bias term)
+    with torch.inference_mode():
+        last = tiny(task.clean)[:, -1]
+    ld = last.gather(1, task.answer[:, None]) - last.gather(1, task.foil[:, None])
+    bias = (tiny.b_U[task.answer] - tiny.b_U[task.foil]) if tiny.b_U is not None else 0.0
+    assert res.summary["clean_logit_diff"] == pytest.approx(float((ld[:, 0] - bias).mean()), abs=1e-4)
     # ablated run by hand: z at the last position of the zero-ablated run, its own final-norm scale
     def zero(a, hook):
         a = a.clone()
@@ -91,6 +97,14 @@ def test_hydra_verdicts():
     assert list(b["head"]) == ["L3H1"]
     v, b = backup_verdict(others(10.0), 10.0, 0.1, "logit_diff", 2.0, 1.0)
     assert v.startswith("no backup: no head compensates more than +0.300 (3% of") and b.empty
+    # little lost (under 2% of the clean logit difference): no fraction, no backup named
+    v, b = backup_verdict(others(0.01), 0.01, 0.1, "logit_diff", 2.0, 1.9, scale=2.0)
+    assert v.startswith("little direct effect lost: the set's own direct effect falls by only +0.010 (0% of the "
+                        "clean logit difference 2.000)") and "L3H1 +0.300" in v and b.empty
+    v, _ = backup_verdict(others(1.0), 1.0, 0.1, "logit_diff", 2.0, 1.0, scale=2.0)     # 50%: not little
+    assert v.startswith("widen the set: L3H1")
+    from replab.circuits.hydra import _pct
+    assert _pct(-0.001) == "0%" and _pct(0.38) == "38%"
     # the set's own direct effect rose (it acts through later heads): no fraction of a negative loss
     v, b = backup_verdict(others(-0.02), -0.02, 0.1, "logit_diff", 4.5, 2.7)
     assert v.startswith("no direct effect lost: the set's own direct effect changes by +0.020 while logit_diff "

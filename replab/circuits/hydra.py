@@ -18,7 +18,9 @@ Verdict: "widen the set: <head> compensates +x (y% of the lost effect)" when som
 compensates at least ``min_fraction`` of the lost effect, else "no backup: no head
 compensates more than x"; when the set's own direct effect does not fall (it acts through
 later components), "no direct effect lost: ..." with the metric change and the largest rise
-(``fraction_of_lost`` is then NaN: there is nothing to take a fraction of). The DLA is on
+(``fraction_of_lost`` is then NaN: there is nothing to take a fraction of), or "little direct
+effect lost: ..." when it falls by less than 2% of the clean logit difference (fractions of
+so small a loss mean nothing; no backup is named). The DLA is on
 the answer − foil logit difference whatever ``metric`` is; ``metric`` itself is reported for the clean and ablated runs.
 """
 
@@ -38,14 +40,28 @@ from replab.patching.engine import Variant
 from replab.patching.logit_attribution import head_direct_effects, vector_direct_effect
 from replab.patching.plan import plan_forwards, run_plan
 
+NEGLIGIBLE = 0.02    # a lost direct effect under 2% of the clean logit difference is "little"
+
+
+def _pct(x: float) -> str:
+    text = f"{x:.0%}"
+    return "0%" if text == "-0%" else text
+
 
 def backup_verdict(others: pd.DataFrame, lost: float, min_fraction: float, metric: str, clean: float,
-                   ablated: float) -> tuple[str, pd.DataFrame]:
+                   ablated: float, scale: float | None = None) -> tuple[str, pd.DataFrame]:
     """``(verdict, backups)`` from the heads outside the set sorted by ``compensation``
     (columns ``head, compensation, fraction_of_lost, ci_low``) and the set's lost direct effect
-    (module docstring). ``backups``: the heads compensating at least ``min_fraction`` of it
-    with a CI above 0 (none when nothing was lost)."""
+    (module docstring). ``scale``: the clean run's answer − foil logit difference; a loss under
+    :data:`NEGLIGIBLE` of it is too small for fractions of it to mean anything. ``backups``: the
+    heads compensating at least ``min_fraction`` of it with a CI above 0 (none when nothing,
+    or little, was lost)."""
     top = others.iloc[0]
+    if lost > 1e-9 and scale is not None and lost < NEGLIGIBLE * abs(scale):
+        return (f"little direct effect lost: the set's own direct effect falls by only {lost:+.3f} "
+                f"({_pct(lost / abs(scale))} of the clean logit difference {scale:.3f}) while {metric} goes "
+                f"{clean:.3f} -> {ablated:.3f}; largest rise of another head: {top['head']} "
+                f"{top['compensation']:+.3f}"), others.iloc[:0]
     if lost <= 1e-9:
         # a set whose own direct effect does not fall acts through later components: there is no
         # lost direct effect for another head to make up, so no percentage of it is meaningful
@@ -56,10 +72,10 @@ def backup_verdict(others: pd.DataFrame, lost: float, min_fraction: float, metri
     if len(backups):
         b = backups.iloc[0]
         extra = f"; also {', '.join(backups['head'].iloc[1:4])}" if len(backups) > 1 else ""
-        return (f"widen the set: {b['head']} compensates {b['compensation']:+.3f} ({b['fraction_of_lost']:.0%} of "
+        return (f"widen the set: {b['head']} compensates {b['compensation']:+.3f} ({_pct(b['fraction_of_lost'])} of "
                 f"the lost direct effect {lost:+.2f}){extra}"), backups
     return (f"no backup: no head compensates more than {top['compensation']:+.3f} "
-            f"({top['fraction_of_lost']:.0%} of the lost direct effect {lost:+.2f}, {top['head']})"), backups
+            f"({_pct(top['fraction_of_lost'])} of the lost direct effect {lost:+.2f}, {top['head']})"), backups
 
 
 @dataclass
@@ -121,8 +137,12 @@ def find_backups(model, task, ablate: list[Component], ablation: Ablation | None
     table = pd.DataFrame(rows)
     others = table[~table["in_set"]].sort_values("compensation", ascending=False).reset_index(drop=True)
     ablated_metric = float(res.patched[0].mean())
-    verdict, backups = backup_verdict(others, lost_mean, min_fraction, metric, res.clean_metric, ablated_metric)
+    # the clean answer − foil logit difference (the whole final residual's direct effect)
+    scale = float(vector_direct_effect(model, clean_final, clean_final, task).mean())
+    verdict, backups = backup_verdict(others, lost_mean, min_fraction, metric, res.clean_metric, ablated_metric,
+                                      scale)
     summary = {"ablate": names(ablate), "ablation": ablation.describe(), "metric": metric,
+               "clean_logit_diff": scale,
                "clean_metric": res.clean_metric, "ablated_metric": ablated_metric,
                "corrupt_metric": res.corrupt_metric, "normalized_effect": float(res.effect[0]),
                "ci_low": float(res.ci_low[0]), "ci_high": float(res.ci_high[0]),
