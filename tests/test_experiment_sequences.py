@@ -86,6 +86,15 @@ def _sanity(out, s: dict) -> None:
         for d in opts["detectors"].split(","):
             hit = det[(det["layer"] == layer) & (det["head"] == head) & (det["detector"] == d)]["score"]
             assert r[d] == pytest.approx(float(hit.iloc[0]))
+    # QK: the circuit's rows come from each token set's qk_scores table
+    for name in opts["ov_tokens"].split(","):
+        qk = pd.read_parquet(out / "heads" / f"qk_{name}" / "qk_scores.parquet")
+        assert len(qk) == s["model"]["n_layers"] * s["model"]["n_heads"]
+        for r in st["heads"]["circuit_heads"]:
+            layer, head = (int(x) for x in r["head"][1:].split("H"))
+            hit = qk[(qk["layer"] == layer) & (qk["head"] == head)].iloc[0]
+            assert r[f"qk_previous_{name}"] == pytest.approx(float(hit["previous_item_top"]), nan_ok=True)
+            assert 0 <= r[f"qk_self_{name}"] <= 1
     # geometry: cosines are cosines
     cos = pd.read_parquet(out / "geometry" / "cosine_seq_type.parquet")
     assert cos["cosine"].between(-1 - 1e-6, 1 + 1e-6).all()

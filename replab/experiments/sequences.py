@@ -11,8 +11,9 @@ Stages, each one or a few library calls (nothing is re-implemented here):
    the circuit removed at one site at a time, its heads' q, k or v inputs, or their outputs at
    the last or the earlier positions (:mod:`replab.experiments.sequences_sites`);
 3. ``heads``: head detectors (:func:`replab.heads.run_detect`), OV copy and next-item scores
-   on token sets (:func:`replab.heads.run_ov`) and the circuit heads' attention patterns
-   (:func:`replab.heads.run_patterns`), joined for the circuit's heads;
+   and QK previous-item scores on token sets (:func:`replab.heads.run_ov`, ``run_qk``) and the
+   circuit heads' attention patterns (:func:`replab.heads.run_patterns`), joined for the
+   circuit's heads (:mod:`replab.experiments.sequences_heads`);
 4. ``geometry``: a harvest of the ``sequence_types`` set (:func:`replab.harvesting.harvest`),
    PCA / UMAP per layer coloured by sequence type (:func:`replab.geometry.plot_geometry`) and
    class-mean cosines per layer (:func:`replab.geometry.cosine_layers`);
@@ -23,8 +24,6 @@ Stages, each one or a few library calls (nothing is re-implemented here):
 
 from __future__ import annotations
 
-import shlex
-
 import numpy as np
 import pandas as pd
 
@@ -33,14 +32,14 @@ from replab.circuits.prune import parse_orders, parse_thresholds
 from replab.circuits.prune_run import run_compare, run_prune
 from replab.circuits.validate_run import run_necessity, run_sufficiency
 from replab.errors import ReplabError
-from replab.experiments.sequences_common import model_flag, run_command, task_name
+from replab.experiments.sequences_common import items, model_flag, run_command, task_name
+from replab.experiments.sequences_heads import heads_stage
 from replab.experiments.sequences_report import headline, narrative
 from replab.experiments.sequences_sites import parse_sites, sites
 from replab.experiments.spec import Experiment, Stage, rel
 from replab.geometry import cosine_layers, plot_geometry
 from replab.geometry.plots import plot_cosines
 from replab.harvesting import harvest
-from replab.heads.runs import run_detect, run_ov, run_patterns
 from replab.patching.sequences import parse_sequence_spec
 from replab.rundir import write_table
 
@@ -95,22 +94,18 @@ def _check(c: dict) -> None:
         raise ReplabError(f"circuit_threshold {c['circuit_threshold']} is not one of the thresholds {ths}")
     parse_orders(c["orders"])
     parse_orders(c["compare_orders"])
-    if len(_items(c["compare_types"])) != 2:
+    if len(items(c["compare_types"])) != 2:
         raise ReplabError(f"compare_types needs two sequence types, not {c['compare_types']!r}")
-    unknown = [t for t in _items(c["ablation_tests"]) if t not in _TESTS]
+    unknown = [t for t in items(c["ablation_tests"]) if t not in _TESTS]
     if unknown:
         raise ReplabError(f"unknown ablation test(s) {', '.join(unknown)} (use {', '.join(_TESTS)})")
-    for spec in _items(c["ablations"]):
+    for spec in items(c["ablations"]):
         kind, mean_over = _ablation_spec(spec, c)
         Ablation(kind, mean_over, c["seed"])
     parse_sites(c["sites"])
-    for pair in _items(c["geometry_pairs"]):
+    for pair in items(c["geometry_pairs"]):
         if len(pair.split(":")) != 2:
             raise ReplabError(f"geometry_pairs: {pair!r} is not TYPE:TYPE")
-
-
-def _items(spec) -> list[str]:
-    return [x.strip() for x in str(spec or "").split(",") if x.strip()]
 
 
 def prune(ctx) -> dict:
@@ -170,10 +165,10 @@ def _ablation_spec(spec: str, c: dict) -> tuple[str, str | None]:
 def ablations(ctx) -> dict:
     c = ctx.config
     heads = ctx.results["prune"]["circuit"]["heads"]
-    tests = _items(c["ablation_tests"])
+    tests = items(c["ablation_tests"])
     rows, figures, commands = [], [], []
     for test in tests:
-        for spec in _items(c["ablations"]):
+        for spec in items(c["ablations"]):
             kind, mean_over = _ablation_spec(spec, c)
             out = ctx.out / f"{test}_{spec.replace('/', '-')}"
             s = _TESTS[test](heads, task=task_name(c), out=out, model=ctx.model, limit=c["limit"], metric=c["metric"],
@@ -195,74 +190,6 @@ def ablations(ctx) -> dict:
             "harshest_performance": harshest["performance"], "largest_kl": most_kl["ablation"],
             "largest_kl_value": most_kl["kl"],
             "same_ablation_performance": mean_row["performance"] if mean_row else None,
-            "figures": figures, "command": " && ".join(commands)}
-
-
-def _circuit_table(ctx, detect: dict, ov: dict, heads: list[str]) -> tuple[list[dict], dict]:
-    """One row per circuit head: detector scores and ranks, OV next-item and copy scores."""
-    det = pd.read_parquet(ctx.out / "detect" / "detectors.parquet")
-    det["name"] = "L" + det["layer"].astype(str) + "H" + det["head"].astype(str)
-    det["rank"] = det.groupby("detector")["score"].rank(ascending=False, method="min").astype(int)
-    rows = {h: {"head": h} for h in heads}
-    best = {"relative": -np.inf}
-    for r in det[det["name"].isin(heads)].itertuples():
-        rows[r.name][r.detector] = float(r.score)
-        rows[r.name][f"{r.detector}_rank"] = int(r.rank)
-        ideal = detect["ideal"].get(r.detector)
-        if ideal and r.score / ideal > best["relative"]:
-            best = {"head": r.name, "detector": r.detector, "score": float(r.score), "ideal": float(ideal),
-                    "relative": float(r.score / ideal), "rank": int(r.rank)}
-    best_ov = {"score": -np.inf}
-    for name, (table, n) in ov.items():
-        table = table.assign(name="L" + table["layer"].astype(str) + "H" + table["head"].astype(str))
-        table["rank"] = table["next_item"].rank(ascending=False, method="min")
-        for r in table[table["name"].isin(heads)].itertuples():
-            rows[r.name][f"next_item_{name}"] = float(r.next_item)
-            rows[r.name][f"copy_{name}"] = float(r.copy)
-            if r.next_item > best_ov["score"]:
-                best_ov = {"head": r.name, "tokens": name, "score": float(r.next_item), "chance": 1.0 / n,
-                           "n_items": n, "rank": int(r.rank), "copy": float(r.copy),
-                           "n_tied": int((table["next_item"] == r.next_item).sum()) - 1}
-    cols = ["head"] + [f"{d}{x}" for d in detect["detectors"] for x in ("", "_rank")] \
-        + [f"{k}_{name}" for name in ov for k in ("next_item", "copy")]
-    return [{k: r.get(k) for k in cols} for r in rows.values()], {"detector": best if "head" in best else None,
-                                 "next_item": best_ov if "head" in best_ov else None}
-
-
-def heads_stage(ctx) -> dict:
-    c = ctx.config
-    heads = ctx.results["prune"]["circuit"]["heads"]
-    d = run_detect(c["detectors"], model=ctx.model, n_seqs=c["n_seqs"], seed=c["seed"], out=ctx.out / "detect",
-                   progress=ctx.progress)
-    commands = [f"replab heads detect{model_flag(ctx)} --detectors {c['detectors']} --n-seqs {c['n_seqs']} "
-                f"--seed {c['seed']} --out {ctx.out / 'detect'}"]
-    figures = [rel(ctx.out / "detect" / f"heatmap_{x}.png", ctx.run_dir) for x in d["detectors"]]
-    ov, ov_top = {}, {}
-    for name in _items(c["ov_tokens"]):
-        s = run_ov(tokens=name, model=ctx.model, out=ctx.out / f"ov_{name}")
-        ov[name] = (pd.read_parquet(ctx.out / f"ov_{name}" / "ov_scores.parquet"), s["tokens"]["n"])
-        ov_top[name] = [{"head": f"L{r['layer']}H{r['head']}", "next_item": r["next_item"]}
-                        for r in s["top"].get("next_item", [])[:3]]
-        commands.append(f"replab heads ov{model_flag(ctx)} --tokens {name} --out {ctx.out / f'ov_{name}'}")
-        if (ctx.out / f"ov_{name}" / "heatmap_next_item.png").is_file():
-            figures.append(rel(ctx.out / f"ov_{name}" / "heatmap_next_item.png", ctx.run_dir))
-    table, best = _circuit_table(ctx, d, ov, heads)
-    patterns = None
-    if 0 < len(heads) <= c["max_pattern_heads"]:
-        p = run_patterns(",".join(heads), prompt=c["pattern_prompt"], model=ctx.model, out=ctx.out / "patterns")
-        patterns = [{"head": r["head"], "last_attends_to": r["last_attends_to"], "weight": r["weight"]}
-                    for r in p["heads"]]
-        figures.append(rel(ctx.out / "patterns" / "patterns.png", ctx.run_dir))
-        commands.append(f"replab heads patterns{model_flag(ctx)} --heads {','.join(heads)} "
-                        f"--prompt {shlex.quote(c['pattern_prompt'])} --out {ctx.out / 'patterns'}")
-    write_table(pd.DataFrame(table), ctx.out, "circuit_heads")
-    if len(table) > _MAX_ROWS:      # a large circuit: its heads with the highest detector scores (all in the table)
-        rel_score = lambda r: max((r.get(x) or 0) / v for x, v in d["ideal"].items() if v)  # noqa: E731
-        table = sorted(table, key=rel_score, reverse=True)[:_MAX_ROWS]
-    return {"n_heads": len(heads), "ideal": d["ideal"], "top_heads": d["top_heads"], "ov_top": ov_top,
-            "circuit_heads": table, "n_rows_shown": len(table), "best_detector": best["detector"],
-            "best_next_item": best["next_item"],
-            "patterns": patterns, "n_heads_model": ctx.results["prune"]["n_heads_model"],
             "figures": figures, "command": " && ".join(commands)}
 
 
@@ -314,7 +241,7 @@ def geometry(ctx) -> dict:
                        f"({c['geometry_positions']})")
     figures.append(rel(png, ctx.run_dir))
     commands.append(f"replab plot cosine --store {store_dir} --color seq_type --out {ctx.out}")
-    pairs = [p.split(":") for p in _items(c["geometry_pairs"])]
+    pairs = [p.split(":") for p in items(c["geometry_pairs"])]
     summaries = [_pair_summary(cos, a.strip(), b.strip()) for a, b in pairs]
     counts = store.index["seq_type"].value_counts()
     off = cos[cos["class_a"] != cos["class_b"]]             # pairs of different types
@@ -335,7 +262,7 @@ def geometry(ctx) -> dict:
 
 def compare(ctx) -> dict:
     c = ctx.config
-    types = _items(c["compare_types"])
+    types = items(c["compare_types"])
     th = c["circuit_threshold"]
     runs, commands, sizes = [], [], {}
     for t in types:
@@ -368,7 +295,7 @@ STAGES = (
     Stage("ablations", "the circuit under zero / mean / mean-other ablations, with KL", ablations,
           ("ablations", "ablation_tests", "n_random")),
     Stage("sites", "the circuit ablated by site: q, k, v, last and earlier positions", sites, ("sites",)),
-    Stage("heads", "head detectors, OV next-item scores, attention patterns", heads_stage,
+    Stage("heads", "head detectors, OV next-item and QK previous-item scores, attention patterns", heads_stage,
           ("detectors", "n_seqs", "ov_tokens", "pattern_prompt", "max_pattern_heads")),
     Stage("geometry", "PCA / UMAP and class-mean cosines of sequence types per layer", geometry,
           ("geometry_dataset", "geometry_positions", "geometry_layers", "umap_layers", "geometry_pairs")),

@@ -21,3 +21,8 @@ def run_command(summary: dict, out, ctx) -> str:
     if ctx.model_name and "--model" not in line:
         line += model_flag(ctx)
     return f"{line} --out {shlex.quote(str(out))}"
+
+
+def items(spec) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [x.strip() for x in str(spec or "").split(",") if x.strip()]

@@ -141,6 +141,17 @@ def _heads_section(s: dict) -> Section:
                           + "); its copy score is {stages.heads.best_next_item.copy}.", s,
                           stages__heads__best_next_item__score=_F3, stages__heads__best_next_item__chance=_F3,
                           stages__heads__best_next_item__copy=_F3))
+    q = h.get("best_previous_item_qk")
+    if q:
+        verdict = ("above" if q["score"] > q["chance"] else "not above")
+        paras.append(text(f"QK circuit on {q['tokens']}: {q['head']}'s query picks the previous item as its "
+                          "highest-scoring key for {stages.heads.best_previous_item_qk.score} of the items "
+                          f"({verdict} chance, " "{stages.heads.best_previous_item_qk.chance}; rank "
+                          "{stages.heads.best_previous_item_qk.rank} of {stages.heads.n_heads_model} heads; "
+                          "the same item: {stages.heads.best_previous_item_qk.self}).", s,
+                          stages__heads__best_previous_item_qk__score=_F3,
+                          stages__heads__best_previous_item_qk__chance=_F3,
+                          stages__heads__best_previous_item_qk__self=_F3))
     tops = "; ".join(f"{d}: " + ", ".join(x["head"] for x in v) for d, v in h["top_heads"].items())
     paras.append(text(f"Model-wide, the top heads per detector are {tops}.", s))
     if h["patterns"]:
