@@ -61,7 +61,7 @@ def test_hydra_direct_effects_agree_with_dla(tiny, task):
     with torch.inference_mode():
         last = tiny(task.clean)[:, -1]
     ld = last.gather(1, task.answer[:, None]) - last.gather(1, task.foil[:, None])
-    bias = (tiny.b_U[task.answer] - tiny.b_U[task.foil]) if tiny.b_U is not None else 0.0
+    bias = (tiny.b_U[task.answer] - tiny.b_U[task.foil]).detach() if tiny.b_U is not None else 0.0
     assert res.summary["clean_logit_diff"] == pytest.approx(float((ld[:, 0] - bias).mean()), abs=1e-4)
     # ablated run by hand: z at the last position of the zero-ablated run, its own final-norm scale
     def zero(a, hook):

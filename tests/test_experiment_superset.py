@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -132,7 +133,10 @@ def test_second_run_reuses_every_stage(quick_run):
 @pytest.mark.integration
 def test_replay_from_config_reproduces_the_summary(quick_run, tmp_path):
     out, first = quick_run
+    sae = Path(first["stages"]["sae_train"]["sae_path"])
+    before = {f.name: f.stat().st_mtime_ns for f in sae.iterdir()}
     replay = run_experiment(config=out / "config.yaml", out=tmp_path / "replay", progress=False)
     assert not any(t["reused"] for t in replay["provenance"]["stages"])
-    assert replay["stages"]["sae_train"]["cached"]               # the SAE is trained once per config
+    # the SAE is trained once per config: the replay reads the cached one and rewrites nothing
+    assert {f.name: f.stat().st_mtime_ns for f in sae.iterdir()} == before
     assert _numbers(replay) == _numbers(first)

@@ -104,7 +104,9 @@ def sae_train(ctx) -> dict:
     base = cached_sae_dir(ctx.model.replab_identity.to_dict(), hook_name("resid_post", L))
     out = base.with_name(f"{base.name}-{cfg.arch}{cfg.d_sae}-{key}")
     path, st = train_sae(ctx.model, cfg, out=out, progress=ctx.progress)
-    return {"sae_path": str(path), "cached": bool(st.get("cached")), "layer": L, "d_sae": cfg.d_sae, "k": cfg.k,
+    # trained here or found in the cache is not a result (a replay would differ): the SAE and its
+    # training statistics, recorded when it was trained, are the same either way
+    return {"sae_path": str(path), "layer": L, "d_sae": cfg.d_sae, "k": cfg.k,
             "arch": cfg.arch, "tokens_trained": st["tokens_trained"], "corpus_tokens": st["corpus_tokens"],
             "epochs": st["epochs"], "train_fvu_last": st["train_fvu_last"], "train_seconds": st["seconds"],
             "train_cpu_seconds": st["cpu_seconds"],

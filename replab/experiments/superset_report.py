@@ -223,9 +223,9 @@ def _direction(s: dict) -> Section:
 
 def _sae(s: dict) -> Section:
     t, e = s["stages"]["sae_train"], s["stages"]["sae_eval"]
-    how = "reused from the cache" if t["cached"] else "trained"
-    paras = [text(f"A TopK SAE ({{stages.sae_train.d_sae}} latents, k = {{stages.sae_train.k}}) on layer "
-                  f"{{stages.sae_train.layer}} was {how}: {{stages.sae_train.tokens_trained}} training tokens from "
+    paras = [text("A TopK SAE ({stages.sae_train.d_sae} latents, k = {stages.sae_train.k}) on layer "
+                  "{stages.sae_train.layer}, trained once for this model and configuration and cached: "
+                  "{stages.sae_train.tokens_trained} training tokens from "
                   "{stages.sae_train.corpus_tokens} distinct corpus tokens.", s),
              text("On {stages.sae_eval.tokens} held-out tokens it explains {stages.sae_eval.explained_variance} of "
                   "the variance with L0 {stages.sae_eval.l0}, and recovers {stages.sae_eval.ce_loss_recovered} of "
