@@ -19,7 +19,7 @@ from replab.experiments.superset import QUICK
 from replab.experiments.superset_report import VERDICTS
 
 #: what legitimately differs between two runs of one config: paths, times, whether a cache was hit
-VOLATILE = {"command", "sae_path", "cached", "train_seconds", "train_cpu_seconds", "dataset", "store",
+VOLATILE = {"command", "sae_path", "train_seconds", "train_cpu_seconds", "dataset", "store",
             "direction_file"}
 
 
