@@ -18,6 +18,14 @@ from replab.rundir import write_table
 _MAX_ROWS = 30          # circuit heads listed in summary.json (every one is in heads/circuit_heads.parquet)
 
 
+def _ranked(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """``table`` with each head's name (``L5H3``) and its rank by ``column`` (1 = highest, ties share
+    the best rank)."""
+    table = table.assign(name="L" + table["layer"].astype(str) + "H" + table["head"].astype(str))
+    table["rank"] = table[column].rank(ascending=False, method="min")
+    return table
+
+
 def _circuit_table(ctx, detect: dict, ov: dict, qk: dict, heads: list[str]) -> tuple[list[dict], dict]:
     """One row per circuit head: detector scores and ranks, OV next-item and copy scores, QK
     previous-item and self scores."""
@@ -35,8 +43,7 @@ def _circuit_table(ctx, detect: dict, ov: dict, qk: dict, heads: list[str]) -> t
                     "relative": float(r.score / ideal), "rank": int(r.rank)}
     best_ov = {"score": -np.inf}
     for name, (table, n) in ov.items():
-        table = table.assign(name="L" + table["layer"].astype(str) + "H" + table["head"].astype(str))
-        table["rank"] = table["next_item"].rank(ascending=False, method="min")
+        table = _ranked(table, "next_item")
         for r in table[table["name"].isin(heads)].itertuples():
             rows[r.name][f"next_item_{name}"] = float(r.next_item)
             rows[r.name][f"copy_{name}"] = float(r.copy)
@@ -46,8 +53,7 @@ def _circuit_table(ctx, detect: dict, ov: dict, qk: dict, heads: list[str]) -> t
                            "n_tied": int((table["next_item"] == r.next_item).sum()) - 1}
     best_qk = {"score": -np.inf}
     for name, table in qk.items():
-        table = table.assign(name="L" + table["layer"].astype(str) + "H" + table["head"].astype(str))
-        table["rank"] = table["previous_item_top"].rank(ascending=False, method="min")
+        table = _ranked(table, "previous_item_top")
         for r in table[table["name"].isin(heads)].itertuples():
             rows[r.name][f"qk_previous_{name}"] = float(r.previous_item_top)
             rows[r.name][f"qk_self_{name}"] = float(r.self_top)
