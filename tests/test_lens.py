@@ -117,19 +117,24 @@ def test_least_squares_recovers_an_affine_map(tiny_pair):
     torch.testing.assert_close(got, y, atol=2e-3, rtol=1e-3)
 
 
-def test_save_load_roundtrip_and_tuned_lens_loader(tiny_pair, tiny_lens):
+def test_save_load_roundtrip_and_tuned_lens_loader(tiny_pair, tiny_lens, tmp_path):
     from tuned_lens.nn.lenses import TunedLens
 
-    from replab.lenses.cache import load_lens, read_meta
+    from replab.lenses.cache import export_tuned_lens, load_lens, read_meta
 
     tl, hf = tiny_pair
     lens, _, path = tiny_lens
-    names = {p.name for p in path.iterdir()}
-    assert {"config.json", "params.pt", "translators.safetensors", "replab.json"} <= names
+    # the saved lens holds no pickle; the export adds tuned-lens's params.pt
+    assert {p.name for p in path.iterdir()} == {"config.json", "translators.safetensors", "replab.json"}
     meta = read_meta(path)
     assert meta["model"] == tl.replab_identity.to_dict()
     assert meta["config"]["fit_tokens"] == 1024 and meta["replab_version"]
-    theirs = TunedLens.from_model_and_pretrained(hf, lens_resource_id=str(path))
+    exported = export_tuned_lens(path, tmp_path / "exported")
+    assert {p.name for p in exported.iterdir()} == {"config.json", "params.pt", "translators.safetensors",
+                                                    "replab.json"}
+    assert read_meta(exported)["exported_from"] == str(path.resolve())
+    assert read_meta(exported)["model"] == meta["model"]
+    theirs = TunedLens.from_model_and_pretrained(hf, lens_resource_id=str(exported))
     ours = load_lens(path, hf, tl.replab_identity.to_dict())
     h = torch.randn(2, 3, hf.config.hidden_size)
     for layer in range(len(lens)):
@@ -320,7 +325,29 @@ def test_cli_eval_json_records(tiny_lens, tmp_path, capsys):
     assert (tmp_path / "ev" / "eval.png").exists()
 
 
+def test_cli_export_writes_tuned_lens_format_once_and_refuses_other_dirs(tiny_pair, tiny_lens, tmp_path, capsys):
+    from tuned_lens.nn.lenses import TunedLens
+
+    _, hf = tiny_pair
+    lens, _, path = tiny_lens
+    out = tmp_path / "tl"
+    for _ in range(2):                          # an earlier export is replaced
+        code, got, err = run_cli(["lens", "export", "--model", "tiny", "--lens", path, "--out", out, "--json"],
+                                 capsys)
+        assert code == 0, err
+        assert json.loads(got) == {"path": str(out)}
+    theirs = TunedLens.from_model_and_pretrained(hf, lens_resource_id=str(out))
+    h = torch.randn(1, 2, hf.config.hidden_size)
+    torch.testing.assert_close(theirs(h, idx=1), lens(h, idx=1))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["lens", "export", "--model", "tiny", "--lens", path, "--out", tmp_path / "other"], capsys)
+    assert code == 2 and err.startswith("error:") and "not an exported tuned lens" in err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("args, needle", [
+    (["lens", "export", "--model", "tiny", "--lens", "/no/such/lens", "--out", "/tmp/never"], "incomplete"),
     (["lens", "logit", "--model", "tiny"], "exactly one of"),
     (["lens", "logit", "--model", "tiny", "--prompt", "x", "--dataset", "next_day"], "exactly one of"),
     (["lens", "tuned", "--model", "tiny", "--prompt", "x", "--lens", "/no/such/lens"], "incomplete"),

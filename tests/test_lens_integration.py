@@ -106,18 +106,19 @@ def test_lens_table_matches_direct_decoding(smol):
         assert [smol.tokenizer.decode([int(i)]) for i in top] == got["top1"].tolist()
 
 
-def test_default_tuned_lens_loads_with_tuned_lens_loader(hf):
-    """The cached default lens (if trained) is a valid tuned-lens artifact."""
+def test_default_tuned_lens_loads_with_tuned_lens_loader(hf, tmp_path):
+    """The cached default lens (if trained), exported as ``replab lens export`` does, is a valid
+    tuned-lens artifact."""
     from tuned_lens.nn.lenses import TunedLens
 
     from replab.lenses.cache import load_lens, read_meta
-    from replab.lenses.tuned import default_lens_dir, model_identity
+    from replab.lenses.tuned import default_lens_dir, export_lens, model_identity
 
     identity = model_identity(None)
     path = default_lens_dir(identity)
     if not path.exists():
         pytest.skip("no cached default tuned lens (run `replab lens train`)")
-    theirs = TunedLens.from_model_and_pretrained(hf, lens_resource_id=str(path))
+    theirs = TunedLens.from_model_and_pretrained(hf, lens_resource_id=str(export_lens(tmp_path / "tl")))
     ours = load_lens(path, hf, identity)
     h = torch.randn(1, 3, hf.config.hidden_size)
     for layer in (0, 15, 29):

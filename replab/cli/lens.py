@@ -197,6 +197,29 @@ def train_cmd(model: str = MODEL_OPT,
                    stats["val_kl_logit"], stats["val_kl_least_squares"], stats["val_kl_tuned"], strict=True))))
 
 
+@app.command("export", epilog=examples(
+    "replab lens export --out runs/lens-for-tuned-lens",
+    "replab lens export --lens runs/my-lens --out runs/my-lens-tl --json",
+))
+def export_cmd(out: Path = typer.Option(..., "--out", "-o",
+                                        help="Directory to write (absent, empty or an earlier export)."),
+               model: str = MODEL_OPT, lens: Path = _LENS, json_out: bool = JSON_OPT):
+    """Write a cached tuned lens in tuned-lens's own format (config.json + params.pt).
+
+    For `TunedLens.from_model_and_pretrained(hf_model, lens_resource_id=OUT)`. params.pt is a
+    torch pickle of tensors (tuned-lens loads it with weights_only=True); replab's cache holds
+    safetensors only and never reads it.
+    """
+    from replab.lenses.tuned import export_lens
+    from replab.models.tiny_hf import resolve
+
+    path = export_lens(out, resolve(model), lens)
+    if json_out:
+        print_json({"path": str(path)})
+        return
+    typer.echo(f"wrote {path}/ (config.json, params.pt, translators.safetensors, replab.json)")
+
+
 @app.command("eval", epilog=examples(
     "replab lens eval",
     "replab lens eval --tokens 4096 --out runs/lens-eval --json",

@@ -2,12 +2,9 @@
 
 A lens directory holds:
 
-* ``config.json`` + ``params.pt``: tuned-lens's own format (``TunedLens.save``), so
-  ``TunedLens.from_model_and_pretrained(hf_model, lens_resource_id=DIR)`` loads it.
-  ``params.pt`` is a ``torch.save`` pickle of a plain state dict of tensors; tuned-lens
-  reads it with ``torch.load(path)``, which in torch >= 2.6 defaults to
-  ``weights_only=True`` (a restricted unpickler that executes no arbitrary code).
-* ``translators.safetensors``: the same tensors; replab itself loads only this file.
+* ``config.json``: tuned-lens's ``TunedLensConfig`` (as ``TunedLens.save`` writes it).
+* ``translators.safetensors``: the translators' weights; the only weights file replab
+  writes into the cache or loads (no pickle anywhere in a lens directory).
 * ``replab.json``: model identity, training config, its cache key and corpus hash,
   replab version, training stats.
 
@@ -17,6 +14,10 @@ setting, the corpus *content* and :data:`TRAINER`, so each configuration has its
 directory: the *default lens* (the one ``replab lens tuned`` / ``lens eval`` use) is the
 one at the key of the default ``TrainConfig()``, and a lens trained with another corpus
 or other settings never replaces it.
+
+tuned-lens's own loader (``TunedLens.from_model_and_pretrained(hf_model, lens_resource_id=DIR)``)
+also needs ``params.pt``, a ``torch.save`` pickle: :func:`export_tuned_lens` writes it into a
+separate directory on request (``replab lens export``); the cache never holds one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -98,16 +100,43 @@ def save_lens(lens, path: str | os.PathLike, identity: dict, config: dict, stats
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / META).exists())):
         raise ReplabError(f"{path} exists and is not a tuned-lens directory; choose another --out")
     with atomic_dir(path) as tmp:   # readers never see a half-written lens
-        lens.save(tmp, ckpt=PARAMS, config=CONFIG)
+        (tmp / CONFIG).write_text(json.dumps(lens.config.to_dict()))
         state = {k: v.detach().contiguous().cpu() for k, v in lens.layer_translators.state_dict().items()}
         save_file(state, str(tmp / SAFETENSORS))
-        meta = {"kind": "tuned_lens", "format": "tuned-lens 0.2 (config.json + params.pt) + safetensors",
+        meta = {"kind": "tuned_lens", "format": "tuned-lens 0.2 config.json + translators.safetensors",
                 "model": identity, "config": config, "config_key": config_key(config),
                 "corpus_sha256": corpus_sha256(config["corpus"]), "trainer": TRAINER,
                 "stats": stats, "replab_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / META).write_text(json.dumps(meta, indent=1))
     return path
+
+
+def export_tuned_lens(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the lens at ``path`` in tuned-lens's own format into ``out``: ``config.json``,
+    ``params.pt`` (``torch.save`` of the translators' state dict, what tuned-lens's loader reads)
+    and copies of ``translators.safetensors`` and ``replab.json`` (with ``exported_from``:
+    ``path``), so that ``TunedLens.from_model_and_pretrained(hf_model, lens_resource_id=out)``
+    loads it (and replab's ``--lens out`` too).
+
+    ``params.pt`` is a pickle: tuned-lens reads it with ``torch.load``, which with torch >= 2.6
+    (replab pins 2.13) unpickles tensors only (``weights_only=True``). replab never reads it;
+    the cache keeps safetensors. ``out`` must be absent, empty or an earlier export (replaced).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    path, out = check_lens_dir(path), Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PARAMS).exists())):
+        raise ReplabError(f"{out} exists and is not an exported tuned lens; choose another --out")
+    meta = {**read_meta(path), "exported_from": str(path.resolve()),
+            "format": "tuned-lens 0.2 (config.json + params.pt)"}
+    with atomic_dir(out) as tmp:
+        (tmp / CONFIG).write_text((path / CONFIG).read_text())
+        shutil.copyfile(path / SAFETENSORS, tmp / SAFETENSORS)
+        torch.save(load_file(str(path / SAFETENSORS)), tmp / PARAMS)
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+    return out
 
 
 def read_meta(path: str | os.PathLike) -> dict:

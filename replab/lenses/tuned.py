@@ -21,6 +21,7 @@ from replab.lenses.cache import (
     cached_lenses,
     check_lens_dir,
     config_key,
+    export_tuned_lens,
     is_current,
     load_lens,
     read_meta,
@@ -130,6 +131,14 @@ def tuned_lens_path(model_name: str | None, path, identity: dict) -> Path:
         raise ReplabError(f"no default tuned lens cached for this model; train it with "
                           f"`replab lens train{flag}`{hint}")
     return path
+
+
+def export_lens(out: str | os.PathLike, model_name: str | None = None, lens: str | os.PathLike | None = None) -> Path:
+    """Write a cached tuned lens (``lens``, or the default lens of ``model_name``) into ``out`` in
+    tuned-lens's own format, for ``TunedLens.from_model_and_pretrained(hf_model, lens_resource_id=out)``
+    (:func:`replab.lenses.cache.export_tuned_lens`: adds ``params.pt``, a tensor-only pickle)."""
+    identity = None if lens is not None else (weights_identity(model_name) or model_identity(model_name))
+    return export_tuned_lens(tuned_lens_path(model_name, lens, identity), out)
 
 
 def quiet_hf_model(model_name: str | None):
