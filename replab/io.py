@@ -167,8 +167,8 @@ def inside(root, name, what: str = "file", follow_links: bool = True) -> Path | 
 def _inside_url(root: str, name, what: str) -> str:
     if not isinstance(name, str):
         raise ReplabError(f"{root}: {what} {name!r} is not a file name")
-    if (not name or "\x00" in name or "\\" in name or name.startswith("/") or _URL.match(name)
-            or ":" in name.split("/")[0]):
+    if (not name or any(c in name for c in "\x00\\%?#") or name.startswith("/") or _URL.match(name)
+            or ":" in name.split("/")[0]):      # % ? #: a server could decode or cut the name
         raise ReplabError(f"{root}: {what} {name!r} is not a path inside the directory")
     joined = posixpath.normpath(name)
     if joined == ".." or joined.startswith("../") or joined == ".":

@@ -181,3 +181,16 @@ def test_plot_probes_and_circuit_runs_read_only_their_own_files(tmp_path, capsys
     (circ / "summary.json").write_text("{not json")
     expect_error(capsys, ["circuit", "compare", circ, circ, "--no-cross", "--out", tmp_path / "cmp"],
                  r"invalid JSON")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "/etc/passwd", "s3://other/x", "a\\b", "",
+                                  "%2e%2e/%2e%2e/etc/passwd", "..%2fsecret", "x?y=1", "x#frag"])
+def test_url_store_names_stay_inside(name):
+    """A manifest's file name under a URL root (fsspec stores) may not leave it, also not through
+    percent-encoding, a query or a fragment that an HTTP server would decode or cut."""
+    from replab.io import inside
+
+    with pytest.raises(ReplabError, match="inside the directory|outside the directory"):
+        inside("memory://bucket/store", name)
+    assert inside("memory://bucket/store", "acts/blocks.0.hook_resid_post.npy") \
+        == "memory://bucket/store/acts/blocks.0.hook_resid_post.npy"

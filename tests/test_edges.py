@@ -382,6 +382,9 @@ def test_atp_star_qk_fix_by_hand(tiny, task, graph, eap, atp_star):
     np.testing.assert_allclose(atp_star.extra["atp"], eap.scores, rtol=1e-4, atol=2e-6)
     kinds = np.array([graph.receivers[r][0] for r in graph.edge_receiver])
     lin = ~np.isin(kinds, ("q", "k"))
+    # value, MLP and logit edges keep the linear estimate: EAP's (an independent run), and exactly
+    # the run's own plain AtP (only the QK mask decides which edges change)
+    np.testing.assert_allclose(atp_star.scores[lin], eap.scores[lin], rtol=1e-4, atol=2e-6)
     np.testing.assert_array_equal(atp_star.scores[lin], atp_star.extra["atp"][lin])
     clean_c, corrupt_c = _caches(tiny, task)
     pats = {}
@@ -507,9 +510,29 @@ def test_cli_edges_and_discover(tmp_path, capsys):
     (["discover", "--method", "exact"], "unknown edge method"),
     (["discover", "--edges", "0,10"], "positive"),
     (["discover", "--compare-heads", "L1MLP"], "query heads"),
+    (["edges", "--method", "eap-ig", "--rule", "simpson"], "unknown integration rule"),
+    (["discover", "--rule", "simpson"], "unknown integration rule"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     from replab_testutil import run_cli
 
     code, _, err = run_cli(["circuit", *args, "--model", "tiny", "--limit", "2", "--out", tmp_path / "x"], capsys)
     assert code == 2 and err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_random_sample_does_not_follow_the_last_digits_of_the_scores():
+    """The 200 random edges of the exact check are drawn in graph order: noise that leaves the
+    top 50 alone leaves the sample alone (drawn by rank, this noise changed 79 of the 200)."""
+    from replab.circuits.edges import sample_edges
+
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=20_000) * np.where(np.arange(20_000) < 50, 100.0, 1e-3)
+    noisy = scores * (1 + 1e-4 * rng.normal(size=scores.size))
+    a, why = sample_edges(scores, 50, 200, seed=0)
+    b, _ = sample_edges(noisy, 50, 200, seed=0)
+    assert why == ["top"] * 50 + ["random"] * 200 and len(set(a)) == 250
+    assert set(a[:50]) == set(range(50)) and set(b[:50]) == set(range(50))
+    np.testing.assert_array_equal(a[50:], b[50:])
+    assert not set(a[50:]) & set(range(50))
+    c, _ = sample_edges(scores, 50, 200, seed=1)
+    assert set(c[50:]) != set(a[50:])                     # the seed still picks the sample

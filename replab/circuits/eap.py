@@ -168,10 +168,10 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
                 res = grad_pass(model, clean, task, rows, metric, n, logp, senders=True, patterns=True)
                 bar.advance(2)
                 clean_sum += res["value"]
-                flat = delta_rows(model, corrupt_acts, res["senders"], keep)
-                lin[0] += linear_scores(graph, flat, res["grads"], keep)
-                with torch.no_grad():
+                with torch.no_grad():      # [N, T, S, d] for the QK fix; its last positions as rows
                     delta = sender_stack(model, corrupt_acts) - sender_stack(model, res["senders"])
+                    flat = delta[:, -keep:].permute(2, 0, 1, 3).reshape(delta.shape[2], -1)
+                lin[0] += linear_scores(graph, flat, res["grads"], keep)
                 passes = [res]
                 for j, layer in enumerate(drops):
                     p = grad_pass(model, clean, task, rows, metric, n, logp, drop=layer, patterns=True)

@@ -51,7 +51,7 @@ def delta_rows(model, corrupt: dict, clean: dict, keep: int) -> torch.Tensor:
     first = diff("blocks.0.hook_resid_pre")
     n, t, d = first.shape
     h = model.cfg.n_heads
-    rows = torch.empty(1 + model.cfg.n_layers * (h + 1), n * t, d, dtype=first.dtype)
+    rows = torch.empty(1 + model.cfg.n_layers * (h + 1), n * t, d, dtype=first.dtype, device=first.device)
     rows[0] = first.reshape(n * t, d)
     for layer in range(model.cfg.n_layers):
         up = 1 + layer * (h + 1)
@@ -209,7 +209,7 @@ def linear_scores(graph: EdgeGraph, flat: torch.Tensor, grads: dict, keep: int) 
 
     kinds = ("q", "k", "v", "mlp")
     sizes = [grads[(kind, 0)].shape[2] if grads[(kind, 0)].ndim == 4 else 1 for kind in kinds]
-    buf = torch.empty(sum(sizes), width, dtype=flat.dtype)
+    buf = torch.empty(sum(sizes), width, dtype=flat.dtype, device=flat.device)
     for layer in range(graph.n_layers):
         up = 1 + layer * (h + 1)
         at = 0
@@ -223,7 +223,7 @@ def linear_scores(graph: EdgeGraph, flat: torch.Tensor, grads: dict, keep: int) 
             out.append(prod[at:at + k, :up].reshape(-1))                                 # [H, up] -> h-major
             at += k
         out.append(prod[at])                         # the MLP also reads its own layer's heads
-    last = torch.empty(1, width, dtype=flat.dtype)
+    last = torch.empty(1, width, dtype=flat.dtype, device=flat.device)
     copy_rows(grads[("logits", graph.n_layers - 1)], last)
     out.append((last @ flat.T).reshape(-1))
     return torch.cat(out).double().cpu().numpy()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from replab.circuits.eap import ig_nodes
 from replab.circuits.runs import finish, runner, start
 from replab.distributed import check_engine
 from replab.errors import ReplabError
@@ -47,8 +46,7 @@ def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str 
     from replab.circuits.edges import check_options, score_edges
     from replab.patching.plots import save_figure
 
-    method = check_options(method, metric, steps, edges)       # before the model loads
-    ig_nodes(steps, rule)
+    method = check_options(method, metric, steps, edges, rule=rule)       # before the model loads
     check_engine(engine)
     m, t = _load(model, task, template, limit, dataset)
     tag = method.replace("*", "star")
@@ -94,8 +92,7 @@ def run_discover(task: str = "next_day", methods=("eap-ig",), sizes=None, out=No
         methods = [x.strip() for x in methods.split(",") if x.strip()]
     if not methods:
         raise ReplabError("give at least one attribution method (--method eap,eap-ig,atp*)")
-    methods = [check_options(mth, metric, steps, None, exact_ok=False) for mth in methods]
-    ig_nodes(steps, rule)
+    methods = [check_options(mth, metric, steps, None, exact_ok=False, rule=rule) for mth in methods]
     other = _heads_arg(compare_heads)
     sizes = parse_sizes(sizes or DEFAULT_SIZES)
     m, t = _load(model, task, template, limit, dataset)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from replab.circuits.eap import GRAD_METHODS, EdgeAttribution, attribute_edges
+from replab.circuits.eap import GRAD_METHODS, IG_RULES, EdgeAttribution, attribute_edges
 from replab.circuits.graph import EdgeGraph, edge_graph
 from replab.errors import ReplabError
 from replab.patching.checks import ENGINE_TOL, Check
@@ -32,9 +32,10 @@ METHODS = (*GRAD_METHODS, "exact")
 MATERIAL = 0.01
 
 
-def check_options(method: str, metric: str, steps: int, edges, exact_ok: bool = True) -> str:
-    """The canonical method name; ReplabError for a bad method, metric, step count, or an exact
-    run without edges (checked before any model loads)."""
+def check_options(method: str, metric: str, steps: int, edges, exact_ok: bool = True,
+                  rule: str = "gauss-legendre") -> str:
+    """The canonical method name; ReplabError for a bad method, metric, step count, integration
+    rule, or an exact run without edges (checked before any model loads)."""
     from replab.patching.metrics import check_metric
 
     method = {"atp-star": "atp*", "atpstar": "atp*"}.get(str(method).strip(), str(method).strip())
@@ -46,6 +47,8 @@ def check_options(method: str, metric: str, steps: int, edges, exact_ok: bool = 
         raise ReplabError("the kl metric has zero gradient at the clean run; use it with --method eap-ig")
     if steps < 1:
         raise ReplabError(f"--steps must be at least 1, not {steps}")
+    if rule not in IG_RULES:
+        raise ReplabError(f"unknown integration rule {rule!r} (known: {', '.join(IG_RULES)})")
     if method == "exact" and not (edges and str(edges).strip()):
         raise ReplabError("--method exact patches a chosen list of edges: give --edges (SENDER->RECEIVER,... "
                           "or all)")
@@ -97,10 +100,12 @@ def exact_edges(model, task, graph: EdgeGraph, idx, metric: str = "logit_diff", 
 
 def sample_edges(scores: np.ndarray, n_top: int = 50, n_random: int = 200, seed: int = 0) -> tuple[np.ndarray, list]:
     """The top ``n_top`` edges by ``|score|`` and ``n_random`` others drawn uniformly (seeded):
-    ``(indices, reasons)`` with reasons ``"top"`` / ``"random"``."""
+    ``(indices, reasons)`` with reasons ``"top"`` / ``"random"``. The random draw is over the
+    other edges in graph order, so it does not move when scores change in their last digits
+    (another thread count, device or method) unless the top ``n_top`` changes."""
     order = np.argsort(-np.abs(scores), kind="stable")
     top = order[:n_top]
-    rest = order[n_top:]
+    rest = np.sort(order[n_top:])
     rng = np.random.default_rng(seed)
     rand = np.sort(rng.choice(rest, size=min(n_random, len(rest)), replace=False)) if len(rest) else rest
     return np.concatenate([top, rand]).astype(np.int64), ["top"] * len(top) + ["random"] * len(rand)

@@ -85,7 +85,6 @@ def run_compare(run_a, run_b, out=None, cross: bool = True, progress: bool = Tru
     overlap = compare_circuits(ca, cb)
     files = write_table(overlap, out, "overlap")
     summary = {"run_a": str(run_a), "run_b": str(run_b), "overlap": overlap.to_dict("records")}
-    model = None
     if cross:
         oa, ob = cfg_a["options"], cfg_b["options"]
         if oa.get("model") != ob.get("model"):

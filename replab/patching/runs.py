@@ -47,13 +47,13 @@ def run_sweep(task: str = "next_day", site: str = "resid_pre", by: str = "layer,
 
     ``engine="ray"`` runs the cells on ``workers`` Ray actors of the cluster at ``address``
     (:mod:`replab.patching.executors`); the tables are the local engine's."""
-    from replab.patching.executors import make_engine
+    from replab.patching.executors import engine_scope
     from replab.patching.sweeps import sweep
 
-    runner = make_engine(engine, workers=workers, address=address, cpus_per_worker=cpus_per_worker)
-    m, t = load(model, task, template, limit)
-    res = sweep(m, t, site=site, by=by, progress=progress, engine=runner, **kw)
-    res.summary["engine"] = runner.describe()
+    with engine_scope(engine, workers=workers, address=address, cpus_per_worker=cpus_per_worker) as runner:
+        m, t = load(model, task, template, limit)
+        res = sweep(m, t, site=site, by=by, progress=progress, engine=runner, **kw)
+        res.summary["engine"] = runner.describe()
     out = Path(out or f"runs/patch-{site}-{by.replace(',', '_')}")
     summary = res.save(out, m) or {}
     return {**summary, "out": str(out)}
