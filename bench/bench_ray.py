@@ -121,7 +121,8 @@ def main() -> None:
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
     identical = {"ray_1_vs_local": ray_1["digest"] == local_t["digest"],
-                 "ray_2_vs_local_1_thread": ray_2["digest"] == local_1["digest"]}
+                 "ray_2_vs_local_1_thread": ray_2["digest"] == local_1["digest"],
+                 "local_vs_local_1_thread": local_t["digest"] == local_1["digest"]}
     load = os.getloadavg()
     result = {"model": model.replab_identity.name, "prompts": n, "tokens_per_prompt": args.tokens,
               "layers": args.layers,

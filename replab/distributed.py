@@ -41,11 +41,17 @@ def require_ray():
     return ray
 
 
-def check_engine(engine: str) -> str:
-    """``"local"`` or ``"ray"`` (checked); for ``"ray"`` also that Ray is installed."""
+def check_engine(engine: str, workers: int | None = None, address: str | None = None) -> str:
+    """``"local"`` or ``"ray"`` (checked); for ``"ray"`` also that Ray is installed; ``workers`` a
+    positive integer, and ``workers`` / ``address`` only with ``"ray"`` (checked before any model
+    loads)."""
     name = str(engine or "local").strip().lower()
     if name not in ENGINES:
         raise ReplabError(f"unknown engine {engine!r}: use local or ray")
+    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
+        raise ReplabError(f"workers must be a positive integer, got {workers!r}")
+    if name == "local" and (workers is not None or address is not None):
+        raise ReplabError("--workers and --address choose Ray workers: add --engine ray")
     if name == "ray":
         require_ray()
     return name

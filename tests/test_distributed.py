@@ -270,3 +270,17 @@ def test_engine_names_are_checked(tiny, tmp_path):
         harvest(tiny, out=tmp_path / "x", progress=False, workers=2, **HARVEST)
     with pytest.raises(ReplabError, match="--engine ray"):
         make_engine("local", address="auto")
+
+
+@pytest.mark.parametrize("args", [
+    ["harvest", "--dataset", "next_day"],
+    ["circuit", "prune", "--task", "next_day"],
+    ["circuit", "edges", "--method", "exact", "--edges", "all"],
+])
+def test_workers_without_ray_engine_fail_before_the_model_loads(args, tmp_path, capsys):
+    """--workers / --address without --engine ray: one line, before the model (here a missing
+    directory, which would fail with another message) is touched."""
+    code, _, err = run_cli([*args, "--model", str(tmp_path / "no-such-model"), "--workers", "2",
+                            "--out", tmp_path / "x"], capsys)
+    assert code == 2 and err.startswith("error:") and "--engine ray" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()

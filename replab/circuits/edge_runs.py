@@ -47,7 +47,7 @@ def run_edges(task: str = "next_day", method: str = "eap", out=None, model: str 
     from replab.patching.plots import save_figure
 
     method = check_options(method, metric, steps, edges, rule=rule)       # before the model loads
-    check_engine(engine)
+    check_engine(engine, workers, address)
     m, t = _load(model, task, template, limit, dataset)
     tag = method.replace("*", "star")
     options = {"task": task, "method": method, "model": model, "steps": steps, "rule": rule, "metric": metric,

@@ -45,7 +45,7 @@ def run_prune(task: str = "sequences", out=None, model: str | None = None, datas
     from replab.circuits.prune import parse_orders, parse_thresholds, prune_heads
     from replab.patching.plots import save_figure
 
-    check_engine(engine)                      # before the model loads: "pip install 'replab[ray]'"
+    check_engine(engine, workers, address)    # before the model loads: "pip install 'replab[ray]'"
     abl = Ablation(ablation, mean_over, seed)
     ths = parse_thresholds(thresholds)
     parse_orders(orders)

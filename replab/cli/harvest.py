@@ -38,7 +38,7 @@ def harvest_cmd(
     from replab.harvesting import harvest
     from replab.models import load_model
 
-    check_engine(engine)                      # before the model loads: "pip install 'replab[ray]'"
+    check_engine(engine, workers, address)    # before the model loads: "pip install 'replab[ray]'"
     loaded = load_model(model, device=device, dtype=dtype, n_devices=n_devices)
     if store_dtype is None:
         store_dtype = "float16" if str(loaded.cfg.dtype) == "torch.float16" else "float32"

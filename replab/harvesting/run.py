@@ -52,10 +52,6 @@ class HarvestPlan:
         lo, hi = b * self.batch_size, min(len(self.token_lists), (b + 1) * self.batch_size)
         return int(self.starts[lo]), self.token_lists[lo:hi], self.chosen[lo:hi]
 
-    def batch_rows(self, b: int) -> int:
-        lo, hi = b * self.batch_size, min(len(self.token_lists), (b + 1) * self.batch_size)
-        return int(self.starts[hi] - self.starts[lo])
-
 
 def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", positions="last",
             dtype=None, batch_size=None, out=None, progress: bool = True, engine: str = "local",
@@ -99,7 +95,7 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
     from replab.distributed import check_engine
     from replab.models.coerce import as_model
 
-    engine = check_engine(engine)
+    engine = check_engine(engine, workers, address)
     if out is None:
         raise ReplabError("harvest needs an output directory (out=...)")
     if not is_url(out) and os.path.exists(location(out)) and not os.path.isdir(location(out)):
@@ -107,10 +103,6 @@ def harvest(model=None, dataset=None, hooks=("resid_post",), layers="all", posit
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                    or batch_size < 1):
         raise ReplabError(f"batch size must be a positive integer, got {batch_size!r}")
-    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
-        raise ReplabError(f"workers must be a positive integer, got {workers!r}")
-    if engine == "local" and (workers is not None or address is not None):
-        raise ReplabError("--workers and --address choose Ray workers: add --engine ray")
     model = as_model(model)
     hp = plan_harvest(model, dataset, hooks, layers, positions, dtype, batch_size)
     writer = StoreWriter(out, hp.plan, hp.index, hp.dims, hp.store_dtype)

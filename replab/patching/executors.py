@@ -138,9 +138,7 @@ class RayEngine:
 
     def __init__(self, workers: int | None = None, address: str | None = None,
                  cpus_per_worker: float | None = None, split: str = "chunks"):
-        require_ray()
-        if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
-            raise ReplabError(f"workers must be a positive integer, got {workers!r}")
+        check_engine("ray", workers, address)
         if split not in ("chunks", "variants"):
             raise ReplabError(f"split must be 'chunks' or 'variants', not {split!r}")
         self.workers, self.address, self.cpus_per_worker, self.split = workers, address, cpus_per_worker, split
@@ -335,10 +333,7 @@ def make_engine(engine="local", workers: int | None = None, address: str | None 
         if not hasattr(engine, "run_variants"):
             raise ReplabError(f"engine {engine!r} has no run_variants method")
         return engine
-    name = check_engine(engine or "local")
-    if name == "local":
-        if workers is not None or address is not None:
-            raise ReplabError("--workers and --address choose Ray workers: add --engine ray")
+    if check_engine(engine or "local", workers, address) == "local":
         return LocalEngine()
     return RayEngine(workers=workers, address=address, cpus_per_worker=cpus_per_worker)
 
