@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import posixpath
 import re
@@ -316,16 +317,18 @@ def dir_locked(path) -> bool:
 
 
 def json_plain(value):
-    """A JSON-safe copy: dicts with string keys, lists for tuples, Python numbers for numpy
-    scalars, strings for paths, None for NaN."""
+    """A JSON-safe copy: dicts with string keys, lists for tuples and arrays, Python numbers for
+    numpy scalars, strings for paths, None for NaN and ±inf (which JSON cannot hold)."""
     if isinstance(value, dict):
         return {str(k): json_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
+    if hasattr(value, "tolist") and getattr(value, "ndim", 0) > 0:      # numpy arrays, tensors
+        return json_plain(value.tolist())
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -19,8 +19,8 @@ engine's normalised effect minus 1):
   ``(1/m) Σ_{k=1..m}`` at ``α = k/m`` (so ``m = 1`` is exactly EAP; the reference
   implementation, hannamw/EAP-IG, sums ``k = 0..m−1``: the corrupt end instead of the clean
   one). They cost one more forward (the clean run's sender outputs, which the Riemann sum gets
-  from its ``α = 1`` pass). On SmolLM2's sequence task, 5 steps: Spearman against exact edge
-  patching 0.842 (Gauss–Legendre), 0.809 (midpoint), 0.762 (Riemann; 0.826 with 20 steps).
+  from its ``α = 1`` pass). How the rules compare against exact edge patching on SmolLM2:
+  docs/edges.md (with the commands that measure it).
 * ``atp*`` (Kramár et al. 2024), reported next to plain AtP (= ``eap``):
   - **QK fix**: for edges into a query or key input the attention pattern is recomputed exactly
     (norm, projection, rotary, scores, softmax with ``x_v + Δ_u``) and only the rest is
@@ -172,13 +172,13 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
                     delta = sender_stack(model, corrupt_acts) - sender_stack(model, res["senders"])
                     flat = delta[:, -keep:].permute(2, 0, 1, 3).reshape(delta.shape[2], -1)
                 lin[0] += linear_scores(graph, flat, res["grads"], keep)
-                passes = [res]
+                pattern_passes = [res]
                 for j, layer in enumerate(drops):
                     p = grad_pass(model, clean, task, rows, metric, n, logp, drop=layer, patterns=True)
                     lin[1 + j] += linear_scores(graph, flat, p["grads"], keep)
-                    passes.append({"grads": {k: v for k, v in p["grads"].items() if k[0] == "pattern"}})
+                    pattern_passes.append({"grads": {k: v for k, v in p["grads"].items() if k[0] == "pattern"}})
                     bar.advance(1)
-                est, err = qk_fixed_estimates(model, graph, delta, passes)
+                est, err = qk_fixed_estimates(model, graph, delta, pattern_passes)
                 qk += est
                 worst = max(worst, err)
                 continue
@@ -211,11 +211,12 @@ def attribute_edges(model, task, method: str = "eap", *, steps: int = 5, metric:
                 clean_sum += value
                 bar.advance(1)
             lin[0] += linear_scores(graph, delta_rows(model, corrupt_acts, clean_acts, keep), summed, keep)
+    passes = {"forwards": n_fwd, "backwards": n_grad, **({"shared_prefix": cut} if cut else {})}
     return _finish(model, task, graph, method, metric, steps, lin, qk, clean_sum / n, corrupt_sum / n,
-                   (n_fwd, n_grad, cut), worst, time.time() - t0, rule)
+                   passes, worst, time.time() - t0, rule)
 
 
-def _finish(model, task, graph, method, metric, steps, lin, qk, clean_m, corrupt_m, n_pass, worst, seconds,
+def _finish(model, task, graph, method, metric, steps, lin, qk, clean_m, corrupt_m, passes, worst, seconds,
             rule):
     from replab.patching.metrics import normalized
 
@@ -236,9 +237,6 @@ def _finish(model, task, graph, method, metric, steps, lin, qk, clean_m, corrupt
         scores = star[0]
         if star.shape[0] > 1:
             extra["graddrop"] = np.abs(star[1:]).sum(0) / max(1, graph.n_layers - 1)
-    passes = {"forwards": n_pass[0], "backwards": n_pass[1]}
-    if n_pass[2]:
-        passes["shared_prefix"] = n_pass[2]
     return EdgeAttribution(graph, method, metric, scores, clean_m, corrupt_m, passes, seconds,
                            steps if method == "eap-ig" else None, extra, checks,
                            rule if method == "eap-ig" else None)

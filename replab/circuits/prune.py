@@ -350,7 +350,7 @@ def _prune(model, task, ths, order_names, ablation, metric, candidates, check_ev
                "attribution_passes": getattr(ev, "n_attribution", 0), "prompts": task.n_prompts,
                "tokens": task.n_tokens, "seconds": round(time.time() - t_start, 2),
                "engine_seconds": round(ev.seconds, 2), "checks": res.checks_dict(), "bootstrap": res.bootstrap,
-               "engine": engine.describe() if hasattr(engine, "describe") else {"engine": str(engine)}}
+               "engine": engine.describe()}
     return PruneResult(records, curves_df, survival(records, model), level_diffs(records), agreement, summary)
 
 

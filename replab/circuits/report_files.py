@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from replab.circuits.runs import CONFIG, model_option, runner, start
+from replab.circuits.runs import model_option, read_config, runner, start
 from replab.errors import ReplabError
-from replab.io import write_json_atomic, write_text_atomic
+from replab.io import json_plain, write_json_atomic, write_text_atomic
 from replab.models.coerce import as_model
 from replab.rundir import finish_run, start_run, write_table
 
@@ -54,7 +54,7 @@ def run_component_report(dataset: str | None = None, task: str | None = None, pr
     out = Path(out or f"runs/report-{name}-{prompt_index}-{corruption}")
     given = {"dataset": dataset, "task": task, "prompt_index": prompt_index, "corruption": corruption,
              "scoring": scoring, "top": top, "layers": layers, "model": model_option(model)}
-    config = _read_yaml(start(out, "report", given))
+    config = read_config(start(out, "report", given))
     options = {**{k: v for k, v in given.items() if k != "model"}, "layers": rep.report["layers"]}
     report, _ = write_component_report(out, rep.report, rep.components, rep.grad_norms, m, options,
                                        with_loading=round(time.time() - t0, 2), config=config)
@@ -74,7 +74,7 @@ def write_component_report(out, report: dict, components: pd.DataFrame, grad_nor
     if with_loading is not None:
         report["seconds"]["with_loading"] = with_loading
     files = write_table(components, out, "components") + write_table(grad_norms, out, "grad_norms")
-    write_json_atomic(out / "report.json", _jsonable(report), sort_keys=False)
+    write_json_atomic(out / "report.json", json_plain(report), sort_keys=False)
     write_text_atomic(out / "report.md", markdown(report))
     files += [str(out / "report.json"), str(out / "report.md")]
     files += _figure(components, report, out)
@@ -84,26 +84,6 @@ def write_component_report(out, report: dict, components: pd.DataFrame, grad_nor
                "options": options, **({"config": config} if config is not None else {})}
     finish_run(out, summary, model)
     return report, files
-
-
-def _read_yaml(out: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load((out / CONFIG).read_text())
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 def markdown(report: dict) -> str:

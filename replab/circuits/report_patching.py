@@ -22,7 +22,6 @@ positions are patched) and position ``T + k − 1`` is read out, for each ``k``.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from replab.circuits.components import check_components, parse_component
 from replab.errors import ReplabError
 from replab.hooks import hook_name, parse_layers
 from replab.patching import Intervention, Variant, run_variants
@@ -179,16 +179,12 @@ def refine_units(model, layers="all", components: list[str] | None = None) -> li
     group = cfg.n_heads // n_kv
     want = set()
     for name in components:
-        kind, la, h = _parse_component(name, cfg.n_layers, cfg.n_heads)
-        want.add(("v", la, h // group) if kind == "head" else ("mlp_pre", la, None))
+        c = parse_component(name)
+        check_components([c], model)
+        if c.kind not in ("head", "mlp") or c.part or c.positions:
+            raise ReplabError(f"not a component the report refines: {name!r} (L5H3 or L7MLP)")
+        want.add(("v", c.layer, c.head // group) if c.kind == "head" else ("mlp_pre", c.layer, None))
     return sorted(want, key=lambda u: (u[0] != "v", u[1], u[2] or 0))
-
-
-def _parse_component(name: str, n_layers: int, n_heads: int) -> tuple[str, int, int | None]:
-    m = re.fullmatch(r"L(\d+)(?:H(\d+)|(MLP))", str(name))
-    if not m or int(m.group(1)) >= n_layers or (m.group(2) is not None and int(m.group(2)) >= n_heads):
-        raise ReplabError(f"not a component of this model: {name!r} (L<layer>H<head> or L<layer>MLP)")
-    return ("head", int(m.group(1)), int(m.group(2))) if m.group(2) is not None else ("mlp", int(m.group(1)), None)
 
 
 @dataclass

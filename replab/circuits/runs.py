@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from replab.errors import ReplabError
-from replab.io import inside, read_text
+from replab.io import inside, json_plain, read_text
 from replab.rundir import finish_run, start_run
 
 CONFIG = "config.yaml"
@@ -66,19 +66,6 @@ def model_option(model):
     return None if is_default(name) else name
 
 
-def _plain(value):
-    """JSON/YAML-safe copy (tuples -> lists, numpy scalars -> Python)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def command_line(kind: str, options: dict, flags: dict | None = None) -> str:
     """The ``replab circuit KIND --opt value ...`` line equivalent to ``options`` (``flags``:
     option name -> command-line flag where they differ, e.g. ``{"n_top": "--top"}``)."""
@@ -104,7 +91,7 @@ def start(out, kind: str, options: dict, flags: dict | None = None) -> Path:
     from replab._version import __version__
 
     out = start_run(out)
-    opts = {k: _plain(model_option(v) if k == "model" else v) for k, v in options.items()
+    opts = {k: json_plain(model_option(v) if k == "model" else v) for k, v in options.items()
             if k not in _VOLATILE}
     config = {"kind": kind, "command": command_line(kind, opts, flags),
               "replay": shlex.join(["replab", "circuit", "replay", str(out / CONFIG)]),
@@ -119,7 +106,7 @@ def finish(out: Path, summary: dict, model) -> dict:
 
     config = yaml.safe_load((out / CONFIG).read_text())
     summary = {"kind": f"circuit_{config['kind']}", **summary, "config": config}
-    return {**finish_run(out, _plain(summary), model), "out": str(out)}
+    return {**finish_run(out, json_plain(summary), model), "out": str(out)}
 
 
 def read_config(path) -> dict:

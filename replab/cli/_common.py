@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import typer
 
 from replab.errors import ReplabError
+from replab.io import json_plain
 
 JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 MODEL_OPT = typer.Option(None, "--model", "-m",
                          help="Model: default SmolLM2-135M-Instruct, 'tiny', or a local HF dir.")
+N_BOOT_OPT = typer.Option(1000, "--n-boot", help="Bootstrap resamples (over prompts) for the CIs.")
 
 # The Ray engine (docs/scaling.md): shared by `harvest`, `patch sweep`, `circuit prune` and
 # `circuit edges` (any command whose library call passes `engine` down to run_plan).
@@ -32,24 +33,9 @@ def examples(*lines: str) -> str:
     return "Examples:\n\n" + "\n\n".join(f"  $ {line}" for line in lines)
 
 
-def _clean(value):
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            return _clean(value.item())
-        except (ValueError, AttributeError):
-            pass
-    return value
-
-
 def print_json(data) -> None:
     """Print ``data`` as JSON (NaN -> null, numpy scalars -> Python)."""
-    sys.stdout.write(json.dumps(_clean(data), indent=1, default=str) + "\n")
+    sys.stdout.write(json.dumps(json_plain(data), indent=1, default=str) + "\n")
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from replab.cli._common import human_console, print_json
+from replab.cli._common import N_BOOT_OPT, human_console, print_json
 
 TASK = typer.Option("next_day", "--task", "-t",
                     help="Task: next_day, fact_recall, superclass (superclass:A,B), sequences "
@@ -24,7 +24,7 @@ MEAN_OVER = typer.Option(None, "--mean-over",
                          help="For --ablation mean-other: the prompts to average over (a task, prompt set or "
                               "file; add #corrupt for its corrupt prompts, e.g. sequences/random#corrupt).")
 SEED = typer.Option(0, "--seed", help="Seed for random sets, resample ablation and the bootstrap.")
-N_BOOT = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the CIs.")
+N_BOOT = N_BOOT_OPT
 OUT = typer.Option(None, "--out", "-o", help="Run directory.")
 COMPONENTS = typer.Option(..., "--components", "-c",
                           help="Components: L5H3, L5H3.q|.k|.v, L7MLP, L7ATTN, L7RESID, EMBED, with optional "

@@ -24,7 +24,7 @@ import pandas as pd
 from replab._progress import progress_bar
 from replab._version import __version__
 from replab.errors import ReplabError
-from replab.io import writable_dir, write_text_atomic
+from replab.io import json_plain, writable_dir, write_text_atomic
 from replab.probes.directions import save_probe, write_directions
 from replab.probes.plots import plot_probe_curves
 from replab.probes.rank import cluster_directions, smallest_rank
@@ -351,20 +351,10 @@ def write_run(run: ProbeRun, out: Path, store, cfg: ProbeConfig, classes, layers
                      config=asdict(cfg), best_layer=run.best_layer)
     plot_probe_curves(run.records, out / "figures" / "accuracy_vs_layer",
                       title=f"probe {cfg.label} on {Path(str(store.path)).name}")
-    write_text_atomic(out / "summary.json", json.dumps(_clean(run.summary), indent=1, default=str) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(json_plain(run.summary), indent=1, default=str) + "\n")
 
 
 def _py(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def _clean(v):
-    """JSON-safe: NaN -> None, numpy scalars -> Python."""
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    v = _py(v)
-    if isinstance(v, float) and not np.isfinite(v):
-        return None
-    return v

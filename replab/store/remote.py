@@ -67,9 +67,6 @@ class RemoteFiles:
     def exists(self, name: str = "") -> bool:
         return bool(self.fs.exists(self._path(name) if name else self.root))
 
-    def isdir(self) -> bool:
-        return bool(self.fs.isdir(self.root))
-
     def listdir(self) -> list[str]:
         """Names directly in the directory ([] when it does not exist)."""
         if not self.fs.exists(self.root):

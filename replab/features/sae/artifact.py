@@ -16,6 +16,7 @@ a directory that looks complete. Cache: ``cache_dir()/saes/<model>-<sha16>/<hook
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -33,16 +34,23 @@ from replab.models.coerce import as_model
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+    from replab.features.sae.config import SAETrainConfig
+
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 META = "replab.json"
 FORMAT = "replab.sae"
 
 
-def cached_sae_dir(identity: dict, hook_name: str) -> Path:
-    """``cache_dir()/saes/<model>-<sha16>/<hook_name>`` (may not exist yet)."""
-
-    return cache_dir() / "saes" / identity_key(identity) / hook_name
+def cached_sae_dir(identity: dict, hook_name: str, config: SAETrainConfig | None = None) -> Path:
+    """``cache_dir()/saes/<model>-<sha16>/<hook_name>`` (may not exist yet): ``replab sae train``'s
+    entry. With a ``config``, that config's own entry beside it,
+    ``<hook_name>-<arch><d_sae>-<sha256 of config.cache_key()[:12]>``, which never replaces it."""
+    base = cache_dir() / "saes" / identity_key(identity) / hook_name
+    if config is None:
+        return base
+    key = hashlib.sha256(json.dumps(config.cache_key(), sort_keys=True).encode()).hexdigest()[:12]
+    return base.with_name(f"{base.name}-{config.arch}{config.d_sae}-{key}")
 
 
 def save_sae(sae, path: str | os.PathLike, identity: dict, hook_name: str, layer: int | None,
