@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from replab.experiments.report import fmt, lookup
+
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/lib/chromium/chromium")
 
 
@@ -42,13 +44,6 @@ def require_browser():
     return sync_api, exe
 
 
-def _lookup(summary: dict, key: str):
-    value = summary
-    for part in key.split("."):
-        value = value[int(part)] if isinstance(value, list) else value[part]
-    return value
-
-
 def check_report(run_dir, screenshot_dir) -> dict:
     """Open ``run_dir/report.html``: no console errors, every image loaded, every marked number
     equal to ``summary.json``; save a full-page screenshot. Returns what was checked."""
@@ -67,7 +62,7 @@ def check_report(run_dir, screenshot_dir) -> dict:
             page.goto((run_dir / "report.html").resolve().as_uri(), wait_until="load")
             images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.complete, e.naturalWidth])")
             numbers = page.eval_on_selector_all(
-                "span.num", "els => els.map(e => [e.dataset.key, e.dataset.value, e.textContent])")
+                "span.num", "els => els.map(e => [e.dataset.key, e.dataset.spec, e.textContent])")
             headline_keys = page.eval_on_selector_all("#headline span.num", "els => els.map(e => e.dataset.key)")
             Path(screenshot_dir).mkdir(parents=True, exist_ok=True)
             shot = Path(screenshot_dir) / f"{summary['experiment']}.png"
@@ -81,10 +76,10 @@ def check_report(run_dir, screenshot_dir) -> dict:
     broken = [alt for alt, complete, width in images if not complete or width <= 0]
     assert not broken, f"images that did not load: {broken}"
     assert sorted(headline_keys) == sorted(f"headline.{k}" for k in summary["headline"])
-    for key, raw, shown in numbers:
-        expected = _lookup(summary, key)
-        assert json.loads(raw) == expected, (key, raw, expected)
-        if isinstance(expected, float) and math.isfinite(expected) and not isinstance(expected, bool):
+    for key, spec, shown in numbers:      # the shown text is summary.json's value, formatted
+        expected = lookup(summary, key)
+        assert shown == fmt(expected, spec or None), (key, shown, expected)
+        if isinstance(expected, float) and math.isfinite(expected):
             digits = shown.replace(",", "").rstrip("%")
             value = float(digits) / (100 if shown.endswith("%") else 1)
             assert math.isclose(value, expected, rel_tol=0.06, abs_tol=0.006), (key, shown, expected)

@@ -19,6 +19,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
+from experiment_testutil import assert_complete
 from report_browser import check_report
 
 from replab.errors import ReplabError
@@ -114,14 +115,9 @@ def _sanity(out, s: dict) -> None:
 
 
 def _complete(out, s: dict, model) -> None:
-    for name in ("config.yaml", "summary.json", "report.html"):
-        assert (out / name).is_file()
-    assert [t["stage"] for t in s["provenance"]["stages"]] == list(STAGES)
-    for st in STAGES:
-        assert json.loads((out / st / "stage.json").read_text())["result"] == s["stages"][st]
-    config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["experiment"] == "sequences" and config["profile"] == "quick" and config["model"] == model
-    assert set(config["options"]) == set(get_experiment("sequences").defaults)
+    assert list(STAGES) == [st.name for st in get_experiment("sequences").stages]
+    config = assert_complete(out, "sequences", s)
+    assert config["profile"] == "quick" and config["model"] == model
     for sub in ("prune", "compare/compare", "heads/detect"):
         assert (out / sub / "summary.json").is_file(), sub
     # the circuit runs got the loaded model; their config.yaml names it so that a replay loads it again
@@ -130,8 +126,6 @@ def _complete(out, s: dict, model) -> None:
     for test in config["options"]["ablation_tests"].split(","):
         for a in config["options"]["ablations"].split(","):
             assert (out / "ablations" / f"{test}_{a.replace('/', '-')}" / "summary.json").is_file()
-    for f in (f for stage in s["stages"].values() for f in stage.get("figures", [])):
-        assert (out / f).is_file() and (out / f).with_suffix(".svg").is_file(), f
     assert (out / "geometry" / "store").is_dir() and (out / "prune" / "levels.parquet").is_file()
 
 

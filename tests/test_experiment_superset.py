@@ -4,17 +4,17 @@ checks a researcher would make, the report in a browser, reuse on a second run, 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import yaml
+from experiment_testutil import assert_complete
 from report_browser import check_report
 
 from replab.circuits.blocks_run import run_blocks
 from replab.circuits.replay import replay_run
-from replab.experiments import get_experiment, run_experiment
+from replab.experiments import run_experiment
 from replab.experiments.superset import QUICK
 from replab.experiments.superset_report import VERDICTS
 
@@ -51,17 +51,8 @@ def quick_run(tmp_path_factory):
 @pytest.mark.integration
 def test_run_directory_is_complete(quick_run):
     out, s = quick_run
-    for name in ("config.yaml", "summary.json", "report.html"):
-        assert (out / name).is_file()
-    stages = [st.name for st in get_experiment("superset").stages]
-    assert [t["stage"] for t in s["provenance"]["stages"]] == stages
-    for st in stages:
-        assert json.loads((out / st / "stage.json").read_text())["result"] == s["stages"][st]
-        for fig in s["stages"][st].get("figures", []):
-            assert (out / fig).is_file(), fig
-    config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["experiment"] == "superset" and config["profile"] == "quick"
-    assert set(config["options"]) == set(get_experiment("superset").defaults)
+    config = assert_complete(out, "superset", s)
+    assert config["profile"] == "quick"
     assert all(config["options"][k] == v for k, v in QUICK.items())
     for stage, stem in (("scan", "scan"), ("blocks", "blocks_heatmap"), ("direction", "dose_response")):
         assert (out / stage / f"{stem}.png").is_file() and (out / stage / f"{stem}.svg").is_file()

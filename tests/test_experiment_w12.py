@@ -18,10 +18,10 @@ import re
 import pandas as pd
 import pytest
 import torch
-import yaml
+from experiment_testutil import assert_complete
 from report_browser import check_report
 
-from replab.experiments import get_experiment, run_experiment
+from replab.experiments import run_experiment
 
 
 def _numbers(summary: dict) -> dict:
@@ -34,42 +34,6 @@ def _numbers(summary: dict) -> dict:
         return v
     return {"headline": summary["headline"], "stages": strip(summary["stages"]), "model": summary["model"],
             "options": summary["config"]["options"]}
-
-
-def _complete(out, name: str, summary: dict) -> None:
-    """config.yaml (every option), summary.json, report.html, one stage.json per stage, figures
-    PNG + SVG, every report figure a file."""
-    exp = get_experiment(name)
-    for f in ("config.yaml", "summary.json", "report.html"):
-        assert (out / f).is_file(), f
-    config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["experiment"] == name and set(config["options"]) == set(exp.defaults)
-    assert [t["stage"] for t in summary["provenance"]["stages"]] == [s.name for s in exp.stages]
-    for st in exp.stages:
-        assert json.loads((out / st.name / "stage.json").read_text())["result"] == summary["stages"][st.name]
-        _parses(summary["stages"][st.name]["command"])
-        for fig in summary["stages"][st.name].get("figures", []):
-            assert (out / fig).is_file() and (out / fig).with_suffix(".svg").is_file(), fig
-    assert summary["model"]["weights_sha256"]
-
-
-def _parses(command: str) -> None:
-    """``command`` (a stage's ``replab ...`` line) names a real command and every flag exists: click
-    parses it (types converted, required arguments present) without running it."""
-    import shlex
-
-    import typer
-
-    from replab.cli import app
-
-    args = shlex.split(command)
-    assert args[0] == "replab"
-    cmd, args, ctx = typer.main.get_command(app), args[1:], None
-    while hasattr(cmd, "get_command"):                        # a group: descend (typer vendors its own click)
-        ctx = cmd.context_class(cmd, parent=ctx, info_name=cmd.name)
-        cmd, args = cmd.get_command(ctx, args[0]), args[1:]
-        assert cmd is not None, command
-    cmd.make_context(cmd.name, list(args), parent=ctx)
 
 
 def _close(a, b, tol=1e-6):
@@ -124,7 +88,7 @@ def test_next_day_runs_on_the_tiny_model(tmp_path):
     out = tmp_path / "nd"
     s = run_experiment("next-day", model="tiny", quick=True, out=out, progress=False,
                        options={"grid_layers": "all", "limit": 2, "pattern_top": 4})
-    _complete(out, "next-day", s)
+    assert_complete(out, "next-day", s)
     st = s["stages"]
     assert st["patching_grid"]["all_checks_ok"] and st["dla"]["max_abs_sum_error"] < 1e-3
     assert abs(st["dla"]["logit_diff_mean"] - st["logit_diff"]["logit_diff_clean"]) < 1e-3
@@ -151,7 +115,7 @@ def day_run(tmp_path_factory):
 @pytest.mark.integration
 def test_fact_recall_quick_on_smollm2(fact_run, smol):
     out, s = fact_run
-    _complete(out, "fact-recall", s)
+    assert_complete(out, "fact-recall", s)
     st = s["stages"]
     a, b, f, e, r = (st[k] for k in ("answer_check", "broad_patching", "refinement", "evidence", "ranked_report"))
     # the model knows the fact, and the corruption removes it
@@ -198,7 +162,7 @@ def test_fact_recall_quick_on_smollm2(fact_run, smol):
 @pytest.mark.integration
 def test_next_day_quick_on_smollm2(day_run):
     out, s = day_run
-    _complete(out, "next-day", s)
+    assert_complete(out, "next-day", s)
     st = s["stages"]
     tp, ld, d, g, pt = (st[k] for k in ("test_prompt", "logit_diff", "dla", "patching_grid", "patterns"))
     # the behaviour exists: the answer beats the foil on clean prompts, the corruption flips it

@@ -8,12 +8,13 @@ import shutil
 
 import pytest
 import yaml
+from experiment_testutil import assert_complete
 from replab_testutil import run_cli
 from report_browser import check_report
 
 from replab.errors import ReplabError
 from replab.experiments import get_experiment, list_runs, run_experiment, show_run
-from replab.experiments.report import lookup
+from replab.experiments.report import fmt, lookup
 
 
 def _numbers(summary: dict) -> dict:
@@ -38,15 +39,8 @@ def lens_run(tmp_path_factory):
 
 def test_run_directory_is_complete(lens_run):
     out, s = lens_run
-    for name in ("config.yaml", "summary.json", "report.html"):
-        assert (out / name).is_file()
-    stages = [st.name for st in get_experiment("lenses").stages]
-    assert [t["stage"] for t in s["provenance"]["stages"]] == stages
-    for st in stages:
-        assert json.loads((out / st / "stage.json").read_text())["result"] == s["stages"][st]
-    config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["experiment"] == "lenses" and config["profile"] == "quick" and config["model"] == "tiny"
-    assert set(config["options"]) == set(get_experiment("lenses").defaults)      # every default written out
+    config = assert_complete(out, "lenses", s)                                    # every default written out
+    assert config["profile"] == "quick" and config["model"] == "tiny"
     assert config["options"]["limit"] == 8                                          # the quick profile
     prov = s["provenance"]
     assert prov["model"]["weights_sha256"] and "config_sha256" in prov["model"]     # None for the random tiny model
@@ -59,12 +53,13 @@ def test_every_report_number_comes_from_the_summary(lens_run):
     html = (out / "report.html").read_text()
     assert "http://" not in html and "https://" not in html          # nothing fetched
     assert html.count("data:image/png;base64,") >= 4
+    import html as html_lib
     import re
 
-    keys = re.findall(r'data-key="([^"]+)" data-value="([^"]*)"', html)
-    assert len(keys) >= 10
-    for key, raw in keys:
-        assert json.loads(raw.replace("&#34;", '"').replace("&quot;", '"')) == lookup(s, key)
+    spans = re.findall(r'data-key="([^"]+)" data-value="[^"]*" data-spec="([^"]*)">([^<]*)</span>', html)
+    assert len(spans) >= 10
+    for key, spec, shown in spans:     # the page's text is the summary's value, formatted
+        assert html_lib.unescape(shown) == fmt(lookup(s, key), html_lib.unescape(spec) or None), key
 
 
 def test_second_run_reuses_every_stage_and_force_recomputes(lens_run, tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
+from replab.cli._common import JSON_OPT, MODEL_OPT, N_BOOT_OPT, examples, human_console, print_json
 
 app = typer.Typer(help="Feature-level patching: a layer scan, and direction patching with baselines "
                        "and a verdict.", no_args_is_help=True)
@@ -59,6 +59,7 @@ def scan_cmd(
         min_full: float = typer.Option(0.5, "--min-full", help="A layer is eligible when its full-residual patch "
                                                                "restores at least this much."),
         seed: int = typer.Option(0, "--seed"),
+        n_boot: int = N_BOOT_OPT,
         out: str = typer.Option(None, "--out", "-o", help="Run directory (default runs/features-scan)."),
         model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Per layer, in one batched run: the full-residual patch at the probe's position, the probe
@@ -68,7 +69,7 @@ def scan_cmd(
 
     config = ScanRunConfig(probe=probe, task=task, classes=classes, pairs=pairs, template=template, dataset=dataset,
                            scan=ScanConfig(kind=kind, cls=cls, positions=positions, layers=layers, metric=metric,
-                                           n_random=n_random, min_full=min_full, seed=seed))
+                                           n_random=n_random, min_full=min_full, seed=seed, n_boot=n_boot))
     s = run_scan(config=config, out=out, model=model, progress=not json_out)
     console = _json_or_console(s, SCAN_KEYS, json_out)
     if console is None:
@@ -153,6 +154,7 @@ def patch_cmd(
                                          help="Random-mean sanity check: stop when |random mean| > "
                                               "max(this, 10% of the full effect) (default 0.05)."),
         seed: int = typer.Option(0, "--seed", help="Seed for random directions, shuffles, bootstrap."),
+        n_boot: int = N_BOOT_OPT,
         out: str = typer.Option(None, "--out", "-o", help="Run directory."),
         model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Patch only a direction clean→corrupt (and noise, ablate, steer), against random, complement
@@ -164,7 +166,7 @@ def patch_cmd(
         direction=direction, cls=cls, label=label, layer=layer, kind=kind, shuffled=shuffled, store=store,
         leace=leace, task=task, classes=classes, pairs=pairs, template=template, dataset=dataset,
         patch=DirectionPatchConfig(site=site, positions=positions, metric=metric, n_random=n_random, alphas=alphas,
-                                   alpha_unit=alpha_unit, random_tol=random_tol, seed=seed))
+                                   alpha_unit=alpha_unit, random_tol=random_tol, seed=seed, n_boot=n_boot))
     s = run_direction_patch(config=config, out=out, model=model, progress=not json_out)
     console = _json_or_console(s, JSON_KEYS, json_out)
     if console is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from replab.cli._common import JSON_OPT, MODEL_OPT, examples, human_console, print_json
+from replab.cli._common import JSON_OPT, MODEL_OPT, N_BOOT_OPT, examples, human_console, print_json
 from replab.cli.sae import HOOK_OPT, LAYER_OPT, SAE_DIR_ARG, app
 
 
@@ -36,7 +36,7 @@ def patch_cmd(sae_dir: Path = SAE_DIR_ARG, layer: int = LAYER_OPT, hook: str = H
               n_random: int = typer.Option(100, "--random", help="Random same-size latent sets."),
               pairs: int = typer.Option(64, "--pairs", help="At most this many prompt pairs."),
               template: str = typer.Option(None, "--template", help="One template of the task."),
-              seed: int = typer.Option(0, "--seed"),
+              seed: int = typer.Option(0, "--seed"), n_boot: int = N_BOOT_OPT,
               out: Path = typer.Option(None, "--out", "-o", help="Run directory (default runs/sae-patch)."),
               model: str = MODEL_OPT, json_out: bool = JSON_OPT) -> None:
     """Do a few SAE latents carry the effect? Patch them, compare to the full patch and random sets.
@@ -51,7 +51,7 @@ def patch_cmd(sae_dir: Path = SAE_DIR_ARG, layer: int = LAYER_OPT, hook: str = H
     config = LatentRunConfig(sae=sae_dir, layer=layer, hook=hook, from_dir=from_dir, task=task, classes=classes,
                              pairs=pairs, template=template, dataset=dataset,
                              patch=LatentPatchConfig(latents=latents, top=top, positions=positions, metric=metric,
-                                                     n_random=n_random, seed=seed))
+                                                     n_random=n_random, seed=seed, n_boot=n_boot))
     s = run_latent_patch(config=config, out=out, model=model)
     if json_out:
         print_json(s)

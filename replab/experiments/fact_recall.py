@@ -42,7 +42,7 @@ from replab.circuits.report_files import (
 )
 from replab.circuits.report_patching import check_options, component_units, patch_units, refine_units, unit_name
 from replab.experiments.report import text
-from replab.experiments.spec import Experiment, Section, Stage, rel
+from replab.experiments.spec import Experiment, Section, Stage, png_figures, rel
 from replab.hooks import parse_layers
 from replab.io import write_json_atomic
 from replab.rundir import write_table
@@ -61,12 +61,16 @@ SETUP_KEYS = ("dataset", "prompt_index", "corruption", "scoring")
 
 
 def _setup(ctx):
-    c = ctx.config
-    check_options(c["corruption"], c["scoring"])
-    m = ctx.model
-    rows, name = load_rows(c["dataset"], None, m.tokenizer, bool(m.cfg.default_prepend_bos))
-    setup, prompt, answer = build_setup(m, rows, c["prompt_index"], c["corruption"])
-    return setup, prompt, answer, name, answer_check(m, setup)
+    """The prompt's setup and answer check, built once per run (every stage reads them; a resumed
+    run builds them in its first stage)."""
+    if "fact_recall" not in ctx.memo:
+        c = ctx.config
+        check_options(c["corruption"], c["scoring"])
+        m = ctx.model
+        rows, name = load_rows(c["dataset"], None, m.tokenizer, bool(m.cfg.default_prepend_bos))
+        setup, prompt, answer = build_setup(m, rows, c["prompt_index"], c["corruption"])
+        ctx.memo["fact_recall"] = (setup, prompt, answer, name, answer_check(m, setup))
+    return ctx.memo["fact_recall"]
 
 
 def _report_cmd(ctx, out: bool = True) -> str:
@@ -120,7 +124,7 @@ def step_broad(ctx) -> dict:
             "n_top": len(top), "n_mlps_in_top": int((top["kind"] == "mlp").sum()),
             "top": [{"component": r.component, "drop": round(r.drop, 4), "normalized_drop": _r(r.normalized_drop)}
                     for r in top.itertuples()],
-            "figures": [rel(f, ctx.run_dir) for f in figs if f.endswith(".png")], "command": _report_cmd(ctx)}
+            "figures": png_figures(ctx, figs), "command": _report_cmd(ctx)}
 
 
 def step_refine(ctx) -> dict:
@@ -138,7 +142,7 @@ def step_refine(ctx) -> dict:
             "all_checks_ok": all(x["ok"] for x in p.checks.values()),
             "stages": [{"component": r.component, "output_drop": round(r.drop, 4), "input_unit": r.refine_unit,
                         "input_drop": _r(r.refine_drop), "matters_more": r.matters_more} for r in cmp.itertuples()],
-            "figures": [rel(f, ctx.run_dir) for f in figs if f.endswith(".png")], "command": _report_cmd(ctx)}
+            "figures": png_figures(ctx, figs), "command": _report_cmd(ctx)}
 
 
 def step_evidence(ctx) -> dict:
@@ -166,7 +170,7 @@ def step_evidence(ctx) -> dict:
             "spearman_drop_activation": _f(both["drop"].corr(both["mean_abs_activation"], method="spearman")),
             "top_parameters": [{"parameter": r.name, "grad_norm": float(f"{r.grad_norm:.4g}")}
                                for r in top.itertuples()],
-            "figures": [rel(f, ctx.run_dir) for f in figs if f.endswith(".png")], "command": _report_cmd(ctx)}
+            "figures": png_figures(ctx, figs), "command": _report_cmd(ctx)}
 
 
 def step_report(ctx) -> dict:
@@ -253,39 +257,35 @@ def narrative(s: dict) -> list[Section]:
     out = []
     if a["rank"] == 1:
         first = text("The model completes “{stages.answer_check.prompt}” with {stages.answer_check.answer}: "
-                     "probability {stages.answer_check.prob}, raw logit {stages.answer_check.logit}, rank 1.", s,
-                     stages__answer_check__prob=".0%", stages__answer_check__logit=".2f")
+                     "probability {stages.answer_check.prob:.0%}, raw logit {stages.answer_check.logit:.2f}, rank 1.",
+                     s)
     else:
         first = text("The model does not give the target first: after “{stages.answer_check.prompt}”, "
                      "{stages.answer_check.answer} has rank {stages.answer_check.rank} (probability "
-                     "{stages.answer_check.prob}, logit {stages.answer_check.logit}) and its top token is "
-                     "{stages.answer_check.top1}. The components below explain a fact the model does not recall.", s,
-                     stages__answer_check__logit=".2f")
+                     "{stages.answer_check.prob}, logit {stages.answer_check.logit:.2f}) and its top token is "
+                     "{stages.answer_check.top1}. The components below explain a fact the model does not recall.", s)
     out.append(Section("Answer check", [first, _corruption_text(s)], tables=[("top 5 tokens", a["top5"])],
                        command=a["command"]))
 
     m = b["metric"]
     paras = [text(f"Corrupting every prompt position of the layer-0 residual stream moves the target's {m} from "
-                  "{stages.broad_patching.clean} to {stages.broad_patching.fully_corrupted} (a drop of "
-                  "{stages.broad_patching.full_drop}). Sanity checks, in the same batch: the empty patch reproduces "
-                  "the clean run, the full corruption equals an independent TransformerLens-hook forward and a "
-                  "clean-into-clean patch changes nothing (largest error {stages.broad_patching.max_check_error}).", s,
-                  stages__broad_patching__clean=".2f", stages__broad_patching__fully_corrupted=".2f",
-                  stages__broad_patching__full_drop=".2f", stages__broad_patching__max_check_error=".1e")]
+                  "{stages.broad_patching.clean:.2f} to {stages.broad_patching.fully_corrupted:.2f} (a drop of "
+                  "{stages.broad_patching.full_drop:.2f}). Sanity checks, in the same batch: the empty patch "
+                  "reproduces the clean run, the full corruption equals an independent TransformerLens-hook forward "
+                  "and a clean-into-clean patch changes nothing (largest error "
+                  "{stages.broad_patching.max_check_error:.1e}).", s)]
     if b["full_drop"] <= 0:
         paras.append(text("The corruption does not lower the target, so the drops below are not evidence of recall: "
                           "choose another corruption.", s))
-    norm = (", {stages.broad_patching.top_normalized_drop} of the full drop" if b["top_normalized_drop"] is not None
+    norm = (", {stages.broad_patching.top_normalized_drop:.0%} of the full drop" if b["top_normalized_drop"] is not None
             else "")
     paras.append(text("Of the {stages.broad_patching.n_components} heads (z) and MLPs (post) of layers "
                       "{stages.broad_patching.first_layer}–{stages.broad_patching.last_layer}, corrupting "
                       "{stages.broad_patching.top_component} alone drops the target most "
-                      "({stages.broad_patching.top_drop}" + norm + "). The top head is "
-                      "{stages.broad_patching.top_head} ({stages.broad_patching.top_head_drop}), "
-                      "the top MLP {stages.broad_patching.top_mlp} ({stages.broad_patching.top_mlp_drop}); "
-                      "{stages.broad_patching.n_mlps_in_top} of the top {stages.broad_patching.n_top} are MLPs.", s,
-                      stages__broad_patching__top_drop=".2f", stages__broad_patching__top_normalized_drop=".0%",
-                      stages__broad_patching__top_head_drop=".2f", stages__broad_patching__top_mlp_drop=".2f"))
+                      "({stages.broad_patching.top_drop:.2f}" + norm + "). The top head is "
+                      "{stages.broad_patching.top_head} ({stages.broad_patching.top_head_drop:.2f}), "
+                      "the top MLP {stages.broad_patching.top_mlp} ({stages.broad_patching.top_mlp_drop:.2f}); "
+                      "{stages.broad_patching.n_mlps_in_top} of the top {stages.broad_patching.n_top} are MLPs.", s))
     out.append(Section("Which heads and MLPs matter: broad patching (z, post)", paras, b["figures"],
                        [("largest drops", b["top"])], command=b["command"]))
 
@@ -298,15 +298,13 @@ def narrative(s: dict) -> list[Section]:
 
     paras = [text("Correlational evidence: the gradient of the target's negative log-likelihood on the Hugging Face "
                   "model (exact parameter names; its loss equals the analysed model's within "
-                  "{stages.evidence.hf_loss_error}) is largest for {stages.evidence.top_parameter} "
-                  "({stages.evidence.top_grad_norm}) among {stages.evidence.n_matrices} weight matrices.", s,
-                  stages__evidence__hf_loss_error=".1e", stages__evidence__top_grad_norm=".3g")]
+                  "{stages.evidence.hf_loss_error:.1e}) is largest for {stages.evidence.top_parameter} "
+                  "({stages.evidence.top_grad_norm:.3g}) among {stages.evidence.n_matrices} weight matrices.", s)]
     if e["spearman_drop_grad"] is not None and e["spearman_drop_activation"] is not None:
-        paras.append(text("Across the components, the patching drop has Spearman {stages.evidence.spearman_drop_grad} "
-                          "with the gradient norm and {stages.evidence.spearman_drop_activation} with the mean "
-                          "|activation| at the final position: this evidence can reorder the causal candidates, "
-                          "never add one.", s, stages__evidence__spearman_drop_grad=".2f",
-                          stages__evidence__spearman_drop_activation=".2f"))
+        paras.append(text("Across the components, the patching drop has Spearman "
+                          "{stages.evidence.spearman_drop_grad:.2f} with the gradient norm and "
+                          "{stages.evidence.spearman_drop_activation:.2f} with the mean |activation| at the final "
+                          "position: this evidence can reorder the causal candidates, never add one.", s))
     out.append(Section("Supporting evidence: activations and gradient norms", paras, e["figures"],
                        [("largest gradient norms", e["top_parameters"])], command=e["command"]))
 

@@ -9,7 +9,7 @@ tuned lens table → held-out KL/CE per layer of both lenses. Every step is a li
 from __future__ import annotations
 
 from replab.experiments.report import text
-from replab.experiments.spec import Experiment, Section, Stage, rel
+from replab.experiments.spec import Experiment, Section, Stage, model_flag, rel
 from replab.lenses import TrainConfig, apply_lens, run_eval, train_lens
 from replab.models.tiny_hf import resolve
 
@@ -25,10 +25,6 @@ DEFAULTS = {
     "seed": 0,
 }
 QUICK = {"limit": 8, "lens_tokens": 1024, "lens_steps": 2, "eval_tokens": 256, "eval_seq_len": 64}
-
-
-def _model_flag(ctx) -> str:
-    return f" --model {ctx.model_name}" if ctx.model_name else ""
 
 
 def _lens_result(ctx, summary: dict, kind: str) -> dict:
@@ -55,7 +51,7 @@ def logit_table(ctx) -> dict:
     s = apply_lens("logit", ctx.model_name, dataset=c["dataset"], limit=c["limit"], k=c["top_k"], out=ctx.out,
                    progress=ctx.progress)
     return {**_lens_result(ctx, s, "logit"),
-            "command": f"replab lens logit{_model_flag(ctx)} {_args(c)} --out {ctx.out}"}
+            "command": f"replab lens logit{model_flag(ctx)} {_args(c)} --out {ctx.out}"}
 
 
 def _train_config(c: dict) -> TrainConfig:
@@ -68,7 +64,7 @@ def train(ctx) -> dict:
     # whether this run trained the lens or found it in the cache is not a result (a replay would
     # differ): the lens and its training time, recorded when it was trained, are the same either way
     return {"lens_path": str(path), "train_seconds": stats.get("seconds"),
-            "command": (f"replab lens train{_model_flag(ctx)} --tokens {c['lens_tokens']} "
+            "command": (f"replab lens train{model_flag(ctx)} --tokens {c['lens_tokens']} "
                         f"--steps {c['lens_steps']} --seed {c['seed']}")}
 
 
@@ -78,7 +74,7 @@ def tuned_table(ctx) -> dict:
     s = apply_lens("tuned", resolve(ctx.model_name), dataset=c["dataset"], limit=c["limit"], k=c["top_k"], out=ctx.out,
                    lens_path=lens, progress=ctx.progress)
     return {**_lens_result(ctx, s, "tuned"),
-            "command": f"replab lens tuned{_model_flag(ctx)} {_args(c)} --lens {lens} --out {ctx.out}"}
+            "command": f"replab lens tuned{model_flag(ctx)} {_args(c)} --lens {lens} --out {ctx.out}"}
 
 
 def heldout(ctx) -> dict:
@@ -99,7 +95,7 @@ def heldout(ctx) -> dict:
         "kl_by_layer": [{"layer": int(r.layer), "kl_logit": float(r.logit), "kl_tuned": float(r.tuned)}
                         for r in w.itertuples()],
         "figures": ["heldout_kl/eval.png"],
-        "command": (f"replab lens eval{_model_flag(ctx)} --corpus {c['eval_corpus']} --tokens {c['eval_tokens']} "
+        "command": (f"replab lens eval{model_flag(ctx)} --corpus {c['eval_corpus']} --tokens {c['eval_tokens']} "
                     f"--seq-len {c['eval_seq_len']} --lens {lens} --out {ctx.out}"),
     }
 
@@ -132,9 +128,8 @@ def narrative(s: dict) -> list[Section]:
                         f"any of the {{stages.{key}.n_prompts}} prompts.", s)
         return text(f"Through the {r['kind']} lens the answer first becomes the top-1 token at layer "
                     f"{{stages.{key}.median_first_top1_layer}} (median over the prompts where it ever does: "
-                    f"{{stages.{key}.frac_ever_top1}} of {{stages.{key}.n_prompts}}); the model's own output ranks "
-                    f"it first on {{stages.{key}.frac_final_top1}} of them.", s,
-                    **{f"stages__{key}__frac_ever_top1": ".0%", f"stages__{key}__frac_final_top1": ".0%"})
+                    f"{{stages.{key}.frac_ever_top1:.0%}} of {{stages.{key}.n_prompts}}); the model's own output "
+                    f"ranks it first on {{stages.{key}.frac_final_top1:.0%}} of them.", s)
 
     better = ("The tuned lens is closer to the model's output than the logit lens at every layer"
               if kl["tuned_better_every_layer"] else
@@ -144,9 +139,8 @@ def narrative(s: dict) -> list[Section]:
         Section("Logit lens", [first_top1("logit_lens", lo)], lo["figures"], command=lo["command"]),
         Section("Tuned lens", [
             text("A tuned lens (an affine translator per layer) is trained once for this model and training "
-                 "configuration and cached" + (", in {stages.tuned_lens_train.train_seconds} s" if
-                                               tr.get("train_seconds") is not None else "") + ".", s,
-                 stages__tuned_lens_train__train_seconds=".0f"),
+                 "configuration and cached" + (", in {stages.tuned_lens_train.train_seconds:.0f} s" if
+                                               tr.get("train_seconds") is not None else "") + ".", s),
             first_top1("tuned_lens", tu)], tu["figures"], command=tu["command"]),
         Section("Held-out KL to the model's output", [
             text(better + ": mean KL {stages.heldout_kl.mean_kl_logit} nats (logit) against "

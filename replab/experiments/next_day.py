@@ -21,7 +21,7 @@ import shlex
 import pandas as pd
 
 from replab.experiments.report import text
-from replab.experiments.spec import Experiment, Section, Stage, rel
+from replab.experiments.spec import Experiment, Section, Stage, png_figures, rel
 from replab.patching.runs import run_atp, run_baseline, run_dla, run_grid, run_patterns, test_prompt
 from replab.rundir import write_table
 
@@ -61,10 +61,6 @@ def _cmd(ctx, *args, task: bool = True, out: bool = True) -> str:
 def _task_kw(ctx) -> dict:
     c = ctx.config
     return {"model": ctx.model, "template": c["template"], "limit": c["limit"]}
-
-
-def _figs(ctx, files) -> list[str]:
-    return [rel(f, ctx.run_dir) for f in files if str(f).endswith(".png")]
 
 
 def step_test_prompt(ctx) -> dict:
@@ -119,7 +115,7 @@ def step_dla(ctx) -> dict:
             "top_head": name(pos[0]) if pos else None, "top_head_dla": pos[0]["logit_diff"] if pos else None,
             "bottom_head": name(neg[0]) if neg else None, "bottom_head_dla": neg[0]["logit_diff"] if neg else None,
             "top_heads": [{"head": name(h), "dla": round(h["logit_diff"], 4), "sign": h["sign"]} for h in tops],
-            "figures": _figs(ctx, s["files"]),
+            "figures": png_figures(ctx, s["files"]),
             "command": _cmd(ctx, "attribute", "dla", "--top", str(ctx.config["dla_top"]))}
 
 
@@ -138,7 +134,7 @@ def _patterns(ctx, from_stage: str, top: int) -> dict:
               "last_attends_to": h["last_attends_to"], "weight": round(h["weight"], 3)} for h in s["heads"]]
     counts = {g: sum(h["group"] == g for h in heads) for g in ("early", "middle", "late")}
     return {"heads": heads, "n_heads": len(heads), "groups": s["groups"], "counts": counts,
-            "figures": _figs(ctx, s["files"]),
+            "figures": png_figures(ctx, s["files"]),
             "command": _cmd(ctx, "patch", "patterns", "--from", str(src), "--top", str(top))}
 
 
@@ -216,7 +212,7 @@ def step_atp(ctx) -> dict:
             "heads_spearman": s.get("heads_spearman"), "heads_compared": s.get("heads_compared"),
             "top_components": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                                for r in s["top_components"]],
-            "figures": _figs(ctx, s["files"]),
+            "figures": png_figures(ctx, s["files"]),
             "command": _cmd(ctx, "attribute", "atp", "--top", str(c["atp_top"]))
             + ("" if c["atp_all_heads"] else " --no-all-heads")}
 
@@ -250,25 +246,21 @@ def narrative(s: dict) -> list[Section]:
                                                "patterns", "atp"))
     out = []
     if tp["answer_rank"] == 1:
-        first = text("On “{stages.test_prompt.prompt}” the model puts {stages.test_prompt.answer_prob} on the "
-                     "answer {stages.test_prompt.answer} (rank 1, logit {stages.test_prompt.answer_logit}).", s,
-                     stages__test_prompt__answer_prob=".0%", stages__test_prompt__answer_logit=".2f")
+        first = text("On “{stages.test_prompt.prompt}” the model puts {stages.test_prompt.answer_prob:.0%} on the "
+                     "answer {stages.test_prompt.answer} (rank 1, logit {stages.test_prompt.answer_logit:.2f}).", s)
     else:
         first = text("On “{stages.test_prompt.prompt}” the model does not give the answer first: "
                      "{stages.test_prompt.answer} has rank {stages.test_prompt.answer_rank} (probability "
-                     "{stages.test_prompt.answer_prob}); its top token is {stages.test_prompt.top1_token} "
-                     "({stages.test_prompt.top1_prob}).", s,
-                     stages__test_prompt__answer_prob=".1%", stages__test_prompt__top1_prob=".0%")
+                     "{stages.test_prompt.answer_prob:.1%}); its top token is {stages.test_prompt.top1_token} "
+                     "({stages.test_prompt.top1_prob:.0%}).", s)
     out.append(Section("Test prompt", [first], tables=[("top tokens", tp["top"])], command=tp["command"]))
 
     paras = [text("Over the {stages.logit_diff.n_prompts} prompts of {stages.logit_diff.task_name}, the mean logit "
-                  "difference (answer − foil) is {stages.logit_diff.logit_diff_clean} on the clean prompts and "
-                  "{stages.logit_diff.logit_diff_corrupt} on the corrupted ones, whose day is swapped so that answer "
-                  "and foil trade places. The clean prompts put the answer above the foil in "
-                  "{stages.logit_diff.frac_clean_positive} of the prompts, with a mean probability of "
-                  "{stages.logit_diff.answer_prob_clean} on the answer.", s,
-                  stages__logit_diff__logit_diff_clean=".2f", stages__logit_diff__logit_diff_corrupt=".2f",
-                  stages__logit_diff__frac_clean_positive=".0%", stages__logit_diff__answer_prob_clean=".0%")]
+                  "difference (answer − foil) is {stages.logit_diff.logit_diff_clean:.2f} on the clean prompts and "
+                  "{stages.logit_diff.logit_diff_corrupt:.2f} on the corrupted ones, whose day is swapped so that "
+                  "answer and foil trade places. The clean prompts put the answer above the foil in "
+                  "{stages.logit_diff.frac_clean_positive:.0%} of the prompts, with a mean probability of "
+                  "{stages.logit_diff.answer_prob_clean:.0%} on the answer.", s)]
     if ld["logit_diff_clean"] <= 0:
         paras.append(text("On average the model does not prefer the answer: the analyses below explain a behaviour "
                           "it does not reliably have.", s))
@@ -279,27 +271,24 @@ def narrative(s: dict) -> list[Section]:
                        command=ld["command"]))
 
     paras = [text("The direct contributions of the embedding, every attention layer and every MLP to the final "
-                  "residual stream sum to the model's logit difference within {stages.dla.max_abs_sum_error} "
-                  "(mean {stages.dla.logit_diff_mean}; the baseline's independent forward pass gives "
-                  "{stages.logit_diff.logit_diff_clean}).", s, stages__dla__max_abs_sum_error=".1e",
-                  stages__dla__logit_diff_mean=".3f", stages__logit_diff__logit_diff_clean=".3f")]
+                  "residual stream sum to the model's logit difference within {stages.dla.max_abs_sum_error:.1e} "
+                  "(mean {stages.dla.logit_diff_mean:.3f}; the baseline's independent forward pass gives "
+                  "{stages.logit_diff.logit_diff_clean:.3f}).", s)]
     if d["half_point"] is not None:
         paras.append(text("Projected on the logit-difference direction after the final norm, the accumulated "
-                          "residual stream stays above half of its final value ({stages.dla.final_accumulated}) "
-                          "from {stages.dla.half_point} on.", s, stages__dla__final_accumulated=".2f"))
+                          "residual stream stays above half of its final value ({stages.dla.final_accumulated:.2f}) "
+                          "from {stages.dla.half_point} on.", s))
     else:
         paras.append(text("Projected on the logit-difference direction after the final norm, the accumulated "
-                          "residual stream ends at {stages.dla.final_accumulated} and never settles above half of it.",
-                          s, stages__dla__final_accumulated=".2f"))
+                          "residual stream ends at {stages.dla.final_accumulated:.2f} and never settles above half "
+                          "of it.", s))
     paras.append(text("Per block, the largest direct contribution is {stages.dla.top_block} "
-                      "({stages.dla.top_block_dla}) and the most negative {stages.dla.bottom_block} "
-                      "({stages.dla.bottom_block_dla}).", s, stages__dla__top_block_dla="+.2f",
-                      stages__dla__bottom_block_dla="+.2f"))
+                      "({stages.dla.top_block_dla:+.2f}) and the most negative {stages.dla.bottom_block} "
+                      "({stages.dla.bottom_block_dla:+.2f}).", s))
     if d["top_head"] is not None and d["bottom_head"] is not None:
-        paras.append(text("DLA: the top head {stages.dla.top_head} writes {stages.dla.top_head_dla} to the logit "
-                          "difference; the most negative head, {stages.dla.bottom_head}, writes "
-                          "{stages.dla.bottom_head_dla}.", s, stages__dla__top_head_dla="+.2f",
-                          stages__dla__bottom_head_dla="+.2f"))
+        paras.append(text("DLA: the top head {stages.dla.top_head} writes {stages.dla.top_head_dla:+.2f} to the "
+                          "logit difference; the most negative head, {stages.dla.bottom_head}, writes "
+                          "{stages.dla.bottom_head_dla:+.2f}.", s))
     out.append(Section("Direct logit attribution", paras, d["figures"], [("top and bottom heads", d["top_heads"])],
                        command=d["command"]))
 
@@ -308,38 +297,30 @@ def narrative(s: dict) -> list[Section]:
         if dp.get(f"{key}_attends_to") is not None:
             paras.append(text(f"From the last token, {what} {{stages.dla.{key}}} attends most to "
                               f"“{{stages.dla_patterns.{key}_attends_to}}” (weight "
-                              f"{{stages.dla_patterns.{key}_weight}}).", s,
-                              **{f"stages__dla_patterns__{key}_weight": ".2f"}))
+                              f"{{stages.dla_patterns.{key}_weight:.2f}}).", s))
     out.append(Section("Attention patterns of the top DLA heads", paras, dp["figures"],
                        [("heads (mean pattern over the clean prompts)", dp["heads"])], command=dp["command"]))
 
     what = ("the clean run's activation patched into the corrupted run" if g["direction"] == "denoise"
             else "the corrupted run's activation patched into the clean run")
     paras = [text(f"Activation patching, {what}, normalised so that 0 = corrupted and 1 = clean. Sanity checks in "
-                  "every sweep: patching the whole residual stream gives {stages.patching_grid.full_patch_min}–"
-                  "{stages.patching_grid.full_patch_max} (expected {stages.patching_grid.expected_full}) and the "
-                  "empty patch reproduces the base run within {stages.patching_grid.empty_patch_max_error}.", s,
-                  stages__patching_grid__full_patch_min=".4f", stages__patching_grid__full_patch_max=".4f",
-                  stages__patching_grid__empty_patch_max_error=".1e")]
+                  "every sweep: patching the whole residual stream gives {stages.patching_grid.full_patch_min:.4f}–"
+                  "{stages.patching_grid.full_patch_max:.4f} (expected {stages.patching_grid.expected_full}) and the "
+                  "empty patch reproduces the base run within {stages.patching_grid.empty_patch_max_error:.1e}.", s)]
     moved = ("; the last position carries the largest effect from layer "
              "{stages.patching_grid.last_position_from_layer} on" if g["last_position_from_layer"] is not None
              else "; the last position never carries the largest effect of its layer")
     cell = "layer {stages.patching_grid.best.%s.layer}, “{stages.patching_grid.best.%s.token}” " \
-        "({stages.patching_grid.best.%s.effect})"
+        "({stages.patching_grid.best.%s.effect:.2f})"
     paras.append(text("In the residual stream at the grid's first layer ({stages.patching_grid.best.resid_pre.layer}) "
                       "the largest effect is at “{stages.patching_grid.best.resid_pre.token}” "
-                      "({stages.patching_grid.best.resid_pre.effect})" + moved + ". Attention output: largest at "
-                      + cell % (("attn_out",) * 3) + "; MLP output: " + cell % (("mlp_out",) * 3) + ".", s,
-                      **{f"stages__patching_grid__best__{k}__effect": ".2f" for k in ("resid_pre", "attn_out",
-                                                                                      "mlp_out")}))
+                      "({stages.patching_grid.best.resid_pre.effect:.2f})" + moved + ". Attention output: largest "
+                      "at " + cell % (("attn_out",) * 3) + "; MLP output: " + cell % (("mlp_out",) * 3) + ".", s))
     paras.append(text("Head output patching singles out {stages.patching_grid.top_head} "
-                      "({stages.patching_grid.top_head_effect}); value patching (per KV head) "
-                      "{stages.patching_grid.best.head_v.component} ({stages.patching_grid.best.head_v.effect}); "
+                      "({stages.patching_grid.top_head_effect:.2f}); value patching (per KV head) "
+                      "{stages.patching_grid.best.head_v.component} ({stages.patching_grid.best.head_v.effect:.2f}); "
                       "pattern patching {stages.patching_grid.best.head_pattern.component} "
-                      "({stages.patching_grid.best.head_pattern.effect}).", s,
-                      stages__patching_grid__top_head_effect=".2f",
-                      stages__patching_grid__best__head_v__effect=".2f",
-                      stages__patching_grid__best__head_pattern__effect=".2f"))
+                      "({stages.patching_grid.best.head_pattern.effect:.2f}).", s))
     out.append(Section("Activation patching grid", paras, g["figures"], [("top heads by |output-patch effect|",
                                                                           g["top_heads"])], command=g["command"]))
 
@@ -350,10 +331,9 @@ def narrative(s: dict) -> list[Section]:
                        command=pt["command"]))
 
     paras = [text("Attribution patching (one forward and backward pass) ranks the {stages.atp.n_exact} components "
-                  "that were also patched exactly with Spearman {stages.atp.all_spearman} against exact patching"
-                  + ("; over {stages.atp.heads_compared} heads, {stages.atp.heads_spearman}."
-                     if a["heads_spearman"] is not None else "."), s,
-                  stages__atp__all_spearman=".3f", stages__atp__heads_spearman=".3f")]
+                  "that were also patched exactly with Spearman {stages.atp.all_spearman:.3f} against exact patching"
+                  + ("; over {stages.atp.heads_compared} heads, {stages.atp.heads_spearman:.3f}."
+                     if a["heads_spearman"] is not None else "."), s)]
     if a["all_spearman"] < 0.8:
         paras.append(text("That is below 0.8: trust the exact patching numbers above, not the gradient estimate.", s))
     out.append(Section("Attribution patching (cross-check)", paras, a["figures"],

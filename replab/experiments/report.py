@@ -51,24 +51,26 @@ def fmt(value, spec: str | None = None) -> str:
 
 
 def num(summary: dict, key: str, spec: str | None = None) -> Markup:
-    """The number at ``key`` of ``summary``, formatted, marked with its key and raw value."""
+    """The number at ``key`` of ``summary``, formatted, marked with its key, raw value and format
+    (so a test can re-format the summary's value and compare it with the page's text)."""
     value = lookup(summary, key)
     raw = json.dumps(value)
-    return Markup('<span class="num" data-key="{}" data-value="{}">{}</span>').format(
-        key, raw, fmt(value, spec))
+    return Markup('<span class="num" data-key="{}" data-value="{}" data-spec="{}">{}</span>').format(
+        key, raw, spec or "", fmt(value, spec))
 
 
-def text(template: str, summary: dict, **specs) -> Markup:
+def text(template: str, summary: dict) -> Markup:
     """A sentence with numbers: ``text("first top-1 at layer {headline.layer}", s)`` puts
-    :func:`num` of each ``{dotted.key}``; a format goes after a colon (``{headline.frac:.0%}``)
-    or in ``specs``, which maps a key (dots as ``__``) to a format."""
+    :func:`num` of each ``{dotted.key}``; a format goes after a colon (``{headline.frac:.0%}``,
+    ``{stages.dla.top_head_dla:+.2f}``). Inside an f-string double the braces:
+    ``f"{{stages.rows.{i}.kl:.3f}}"``."""
     out, rest = [], template
     while "{" in rest:
         before, _, after = rest.partition("{")
         field, _, rest = after.partition("}")
         key, _, spec = field.partition(":")
         out.append(escape(before))
-        out.append(num(summary, key, spec or specs.get(key.replace(".", "__"))))
+        out.append(num(summary, key, spec or None))
     out.append(escape(rest))
     return Markup("").join(out)
 

@@ -52,7 +52,8 @@ PACKAGES = ("torch", "transformer-lens", "transformers", "numpy", "pandas", "sci
 class StageContext:
     """What a stage's ``run`` gets: the resolved ``config``, its own directory ``out``, the
     ``results`` of the stages before it, the run directory ``run_dir`` and the loaded
-    ``model`` (one load per run, shared by every stage)."""
+    ``model`` (one load per run, shared by every stage). ``memo``: values that several stages
+    of one run derive the same way (computed by the first that needs them; never saved)."""
 
     config: dict
     out: Path
@@ -61,6 +62,7 @@ class StageContext:
     model_name: str | None
     progress: bool = True
     _model: object = field(default=None, repr=False)
+    memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def model(self):

@@ -32,11 +32,11 @@ from replab.circuits.prune import parse_orders, parse_thresholds
 from replab.circuits.prune_run import run_compare, run_prune
 from replab.circuits.validate_run import run_necessity, run_sufficiency
 from replab.errors import ReplabError
-from replab.experiments.sequences_common import items, model_flag, run_command, task_name
+from replab.experiments.sequences_common import MAX_ROWS, items, run_command, task_name
 from replab.experiments.sequences_heads import heads_stage
 from replab.experiments.sequences_report import headline, narrative
 from replab.experiments.sequences_sites import parse_sites, sites
-from replab.experiments.spec import Experiment, Stage, rel
+from replab.experiments.spec import Experiment, Stage, model_flag, rel
 from replab.geometry import cosine_layers, plot_geometry
 from replab.geometry.plots import plot_cosines
 from replab.harvesting import harvest
@@ -80,7 +80,6 @@ QUICK = {"limit": 4, "thresholds": "0.9,0.8", "orders": "attribution,reverse", "
 
 
 _TESTS = {"sufficiency": run_sufficiency, "necessity": run_necessity}
-_MAX_ROWS = 30          # circuit heads listed in summary.json (every one is in heads/circuit_heads.parquet)
 
 
 def _level_key(r: dict) -> tuple:
@@ -117,7 +116,7 @@ def prune(ctx) -> dict:
                   seed=c["seed"], n_boot=c["n_boot"], progress=ctx.progress)
     levels = [{"order": lv["order"], "threshold": lv["threshold"], "n_heads": lv["n_heads"],
                "performance": lv["performance"], "search_performance": lv["search_performance"], "kl": lv["kl"],
-               "heads": lv["heads"] if lv["n_heads"] <= _MAX_ROWS else None} for lv in s["levels"]]
+               "heads": lv["heads"] if lv["n_heads"] <= MAX_ROWS else None} for lv in s["levels"]]
     at = [lv for lv in s["levels"] if lv["threshold"] == c["circuit_threshold"] and lv["n_heads"] > 0]
     if not at:
         raise ReplabError(f"every order removes all heads at {c['circuit_threshold']}: no circuit to study "
@@ -149,7 +148,7 @@ def prune(ctx) -> dict:
         "n_levels_above_intact": len(rises),
         "variant_forwards": {o: t["variant_forwards"] for o, t in s["timing"].items()},
         "figures": [rel(ctx.out / "pareto.png", ctx.run_dir), rel(ctx.out / "survival.png", ctx.run_dir)],
-        "command": run_command(s, ctx.out, ctx),
+        "command": run_command(s, ctx.out),
     }
 
 
@@ -181,12 +180,15 @@ def ablations(ctx) -> dict:
                          "random_p05": r.get("random_p05"), "verdict": r.get("verdict")})
             if test == tests[0] and (out / "random_baseline.png").is_file() and c["n_random"]:
                 figures.append(rel(out / "random_baseline.png", ctx.run_dir))
-            commands.append(run_command(s, out, ctx))
+            commands.append(run_command(s, out))
     first = [r for r in rows if r["test"] == tests[0]]
     harshest = min(first, key=lambda r: r["performance"])
     most_kl = max(first, key=lambda r: r["kl"])
     mean_row = next((r for r in first if r["ablation"] == c["ablation"]), None)
+    judged = [r for r in rows if r["random_mean"] is not None]
+    beyond = [r for r in judged if str(r["verdict"]).startswith(("sufficient beyond", "necessary beyond"))]
     return {"n_heads": len(heads), "tests": tests, "rows": rows, "harshest": harshest["ablation"],
+            "n_random_tests": len(judged), "n_beyond_chance": len(beyond),
             "harshest_performance": harshest["performance"], "largest_kl": most_kl["ablation"],
             "largest_kl_value": most_kl["kl"],
             "same_ablation_performance": mean_row["performance"] if mean_row else None,
@@ -270,7 +272,7 @@ def compare(ctx) -> dict:
                       thresholds=f"{th:g}", orders=c["compare_orders"], metric=c["metric"],
                       ablation=c["ablation"], seed=c["seed"], n_boot=c["n_boot"], progress=ctx.progress)
         runs.append(ctx.out / t)
-        commands.append(run_command(s, ctx.out / t, ctx))
+        commands.append(run_command(s, ctx.out / t))
         sizes[t] = {"n_prompts": s["prompts"], "clean_metric": s["clean_metric"]}
     s = run_compare(runs[0], runs[1], out=ctx.out / "compare", cross=True, model=ctx.model, progress=ctx.progress)
     commands.append(f"replab circuit compare {runs[0]} {runs[1]} --out {ctx.out / 'compare'}")
@@ -283,7 +285,7 @@ def compare(ctx) -> dict:
                 "jaccard": r["jaccard"]} for r in s["overlap"]]
     return {"a": types[0], "b": types[1], "order": order, "threshold": th, "sizes": sizes,
             "n_a": ov["n_a"], "n_b": ov["n_b"], "n_shared": ov["n_shared"], "jaccard": ov["jaccard"],
-            "shared": ov["shared"] if len(ov["shared"]) <= _MAX_ROWS else None,
+            "shared": ov["shared"] if len(ov["shared"]) <= MAX_ROWS else None,
             "a_on_a": perf("A", "A"), "a_on_b": perf("A", "B"), "b_on_b": perf("B", "B"), "b_on_a": perf("B", "A"),
             "overlap": overlap, "command": " && ".join(commands)}
 

@@ -10,17 +10,14 @@ def task_name(c: dict, types: str | None = None) -> str:
     return f"sequences:{types or c['types']}/{c['corruption']}"
 
 
-def model_flag(ctx) -> str:
-    """`` --model NAME`` when the run is not on the default model."""
-    return f" --model {ctx.model_name}" if ctx.model_name else ""
+#: circuit heads listed in summary.json (every one is in the stages' tables)
+MAX_ROWS = 30
 
 
-def run_command(summary: dict, out, ctx) -> str:
-    """The library run's own ``replab circuit ...`` line (its config.yaml), with ``--out``."""
-    line = summary["config"]["command"]
-    if ctx.model_name and "--model" not in line:
-        line += model_flag(ctx)
-    return f"{line} --out {shlex.quote(str(out))}"
+def run_command(summary: dict, out) -> str:
+    """The library run's own ``replab circuit ...`` line (its config.yaml: it names a non-default
+    model itself), with ``--out``."""
+    return f"{summary['config']['command']} --out {shlex.quote(str(out))}"
 
 
 def items(spec) -> list[str]:

@@ -10,12 +10,10 @@ import shlex
 import numpy as np
 import pandas as pd
 
-from replab.experiments.sequences_common import items, model_flag
-from replab.experiments.spec import rel
+from replab.experiments.sequences_common import MAX_ROWS, items
+from replab.experiments.spec import model_flag, rel
 from replab.heads.runs import run_detect, run_ov, run_patterns, run_qk
 from replab.rundir import write_table
-
-_MAX_ROWS = 30          # circuit heads listed in summary.json (every one is in heads/circuit_heads.parquet)
 
 
 def _ranked(table: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -104,9 +102,9 @@ def heads_stage(ctx) -> dict:
         commands.append(f"replab heads patterns{model_flag(ctx)} --heads {','.join(heads)} "
                         f"--prompt {shlex.quote(c['pattern_prompt'])} --out {ctx.out / 'patterns'}")
     write_table(pd.DataFrame(table), ctx.out, "circuit_heads")
-    if len(table) > _MAX_ROWS:      # a large circuit: its heads with the highest detector scores (all in the table)
+    if len(table) > MAX_ROWS:      # a large circuit: its heads with the highest detector scores (all in the table)
         rel_score = lambda r: max((r.get(x) or 0) / v for x, v in d["ideal"].items() if v)  # noqa: E731
-        table = sorted(table, key=rel_score, reverse=True)[:_MAX_ROWS]
+        table = sorted(table, key=rel_score, reverse=True)[:MAX_ROWS]
     return {"n_heads": len(heads), "ideal": d["ideal"], "top_heads": d["top_heads"], "ov_top": ov_top,
             "circuit_heads": table, "n_rows_shown": len(table), "best_detector": best["detector"],
             "best_next_item": best["next_item"], "best_previous_item_qk": best["previous_item_qk"],

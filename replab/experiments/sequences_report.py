@@ -12,9 +12,6 @@ from replab.experiments.report import text
 from replab.experiments.sequences_sites import sites_section
 from replab.experiments.spec import Section
 
-_PCT = ".0%"
-_F3 = ".3f"
-
 
 def headline(results: dict, config: dict) -> dict:
     p, a, h, g, c = (results[k] for k in ("prune", "ablations", "heads", "geometry", "compare"))
@@ -40,18 +37,18 @@ def _join(parts: list) -> Markup:
 def _prune_section(s: dict) -> Section:
     p = s["stages"]["prune"]
     circ = p["circuit"]
-    paras = [text(f"Task: {p['n_prompts']} clean/corrupt pairs of {p['n_tokens']} tokens "
-                  f"({s['config']['options']['types']}, corruption {s['config']['options']['corruption']}); the "
+    o = s["config"]["options"]
+    paras = [text("Task: {stages.prune.n_prompts} clean/corrupt pairs of {stages.prune.n_tokens} tokens "
+                  f"({o['types']}, corruption {o['corruption']}); the "
                   "intact model's logit difference is {stages.prune.clean_metric} on clean prompts and "
-                  "{stages.prune.corrupt_metric} on corrupt ones. Heads were removed (mean-ablated) along "
+                  "{stages.prune.corrupt_metric} on corrupt ones. "
+                  f"Heads were removed ({o['ablation']}-ablated) along "
                   "{stages.prune.n_orders} orders (" + ", ".join(p["orders"]) + ") until performance (ablated / "
                   "intact logit difference) fell below each threshold.", s)]
     paras.append(text(
-        "{stages.prune.circuit.n_heads} heads keep {stages.prune.circuit.threshold} of the performance: the "
-        f"{circ['order']} order's circuit, re-measured at " "{stages.prune.circuit.performance} "
-        "(KL to the clean run {stages.prune.circuit.kl} nats).", s,
-        stages__prune__circuit__threshold=_PCT, stages__prune__circuit__performance=_F3,
-        stages__prune__circuit__kl=_F3))
+        "{stages.prune.circuit.n_heads} heads keep {stages.prune.circuit.threshold:.0%} of the performance: the "
+        f"{circ['order']} order's circuit, re-measured at " "{stages.prune.circuit.performance:.3f} "
+        "(KL to the clean run {stages.prune.circuit.kl:.3f} nats).", s))
     same = [lv for lv in p["levels"] if lv["threshold"] == circ["threshold"] and lv["n_heads"]]
     calm = min(same, key=lambda lv: lv["kl"])
     if calm["kl"] < circ["kl"]:
@@ -59,7 +56,7 @@ def _prune_section(s: dict) -> Section:
         paras.append(text(
             "Keeping the logit difference is not keeping the output distribution: the "
             f"{calm['order']} order's circuit at the same threshold has {{stages.prune.levels.{i}.n_heads}} heads "
-            f"and KL {{stages.prune.levels.{i}.kl}} nats.", s, **{f"stages__prune__levels__{i}__kl": _F3}))
+            f"and KL {{stages.prune.levels.{i}.kl:.3f}} nats.", s))
     if p["shared"]:
         sh = p["shared"]
         share = ("they share all of the smaller one's heads" if sh["n_shared"] == min(sh["n_a"], sh["n_b"])
@@ -80,8 +77,7 @@ def _prune_section(s: dict) -> Section:
                           "(performance > 1): removing heads raised the logit difference, which is why KL is "
                           "reported next to it.", s))
     paras.append(text("Every level was re-measured in a fresh batched run; the largest difference from the "
-                      "search's value is {stages.prune.max_remeasure_diff}.", s,
-                      stages__prune__max_remeasure_diff=".1e"))
+                      "search's value is {stages.prune.max_remeasure_diff:.1e}.", s))
     rows = [{k: lv[k] for k in ("order", "threshold", "n_heads", "performance", "kl")} for lv in p["levels"]]
     return Section("Iterative pruning (step 1)", paras, p["figures"], [("Level circuits", rows)], p["command"])
 
@@ -95,23 +91,19 @@ def _ablation_section(s: dict) -> Section:
         if r["test"] != first:
             continue
         k = f"stages.ablations.rows.{i}"
-        parts.append(text(f"{r['ablation']}: {{{k}.performance}} (KL {{{k}.kl}})", s,
-                          **{f"stages__ablations__rows__{i}__performance": _F3,
-                             f"stages__ablations__rows__{i}__kl": _F3}))
+        parts.append(text(f"{r['ablation']}: {{{k}.performance:.3f}} (KL {{{k}.kl:.3f}})", s))
     paras = [_join([text(f"The circuit of {{stages.ablations.n_heads}} heads {what}, performance (ablated / "
                          "intact logit difference) and KL to the clean run by ablation:", s),
                     Markup("; ").join(parts) + "."])]
     paras.append(text(f"The harshest ablation by logit difference is {a['harshest']} "
-                      "({stages.ablations.harshest_performance}); the one that moves the output distribution most "
-                      f"is {a['largest_kl']} (KL " "{stages.ablations.largest_kl_value} nats)"
+                      "({stages.ablations.harshest_performance:.3f}); the one that moves the output distribution "
+                      f"most is {a['largest_kl']} (KL " "{stages.ablations.largest_kl_value:.3f} nats)"
                       + (", the same one." if a["harshest"] == a["largest_kl"] else
-                         ": logit difference and KL rank the ablations differently.") , s,
-                      stages__ablations__harshest_performance=_F3, stages__ablations__largest_kl_value=_F3))
-    verdicts = [r for r in a["rows"] if r.get("random_mean") is not None]
-    if verdicts:
-        beyond = [r for r in verdicts if str(r["verdict"]).startswith(("sufficient beyond", "necessary beyond"))]
-        paras.append(text(f"Against random head sets of the same size and layer profile, {len(beyond)} of "
-                          f"{len(verdicts)} tests are beyond chance.", s))
+                         ": logit difference and KL rank the ablations differently.") , s))
+    if a["n_random_tests"]:
+        paras.append(text("Against random head sets of the same size and layer profile, "
+                          "{stages.ablations.n_beyond_chance} of {stages.ablations.n_random_tests} tests are "
+                          "beyond chance.", s))
     rows = [{k: r[k] for k in ("test", "ablation", "performance", "normalized_effect", "kl", "verdict")}
             for r in a["rows"]]
     return Section("Ablation choices (step 2)", paras, a["figures"], [("Circuit under each ablation", rows)],
@@ -126,32 +118,26 @@ def _heads_section(s: dict) -> Section:
         paras.append(text(
             f"{b['head']} is the circuit's strongest {b['detector']}-token head" if b["detector"] != "induction"
             else f"{b['head']} is the circuit's strongest induction head", s)
-            + text(": score {stages.heads.best_detector.score} (a perfect head scores "
-                   "{stages.heads.best_detector.ideal}; rank {stages.heads.best_detector.rank} of "
-                   "{stages.heads.n_heads_model} heads).", s, stages__heads__best_detector__score=_F3,
-                   stages__heads__best_detector__ideal=_F3))
+            + text(": score {stages.heads.best_detector.score:.3f} (a perfect head scores "
+                   "{stages.heads.best_detector.ideal:.3f}; rank {stages.heads.best_detector.rank} of "
+                   "{stages.heads.n_heads_model} heads).", s))
     n = h["best_next_item"]
     if n:
         verdict = ("above" if n["score"] > n["chance"] else "not above")
         paras.append(text(f"The best OV next-item score in the circuit is {n['head']}'s on {n['tokens']}: "
-                          "{stages.heads.best_next_item.score} of the items have the next item as the top logit "
-                          f"({verdict} chance, " "{stages.heads.best_next_item.chance}; rank "
+                          "{stages.heads.best_next_item.score:.3f} of the items have the next item as the top logit "
+                          f"({verdict} chance, " "{stages.heads.best_next_item.chance:.3f}; rank "
                           "{stages.heads.best_next_item.rank} of {stages.heads.n_heads_model} heads"
                           + (", tied with {stages.heads.best_next_item.n_tied} others" if n["n_tied"] else "")
-                          + "); its copy score is {stages.heads.best_next_item.copy}.", s,
-                          stages__heads__best_next_item__score=_F3, stages__heads__best_next_item__chance=_F3,
-                          stages__heads__best_next_item__copy=_F3))
+                          + "); its copy score is {stages.heads.best_next_item.copy:.3f}.", s))
     q = h.get("best_previous_item_qk")
     if q:
         verdict = ("above" if q["score"] > q["chance"] else "not above")
         paras.append(text(f"QK circuit on {q['tokens']}: {q['head']}'s query picks the previous item as its "
-                          "highest-scoring key for {stages.heads.best_previous_item_qk.score} of the items "
-                          f"({verdict} chance, " "{stages.heads.best_previous_item_qk.chance}; rank "
+                          "highest-scoring key for {stages.heads.best_previous_item_qk.score:.3f} of the items "
+                          f"({verdict} chance, " "{stages.heads.best_previous_item_qk.chance:.3f}; rank "
                           "{stages.heads.best_previous_item_qk.rank} of {stages.heads.n_heads_model} heads; "
-                          "the same item: {stages.heads.best_previous_item_qk.self}).", s,
-                          stages__heads__best_previous_item_qk__score=_F3,
-                          stages__heads__best_previous_item_qk__chance=_F3,
-                          stages__heads__best_previous_item_qk__self=_F3))
+                          "the same item: {stages.heads.best_previous_item_qk.self:.3f}).", s))
     tops = "; ".join(f"{d}: " + ", ".join(x["head"] for x in v) for d, v in h["top_heads"].items())
     paras.append(text(f"Model-wide, the top heads per detector are {tops}.", s))
     if h["patterns"]:
@@ -168,15 +154,12 @@ def _geometry_section(s: dict) -> Section:
     g = s["stages"]["geometry"]
     paras = [text(f"{{stages.geometry.n_rows}} prompts of {{stages.geometry.n_types}} sequence types, the residual "
                   f"stream at position rule {g['positions']}. Cosines are between class-mean directions relative "
-                  "to the grand mean; unrelated classes would score about {stages.geometry.chance}.", s,
-                  stages__geometry__chance=_F3)]
+                  "to the grand mean; unrelated classes would score about {stages.geometry.chance:.3f}.", s)]
     for i, p in enumerate(g["pairs"]):
         k = f"stages.geometry.pairs.{i}"
-        spec = {f"stages__geometry__pairs__{i}__{x}": _F3 for x in ("cosine_first", "cosine_max", "cosine_last")}
-        spec[f"stages__geometry__pairs__{i}__baseline"] = _F3
-        line = text(f"{p['a']} and {p['b']}: cosine {{{k}.cosine_first}} at layer {{{k}.first_layer}}, "
-                    f"{{{k}.cosine_max}} at its highest (layer {{{k}.max_layer}}), {{{k}.cosine_last}} at layer "
-                    f"{{{k}.last_layer}} (chance {{{k}.baseline}}).", s, **spec)
+        line = text(f"{p['a']} and {p['b']}: cosine {{{k}.cosine_first:.3f}} at layer {{{k}.first_layer}}, "
+                    f"{{{k}.cosine_max:.3f}} at its highest (layer {{{k}.max_layer}}), {{{k}.cosine_last:.3f}} at "
+                    f"layer {{{k}.last_layer}} (chance {{{k}.baseline:.3f}}).", s)
         if p["closest_from"] is None:
             more = text(f" At the last layer the type closest to {p['a']} is {p['closest_last']}, not {p['b']}.", s)
         elif p["closest_from"] == p["first_layer"]:
@@ -193,15 +176,14 @@ def _compare_section(s: dict) -> Section:
     a, b = c["a"], c["b"]
     paras = [text(f"Pruned separately ({c['order']} order, {{stages.compare.sizes.{a}.n_prompts}} {a} and "
                   f"{{stages.compare.sizes.{b}.n_prompts}} {b} prompts), the {a} circuit at "
-                  "{stages.compare.threshold} has "
+                  "{stages.compare.threshold:.0%} has "
                   "{stages.compare.n_a} heads and the " f"{b} circuit " "{stages.compare.n_b}; they share "
-                  "{stages.compare.n_shared} (Jaccard {stages.compare.jaccard})"
-                  + (": " + ", ".join(c["shared"]) if c["shared"] and len(c["shared"]) <= 12 else "") + ".", s,
-                  stages__compare__threshold=_PCT, stages__compare__jaccard=_F3)]
-    paras.append(text(f"Kept alone, the {a} circuit keeps " "{stages.compare.a_on_a} of the " f"{a} task's logit "
-                      "difference and {stages.compare.a_on_b} of the " f"{b} task's; the {b} circuit keeps "
-                      "{stages.compare.b_on_b} of its own and {stages.compare.b_on_a} of the " f"{a} task's.", s,
-                      **{f"stages__compare__{x}": _F3 for x in ("a_on_a", "a_on_b", "b_on_b", "b_on_a")}))
+                  "{stages.compare.n_shared} (Jaccard {stages.compare.jaccard:.3f})"
+                  + (": " + ", ".join(c["shared"]) if c["shared"] and len(c["shared"]) <= 12 else "") + ".", s)]
+    paras.append(text(f"Kept alone, the {a} circuit keeps " "{stages.compare.a_on_a:.3f} of the " f"{a} task's "
+                      "logit difference and {stages.compare.a_on_b:.3f} of the " f"{b} task's; the {b} circuit "
+                      "keeps {stages.compare.b_on_b:.3f} of its own and {stages.compare.b_on_a:.3f} of the "
+                      f"{a} task's.", s))
     ab, ba = c["a_on_b"] >= c["threshold"], c["b_on_a"] >= c["threshold"]
     if ab and ba:
         verdict = "Each circuit does the other task at least as well as the threshold: the two types share a circuit."

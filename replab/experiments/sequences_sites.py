@@ -67,7 +67,7 @@ def sites(ctx) -> dict:
         rows.append({"site": site, "what": _WHAT[site], "n_components": len(r["components"]),
                      "performance": r["metric"] / r["clean_metric"], "normalized_effect": r["normalized_effect"],
                      "ci_low": r["ci_low"], "ci_high": r["ci_high"], "kl": r["kl"]})
-        commands.append(run_command(s, out, ctx))
+        commands.append(run_command(s, out))
     by = {r["site"]: r for r in rows}
     inputs = [r for r in rows if r["site"] in ("q", "k", "v")]
     worst_input = min(inputs, key=lambda r: r["performance"])["site"] if inputs else None
@@ -82,9 +82,7 @@ def sites_section(s: dict) -> Section:
     parts = []
     for r in st["rows"]:
         k = f"stages.sites.by_site.{r['site']}"
-        parts.append(text(f"{r['what']}: {{{k}.performance}} (KL {{{k}.kl}})", s,
-                          **{f"stages__sites__by_site__{r['site']}__performance": ".3f",
-                             f"stages__sites__by_site__{r['site']}__kl": ".3f"}))
+        parts.append(text(f"{r['what']}: {{{k}.performance:.3f}} (KL {{{k}.kl:.3f}})", s))
     paras = [Markup(" ").join([text(f"The circuit's {{stages.sites.n_heads}} heads ablated ({st['ablation']}) at "
                                     "one site at a time, performance (ablated / intact logit difference) and KL "
                                     "to the clean run:", s), Markup("; ").join(parts) + "."])]

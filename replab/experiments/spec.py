@@ -15,6 +15,7 @@ An :class:`Experiment` (one per workflow of ``docs/workflows.md``) declares
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,3 +87,13 @@ class Experiment:
 def rel(path, run_dir) -> str:
     """``path`` relative to ``run_dir`` (figures are referenced this way in ``summary.json``)."""
     return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
+
+
+def png_figures(ctx, files) -> list[str]:
+    """The PNGs among a library run's ``files``, relative to the experiment's run directory."""
+    return [rel(f, ctx.run_dir) for f in files if str(f).endswith(".png")]
+
+
+def model_flag(ctx) -> str:
+    """`` --model NAME`` for a stage's command line (empty on the default model)."""
+    return f" --model {shlex.quote(str(ctx.model_name))}" if ctx.model_name else ""

@@ -38,13 +38,11 @@ from __future__ import annotations
 import shlex
 
 from replab.errors import ReplabError
-from replab.experiments.spec import Experiment, Stage, rel
+from replab.experiments.spec import Experiment, Stage, model_flag, png_figures, rel
 from replab.experiments.superset_circuits import blocks, grid, hydra, path
 from replab.experiments.superset_common import (
     clean_class,
     limited,
-    model_flag,
-    png_figures,
     stage_file,
     task_flags,
     task_options,
@@ -184,7 +182,7 @@ def scan(ctx) -> dict:
             "figures": png_figures(ctx, s["files"]),
             "command": (f"replab features scan{model_flag(ctx)} --probe {probe_dir} --class {clean_class(c)} "
                         f"{task_flags(ctx)} --random {c['scan_random']} --min-full {c['min_full']} "
-                        f"--seed {c['seed']} --out {ctx.out}")}
+                        f"--seed {c['seed']} --n-boot {c['n_boot']} --out {ctx.out}")}
 
 
 TASK_KEYS = ("classes", "pairs", "n_boot", "seed")

@@ -7,7 +7,8 @@ from __future__ import annotations
 from replab.circuits.blocks_run import run_blocks, run_grid, run_hydra
 from replab.circuits.path_run import run_path
 from replab.errors import ReplabError
-from replab.experiments.superset_common import candidate_layer, model_flag, png_figures, task_flags, task_options
+from replab.experiments.spec import model_flag, png_figures
+from replab.experiments.superset_common import candidate_layer, task_flags, task_options
 
 
 def _task(ctx) -> dict:

@@ -7,13 +7,7 @@ import functools
 import shlex
 from pathlib import Path
 
-from replab.experiments.spec import rel
 from replab.threads import limit_threads
-
-
-def model_flag(ctx) -> str:
-    """`` --model NAME`` for a command line (empty for the default model)."""
-    return f" --model {shlex.quote(ctx.model_name)}" if ctx.model_name else ""
 
 
 def stage_file(ctx, stage: str, key: str) -> Path:
@@ -40,11 +34,6 @@ def task_flags(ctx, limit: str = "--pairs") -> str:
 def candidate_layer(ctx) -> int:
     """The layer the later stages study (the scan's choice, or the ``layer`` option)."""
     return int(ctx.results["scan"]["layer"])
-
-
-def png_figures(ctx, files) -> list[str]:
-    """The PNGs among a run's ``files``, relative to the experiment's run directory."""
-    return [rel(f, ctx.run_dir) for f in files if str(f).endswith(".png")]
 
 
 def limited(fn):

@@ -4,18 +4,14 @@ the direction and latent patching, each one call of :mod:`replab.probes` or :mod
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shlex
 from pathlib import Path
 
 from replab._figures import pyplot, save
-from replab.experiments.spec import rel
+from replab.experiments.spec import model_flag, png_figures, rel
 from replab.experiments.superset_common import (
     candidate_layer,
     clean_class,
-    model_flag,
-    png_figures,
     stage_file,
     task_flags,
     task_options,
@@ -86,7 +82,8 @@ def direction(ctx) -> dict:
             "direction_file": rel(ctx.out / "direction.json", ctx.run_dir),
             "figures": png_figures(ctx, s["files"]),
             "command": (f"replab features patch{model_flag(ctx)} --direction {probe_dir} --class {clean_class(c)} "
-                        f"--layer {L} {task_flags(ctx)} --random {c['n_random']} --seed {c['seed']} --out {ctx.out}")}
+                        f"--layer {L} {task_flags(ctx)} --random {c['n_random']} --seed {c['seed']} "
+                        f"--n-boot {c['n_boot']} --out {ctx.out}")}
 
 
 def _sae_config(c: dict, layer: int) -> SAETrainConfig:
@@ -100,9 +97,7 @@ def sae_train(ctx) -> dict:
     cached next to the per-model SAE cache (never replacing ``replab sae train``'s own entry)."""
     c, L = ctx.config, candidate_layer(ctx)
     cfg = _sae_config(c, L)
-    key = hashlib.sha256(json.dumps(cfg.cache_key(), sort_keys=True).encode()).hexdigest()[:12]
-    base = cached_sae_dir(ctx.model.replab_identity.to_dict(), hook_name("resid_post", L))
-    out = base.with_name(f"{base.name}-{cfg.arch}{cfg.d_sae}-{key}")
+    out = cached_sae_dir(ctx.model.replab_identity.to_dict(), hook_name("resid_post", L), cfg)
     path, st = train_sae(ctx.model, cfg, out=out, progress=ctx.progress)
     # trained here or found in the cache is not a result (a replay would differ): the SAE and its
     # training statistics, recorded when it was trained, are the same either way
@@ -167,4 +162,5 @@ def latents(ctx) -> dict:
             "top_k": [{k: r[k] for k in ("k", "normalized_effect", "of_full")} for r in s["top_k"]],
             "figures": png_figures(ctx, s.get("files", [])),
             "command": (f"replab sae patch {shlex.quote(sae)}{model_flag(ctx)} --from {src} --top {c['latent_top']} "
-                        f"{task_flags(ctx)} --random {c['latent_random']} --seed {c['seed']} --out {ctx.out}")}
+                        f"{task_flags(ctx)} --random {c['latent_random']} --seed {c['seed']} --n-boot {c['n_boot']} "
+                        f"--out {ctx.out}")}

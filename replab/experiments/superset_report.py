@@ -12,7 +12,6 @@ from replab.experiments.spec import Section
 
 #: the words the direction / latent verdicts start with (``replab.features.verdict.sufficiency``)
 VERDICTS = ("sufficient", "partly sufficient", "weak", "not sufficient", "uninformative")
-PCT = ".0%"
 
 
 def headline(results: dict, config: dict) -> dict:
@@ -24,18 +23,13 @@ def headline(results: dict, config: dict) -> dict:
             "latents_verdict": la["verdict"], "latents_of_full": la["of_full"]}
 
 
-def _pcts(s: dict, stage: str, *keys: str) -> dict:
-    return {f"stages__{stage}__{k}": PCT for k in keys}
-
-
 def _known(s: dict) -> Section:
     k = s["stages"]["known_items"]
     return Section("Known items", [text(
         "The model knows {stages.known_items.n_known} of the {stages.known_items.n_prompts} prompts of the set "
-        "(top-1 accuracy {stages.known_items.accuracy}; the answer beats every foil on "
-        "{stages.known_items.candidate_accuracy} of the prompts with foils). Every later step uses only the "
-        "known items, so a class effect cannot come from people the model does not know.", s,
-        **_pcts(s, "known_items", "accuracy", "candidate_accuracy"))],
+        "(top-1 accuracy {stages.known_items.accuracy:.0%}; the answer beats every foil on "
+        "{stages.known_items.candidate_accuracy:.0%} of the prompts with foils). Every later step uses only the "
+        "known items, so a class effect cannot come from people the model does not know.", s)],
         tables=[("known prompts per super-class", k["known_by_class"])], command=k["command"])
 
 
@@ -44,15 +38,13 @@ def _probe(s: dict) -> Section:
     held_out = "people" if p["split"] in ("group", "entity") else "{stages.probe.split}s"
     paras = [text("Harvested {stages.harvest.n_rows} residual-stream vectors at each person's last name token. "
                   "A linear probe of the super-class ({stages.probe.n_classes} classes, chance "
-                  "{stages.probe.chance}) is most accurate at layer {stages.probe.best_layer}: balanced accuracy "
-                  "{stages.probe.best_accuracy} over folds that hold out whole " + held_out + ".", s,
-                  **_pcts(s, "probe", "chance", "best_accuracy"))]
+                  "{stages.probe.chance:.0%}) is most accurate at layer {stages.probe.best_layer}: balanced accuracy "
+                  "{stages.probe.best_accuracy:.0%} over folds that hold out whole " + held_out + ".", s)]
     if p["best_control"] is not None and p["best_selectivity"] is not None:
         paras.append(text("On the control task (random labels per entity) the same probe reaches "
-                          "{stages.probe.best_control}, a selectivity of {stages.probe.best_selectivity}; with "
-                          "shuffled labels {stages.probe.best_shuffled}. High accuracy alone does not show that the "
-                          "model uses the information: the causal tests below do.", s,
-                          **_pcts(s, "probe", "best_control", "best_selectivity", "best_shuffled")))
+                          "{stages.probe.best_control:.0%}, a selectivity of {stages.probe.best_selectivity:.0%}; "
+                          "with shuffled labels {stages.probe.best_shuffled:.0%}. High accuracy alone does not show "
+                          "that the model uses the information: the causal tests below do.", s))
     return Section("Super-class probe sweep", paras, p["figures"], command=p["command"])
 
 
@@ -63,11 +55,10 @@ def _scan(s: dict) -> Section:
     else:
         first = text("The scan chooses layer {stages.scan.layer}: the most accurate probe among the "
                      "{stages.scan.n_eligible} of {stages.scan.n_layers} layers whose full-residual patch at the "
-                     "name restores at least {stages.scan.min_full} of the clean-vs-corrupt gap.", s,
-                     stages__scan__min_full=PCT)
-    paras = [first, text("There the full patch restores {stages.scan.full_effect} and the probe's own direction "
-                         "{stages.scan.direction_effect} (probe accuracy {stages.scan.probe_accuracy}).", s,
-                         **_pcts(s, "scan", "full_effect", "direction_effect"))]
+                     "name restores at least {stages.scan.min_full:.0%} of the clean-vs-corrupt gap.", s)
+    paras = [first, text("There the full patch restores {stages.scan.full_effect:.0%} and the probe's own "
+                         "direction {stages.scan.direction_effect:.0%} (probe accuracy {stages.scan.probe_accuracy}).",
+                         s)]
     if sc["probe_best_layer"] != sc["layer"]:
         paras.append(text("The probe's most accurate layer on held-out templates, {stages.scan.probe_best_layer} "
                           "({stages.scan.probe_best_accuracy}), is not the candidate: patching the name there "
@@ -116,15 +107,14 @@ def _hydra(s: dict) -> Section:
     if h["n_backups"]:
         paras.append(text("Widen the set: {stages.hydra.n_backups} head(s) compensate, led by "
                           "{stages.hydra.top_compensating} (rise {stages.hydra.top_compensation}, "
-                          "{stages.hydra.top_fraction_of_lost} of the lost direct effect).", s,
-                          stages__hydra__top_fraction_of_lost=PCT))
+                          "{stages.hydra.top_fraction_of_lost:.0%} of the lost direct effect).", s))
     elif abs(h["lost_direct_effect"]) < 0.05:
         paras.append(text("There is little to compensate: the largest rise of any other head's direct effect is "
                           "{stages.hydra.top_compensation} ({stages.hydra.top_compensating}).", s))
     else:
         paras.append(text("No backup head: the largest rise, {stages.hydra.top_compensating} "
-                          "({stages.hydra.top_compensation}), is below {stages.hydra.min_fraction} of the lost direct "
-                          "effect or not distinguishable from 0.", s, stages__hydra__min_fraction=PCT))
+                          "({stages.hydra.top_compensation}), is below {stages.hydra.min_fraction:.0%} of the lost "
+                          "direct effect or not distinguishable from 0.", s))
     return Section("Backup heads (hydra)", paras, h["figures"],
                    [("largest rises of direct effect", h["top"])], command=h["command"])
 
@@ -134,16 +124,14 @@ def _path(s: dict) -> Section:
     paras = [text("Path patching from each of the {stages.path.n_senders} heads of layers "
                   "{stages.path.first_sender_layer} to {stages.path.last_sender_layer} into {stages.path.receiver} "
                   "(sender from the corrupt run, every other head frozen clean): the strongest path is from "
-                  "{stages.path.top_sender}, leaving {stages.path.top_effect} of the effect (a drop of "
-                  "{stages.path.top_drop}); {stages.path.n_paths_over_5pct} path(s) drop it by more than 5%.", s,
-                  **_pcts(s, "path", "top_effect", "top_drop"))]
+                  "{stages.path.top_sender}, leaving {stages.path.top_effect:.0%} of the effect (a drop of "
+                  "{stages.path.top_drop:.0%}); {stages.path.n_paths_over_5pct} path(s) drop it by more than 5%.", s)]
     if p["top_drop"] > 0.05:
         paras.append(text("Ablating only that path ({stages.path.confirm_ablation} ablation) leaves "
-                          "{stages.path.confirm_effect} of the effect.", s, stages__path__confirm_effect=PCT))
+                          "{stages.path.confirm_effect:.0%} of the effect.", s))
     else:
         paras.append(text("No earlier head feeds this input much: ablating only the strongest path "
-                          "({stages.path.confirm_ablation} ablation) leaves {stages.path.confirm_effect}.", s,
-                          stages__path__confirm_effect=PCT))
+                          "({stages.path.confirm_ablation} ablation) leaves {stages.path.confirm_effect:.0%}.", s))
     return Section("Path patching into the top head", paras, p["figures"],
                    [("strongest paths", p["next"])], command=p["command"])
 
@@ -159,8 +147,7 @@ def _grid(s: dict) -> Section:
         paras.append(text("Negative controls (invented and ambiguous people in the same template): "
                           "{stages.grid.n_silent} of the {stages.grid.n_control_cells} (class, block, test) cells "
                           "where a block acts on real people are silent there: they change the metric by at most "
-                          "{stages.grid.silent_fraction} of what they do on real people.", s,
-                          stages__grid__silent_fraction=PCT))
+                          "{stages.grid.silent_fraction:.0%} of what they do on real people.", s))
     else:
         paras.append(text("No control cell could be judged (no component acts on real people enough).", s))
     return Section("Generalisation grid, split by class", paras, g["figures"],
@@ -195,15 +182,15 @@ def _verdict_sentence(s: dict, stage: str, subject: str, baseline: str) -> list:
     """The verdict as a sentence; ``subject`` and ``baseline`` are templates (numbers in braces)."""
     r = s["stages"][stage]
     if r["verdict"] == "uninformative":
-        return [text(f"Uninformative: the full-residual patch restores only {{stages.{stage}.full_residual_effect}} "
-                     "of the gap, so nothing at this site can carry the effect.", s,
-                     **_pcts(s, stage, "full_residual_effect"))]
+        return [text("Uninformative: the full-residual patch restores only "
+                     f"{{stages.{stage}.full_residual_effect:.0%}} of the gap, so nothing at this site can carry the "
+                     "effect.", s)]
     above = (f"above all {{stages.{stage}.n_random}} " if r["n_random_below"] >= r["n_random"] else
              f"above {{stages.{stage}.n_random_below}} of {{stages.{stage}.n_random}} ")
-    return [text(subject + f" is {{stages.{stage}.verdict}}: it restores {{stages.{stage}.of_full}} "
-                 f"[{{stages.{stage}.of_full_low}}, {{stages.{stage}.of_full_high}}] of the full patch "
-                 f"({{stages.{stage}.full_residual_effect}} of the clean-vs-corrupt gap), " + above + baseline + ".", s,
-                 **_pcts(s, stage, "of_full", "of_full_low", "of_full_high", "full_residual_effect"))]
+    return [text(subject + f" is {{stages.{stage}.verdict}}: it restores {{stages.{stage}.of_full:.0%}} "
+                 f"[{{stages.{stage}.of_full_low:.0%}}, {{stages.{stage}.of_full_high:.0%}}] of the full patch "
+                 f"({{stages.{stage}.full_residual_effect:.0%}} of the clean-vs-corrupt gap), " + above + baseline
+                 + ".", s)]
 
 
 def _direction(s: dict) -> Section:
@@ -212,12 +199,11 @@ def _direction(s: dict) -> Section:
                               "{stages.direction.layer}", "random directions")
     if d["verdict"] != "uninformative":
         paras.append(text("Everything but the direction (the complement) restores "
-                          "{stages.direction.complement_of_full} of the full patch; projecting the direction out "
-                          "of the clean run removes {stages.direction.ablation_drop} of the gap.", s,
-                          **_pcts(s, "direction", "complement_of_full", "ablation_drop")))
+                          "{stages.direction.complement_of_full:.0%} of the full patch; projecting the direction "
+                          "out of the clean run removes {stages.direction.ablation_drop:.0%} of the gap.", s))
         if d["shuffled_of_full"] is not None:
-            paras.append(text("The shuffled-label probe's direction restores {stages.direction.shuffled_of_full} of "
-                              "the full patch.", s, stages__direction__shuffled_of_full=PCT))
+            paras.append(text("The shuffled-label probe's direction restores "
+                              "{stages.direction.shuffled_of_full:.0%} of the full patch.", s))
     return Section("Direction patching", paras, d["figures"], command=d["command"])
 
 
@@ -227,11 +213,11 @@ def _sae(s: dict) -> Section:
                   "{stages.sae_train.layer}, trained once for this model and configuration and cached: "
                   "{stages.sae_train.tokens_trained} training tokens from "
                   "{stages.sae_train.corpus_tokens} distinct corpus tokens.", s),
-             text("On {stages.sae_eval.tokens} held-out tokens it explains {stages.sae_eval.explained_variance} of "
-                  "the variance with L0 {stages.sae_eval.l0}, and recovers {stages.sae_eval.ce_loss_recovered} of "
-                  "the CE loss (ΔCE {stages.sae_eval.delta_ce} nats: clean {stages.sae_eval.ce_clean}, spliced "
-                  "{stages.sae_eval.ce_sae}, zero-ablated {stages.sae_eval.ce_zero}); {stages.sae_eval.dead_latents} "
-                  "latents never fire there.", s, **_pcts(s, "sae_eval", "explained_variance", "ce_loss_recovered"))]
+             text("On {stages.sae_eval.tokens} held-out tokens it explains {stages.sae_eval.explained_variance:.0%} "
+                  "of the variance with L0 {stages.sae_eval.l0}, and recovers "
+                  "{stages.sae_eval.ce_loss_recovered:.0%} of the CE loss (ΔCE {stages.sae_eval.delta_ce} nats: "
+                  "clean {stages.sae_eval.ce_clean}, spliced {stages.sae_eval.ce_sae}, zero-ablated "
+                  "{stages.sae_eval.ce_zero}); {stages.sae_eval.dead_latents} latents never fire there.", s)]
     if e["explained_variance"] < 0.8 or e["ce_loss_recovered"] < 0.9:
         paras.append(text("This is a small SAE for a short run: read the latent results below with its "
                           "reconstruction error in mind (the error term is kept in every patch).", s))
@@ -244,9 +230,9 @@ def _decompose(s: dict) -> Section:
                   "direction are listed below; the largest cosine of any of them with the direction is "
                   "{stages.sae_decompose.max_cosine}.", s)]
     if d["reconstructed_fraction"] is not None:
-        paras.append(text("Together the latents' contributions sum to {stages.sae_decompose.reconstructed_fraction} "
-                          "of the projected class difference.", s,
-                          stages__sae_decompose__reconstructed_fraction=PCT))
+        paras.append(text("Together the latents' contributions sum to "
+                          "{stages.sae_decompose.reconstructed_fraction:.0%} "
+                          "of the projected class difference.", s))
     return Section("SAE decomposition of the direction", paras, d["figures"], [("top latents", d["top"])],
                    command=d["command"])
 

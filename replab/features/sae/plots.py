@@ -31,7 +31,7 @@ def frequency_plot(latents: pd.DataFrame, path: str | Path, title: str = "",
     ax.set_title(f"{title}\n{len(freq)} latents, {n_dead} dead (never fire), "
                  f"{int((freq > dense_threshold).sum())} dense", fontsize=9)
     ax.legend(fontsize=8)
-    return save(fig, path, dpi=DPI, tight_layout=True)[0]
+    return save(fig, path, formats=("png", "svg"), dpi=DPI, tight_layout=True)[0]      # PNG + SVG
 
 
 def top_latents_plot(top: pd.DataFrame, path: str | Path, value: str = "contribution",
@@ -64,4 +64,4 @@ def top_latents_plot(top: pd.DataFrame, path: str | Path, value: str = "contribu
     ax.set_xlabel(value.replace("_", " ") + "   (blue: more active on the class, red: less)")
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title(title, fontsize=9)
-    return save(fig, path, dpi=DPI, tight_layout=True)[0]
+    return save(fig, path, formats=("png", "svg"), dpi=DPI, tight_layout=True)[0]      # PNG + SVG
