@@ -6,13 +6,14 @@
 #   STEPS="seq" bash scripts/circuits_acceptance.sh  # one part: seq | seqval | nextday | grid | compare | edges
 # seq prunes on the first 8 prompts of the sequence task, then validates the greedy 0.8
 # circuit on those 8 prompts (seq8-*) and on all 26 (seq-*, the same circuit on new prompts);
-# seqval repeats only the validation; edges compares the next_day edge circuits (docs/edges.md,
-# runs/discover/next_day) with the pruning circuit.
+# seqval repeats only the validation; edges discovers edge circuits on next_day and on the
+# sequence task (docs/edges.md; skipped when already there) and compares them with the pruning
+# circuits of the nextday and seq steps (scripts/edges_vs_pruning.py).
 set -euo pipefail
 OUT=${OUT:-runs/circuits}
 PY=${PY:-python}
 R="$PY -m replab circuit"
-STEPS=${STEPS:-"seq nextday grid compare edges"}
+STEPS=${STEPS:-"seq nextday grid compare edges"}     # edges needs seq and nextday first
 mkdir -p "$OUT"
 
 pick_circuit() {  # $1 prune run dir, $2 order, $3 threshold -> writes $1/circuit_<order>_<threshold>.json
@@ -39,20 +40,33 @@ validate() {  # $1 name, $2 task args, $3 circuit file
   $R hydra       $args --ablate "$(top_member "$OUT/$name-minimality")" --out "$OUT/$name-hydra"
 }
 
+validate_seq() {  # the greedy 0.8 circuit of seq-prune on its 8 prompts and on all of them
+  validate seq8 "--task sequences --limit 8" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
+  validate seq "--task sequences" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
+}
+
+discover() {  # $1 run dir, then the task args: edge circuits by every method, unless already there
+  local dir=$1; shift
+  [ -f "$dir/summary.json" ] || $R discover "$@" --method eap,eap-ig,'atp*' --out "$dir"
+}
+
 for step in $STEPS; do
   case $step in
     seq)
       $R prune --task sequences --limit 8 --orders greedy,attribution,reverse,random:3 --candidates 16 \
                --check-every 50 --out "$OUT/seq-prune"
-      validate seq8 "--task sequences --limit 8" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
-      validate seq "--task sequences" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
+      validate_seq
       ;;
     seqval)
-      validate seq8 "--task sequences --limit 8" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
-      validate seq "--task sequences" "$(pick_circuit "$OUT/seq-prune" greedy 0.8)"
+      validate_seq
       ;;
     edges)
-      $PY scripts/edges_vs_pruning.py runs/discover/next_day "$OUT/nextday-prune" --json "$OUT/nextday-edges-vs-prune.json"
+      discover "$OUT/discover-next_day" --task next_day --rule riemann \
+               --edges 50,100,200,500,1000,2000,5000,10000,20000
+      discover "$OUT/discover-sequences" --task sequences --limit 8 --edges 50,100,200,500,1000,2000,5000
+      $PY scripts/edges_vs_pruning.py "$OUT/discover-next_day" "$OUT/nextday-prune" \
+          --json "$OUT/nextday-edges-vs-prune.json"
+      $PY scripts/edges_vs_pruning.py "$OUT/discover-sequences" "$OUT/seq-prune" --json "$OUT/seq-edges-vs-prune.json"
       ;;
     nextday)
       $R prune --task next_day --orders greedy,attribution,reverse,random:3 --candidates 16 \

@@ -1,4 +1,13 @@
-"""Compare every Parquet table and summary.json number under two run trees (before/after)."""
+"""Compare every Parquet table and summary.json value under two run trees (before/after).
+
+    python scripts/compare_runs.py BEFORE_DIR AFTER_DIR
+
+Per table: the largest absolute difference over every shared column (numeric columns and
+object columns of numbers; any other column must be equal as text), a differing NaN pattern,
+a differing row count or columns on one side only. Per summary.json: every value that differs
+(numbers by more than 1e-6; a number that became text or null counts), keys gone and keys new.
+Files on one side only are listed. Timing, paths and version keys (SKIP_KEYS) are not compared.
+"""
 
 import json
 import sys
@@ -7,32 +16,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-a, b = Path(sys.argv[1]), Path(sys.argv[2])
-SKIP_KEYS = {"seconds", "out", "files", "replab_version", "model", "created", "time", "cached", "cpu_seconds"}
-worst = []
+SKIP_KEYS = {"seconds", "out", "files", "replab_version", "created", "time", "cached", "cpu_seconds"}
 
 
 def cmp_df(pa, pb):
     x, y = pd.read_parquet(pa), pd.read_parquet(pb)
-    common = [c for c in x.columns if c in y.columns]
     if len(x) != len(y):
         return f"rows {len(x)} vs {len(y)}"
     m = 0.0
-    for c in common:
+    for c in (c for c in x.columns if c in y.columns):
+        if (x[c].isna().to_numpy() != y[c].isna().to_numpy()).any():
+            return f"NaN pattern differs in {c}"
         if pd.api.types.is_numeric_dtype(x[c]) and pd.api.types.is_numeric_dtype(y[c]):
-            d = np.nanmax(np.abs(x[c].to_numpy(float) - y[c].to_numpy(float))) if len(x) else 0.0
-            if np.isfinite(d):
-                m = max(m, d)
-            nx, ny = x[c].isna().to_numpy(), y[c].isna().to_numpy()
-            if (nx != ny).any():
-                return f"NaN pattern differs in {c}"
-        elif x[c].map(repr).tolist() != y[c].map(repr).tolist() and x[c].dtype == object:
+            d = np.abs(x[c].to_numpy(float) - y[c].to_numpy(float))
+            d = d[np.isfinite(d)]                 # NaN in both (the pattern is checked above), ±inf
+            m = max(m, float(d.max())) if len(d) else m
+        elif x[c].map(repr).tolist() != y[c].map(repr).tolist():
             try:
-                xa = np.array(x[c].tolist(), dtype=float)
-                ya = np.array(y[c].tolist(), dtype=float)
-                m = max(m, float(np.nanmax(np.abs(xa - ya))))
-            except Exception:
+                d = np.nanmax(np.abs(np.array(x[c].tolist(), dtype=float) - np.array(y[c].tolist(), dtype=float)))
+            except (TypeError, ValueError):
                 return f"column {c} differs"
+            m = max(m, float(d))
     only = sorted(set(x.columns) ^ set(y.columns))
     return m if not only else (m, f"columns only on one side: {only}")
 
@@ -40,9 +44,8 @@ def cmp_df(pa, pb):
 def flat(d, p=""):
     if isinstance(d, dict):
         for k, v in d.items():
-            if k in SKIP_KEYS:
-                continue
-            yield from flat(v, f"{p}.{k}")
+            if k not in SKIP_KEYS:
+                yield from flat(v, f"{p}.{k}")
     elif isinstance(d, list):
         for i, v in enumerate(d):
             yield from flat(v, f"{p}[{i}]")
@@ -50,32 +53,34 @@ def flat(d, p=""):
         yield p, d
 
 
-for pa in sorted(a.rglob("*.parquet")):
-    pb = b / pa.relative_to(a)
-    if not pb.exists():
-        print(f"MISSING after: {pa.relative_to(a)}")
-        continue
-    r = cmp_df(pa, pb)
-    print(f"{str(pa.relative_to(a)):70s} {r}")
-for pa in sorted(a.rglob("summary.json")):
-    pb = b / pa.relative_to(a)
-    if not pb.exists():
-        print(f"MISSING after: {pa.relative_to(a)}")
-        continue
-    x = dict(flat(json.loads(pa.read_text())))
-    y = dict(flat(json.loads(pb.read_text())))
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def cmp_summary(pa, pb) -> str:
+    x, y = dict(flat(json.loads(pa.read_text()))), dict(flat(json.loads(pb.read_text())))
     diffs = []
-    for k, v in x.items():
-        if k not in y:
-            continue
-        w = y[k]
-        if isinstance(v, (int, float)) and isinstance(w, (int, float)) and not isinstance(v, bool):
-            if abs(v - w) > 1e-6:
-                diffs.append(f"{k}: {v} -> {w}")
-        elif v != w and not isinstance(v, float):
+    for k in (k for k in x if k in y):
+        v, w = x[k], y[k]
+        same = (abs(v - w) <= 1e-6 or (v != v and w != w)) if _number(v) and _number(w) else v == w
+        if not same:
             diffs.append(f"{k}: {str(v)[:60]!r} -> {str(w)[:60]!r}")
-    missing = [k for k in x if k not in y]
-    print(
-        f"{str(pa.relative_to(a)):70s} {len(diffs)} diffs; {len(missing)} keys gone"
-        + ("".join("\n    " + d for d in diffs[:12]))
-    )
+    gone, new = [k for k in x if k not in y], [k for k in y if k not in x]
+    return (f"{len(diffs)} diffs; {len(gone)} keys gone; {len(new)} keys new"
+            + "".join("\n    " + d for d in diffs[:12])
+            + "".join(f"\n    gone: {k}" for k in gone[:5]) + "".join(f"\n    new: {k}" for k in new[:5]))
+
+
+def main(a: Path, b: Path) -> None:
+    for pattern, compare in (("*.parquet", cmp_df), ("summary.json", cmp_summary)):
+        before = {p.relative_to(a) for p in a.rglob(pattern)}
+        after = {p.relative_to(b) for p in b.rglob(pattern)}
+        for rel in sorted(before | after):
+            if rel not in after or rel not in before:
+                print(f"{str(rel):70s} only {'before' if rel in before else 'after'}")
+                continue
+            print(f"{str(rel):70s} {compare(a / rel, b / rel)}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
