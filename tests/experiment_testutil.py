@@ -47,3 +47,18 @@ def assert_complete(out, name: str, summary: dict) -> dict:
             assert (out / fig).is_file() and (out / fig).with_suffix(".svg").is_file(), fig
     assert summary["model"]["weights_sha256"]
     return config
+
+
+def numbers(summary: dict, volatile=("command",), with_model: bool = True) -> dict:
+    """What must not change between two runs of one config: the headline, the stage results
+    without the ``volatile`` keys (commands hold the run directory; times), the options and
+    (``with_model``) the model identity."""
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k not in volatile}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+    out = {"headline": summary["headline"], "stages": strip(summary["stages"]),
+           "options": summary["config"]["options"]}
+    return {**out, "model": summary["model"]} if with_model else out

@@ -19,7 +19,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
-from experiment_testutil import assert_complete
+from experiment_testutil import assert_complete, numbers
 from report_browser import check_report
 
 from replab.errors import ReplabError
@@ -28,18 +28,6 @@ from replab.experiments import get_experiment, run_experiment
 STAGES = ("prune", "ablations", "sites", "heads", "geometry", "compare")
 # the tiny random model: its logit difference is positive on these small sequence tasks
 TINY = {"compare_types": "months,number_words", "compare_limit": 4, "geometry_layers": "all"}
-
-
-def _numbers(summary: dict) -> dict:
-    """What must not change between two runs of one config (commands hold the run directory)."""
-    def strip(v):
-        if isinstance(v, dict):
-            return {k: strip(x) for k, x in v.items() if k != "command"}
-        if isinstance(v, list):
-            return [strip(x) for x in v]
-        return v
-    return {"headline": summary["headline"], "stages": strip(summary["stages"]), "model": summary["model"],
-            "options": summary["config"]["options"]}
 
 
 def _sanity(out, s: dict) -> None:
@@ -148,7 +136,7 @@ def test_replay_from_config_reproduces_the_summary(tiny_run, tmp_path):
     replay = run_experiment(config=out / "config.yaml", out=tmp_path / "replay", progress=False)
     assert replay["config"]["options"] == first["config"]["options"] and replay["model"]["name"] == "tiny"
     assert not any(t["reused"] for t in replay["provenance"]["stages"])
-    assert _numbers(replay) == _numbers(first)
+    assert numbers(replay) == numbers(first)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -188,5 +176,5 @@ def test_second_run_reuses_every_stage(smol_run):
     out, first = smol_run
     again = run_experiment("sequences", quick=True, out=out, progress=False)
     assert all(t["reused"] for t in again["provenance"]["stages"])
-    assert _numbers(again) == _numbers(first)
+    assert numbers(again) == numbers(first)
     assert json.loads((out / "summary.json").read_text())["headline"] == first["headline"]

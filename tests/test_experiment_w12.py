@@ -18,22 +18,10 @@ import re
 import pandas as pd
 import pytest
 import torch
-from experiment_testutil import assert_complete
+from experiment_testutil import assert_complete, numbers
 from report_browser import check_report
 
 from replab.experiments import run_experiment
-
-
-def _numbers(summary: dict) -> dict:
-    """Headline, stage results (without commands, which name the run directory), model, options."""
-    def strip(v):
-        if isinstance(v, dict):
-            return {k: strip(x) for k, x in v.items() if k != "command"}
-        if isinstance(v, list):
-            return [strip(x) for x in v]
-        return v
-    return {"headline": summary["headline"], "stages": strip(summary["stages"]), "model": summary["model"],
-            "options": summary["config"]["options"]}
 
 
 def _close(a, b, tol=1e-6):
@@ -203,7 +191,7 @@ def test_second_run_reuses_every_stage(which, request):
     out, first = request.getfixturevalue(which)
     again = run_experiment(first["experiment"], quick=True, out=out, progress=False)
     assert all(t["reused"] for t in again["provenance"]["stages"])
-    assert _numbers(again) == _numbers(first)
+    assert numbers(again) == numbers(first)
 
 
 @pytest.mark.integration
@@ -211,4 +199,4 @@ def test_next_day_replay_reproduces_the_summary(day_run, tmp_path):
     out, first = day_run
     replay = run_experiment(config=out / "config.yaml", out=tmp_path / "replay", progress=False)
     assert not any(t["reused"] for t in replay["provenance"]["stages"])
-    assert _numbers(replay) == _numbers(first)
+    assert numbers(replay) == numbers(first)

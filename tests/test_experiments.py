@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import yaml
-from experiment_testutil import assert_complete
+from experiment_testutil import assert_complete, numbers
 from replab_testutil import run_cli
 from report_browser import check_report
 
@@ -16,18 +16,8 @@ from replab.errors import ReplabError
 from replab.experiments import get_experiment, list_runs, run_experiment, show_run
 from replab.experiments.report import fmt, lookup
 
-
-def _numbers(summary: dict) -> dict:
-    """A summary without what legitimately differs between two runs of the same config: paths in
-    commands, times, the config's --out."""
-    def strip(v):
-        if isinstance(v, dict):
-            return {k: strip(x) for k, x in v.items() if k not in ("command", "lens_path", "train_seconds")}
-        if isinstance(v, list):
-            return [strip(x) for x in v]
-        return v
-    return {"headline": summary["headline"], "stages": strip(summary["stages"]), "model": summary["model"],
-            "options": summary["config"]["options"]}
+#: what legitimately differs between two runs of one config: paths in commands, times
+VOLATILE = ("command", "lens_path", "train_seconds")
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +56,12 @@ def test_second_run_reuses_every_stage_and_force_recomputes(lens_run, tmp_path):
     out, first = lens_run
     again = run_experiment("lenses", model="tiny", quick=True, out=out, progress=False)
     assert all(t["reused"] for t in again["provenance"]["stages"])
-    assert _numbers(again) == _numbers(first)
+    assert numbers(again, VOLATILE) == numbers(first, VOLATILE)
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     forced = run_experiment("lenses", model="tiny", quick=True, out=copy, force=True, progress=False)
     assert not any(t["reused"] for t in forced["provenance"]["stages"])
-    assert _numbers(forced) == _numbers(first)
+    assert numbers(forced, VOLATILE) == numbers(first, VOLATILE)
 
 
 def test_replay_from_config_reproduces_the_summary(lens_run, tmp_path, capsys):
@@ -82,7 +72,7 @@ def test_replay_from_config_reproduces_the_summary(lens_run, tmp_path, capsys):
     assert json.loads(stdout)["experiment"] == "lenses"
     replay = json.loads((tmp_path / "replay" / "summary.json").read_text())
     assert not any(t["reused"] for t in replay["provenance"]["stages"])
-    assert _numbers(replay) == _numbers(first)
+    assert numbers(replay, VOLATILE) == numbers(first, VOLATILE)
 
 
 def test_changed_option_recomputes_that_stage_and_after(lens_run, tmp_path):
@@ -120,7 +110,7 @@ def test_interrupted_run_resumes_at_the_first_unfinished_stage(lens_run, tmp_pat
     monkeypatch.undo()
     s = run_experiment("lenses", model="tiny", quick=True, out=copy, progress=False)
     assert [t["reused"] for t in s["provenance"]["stages"]] == [True, True, True, False]
-    assert _numbers(s) == _numbers(first)
+    assert numbers(s, VOLATILE) == numbers(first, VOLATILE)
 
 
 def test_runs_list_and_show(lens_run, capsys):

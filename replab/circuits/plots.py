@@ -48,24 +48,30 @@ def minimality_bars(records: list[dict], title: str):
     return fig
 
 
-def blocks_heatmap(table: pd.DataFrame, title: str):
-    """Rows: test (necessity / sufficiency) × layer; columns: component."""
+def _effect_heatmap(grid: pd.DataFrame, title: str, xlabel: str, ylabel: str, figsize, annot: bool = True):
+    """A heatmap of normalised effects on the one scale every circuit figure uses (0 = corrupt /
+    ablated, 1 = clean, centred at 0.5)."""
     import seaborn as sns
 
-    plt = _plt()
+    fig, ax = _plt().subplots(figsize=figsize)
+    sns.heatmap(grid, ax=ax, cmap="RdBu", center=0.5, vmin=-0.25, vmax=1.25, annot=annot, fmt=".2f",
+                annot_kws={"fontsize": 6}, cbar_kws={"label": EFFECT})
+    ax.tick_params(axis="y", rotation=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def blocks_heatmap(table: pd.DataFrame, title: str):
+    """Rows: test (necessity / sufficiency) × layer; columns: component."""
     t = table.assign(row=table["test"] + " L" + table["layer"].astype(str))
     order = list(dict.fromkeys(table["block"]))
     grid = t.pivot_table(index="row", columns="block", values="normalized_effect", aggfunc="mean")
     grid = grid[[c for c in order if c in grid.columns]]
-    fig, ax = plt.subplots(figsize=(0.55 * grid.shape[1] + 3, 0.45 * grid.shape[0] + 1.8))
-    sns.heatmap(grid, ax=ax, cmap="RdBu", center=0.5, vmin=-0.25, vmax=1.25, annot=True, fmt=".2f",
-                annot_kws={"fontsize": 6}, cbar_kws={"label": EFFECT})
-    ax.tick_params(axis="y", rotation=0)
-    ax.set_xlabel("component at the layer")
-    ax.set_ylabel("test, layer")
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
+    return _effect_heatmap(grid, title, "component at the layer", "test, layer",
+                           (0.55 * grid.shape[1] + 3, 0.45 * grid.shape[0] + 1.8))
 
 
 def hydra_bars(table: pd.DataFrame, title: str, top: int = 12):
@@ -152,18 +158,8 @@ def survival_heatmap(freq: pd.DataFrame, n_layers: int, n_heads: int, title: str
 def grid_heatmap(by_class: pd.DataFrame, title: str):
     """A grid run's normalised effects: rows = class (of the clean prompts), columns = test ×
     component (× layer)."""
-    import seaborn as sns
-
-    plt = _plt()
     t = by_class.assign(column=by_class["test"] + " " + by_class["block"].astype(str)
                         + by_class["layer"].map(lambda x: "" if x is None or pd.isna(x) else f" L{int(x)}"))
     grid = t.pivot_table(index="class", columns="column", values="normalized_effect", aggfunc="mean")
-    fig, ax = plt.subplots(figsize=(0.5 * grid.shape[1] + 3.5, 0.5 * grid.shape[0] + 2.5))
-    sns.heatmap(grid, ax=ax, cmap="RdBu", center=0.5, vmin=-0.25, vmax=1.25, annot=grid.shape[1] <= 30,
-                fmt=".2f", annot_kws={"fontsize": 6}, cbar_kws={"label": EFFECT})
-    ax.tick_params(axis="y", rotation=0)
-    ax.set_xlabel("test, component")
-    ax.set_ylabel("class (clean prompts)")
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
+    return _effect_heatmap(grid, title, "test, component", "class (clean prompts)",
+                           (0.5 * grid.shape[1] + 3.5, 0.5 * grid.shape[0] + 2.5), annot=grid.shape[1] <= 30)

@@ -73,13 +73,13 @@ def _setup(ctx):
     return ctx.memo["fact_recall"]
 
 
-def _report_cmd(ctx, out: bool = True) -> str:
+def _report_cmd(ctx) -> str:
     c = ctx.config
     parts = ["replab", "circuit", "report", "--dataset", c["dataset"], "--prompt-index", str(c["prompt_index"]),
              "--corruption", c["corruption"], "--scoring", c["scoring"], "--top", str(c["top"])]
     parts += [f"--layers={c['layers']}"] if c["layers"] != "all" else []
     parts += ["--model", str(ctx.model_name)] if ctx.model_name else []
-    return shlex.join(parts + (["--out", str(ctx.out)] if out else []))
+    return shlex.join(parts + ["--out", str(ctx.out)])
 
 
 def _metric(c: dict) -> str:

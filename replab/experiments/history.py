@@ -22,14 +22,19 @@ def _headline_text(headline: dict) -> str | None:
     return f"{key} = {value:.4g}" if isinstance(value, float) else f"{key} = {value}"
 
 
-def _describe(run: Path) -> dict:
-    summary_file, config_file = run / "summary.json", run / "config.yaml"
-    config = {}
-    if config_file.is_file():
-        try:
-            config = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError:
-            config = {}
+def _read_config(run: Path) -> dict | None:
+    """A run directory's ``config.yaml`` if it is an experiment's (``experiment`` and ``options``)."""
+    try:
+        data = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (yaml.YAMLError, OSError):
+        return None
+    return data if isinstance(data, dict) and "experiment" in data and "options" in data else None
+
+
+def _describe(run: Path, config: dict) -> tuple[dict, dict | None]:
+    """``(row, summary)``: the run's row of :func:`list_runs` and its ``summary.json`` (None while
+    it has none)."""
+    summary_file = run / "summary.json"
     if summary_file.is_file():
         try:
             summary = json.loads(summary_file.read_text())
@@ -38,11 +43,12 @@ def _describe(run: Path) -> dict:
         return {"run": str(run), "experiment": summary.get("experiment", config.get("experiment")),
                 "model": (summary.get("model") or {}).get("name"), "profile": config.get("profile"),
                 "date": (summary.get("provenance") or {}).get("started"),
-                "status": summary.get("status", "complete"), "headline": _headline_text(summary.get("headline"))}
-    mtime = datetime.fromtimestamp(config_file.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+                "status": summary.get("status", "complete"),
+                "headline": _headline_text(summary.get("headline"))}, summary
+    mtime = datetime.fromtimestamp((run / "config.yaml").stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
     return {"run": str(run), "experiment": config.get("experiment"), "model": config.get("model") or "(default)",
             "profile": config.get("profile"), "date": mtime,
-            "status": "running" if dir_locked(run) else "incomplete", "headline": None}
+            "status": "running" if dir_locked(run) else "incomplete", "headline": None}, None
 
 
 def list_runs(root="runs") -> pd.DataFrame:
@@ -53,13 +59,10 @@ def list_runs(root="runs") -> pd.DataFrame:
     if not root.is_dir():
         raise ReplabError(f"{root}: no such directory")
     rows = []
-    for config in sorted(root.rglob("config.yaml")):
-        try:
-            data = yaml.safe_load(config.read_text()) or {}
-        except (yaml.YAMLError, OSError):
-            continue
-        if isinstance(data, dict) and "experiment" in data and "options" in data:
-            rows.append(_describe(config.parent))
+    for path in sorted(root.rglob("config.yaml")):
+        config = _read_config(path.parent)
+        if config is not None:
+            rows.append(_describe(path.parent, config)[0])
     df = pd.DataFrame(rows, columns=_COLUMNS)
     return df.sort_values("date", ascending=False, na_position="last").reset_index(drop=True)
 
@@ -68,13 +71,13 @@ def show_run(run) -> dict:
     """One run: ``{"run", "experiment", "status", "headline", "stages", "report", "config"}``
     (``stages``: name, seconds, reused; ``report``: the path of ``report.html``)."""
     run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise ReplabError(f"{run} is not an experiment run directory (no config.yaml)")
-    row = _describe(run)
+    config = _read_config(run)
+    if config is None:
+        raise ReplabError(f"{run} is not an experiment run directory (no experiment config.yaml)")
+    row, summary = _describe(run, config)
     out = {"run": str(run), "experiment": row["experiment"], "status": row["status"], "model": row["model"],
-           "config": yaml.safe_load((run / "config.yaml").read_text())}
-    if row["status"] == "complete":
-        summary = json.loads((run / "summary.json").read_text())
+           "config": config}
+    if row["status"] == "complete" and (summary or {}).get("provenance"):
         out.update(headline=summary.get("headline", {}), stages=summary["provenance"]["stages"],
                    report=str(run / summary.get("report", "report.html")), seconds=summary["provenance"]["seconds"])
     else:

@@ -106,6 +106,7 @@ def render_report(exp, summary: dict, run_dir) -> str:
     prov = summary["provenance"]
     return env.get_template("report.html.j2").render(
         title=summary["title"], experiment=summary["experiment"], workflow=summary["workflow"],
+        description=exp.description,
         headline=[{"key": f"headline.{k}", "html": num(summary, f"headline.{k}")} for k in summary["headline"]],
         sections=sections, model=summary["model"], config=summary["config"], provenance=prov,
         packages={k: v for k, v in prov["packages"].items() if v})

@@ -370,28 +370,43 @@ def run_variants(model, clean: torch.Tensor, corrupt: torch.Tensor, variants: li
     Edge patches (:class:`~replab.patching.edge_patch.EdgePatch`) run the whole plan in
     :func:`~replab.patching.edge_patch.edge_mode` and without the cached-prefix shortcut.
     """
+    split = check_plan(model, clean, variants, base)
+    with edge_mode(model, split):
+        forwards, noops, chunks = plan_chunks(model, clean, corrupt, variants, base, forwards, max_tokens,
+                                              use_prefix, split, edge_memory, sources)
+        return _run_variants(model, clean, variants, base, forwards, noops, chunks, progress, recorded, vectorise)
+
+
+def check_plan(model, clean: torch.Tensor, variants: list[Variant], base: str) -> bool:
+    """ReplabError for a bad ``base``, intervention or recorded hook; True when the plan holds
+    edge patches (it then runs in :func:`~replab.patching.edge_patch.edge_mode`)."""
     if base not in ("clean", "corrupt"):
         raise ReplabError(f"base must be 'clean' or 'corrupt', not {base!r}")
-    n, t = clean.shape
+    t = clean.shape[1]
     for v in variants:
         for iv in v.interventions:
             (validate_edge if isinstance(iv, EdgePatch) else validate)(model, iv, t)
     check_records(model, variants)
-    split = has_edges(variants)
-    with edge_mode(model, split):
-        return _run_variants(model, clean, corrupt, variants, base, forwards, max_tokens,
-                             False if split else use_prefix, progress, sources, split, edge_memory,
-                             recorded, vectorise)
+    return has_edges(variants)
 
 
-def _run_variants(model, clean, corrupt, variants, base, forwards, max_tokens, use_prefix, progress, sources,
-                  split, edge_memory, recorded, vectorise):
-    n, t = clean.shape
+def plan_chunks(model, clean, corrupt, variants, base, forwards, max_tokens, use_prefix, split, edge_memory,
+                sources) -> tuple[dict, list[int], list]:
+    """``(forwards with the custom sources, no-op variant indices, chunks)`` of a checked plan
+    (:func:`check_plan`; inside ``edge_mode(model, split)``): the runs' caches (made when
+    ``forwards`` is None) and the variants grouped by the position they start at. Shared by the
+    local loop and :class:`~replab.patching.executors.RayEngine`."""
+    use_prefix = False if split else use_prefix
     use_prefix = prefix_ok(model) if use_prefix is None else (use_prefix and prefix_ok(model))
     if forwards is None:
-        forwards = cache_forwards(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
-    forwards = {**forwards, "custom": dict(sources or {})}
+        with torch.inference_mode():
+            forwards = cache_forwards(model, clean, corrupt, needed_hooks(model, variants, base, use_prefix))
     noops, chunks = variant_chunks(model, clean, corrupt, variants, max_tokens, use_prefix, split, edge_memory)
+    return {**forwards, "custom": dict(sources or {})}, noops, chunks
+
+
+def _run_variants(model, clean, variants, base, forwards, noops, chunks, progress, recorded, vectorise):
+    n = clean.shape[0]
     finals: dict[int, torch.Tensor] = {vi: forwards[base].final for vi in noops}
     if progress is not None and finals:
         progress(len(finals))          # no-op variants: done without computing anything

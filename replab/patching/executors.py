@@ -46,20 +46,17 @@ import torch
 
 from replab.distributed import ModelWorker, check_engine, crash_point, model_spec, require_ray, start_pool
 from replab.errors import ReplabError
-from replab.patching.edge_patch import EdgePatch, edge_mode, has_edges, validate_edge
+from replab.patching.edge_patch import EdgePatch, edge_mode
 from replab.patching.engine import (
     ForwardCache,
     Variant,
-    cache_forwards,
-    check_records,
+    check_plan,
     complete_records,
-    needed_hooks,
-    prefix_ok,
+    plan_chunks,
     run_chunk,
     run_variants,
-    variant_chunks,
 )
-from replab.patching.interventions import Intervention, validate
+from replab.patching.interventions import Intervention
 
 
 class LocalEngine:
@@ -185,23 +182,12 @@ class RayEngine:
                      edge_memory: int = 2 ** 26) -> tuple[torch.Tensor, dict]:
         """What :func:`~replab.patching.engine.run_variants` returns (same arguments), computed
         on the actors; ``recorded`` is filled as the local engine fills it."""
-        if base not in ("clean", "corrupt"):
-            raise ReplabError(f"base must be 'clean' or 'corrupt', not {base!r}")
         variants = list(variants)
-        n, t = clean.shape
-        for v in variants:
-            for iv in v.interventions:
-                (validate_edge if isinstance(iv, EdgePatch) else validate)(model, iv, t)
-        check_records(model, variants)
-        split = has_edges(variants)
+        n = clean.shape[0]
+        split = check_plan(model, clean, variants, base)
         with edge_mode(model, split):
-            use = False if split else use_prefix
-            use = prefix_ok(model) if use is None else (use and prefix_ok(model))
-            if forwards is None:
-                with torch.inference_mode():
-                    forwards = cache_forwards(model, clean, corrupt, needed_hooks(model, variants, base, use))
-            noops, chunks = variant_chunks(model, clean, corrupt, variants, max_tokens, use, split, edge_memory)
-        forwards = {**forwards, "custom": dict(sources or {})}
+            forwards, noops, chunks = plan_chunks(model, clean, corrupt, variants, base, forwards, max_tokens,
+                                                  use_prefix, split, edge_memory, sources)
         final = forwards[base].final
         finals = torch.empty(len(variants), n, model.cfg.d_model, dtype=final.dtype, device=final.device)
         for vi in noops:
